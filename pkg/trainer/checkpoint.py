@@ -1,0 +1,446 @@
+"""Sharded, atomic, resumable training checkpoints.
+
+Layout under ``output_dir/checkpoints/``::
+
+    step-40/                  a complete checkpoint (only ever appears whole, by rename)
+      state/                  torch.distributed.checkpoint: trainable weights + optimizer, one file per rank
+      rng/rank-00000.pt       per-rank RNG states (python, numpy, torch CPU, CUDA)
+      meta.json               written last: step, data position, scheduler, fingerprint, world size
+    .tmp-step-50/             being written (or left by a crash): never loaded, removed on the next start
+
+Every rank writes only its own shard (no gather of the whole model on rank 0), so saving is
+as fast as the slowest rank's disk and loading works at any world size: DCP reshards DTensors.
+Only trainable parameters are saved (``ignore_frozen_params``): for LoRA that is the adapter,
+the frozen base comes back from ``model_dir``.
+
+Typical use in a training loop (every call is collective: all ranks, same order)::
+
+    if ckpt := latest_checkpoint(output_dir):
+        resumed = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint=fp)
+        start_step, data_state = resumed.step, resumed.data_state
+    ...
+    save_checkpoint(output_dir, step, model, optimizer, scheduler,
+                    fingerprint=fp, data_state={...}, keep_last=cfg.keep_last)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+CHECKPOINTS = "checkpoints"
+META = "meta.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Trainable parameters only (the adapter for LoRA), sharded as they live on each rank.
+_SAVE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# DCP has already verified that every saved key was found; frozen base weights are absent on purpose.
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is one line saying why and what to do."""
+
+
+@dataclass
+class Resumed:
+    """What :func:`load_checkpoint` restored besides the tensors."""
+
+    path: Path
+    step: int
+    data_state: dict[str, Any]
+    meta: dict[str, Any] = field(repr=False)
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def dir_digest(path: str | os.PathLike, small_file_bytes: int = 1 << 20) -> str:
+    """A short digest of a model or dataset folder: names and sizes of every file, content of small ones.
+
+    Cheap on multi-GB folders (weights are not read) yet changes when the files differ; paths
+    are relative, so the same data mounted elsewhere (``/workspace/...``) digests the same.
+    """
+    root = Path(path)
+    h = hashlib.sha256()
+    if not root.exists():
+        return "missing"
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for p in files:
+        rel = p.name if p == root else p.relative_to(root).as_posix()
+        if rel.startswith(".cache/") or "/.cache/" in rel:  # huggingface_hub download metadata
+            continue
+        size = p.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        if size <= small_file_bytes:
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """One line naming what differs between two fingerprints, or None when they agree."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            diffs.append(f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")
+    return "; ".join(diffs) or None
+
+
+# --------------------------------------------------------------------------- distributed helpers
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _agree(ok: bool) -> bool:
+    """True only if ``ok`` holds on every rank (so all ranks raise, or none: no rank is left waiting)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+def _collective_device() -> torch.device:
+    backend = dist.get_backend()
+    if backend == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _broadcast_object(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write a file so that readers see the old content or the new, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a folder so that it never looks complete half-way: rename it aside first."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The meta of a complete checkpoint folder, or None when it is incomplete or unreadable."""
+    try:
+        meta = json.loads((Path(path) / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("complete") is True else None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first. Temporary and broken folders are skipped."""
+    root = checkpoints_dir(output_dir)
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir() and (meta := read_meta(p)) and meta.get("step") == int(m.group(1)):
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``output_dir/checkpoints``, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(output_dir: str | os.PathLike, resume: str | bool | None) -> Path | None:
+    """Map the ``resume`` setting to a checkpoint folder (or None to start fresh).
+
+    ``auto``/``true``: the newest complete checkpoint if any. ``never``/``false``/``none``: none.
+    Anything else is a path: an ``output_dir``-style folder (its newest checkpoint) or a ``step-N``
+    folder, which must be complete.
+    """
+    value = str(resume).strip() if resume is not None else "never"
+    if value.lower() in ("auto", "true", "yes", "1"):
+        return latest_checkpoint(output_dir)
+    if value.lower() in ("never", "false", "no", "0", "none", ""):
+        return None
+    path = Path(value)
+    if read_meta(path):
+        return path
+    output_dir = path.parent if path.name == CHECKPOINTS else path
+    if newest := latest_checkpoint(output_dir):
+        return newest
+    raise CheckpointError(
+        f"resume: {value} is not a complete checkpoint (a checkpoints/step-N folder with {META}) "
+        "nor an output_dir that holds one; use resume: auto, resume: never or a valid path"
+    )
+
+
+def cleanup_incomplete(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted saves and prunes left behind (rank 0; call before training starts).
+
+    Must not run while another save to the same folder is in progress.
+    """
+    removed = []
+    root = checkpoints_dir(output_dir)
+    if _rank() == 0 and root.is_dir():
+        for p in root.iterdir():
+            incomplete_step = _STEP_DIR.match(p.name) and read_meta(p) is None
+            if p.name.startswith((".tmp-", ".trash-")) or incomplete_step:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    _barrier()
+    return removed
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators, as plain lists and tensors (loadable with weights_only)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _plain(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else x
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def _check_shared_dir(tmp: Path) -> None:
+    """Every rank must see the folder rank 0 created, or per-rank shards would scatter across nodes."""
+    if not _agree(tmp.is_dir()):
+        raise CheckpointError(
+            f"checkpoint folder {tmp.parent} is not shared by all ranks: put output_dir on a volume "
+            "every node mounts (ReadWriteMany), or set save_every: 0 to disable checkpoints"
+        )
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None = None,
+    *,
+    fingerprint: Mapping[str, Any],
+    data_state: Mapping[str, Any] | None = None,
+    keep_last: int = 2,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save a checkpoint of ``step`` atomically; collective (every rank calls it).
+
+    All ranks write their shards into ``.tmp-step-N``; after a barrier rank 0 writes ``meta.json``
+    (the completeness marker) and renames the folder to ``step-N``; then the oldest complete
+    checkpoints beyond ``keep_last`` (>= 1) are deleted. Returns the final path.
+    ``data_state`` (data position) and ``extra`` must be JSON-serialisable.
+    """
+    root = checkpoints_dir(output_dir)
+    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+    rank, world = _rank(), _world_size()
+    started = time.perf_counter()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    _check_shared_dir(tmp)
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_SAVE_OPTIONS)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")
+    torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
+    _barrier()  # every shard and RNG file is on disk
+
+    if rank == 0:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "world_size": world,
+            "fingerprint": dict(fingerprint),
+            "data_state": dict(data_state or {}),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "extra": dict(extra or {}),
+            "torch_version": torch.__version__,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "save_seconds": round(time.perf_counter() - started, 3),
+            "complete": True,
+        }
+        try:
+            text = json.dumps(meta, indent=2, sort_keys=True)
+        except TypeError as e:
+            raise CheckpointError(
+                f"checkpoint meta is not JSON-serialisable ({e}); keep data_state plain"
+            ) from e
+        write_atomic(tmp / META, text + "\n")
+        if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave no copy
+            _remove_tree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        for _, old in list_checkpoints(output_dir)[: -max(1, keep_last)]:
+            _remove_tree(old)
+    _barrier()  # nobody moves on (or exits) before the checkpoint is complete
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    *,
+    fingerprint: Mapping[str, Any] | None = None,
+    restore_rng: bool = True,
+) -> Resumed:
+    """Load a complete checkpoint into an already built (and sharded) model and optimizer; collective.
+
+    Refuses a checkpoint whose ``fingerprint`` differs, with a one-line reason (CheckpointError).
+    The world size may differ from the saving run's: DCP reshards. Per-rank RNG states are restored
+    when the world size matches (at another world size they cannot correspond rank by rank).
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    if not _agree(meta is not None):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META} with complete: true)")
+    assert meta is not None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {meta.get('format_version')}, this trainer reads {FORMAT_VERSION}"
+        )
+    if fingerprint is not None and (why := fingerprint_mismatch(meta.get("fingerprint", {}), fingerprint)):
+        raise CheckpointError(
+            f"refusing checkpoint {path}: it was made for another run ({why}); "
+            "use another output_dir or set resume: never to start over"
+        )
+
+    if optimizer is None:
+        model_sd = get_state_dict(model, [], options=_SAVE_OPTIONS)[0]
+        state: dict[str, Any] = {"model": model_sd}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_SAVE_OPTIONS)
+        state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=path / "state")
+    except Exception as e:  # DCP wraps per-rank failures; keep the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot load {path}: {first} (was it saved for another model or method?)"
+        ) from e
+    set_state_dict(
+        model,
+        optimizer if optimizer is not None else [],
+        model_state_dict=state["model"],
+        optim_state_dict=state.get("optim", {}),
+        options=_LOAD_OPTIONS,
+    )
+    if scheduler is not None and meta.get("scheduler") is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    rng_file = path / "rng" / f"rank-{_rank():05d}.pt"
+    if restore_rng and meta.get("world_size") == _world_size() and rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return Resumed(
+        path=path, step=int(meta["step"]), data_state=dict(meta.get("data_state") or {}), meta=meta
+    )
+
+
+# --------------------------------------------------------------------------- metrics history
+
+
+def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (inclusive), drop later ones; atomic.
+
+    Called by rank 0 when resuming from a checkpoint of ``step``: the steps after it will be
+    trained (and logged) again, so the file keeps exactly one history. A torn last line left by a
+    crash is dropped too. Returns the number of records kept.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if not isinstance(record.get("step"), int) or record["step"] <= step:
+            kept.append(line)
+    write_atomic(path, "".join(f"{line}\n" for line in kept))
+    return len(kept)

@@ -1,0 +1,79 @@
+"""Surviving preemption: turn SIGTERM into "checkpoint now, then exit non-zero".
+
+Kubernetes evicts a pod by sending SIGTERM to its main process (torchrun, which forwards it to
+every worker) and SIGKILLs it after the grace period (30 s by default). The handler only sets a
+flag; the training loop calls :meth:`StopRequest.should_stop` after each optimizer step, where all
+ranks agree through one all_reduce (a rank that got the signal late, or not at all, still stops at
+the same step, so no rank waits forever in a collective), save a checkpoint and exit with
+:data:`EXIT_PREEMPTED` so the Job is retried and resumes.
+
+A rank that dies outright (SIGKILL, OOM) is torchrun's job: with ``--max-restarts N`` it restarts
+the whole group, which resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM'd process
+
+
+class StopRequest:
+    """Remembers a termination signal until the loop reaches a safe point to act on it."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+        self.signals = signals
+        self.received: int | None = None
+        self.received_at: float | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopRequest:
+        """Install the handlers (main thread only); returns self for ``stop = StopRequest().install()``."""
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received, self.received_at = signum, time.monotonic()
+
+    @property
+    def requested(self) -> bool:
+        """This process got a signal (local; use :meth:`should_stop` to decide in a distributed run)."""
+        return self.received is not None
+
+    def should_stop(self) -> bool:
+        """True on every rank if any rank got a signal; collective (all ranks call it at the same point)."""
+        if not dist.is_initialized():
+            return self.requested
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl" and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def inject_test_fault(step: int) -> None:
+    """Fault injection for the resume tests: ``TRAINER_TEST_KILL_AT_STEP=N`` SIGKILLs one rank after step N.
+
+    Only fires in the first attempt of a torchrun group (``TORCHELASTIC_RESTART_COUNT`` 0), on the
+    rank named by ``TRAINER_TEST_KILL_RANK`` (default 1), so a restarted group runs through.
+    A no-op unless the variable is set.
+    """
+    at = os.environ.get("TRAINER_TEST_KILL_AT_STEP")
+    if not at or int(at) != step or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if int(os.environ.get("RANK", "0")) == int(os.environ.get("TRAINER_TEST_KILL_RANK", "1")):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,138 @@
+"""Checkpoint bookkeeping that needs no process group: discovery, cleanup, resume paths, metrics, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from pkg.trainer import checkpoint as ck
+from pkg.trainer.resilience import EXIT_PREEMPTED, StopRequest
+
+
+def _fake_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
+    path = output_dir / "checkpoints" / f"step-{step}"
+    (path / "state").mkdir(parents=True)
+    if complete:
+        meta = {"format_version": ck.FORMAT_VERSION, "step": step, "complete": True}
+        (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def test_incomplete_checkpoints_are_ignored_and_cleaned(tmp_path):
+    good = _fake_checkpoint(tmp_path, 10)
+    _fake_checkpoint(tmp_path, 20, complete=False)  # crashed before the marker
+    (tmp_path / "checkpoints" / ".tmp-step-30" / "state").mkdir(parents=True)  # crashed mid-write
+    (tmp_path / "checkpoints" / ".trash-step-5-1-2").mkdir()  # crashed mid-prune
+    torn = _fake_checkpoint(tmp_path, 40, complete=False)
+    (torn / "meta.json").write_text('{"step": 40, "compl')  # torn marker
+    assert ck.latest_checkpoint(tmp_path) == good
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [10]
+    removed = {p.name for p in ck.cleanup_incomplete(tmp_path)}
+    assert removed == {"step-20", ".tmp-step-30", ".trash-step-5-1-2", "step-40"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-10"]
+
+
+def test_latest_is_by_step_number_not_name(tmp_path):
+    for step in (9, 10, 100):
+        _fake_checkpoint(tmp_path, step)
+    assert ck.latest_checkpoint(tmp_path).name == "step-100"
+    assert ck.latest_checkpoint(tmp_path / "nowhere") is None
+
+
+def test_meta_step_must_match_folder(tmp_path):
+    path = _fake_checkpoint(tmp_path, 7)
+    path.rename(tmp_path / "checkpoints" / "step-8")  # a hand-copied folder with the wrong name
+    assert ck.latest_checkpoint(tmp_path) is None
+
+
+def test_resolve_resume(tmp_path):
+    assert ck.resolve_resume(tmp_path, "auto") is None  # nothing yet: start fresh
+    ckpt = _fake_checkpoint(tmp_path, 4)
+    _fake_checkpoint(tmp_path, 2)
+    for value in ("auto", "AUTO", True, "true"):
+        assert ck.resolve_resume(tmp_path, value) == ckpt
+    for value in ("never", "false", False, "none", None):
+        assert ck.resolve_resume(tmp_path, value) is None
+    assert ck.resolve_resume("/elsewhere", str(ckpt)) == ckpt  # an explicit step folder
+    assert ck.resolve_resume("/elsewhere", str(tmp_path)) == ckpt  # another run's output_dir
+    assert ck.resolve_resume("/elsewhere", str(tmp_path / "checkpoints")) == ckpt
+    with pytest.raises(ck.CheckpointError, match="is not a complete checkpoint"):
+        ck.resolve_resume(tmp_path, str(tmp_path / "missing"))
+
+
+def test_fingerprint_mismatch_names_every_difference():
+    saved = {"model": "a", "method": "lora", "dataset": "d1", "global_batch_size": 8}
+    assert ck.fingerprint_mismatch(saved, dict(saved)) is None
+    why = ck.fingerprint_mismatch(saved, {**saved, "method": "full", "global_batch_size": 16})
+    assert why == (
+        "global_batch_size: checkpoint has 8, this run has 16; "
+        "method: checkpoint has 'lora', this run has 'full'"
+    )
+
+
+def test_dir_digest_follows_content_not_location(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        (d / "sub").mkdir(parents=True)
+        (d / "config.json").write_text('{"hidden_size": 8}')
+        (d / "sub" / "w.bin").write_bytes(b"\0" * 100)
+    (a / ".cache" / "huggingface").mkdir(parents=True)
+    (a / ".cache" / "huggingface" / "x.lock").write_text("download bookkeeping")
+    assert ck.dir_digest(a) == ck.dir_digest(b)
+    (b / "config.json").write_text('{"hidden_size": 16}')
+    assert ck.dir_digest(a) != ck.dir_digest(b)
+    big_a = ck.dir_digest(a, small_file_bytes=10)  # large files count by name and size only
+    (a / "sub" / "w.bin").write_bytes(b"\1" * 100)
+    assert ck.dir_digest(a, small_file_bytes=10) == big_a
+    (a / "sub" / "w.bin").write_bytes(b"\1" * 101)
+    assert ck.dir_digest(a, small_file_bytes=10) != big_a
+    assert ck.dir_digest(tmp_path / "missing") == "missing"
+
+
+def test_truncate_metrics_keeps_one_history(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 8)]
+    lines.insert(3, json.dumps({"step": 3, "val_loss": 0.5}))  # a validation record at step 3
+    path.write_text("\n".join(lines) + '\n{"step": 8, "lo')  # torn last line from a crash
+    assert ck.truncate_metrics(path, 4) == 5
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 3, 4]
+    assert records[3] == {"step": 3, "val_loss": 0.5}
+    assert ck.truncate_metrics(tmp_path / "absent.jsonl", 4) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_write_atomic_replaces_whole(tmp_path):
+    path = tmp_path / "f.json"
+    ck.write_atomic(path, "old")
+    ck.write_atomic(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_rng_state_roundtrip():
+    import random
+
+    import numpy as np
+    import torch
+
+    state = ck.rng_state()
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    ck.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_stop_request_on_sigterm():
+    stop = StopRequest().install()
+    try:
+        assert not stop.requested and not stop.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.should_stop() and stop.received == signal.SIGTERM
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert EXIT_PREEMPTED == 143
