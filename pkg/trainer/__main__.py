@@ -1,0 +1,61 @@
+"""Entry point: `torchrun -m pkg.trainer [--config FILE.yaml] [--key value ...]` or `python -m pkg.trainer`.
+
+Expected failures (bad config, model or dataset) print one line and exit non-zero without a traceback; under
+torchrun only rank 0 prints it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+
+def setup_logging(main: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from model_dir and dataset_dir
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> int:
+    main_rank = os.environ.get("RANK", "0") == "0"
+    setup_logging(main_rank)
+    from pkg.trainer.config import load_config
+    from pkg.trainer.errors import TrainerError
+
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        from pkg.trainer.recipe import Recipe
+
+        Recipe(cfg).run()
+    except TrainerError as exc:
+        if main_rank:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except SystemExit as exc:  # --help
+        if isinstance(exc.code, str):
+            if main_rank:
+                print(exc.code)
+            return 0
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The trainer's configuration: one flat dataclass that is the YAML schema and the command line.
+
+    torchrun -m pkg.trainer --config job.yaml --max-steps 20 --learning_rate 1e-4
+
+Values come from the defaults below, then the YAML file given with `--config`, then `--key value` flags
+(`--max-steps` and `--max_steps` are the same key). Unknown keys and bad values are refused before anything
+starts, with the valid keys or values listed. Each field carries `help` (and `choices` where the value is one
+of a set) in its metadata, so the docs reference can be generated from this class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pkg.trainer.errors import ConfigError
+
+TRUE = {"true", "yes", "1", "on"}
+FALSE = {"false", "no", "0", "off"}
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its documentation (and allowed values) in the metadata."""
+    meta = {"help": help, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of the llm-trainer. Key names are a public contract: keep them stable."""
+
+    # Paths (the Kubeflow Trainer v2 workspace layout)
+    model_dir: str = opt(
+        "/workspace/model", "Pre-trained model (safetensors + tokenizer), as the model initializer leaves it."
+    )
+    dataset_dir: str = opt(
+        "/workspace/dataset", "Dataset files or a save_to_disk folder, as the dataset initializer leaves it."
+    )
+    output_dir: str = opt(
+        "/workspace/output",
+        "Where adapter/, model/, checkpoints/, metrics.jsonl, summary.json, loss.png and config.yaml go.",
+    )
+
+    # Method
+    method: str = opt(
+        "lora",
+        "Fine-tuning method: LoRA adapters, LoRA on a 4-bit base (CUDA only) or all weights.",
+        ("lora", "qlora", "full"),
+    )
+    lora_rank: int = opt(16, "LoRA rank r.")
+    lora_alpha: int = opt(32, "LoRA scaling alpha (the update is scaled by alpha / rank).")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={
+            "help": "Modules that get adapters: names, or 'all-linear' for every linear layer but the output "
+            "head. A YAML list or a comma-separated string.",
+            "choices": None,
+        },
+    )
+    merge_adapter: bool = opt(
+        False, "LoRA: also write the base model with the adapter merged into output_dir/model/."
+    )
+
+    # Schedule
+    max_steps: int = opt(0, "Optimizer steps to run; 0 means num_epochs full passes over the data.")
+    num_epochs: int = opt(1, "Passes over the training data when max_steps is 0.")
+    learning_rate: float = opt(2e-4, "Peak learning rate (AdamW).")
+    lr_scheduler: str = opt("cosine", "Learning-rate decay after warmup.", ("cosine", "linear", "constant"))
+    warmup_steps: int = opt(0, "Steps of linear warmup from 0 to learning_rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+    global_batch_size: int = opt(
+        16, "Samples (or packed sequences) per optimizer step, whatever the world size."
+    )
+    micro_batch_size: int = opt(
+        2, "Samples per forward pass on each rank; gradient accumulation = global / (micro * world size)."
+    )
+    seed: int = opt(42, "Seed of the data order, adapter initialization and dropout.")
+
+    # Data
+    dataset_format: str = opt(
+        "auto",
+        "Row format; auto detects it from the column names.",
+        ("auto", "alpaca", "messages", "prompt_completion", "text"),
+    )
+    max_seq_length: int = opt(1024, "Tokens per sequence; longer samples are truncated.")
+    packing: bool = opt(False, "Pack several samples into each sequence (they never attend to each other).")
+    train_on_prompt: bool = opt(
+        False, "Also train on prompt tokens (by default only responses count in the loss)."
+    )
+    val_fraction: float = opt(0.0, "Fraction of the samples held out for validation (0 disables validation).")
+    eval_every: int = opt(
+        0, "Run validation every N steps (and always at the end when val_fraction > 0); 0: only at the end."
+    )
+
+    # Checkpoints
+    save_every: int = opt(
+        100, "Write a resumable checkpoint every N steps into output_dir/checkpoints/; 0 disables."
+    )
+    keep_last: int = opt(2, "Checkpoints to keep (the oldest are deleted).")
+    resume: str = opt(
+        "auto",
+        "'auto' continues from the newest complete checkpoint, 'never' starts over, or a checkpoint path.",
+    )
+
+    # Performance
+    precision: str = opt(
+        "auto",
+        "Compute precision: auto is bf16 on a GPU that supports it, fp32 otherwise.",
+        ("auto", "bf16", "fp32"),
+    )
+    activation_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    dist_timeout_minutes: int = opt(
+        60, "How long ranks wait for each other (e.g. while rank 0 tokenizes or writes the model)."
+    )
+
+    # Logging
+    log_every: int = opt(1, "Print a progress line and write a metrics.jsonl record every N steps.")
+
+    def validate(self) -> TrainConfig:
+        """Refuse values that cannot work, with the reason and the fix."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+        positive = ("lora_rank", "lora_alpha", "global_batch_size", "micro_batch_size", "max_seq_length")
+        positive += ("log_every", "dist_timeout_minutes", "keep_last")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_steps", "num_epochs", "warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.num_epochs == 0:
+            raise ConfigError("set max_steps or num_epochs to a positive number")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        if not self.lora_target_modules:
+            raise ConfigError("lora_target_modules is empty: name modules or use 'all-linear'")
+        if self.merge_adapter and self.method == "full":
+            raise ConfigError(
+                "merge_adapter applies to lora and qlora only; method full writes the model itself"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _unknown(key: str) -> ConfigError:
+    names = list(field_types())
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(names)}")
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or refuse it."""
+    kind = field_types()[key]
+    if isinstance(kind, types.GenericAlias) or typing.get_origin(kind) is list:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of names or a comma-separated string, got {value!r}")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in TRUE | FALSE:
+            return value.lower() in TRUE
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, bool | int | float | str):
+        return str(value)
+    raise ConfigError(f"{key}: expected a string, got {value!r}")
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
+    """Split `--config FILE` and `--key value` / `--key=value` pairs; a bare `--flag` means true."""
+    config_file, overrides = None, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            raise SystemExit(usage())
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}: use --key value (see --help)")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("--"):
+                if key == "config" or field_types().get(key) is not bool:
+                    raise ConfigError(f"--{key} needs a value")
+                value = "true"
+            else:
+                value, i = nxt, i + 1
+        if key == "config":
+            config_file = value
+        elif key not in field_types():
+            raise _unknown(key)
+        else:
+            overrides[key] = value
+        i += 1
+    return config_file, overrides
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of key: value")
+    return data
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """Defaults, then the YAML file, then the command line; validated."""
+    config_file, overrides = parse_cli(argv)
+    values: dict[str, Any] = {}
+    for source in (load_yaml(config_file) if config_file else {}, overrides):
+        for key, value in source.items():
+            key = str(key).replace("-", "_")
+            if key not in field_types():
+                raise _unknown(key)
+            values[key] = coerce(key, value)
+    return TrainConfig(**values).validate()
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def usage() -> str:
+    lines = ["usage: torchrun -m pkg.trainer [--config FILE.yaml] [--key value ...]", "", "keys:"]
+    for f in dataclasses.fields(TrainConfig):
+        choices = f.metadata.get("choices")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        extra = f" [{'|'.join(choices)}]" if choices else ""
+        lines.append(f"  --{f.name}{extra} (default {default!r}): {f.metadata['help']}")
+    return "\n".join(lines)

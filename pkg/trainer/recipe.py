@@ -1,0 +1,261 @@
+"""The fine-tuning recipe: setup, train, save.
+
+    torchrun --nproc-per-node 2 -m pkg.trainer --model_dir M --dataset_dir D --output_dir O --max_steps 100
+    python -m pkg.trainer --config job.yaml                     # one process (a group of one)
+
+Features and their flags (pkg/trainer/config.py documents every key):
+- Methods: LoRA through peft on all linear layers or `lora_target_modules` (`method: lora`, `lora_rank`,
+  `lora_alpha`, `lora_dropout`), QLoRA on a 4-bit base on CUDA (`method: qlora`), all weights
+  (`method: full`).
+- FSDP2: `fully_shard` per decoder layer and the root; gloo on CPU, NCCL on CUDA; bf16 compute with fp32
+  master weights and gradient reduction on GPU (`precision`); `activation_checkpointing`.
+- Batches: `global_batch_size` samples per optimizer step whatever the world size, `micro_batch_size` per
+  forward; the samples of step k are a pure function of (seed, k) (data.BatchPlan).
+- Loss: the token-weighted mean over the whole global batch: each rank sums its token losses and divides by
+  the all-reduced count of target tokens, so 1 and N processes give the same loss and gradients.
+- Data: formats, prompt masking (`train_on_prompt`), `packing`, `max_seq_length`, a tokenized cache (data.py).
+- Schedule: `max_steps` or `num_epochs`, AdamW (`learning_rate`, `weight_decay`), `warmup_steps` then
+  `lr_scheduler` (cosine, linear, constant), gradient clipping (`max_grad_norm`).
+- Validation: `val_fraction` held out, evaluated every `eval_every` steps and at the end.
+- Outputs: adapter/ or model/ (export.py), metrics.jsonl, summary.json, loss.png (metrics.py), config.yaml.
+
+State a checkpoint needs: `self.state.step` (optimizer steps done; the epoch and the data position follow from
+it through `self.plan`), `self.model`, `self.optimizer`, `self.scheduler`, `self.metrics`, `self.cfg`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pkg.trainer import data, distributed, export, model
+from pkg.trainer.config import TrainConfig, save_config
+from pkg.trainer.errors import TrainerError
+from pkg.trainer.metrics import Metrics
+
+log = logging.getLogger("pkg.trainer")
+
+
+@dataclass
+class TrainState:
+    """Where the run is: `step` optimizer steps are done; the next one trains on `plan.global_batch(step)`."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Multiplier of the peak learning rate at each step: linear warmup, then the chosen decay."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return factor
+
+
+def agree(error: str | None) -> None:
+    """Raise on every rank if any rank failed (so no rank waits forever for one that gave up)."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise TrainerError(first)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Recipe:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = distributed.init(cfg.dist_timeout_minutes)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            log.info("config: %s", " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+        self.tokenizer = model.load_tokenizer(cfg.model_dir)
+        self.train_data, self.val_data = self.load_data()
+        self.plan = data.BatchPlan(
+            len(self.train_data), cfg.global_batch_size, cfg.micro_batch_size,
+            self.dist.world_size, self.dist.rank, cfg.seed,
+        )  # fmt: skip
+        self.total_steps = cfg.max_steps or cfg.num_epochs * self.plan.steps_per_epoch
+        self.bf16 = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
+        self.model = self.build_model()
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate,
+            betas=(0.9, 0.999),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
+        self.state = TrainState()
+        self.metrics = Metrics(self.out, self.total_steps, enabled=self.dist.is_main)
+        self.metrics.rewind(0)
+        log.info(
+            "world size %d, %d train / %d val sequences, %d steps (%d per epoch), gradient accumulation %d",
+            self.dist.world_size, len(self.train_data), len(self.val_data), self.total_steps,
+            self.plan.steps_per_epoch, self.plan.grad_accum,
+        )  # fmt: skip
+
+    def load_data(self):
+        """Tokenize on rank 0 (and on each node's first rank if output_dir is not shared); read everywhere."""
+        cfg = self.cfg
+        path = self.out / "cache" / f"tokenized-{data.cache_key(cfg, cfg.model_dir)}"
+        datasets_cache = str(self.out / "cache" / "datasets")
+        for builder in (self.dist.is_main, self.dist.local_rank == 0):
+            error = None
+            if builder and not path.exists():
+                try:
+                    log.info("tokenizing %s into %s", cfg.dataset_dir, path)
+                    data.write_cache(data.build_splits(cfg, self.tokenizer, datasets_cache), path)
+                except TrainerError as exc:
+                    error = str(exc)
+            agree(error)
+        splits = data.read_cache(path)
+        return splits["train"], splits["val"]
+
+    def build_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # identical initial adapters on every rank and world size
+        net = model.load_model(cfg, self.dist.device)
+        trainable, total = model.count_parameters(net)
+        self.param_counts = {"trainable_params": trainable, "total_params": total}
+        log.info("%s: %d trainable of %d parameters", cfg.method, trainable, total)
+        if cfg.method != "qlora":  # a 4-bit base is not sharded; its small adapter is all-reduced instead
+            net = distributed.shard(net, self.dist.device, self.bf16)
+        torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per rank
+        return net
+
+    # ------------------------------------------------------------ train
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed cross-entropy of the target tokens in one micro-batch (fp32 logits)."""
+        batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = self.model(**batch, use_cache=False).logits[:, :-1].float()
+        return F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+            ignore_index=data.IGNORE_INDEX, reduction="sum",
+        )  # fmt: skip
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step on the global batch of `step`; returns the global-batch loss and counts."""
+        micro = [[self.train_data[i] for i in mb] for mb in self.plan.micro_batches(step)]
+        local_targets = sum(data.count_targets(recs) for recs in micro)
+        local_tokens = sum(len(r["input_ids"]) for recs in micro for r in recs)
+        n_targets, n_tokens = distributed.all_reduce_sum([local_targets, local_tokens], self.dist.device)
+        # FSDP averages gradients over ranks; scaling by the world size turns that into the global token mean.
+        scale = self.dist.world_size / n_targets
+        self.model.train()
+        loss_total = 0.0
+        for recs in micro:
+            loss = self.loss_sum(data.collate(recs, self.tokenizer.pad_token_id, self.cfg.packing))
+            (loss * scale).backward()
+            loss_total += loss.item()
+        if self.cfg.method == "qlora":
+            self.all_reduce_grads()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss_global,) = distributed.all_reduce_sum([loss_total], self.dist.device)
+        return {"loss": loss_global / n_targets, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
+
+    def all_reduce_grads(self) -> None:
+        if self.dist.world_size == 1:
+            return
+        for p in self.model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.dist.world_size
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted validation loss over the whole held-out set, shared across ranks."""
+        self.model.eval()
+        blank = dict(self.val_data[0], labels=[data.IGNORE_INDEX] * len(self.val_data[0]["labels"]))
+        loss_total, n_targets = 0.0, 0
+        for mb in self.plan.val_batches(len(self.val_data)):
+            recs = [self.val_data[i] if i >= 0 else blank for i in mb]
+            loss_total += self.loss_sum(
+                data.collate(recs, self.tokenizer.pad_token_id, self.cfg.packing)
+            ).item()
+            n_targets += data.count_targets(recs)
+        loss_total, n_targets = distributed.all_reduce_sum([loss_total, n_targets], self.dist.device)
+        return loss_total / max(n_targets, 1)
+
+    def train(self) -> None:
+        cfg, state = self.cfg, self.state
+        self.train_start = time.monotonic()
+        while state.step < self.total_steps:
+            started = time.monotonic()
+            result = self.train_step(state.step)
+            state.step += 1
+            state.tokens_seen += int(result["tokens"])
+            last = state.step == self.total_steps
+            if state.step % cfg.log_every == 0 or last:
+                rate = result["tokens"] / max(time.monotonic() - started, 1e-9)
+                self.metrics.train_step(state.step, result["loss"], result["lr"], result["grad_norm"], rate)
+            if len(self.val_data) and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
+                self.metrics.val_step(state.step, self.evaluate())
+        self.train_time = time.monotonic() - self.train_start
+
+    # ------------------------------------------------------------ save
+
+    def save(self) -> dict:
+        written = export.export(self.model, self.cfg, self.dist.is_main)
+        summary = self.metrics.finish(
+            {
+                "method": self.cfg.method,
+                "world_size": self.dist.world_size,
+                "total_steps": self.total_steps,
+                "tokens_seen": self.state.tokens_seen,
+                "train_time_s": round(getattr(self, "train_time", 0.0), 3),
+                "peak_memory_mb": round(peak_memory_mb(self.dist.device), 1),
+                **self.param_counts,
+                "outputs": [str(p) for p in written],
+            }
+        )
+        if self.dist.is_main:
+            log.info("done: %s", ", ".join(str(p) for p in written) or "no outputs")
+        return summary
+
+    def run(self) -> dict:
+        try:
+            self.setup()
+            self.train()
+            return self.save()
+        finally:
+            distributed.shutdown()
