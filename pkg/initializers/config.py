@@ -1,0 +1,133 @@
+"""Configuration from environment variables, validated up front into one typed dataclass.
+
+The Kubeflow SDK passes every optional field upper-cased and joins lists with commas, so that is exactly
+what is read here. Tuning knobs (`INIT_*`) are extensions with safe defaults; users rarely need them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import InitializerError, register_secret
+from .uri import StorageUri, parse_uri
+
+Kind = Literal["dataset", "model"]
+
+DEFAULT_OUTPUT = {"dataset": "/workspace/dataset", "model": "/workspace/model"}
+# Upstream model defaults: skip framework duplicates of the weights; see `model_default_ignore`.
+MODEL_DEFAULT_IGNORE = ("*.msgpack", "*.h5", "*.bin", "*.pt", "*.pth")
+MODEL_FALLBACK_IGNORE = ("*.msgpack", "*.h5")
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Engine knobs; defaults suit a pod with a few cores and a fast network."""
+
+    concurrency: int = 16  # INIT_CONCURRENCY: parallel requests
+    part_size: int = 16 * MiB  # INIT_PART_SIZE: bytes per ranged request of a large file
+    read_timeout: float = 60.0  # INIT_READ_TIMEOUT: seconds a read may stall before it is retried
+    max_attempts: int = 8  # INIT_MAX_ATTEMPTS: tries per request before giving up
+    retry_base: float = 0.5  # INIT_RETRY_BASE: first backoff in seconds (doubles, with jitter)
+    retry_cap: float = 30.0  # INIT_RETRY_CAP: longest single backoff or Retry-After honoured
+    progress_interval: float = 5.0  # INIT_PROGRESS_INTERVAL: seconds between progress lines
+
+
+@dataclass(frozen=True)
+class Config:
+    kind: Kind
+    uri: StorageUri
+    output_path: Path
+    access_token: str | None = None
+    allow_patterns: tuple[str, ...] = ()
+    ignore_patterns: tuple[str, ...] = ()
+    endpoint: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    region: str | None = None
+    role_arn: str | None = None
+    hf_endpoint: str = "https://huggingface.co"
+    tuning: Tuning = field(default_factory=Tuning)
+
+    @property
+    def patterns_given(self) -> bool:
+        return bool(self.allow_patterns or self.ignore_patterns)
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _patterns(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = _get(env, name) or ""
+    return tuple(p.strip() for p in raw.split(",") if p.strip())
+
+
+def _number(env: Mapping[str, str], name: str, default: float, cast: type, minimum: float) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise InitializerError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise InitializerError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def load_tuning(env: Mapping[str, str]) -> Tuning:
+    d = Tuning()
+    return Tuning(
+        concurrency=int(_number(env, "INIT_CONCURRENCY", d.concurrency, int, 1)),
+        part_size=int(_number(env, "INIT_PART_SIZE", d.part_size, int, 64 * 1024)),
+        read_timeout=_number(env, "INIT_READ_TIMEOUT", d.read_timeout, float, 0.1),
+        max_attempts=int(_number(env, "INIT_MAX_ATTEMPTS", d.max_attempts, int, 1)),
+        retry_base=_number(env, "INIT_RETRY_BASE", d.retry_base, float, 0.0),
+        retry_cap=_number(env, "INIT_RETRY_CAP", d.retry_cap, float, 0.0),
+        progress_interval=_number(env, "INIT_PROGRESS_INTERVAL", d.progress_interval, float, 0.1),
+    )
+
+
+def load_config(kind: Kind, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the environment; raise InitializerError naming the variable at fault."""
+    env = os.environ if env is None else env
+    storage_uri = _get(env, "STORAGE_URI")
+    if storage_uri is None:
+        raise InitializerError(
+            "STORAGE_URI is not set: set it to hf://ORG/NAME, s3://BUCKET/PREFIX or file:///PATH"
+        )
+    token = _get(env, "ACCESS_TOKEN") or _get(env, "HF_TOKEN")
+    secret = _get(env, "SECRET_ACCESS_KEY")
+    for value in (token, secret, _get(env, "AWS_SECRET_ACCESS_KEY"), _get(env, "AWS_SESSION_TOKEN")):
+        register_secret(value)
+    output = Path(_get(env, "OUTPUT_PATH") or DEFAULT_OUTPUT[kind])
+    if not output.is_absolute():
+        raise InitializerError(f"OUTPUT_PATH={str(output)!r} must be an absolute path")
+    key_id = _get(env, "ACCESS_KEY_ID")
+    if bool(key_id) != bool(secret):
+        raise InitializerError("set both ACCESS_KEY_ID and SECRET_ACCESS_KEY, or neither")
+    endpoint = _get(env, "ENDPOINT")
+    if endpoint and "://" not in endpoint:
+        endpoint = f"https://{endpoint}"
+    return Config(
+        kind=kind,
+        uri=parse_uri(storage_uri),
+        output_path=output,
+        access_token=token,
+        allow_patterns=_patterns(env, "ALLOW_PATTERNS"),
+        ignore_patterns=_patterns(env, "IGNORE_PATTERNS"),
+        endpoint=endpoint,
+        access_key_id=key_id,
+        secret_access_key=secret,
+        region=_get(env, "REGION"),
+        role_arn=_get(env, "ROLE_ARN"),
+        hf_endpoint=(_get(env, "HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
+        tuning=load_tuning(env),
+    )

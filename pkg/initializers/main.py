@@ -1,0 +1,120 @@
+"""The run shared by both initializers: config -> marker check -> list -> filter -> plan -> fetch -> marker.
+
+Exit codes: 0 success (or already complete), 1 an expected error (one line on stderr), 2 an unexpected bug
+(redacted traceback on stderr), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any
+
+from .config import Config, Kind, load_config
+from .errors import InitializerError, one_line, redact
+from .filters import apply_filters
+from .manifest import Journal, complete_manifest, remove_manifest, state_dir, write_manifest
+from .progress import Progress, human_bytes, log
+from .safety import safe_relative
+from .sources import open_source
+from .transfer import Engine
+
+
+def request_of(config: Config) -> dict[str, Any]:
+    """What identifies a download request in the marker: the source and filters, never credentials."""
+    request: dict[str, Any] = {"kind": config.kind, "storage_uri": str(config.uri)}
+    if config.endpoint:
+        request["endpoint"] = config.endpoint
+    if config.uri.__class__.__name__ == "HfUri":
+        request["hf_endpoint"] = config.hf_endpoint
+    if config.patterns_given:
+        request["allow_patterns"] = list(config.allow_patterns)
+        request["ignore_patterns"] = list(config.ignore_patterns)
+    return request
+
+
+def run(config: Config) -> None:
+    root = config.output_path
+    request = request_of(config)
+    done = complete_manifest(root, request)
+    if done:
+        log(
+            f"{config.kind} already complete in {root}: {done['total_files']} files, "
+            f"{human_bytes(done['total_bytes'])} from {config.uri} (marker {state_dir(root)}/manifest.json)"
+        )
+        return
+    source = open_source(config)
+    try:
+        log(f"listing {config.uri}")
+        listed = source.list_files()
+        files, note = apply_filters(config, listed)
+        log(f"{len(listed)} files listed, {len(files)} selected ({note})")
+        if not files:
+            raise InitializerError(
+                f"nothing to download from {config.uri}: {len(listed)} files listed, none selected; "
+                + (
+                    "check ALLOW_PATTERNS / IGNORE_PATTERNS"
+                    if listed
+                    else "check the path and that it holds files"
+                )
+            )
+        for f in files:
+            safe_relative(f.path, "path")
+        try:
+            state_dir(root).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InitializerError(
+                f"cannot create OUTPUT_PATH={root}: {exc.strerror}; check the volume"
+            ) from None
+        previous = remove_manifest(root, request)
+        journal = Journal(root, request, previous)
+        engine = Engine(source, root, config.tuning, journal)
+        plan = engine.plan(files)
+        engine.check_space(plan)
+        if plan.skipped or plan.resumed_bytes:
+            log(
+                f"resuming: {len(plan.skipped)} files already complete, "
+                f"{human_bytes(plan.resumed_bytes)} of partial files already fetched"
+            )
+        todo = len(plan.whole) + len(plan.multipart)
+        log(f"downloading {todo} files ({human_bytes(plan.bytes_to_fetch)}) to {root}")
+        progress = Progress(todo, plan.bytes_to_fetch, config.tuning.progress_interval).start()
+        try:
+            engine.run(plan, progress)
+        finally:
+            progress.close()
+            journal.close()
+        write_manifest(root, request, source.resolved(), files)
+        seconds = progress.elapsed()
+        log(
+            f"done: {todo} files ({human_bytes(progress.bytes_done)}) downloaded, "
+            f"{len(plan.skipped)} already present, in {seconds:.1f}s "
+            f"({progress.bytes_done / seconds / 1e6:.1f} MB/s, "
+            f"{progress.retries} retries) from {config.uri} to {root}"
+        )
+    finally:
+        source.close()
+
+
+def main(kind: Kind) -> int:
+    """Entry point of `python -m pkg.initializers.{dataset,model}`; returns the exit code."""
+    # Never pick up or persist a token through huggingface_hub's own machinery.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    try:
+        config = load_config(kind)
+        log(f"{kind} initializer: {config.uri} -> {config.output_path}")
+        run(config)
+        return 0
+    except InitializerError as exc:
+        print(f"error: {one_line(exc, 1000)}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun to resume (finished files are kept)", file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:  # a bug: keep the trace for the report, minus secrets
+        print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
+        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)}", file=sys.stderr, flush=True)
+        return 2

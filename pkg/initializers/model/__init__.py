@@ -1,0 +1,1 @@
+"""Model initializer: `python -m pkg.initializers.model` fills OUTPUT_PATH (default /workspace/model)."""

@@ -1,0 +1,36 @@
+"""Keep every write inside OUTPUT_PATH: refuse traversal, absolute paths and symlinked parents."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+from .errors import InitializerError
+
+
+def safe_relative(path: str, where: str) -> str:
+    """Validate a source-relative path and return it normalised, or raise InitializerError."""
+    if not path or "\x00" in path:
+        raise InitializerError(f"refusing {where} {path!r}: empty or NUL in name")
+    if path.startswith("/") or path.startswith("\\") or (len(path) > 1 and path[1] == ":"):
+        raise InitializerError(f"refusing {where} {path!r}: absolute paths would escape OUTPUT_PATH")
+    parts = PurePosixPath(path).parts
+    if any(p in ("..", ".") for p in path.split("/")) or not parts:
+        raise InitializerError(f"refusing {where} {path!r}: '..' or '.' would escape OUTPUT_PATH")
+    return "/".join(parts)
+
+
+def target_path(root: Path, relative: str) -> Path:
+    """Create the parent folders of `root/relative` and check that none of them leads outside `root`."""
+    target = root / relative
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    real_root = os.path.realpath(root)
+    real_parent = os.path.realpath(parent)
+    if real_parent != real_root and not real_parent.startswith(real_root + os.sep):
+        raise InitializerError(f"refusing to write {relative!r}: a symlink in OUTPUT_PATH points outside it")
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        raise InitializerError(
+            f"refusing to write {relative!r}: it exists in OUTPUT_PATH as a symlink or folder"
+        )
+    return target

@@ -1,0 +1,48 @@
+"""The one interface every source implements: list files, then read byte ranges of them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file to fetch. `path` is relative to OUTPUT_PATH (POSIX separators, already validated)."""
+
+    path: str
+    size: int
+    key: str  # where the source finds it: S3 key, repo path or absolute local path
+    version: str  # changes whenever the content does (ETag, blob id, size+mtime); recorded in the manifest
+    md5: str | None = None  # S3 single-part ETag
+    sha256: str | None = None  # Hub LFS files
+    git_sha1: str | None = None  # Hub regular files: sha1 of "blob <size>\0" + content
+
+
+class Source(ABC):
+    """A place files come from. Implementations raise TransientError for failures worth retrying and
+    InitializerError for ones that are not (auth, not found)."""
+
+    #: largest number of concurrent connections that makes sense (local copies need fewer).
+    max_concurrency: int = 64
+
+    @abstractmethod
+    def identity(self) -> dict[str, str]:
+        """What the completion marker records to recognise the same source on a rerun (no secrets)."""
+
+    @abstractmethod
+    def list_files(self) -> list[RemoteFile]:
+        """Every file under the source root, before pattern filtering."""
+
+    @abstractmethod
+    def open_range(self, file: RemoteFile, start: int, end: int) -> AbstractContextManager[Iterator[bytes]]:
+        """Stream bytes [start, end) of `file` as chunks; a short stream is detected by the caller."""
+
+    def resolved(self) -> dict[str, str]:
+        """Facts learned while listing (e.g. the commit a branch pointed to), recorded in the manifest."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

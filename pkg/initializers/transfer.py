@@ -1,0 +1,309 @@
+"""The one transfer engine every source shares.
+
+Files go through a thread pool. A file larger than the part size is preallocated under a temporary name
+and filled by parallel ranged requests written with `os.pwrite`; smaller files stream in one request.
+Memory stays bounded (one chunk per worker) whatever the object size. Every request is retried with
+exponential backoff and jitter, honouring Retry-After, on TransientError (connection errors, stalled reads,
+429, 5xx). Each file is verified (size always; MD5, SHA-256 or git blob SHA-1 when the source gives one)
+and only then renamed into place and recorded in the journal, so a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from .config import Tuning
+from .errors import InitializerError, TransientError, one_line
+from .manifest import Journal, state_dir
+from .progress import Progress, human_bytes, log
+from .safety import target_path
+from .sources.base import RemoteFile, Source
+
+T = TypeVar("T")
+HASH_CHUNK = 4 * 1024 * 1024
+
+
+class _Cancelled(Exception):
+    """Another task failed; stop quietly."""
+
+
+@dataclass
+class Plan:
+    """What a run has to do after looking at the disk and the journal."""
+
+    whole: list[RemoteFile]
+    multipart: list[RemoteFile]
+    skipped: list[RemoteFile]
+    resumed_bytes: int  # bytes of finished parts found from a previous run
+
+    @property
+    def bytes_to_fetch(self) -> int:
+        return sum(f.size for f in self.whole + self.multipart) - self.resumed_bytes
+
+
+def retry(
+    fn: Callable[[], T],
+    what: str,
+    tuning: Tuning,
+    on_retry: Callable[[], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> T:
+    """Call `fn`, retrying TransientError with capped exponential backoff and jitter (or Retry-After)."""
+    for attempt in range(1, tuning.max_attempts + 1):
+        try:
+            return fn()
+        except TransientError as exc:
+            if attempt == tuning.max_attempts:
+                raise InitializerError(
+                    f"{what}: still failing after {attempt} attempts ({one_line(exc)}); "
+                    "check the endpoint and network, then rerun (finished files are kept)"
+                ) from None
+            if exc.retry_after is not None:
+                delay = min(exc.retry_after, tuning.retry_cap)
+            else:
+                delay = min(tuning.retry_base * 2 ** (attempt - 1), tuning.retry_cap) * random.uniform(
+                    0.5, 1.0
+                )
+            log(f"retry {attempt}/{tuning.max_attempts - 1} of {what} in {delay:.1f}s: {one_line(exc, 200)}")
+            if on_retry:
+                on_retry()
+            if cancel is not None and cancel.wait(delay):
+                raise _Cancelled() from None
+            if cancel is None:
+                time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _hasher(f: RemoteFile) -> tuple[str, hashlib._Hash, str] | None:
+    """The strongest checksum the source gave for `f`: (name, hash object, expected hex digest)."""
+    if f.sha256:
+        return "sha256", hashlib.sha256(), f.sha256
+    if f.md5:
+        return "md5", hashlib.md5(usedforsecurity=False), f.md5
+    if f.git_sha1:
+        h = hashlib.sha1(usedforsecurity=False)
+        h.update(b"blob %d\0" % f.size)
+        return "git-sha1", h, f.git_sha1
+    return None
+
+
+def _io_error(exc: OSError, root: Path) -> InitializerError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(root).free
+        return InitializerError(
+            f"no space left on the volume of OUTPUT_PATH={root} ({human_bytes(free)} free): "
+            "use a larger volume or narrow the download with ALLOW_PATTERNS / IGNORE_PATTERNS"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return InitializerError(
+            f"cannot write to OUTPUT_PATH={root}: {exc.strerror}; check the volume permissions"
+        )
+    return InitializerError(f"error writing under OUTPUT_PATH={root}: {exc.strerror or exc}")
+
+
+class Engine:
+    def __init__(self, source: Source, root: Path, tuning: Tuning, journal: Journal):
+        self.source = source
+        self.root = root
+        self.tuning = tuning
+        self.journal = journal
+        self.partial = state_dir(root) / "partial"
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._parts_left: dict[str, int] = {}
+        self.progress: Progress | None = None
+
+    # -- planning -------------------------------------------------------------------------------------------
+    def _temp(self, f: RemoteFile) -> Path:
+        return self.partial / hashlib.sha1(f.path.encode(), usedforsecurity=False).hexdigest()
+
+    def _parts(self, f: RemoteFile) -> list[tuple[int, int, int]]:
+        size = self.tuning.part_size
+        return [(i, start, min(start + size, f.size)) for i, start in enumerate(range(0, f.size, size))]
+
+    def plan(self, files: list[RemoteFile]) -> Plan:
+        self.partial.mkdir(parents=True, exist_ok=True)
+        plan = Plan([], [], [], 0)
+        for f in files:
+            target = target_path(self.root, f.path)
+            if self.journal.has_file(f) and target.is_file() and target.stat().st_size == f.size:
+                plan.skipped.append(f)
+            elif f.size > self.tuning.part_size:
+                plan.multipart.append(f)
+                tmp = self._temp(f)
+                if tmp.is_file() and tmp.stat().st_size == f.size:
+                    done = self.journal.done_parts(f)
+                    plan.resumed_bytes += sum(end - start for i, start, end in self._parts(f) if i in done)
+            else:
+                plan.whole.append(f)
+        return plan
+
+    def check_space(self, plan: Plan) -> None:
+        need = plan.bytes_to_fetch
+        free = shutil.disk_usage(self.root).free
+        if need > free:
+            raise InitializerError(
+                f"not enough space on the volume of OUTPUT_PATH={self.root}: need {human_bytes(need)}, "
+                f"{human_bytes(free)} free; use a larger volume or narrow the download with ALLOW_PATTERNS"
+            )
+
+    # -- running --------------------------------------------------------------------------------------------
+    def run(self, plan: Plan, progress: Progress) -> None:
+        self.progress = progress
+        tasks: list[Callable[[], None]] = []
+        for f in plan.multipart:
+            tasks.extend(self._multipart_tasks(f))
+        tasks.extend(lambda f=f: self._fetch_whole(f) for f in plan.whole)
+        workers = max(1, min(self.tuning.concurrency, self.source.max_concurrency, len(tasks) or 1))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
+            futures = [pool.submit(task) for task in tasks]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            errors = [fut.exception() for fut in done if fut.exception() is not None]
+            if errors:
+                self._cancel.set()  # running tasks stop at their next chunk, queued ones at their start
+                for fut in futures:
+                    fut.cancel()
+                wait(futures)
+                raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+
+    def _stream(self, f: RemoteFile, start: int, end: int, sink: Callable[[bytes, int], None]) -> None:
+        """One attempt at bytes [start, end) fed to `sink(chunk, offset)`; short reads are transient."""
+        assert self.progress is not None
+        offset = start
+        try:
+            with self.source.open_range(f, start, end) as chunks:
+                for chunk in chunks:
+                    if self._cancel.is_set():
+                        raise _Cancelled()
+                    if offset + len(chunk) > end:
+                        raise TransientError(f"{f.path}: server sent more bytes than requested")
+                    sink(chunk, offset)
+                    offset += len(chunk)
+                    self.progress.add_bytes(len(chunk))
+            if offset != end:
+                raise TransientError(
+                    f"{f.path}: connection ended after {offset - start} of {end - start} bytes"
+                )
+        except BaseException:
+            self.progress.add_bytes(start - offset)  # this attempt's bytes will be fetched again
+            raise
+
+    def _fetch_whole(self, f: RemoteFile) -> None:
+        if self._cancel.is_set():
+            raise _Cancelled()
+        tmp = self._temp(f)
+
+        def attempt() -> None:
+            check = _hasher(f)
+            with open(tmp, "wb") as out:
+
+                def sink(chunk: bytes, _offset: int) -> None:
+                    out.write(chunk)
+                    if check:
+                        check[1].update(chunk)
+
+                if f.size:
+                    self._stream(f, 0, f.size, sink)
+            if check and check[1].hexdigest() != check[2]:
+                raise TransientError(
+                    f"{f.path}: {check[0]} mismatch (got {check[1].hexdigest()}, want {check[2]})"
+                )
+
+        try:
+            retry(attempt, f"download of {f.path}", self.tuning, self._retried, self._cancel)
+            self._finish(f, tmp)
+        except OSError as exc:
+            raise _io_error(exc, self.root) from None
+
+    def _multipart_tasks(self, f: RemoteFile) -> list[Callable[[], None]]:
+        tmp = self._temp(f)
+        parts = self._parts(f)
+        done = self.journal.done_parts(f) if tmp.is_file() and tmp.stat().st_size == f.size else set()
+        try:
+            if not done:
+                with open(tmp, "wb") as out:
+                    try:
+                        os.posix_fallocate(out.fileno(), 0, f.size)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        out.truncate(f.size)  # filesystems without fallocate
+        except OSError as exc:
+            raise _io_error(exc, self.root) from None
+        todo = [p for p in parts if p[0] not in done]
+        self._parts_left[f.path] = len(todo)
+        if not todo:
+            return [lambda: self._finish_multipart(f, tmp)]
+        return [lambda p=p: self._fetch_part(f, tmp, *p) for p in todo]
+
+    def _fetch_part(self, f: RemoteFile, tmp: Path, index: int, start: int, end: int) -> None:
+        if self._cancel.is_set():
+            raise _Cancelled()
+        try:
+            fd = os.open(tmp, os.O_WRONLY)
+            try:
+                retry(
+                    lambda: self._stream(f, start, end, lambda chunk, off: _pwrite_all(fd, chunk, off)),
+                    f"download of {f.path} bytes {start}-{end - 1}",
+                    self.tuning,
+                    self._retried,
+                    self._cancel,
+                )
+            finally:
+                os.close(fd)
+            self.journal.part_done(f, index)
+            with self._lock:
+                self._parts_left[f.path] -= 1
+                last = self._parts_left[f.path] == 0
+            if last:
+                self._finish_multipart(f, tmp)
+        except OSError as exc:
+            raise _io_error(exc, self.root) from None
+
+    def _finish_multipart(self, f: RemoteFile, tmp: Path) -> None:
+        check = _hasher(f)
+        if check:
+            with open(tmp, "rb") as src:
+                while block := src.read(HASH_CHUNK):
+                    check[1].update(block)
+            if check[1].hexdigest() != check[2]:
+                tmp.unlink(missing_ok=True)
+                raise InitializerError(
+                    f"{f.path}: {check[0]} mismatch after download (got {check[1].hexdigest()}, "
+                    f"want {check[2]}); the source may have changed during the download, rerun to fetch it "
+                    "again"
+                )
+        self._finish(f, tmp)
+
+    def _finish(self, f: RemoteFile, tmp: Path) -> None:
+        size = tmp.stat().st_size
+        if size != f.size:
+            raise InitializerError(
+                f"{f.path}: wrote {size} bytes, expected {f.size}; rerun to fetch it again"
+            )
+        os.replace(tmp, target_path(self.root, f.path))
+        self.journal.file_done(f)
+        assert self.progress is not None
+        self.progress.file_done()
+
+    def _retried(self) -> None:
+        assert self.progress is not None
+        self.progress.retried()
+
+
+def _pwrite_all(fd: int, chunk: bytes, offset: int) -> None:
+    view = memoryview(chunk)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n

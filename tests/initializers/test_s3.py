@@ -1,0 +1,158 @@
+"""S3 end to end: the real entry points against moto over HTTP (credentials enforced), through a proxy
+that counts requests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.initializers.conftest import Runner, one_error_line, tree
+from tests.support.fault_proxy import FaultProxy
+from tests.support.s3_server import S3Server
+
+KiB = 1024
+
+
+@pytest.fixture(scope="module")
+def bucket(s3: S3Server) -> dict[str, bytes]:
+    """A bucket with many small files, multi-part-sized objects, an empty object and awkward names."""
+    client = s3.client()
+    client.create_bucket(Bucket="data")
+    objects = {f"set/small/{i:03d}.jsonl": os.urandom(1000 + i) for i in range(60)}
+    objects["set/large.bin"] = os.urandom(1100 * KiB)  # 5 parts of 256 KiB, single-part MD5 ETag
+    objects["set/empty.txt"] = b""
+    objects["set/naïve dir/ünïcode file.txt"] = "grüße".encode()
+    objects["set/with space.txt"] = b"spaces"
+    for key, body in objects.items():
+        client.put_object(Bucket="data", Key=key, Body=body)
+    # A multipart upload: its ETag is not an MD5, so only the size can be verified.
+    up = client.create_multipart_upload(Bucket="data", Key="set/multipart.bin")
+    chunks = [os.urandom(5 * 1024 * KiB), os.urandom(300 * KiB)]
+    parts = [
+        {
+            "PartNumber": n,
+            "ETag": client.upload_part(
+                Bucket="data", Key="set/multipart.bin", PartNumber=n, UploadId=up["UploadId"], Body=c
+            )["ETag"],
+        }
+        for n, c in enumerate(chunks, 1)
+    ]
+    client.complete_multipart_upload(
+        Bucket="data", Key="set/multipart.bin", UploadId=up["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    objects["set/multipart.bin"] = b"".join(chunks)
+    client.put_object(Bucket="data", Key="other/x.txt", Body=b"not under set/")
+    client.put_object(Bucket="data", Key="setx/y.txt", Body=b"a sibling prefix, not the folder")
+    client.put_object(Bucket="data", Key="set/folder-marker/", Body=b"")
+    return {k.removeprefix("set/"): v for k, v in objects.items()}
+
+
+def s3_env(s3: S3Server, proxy: FaultProxy, uri: str, out: Path, **extra: str) -> dict[str, str]:
+    return {**s3.env(), "ENDPOINT": proxy.endpoint, "STORAGE_URI": uri, "OUTPUT_PATH": str(out), **extra}
+
+
+def test_download_prefix(
+    run: Runner, s3: S3Server, s3_proxy: FaultProxy, bucket: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    result = run("dataset", **s3_env(s3, s3_proxy, "s3://data/set", out))
+    assert result.returncode == 0, result.stderr
+    assert tree(out) == bucket
+    assert "done: " in result.stdout and "progress: " in result.stdout
+    marker = json.loads((out / ".initializer/manifest.json").read_text())
+    assert marker["total_files"] == len(bucket)
+    assert marker["request"]["storage_uri"] == "s3://data/set"
+    by_path = {f["path"]: f for f in marker["files"]}
+    assert by_path["large.bin"]["md5"] == hashlib.md5(bucket["large.bin"]).hexdigest()
+    assert "md5" not in by_path["multipart.bin"]
+    assert not (out / ".initializer/partial").exists() or not any((out / ".initializer/partial").iterdir())
+    assert s3_proxy.count("/data/set/large.bin") == 5  # ranged parts
+    secret = s3.secret_access_key
+    assert secret not in result.stdout + result.stderr
+    assert secret not in (out / ".initializer/manifest.json").read_text()
+
+    # A rerun with a valid marker exits 0 at once, without touching the store.
+    s3_proxy.reset_log()
+    again = run("dataset", **s3_env(s3, s3_proxy, "s3://data/set", out))
+    assert again.returncode == 0, again.stderr
+    assert "already complete" in again.stdout
+    assert s3_proxy.requests == []
+
+    # A file removed from the output invalidates the marker: only that file is fetched again.
+    (out / "small/007.jsonl").unlink()
+    third = run("dataset", **s3_env(s3, s3_proxy, "s3://data/set", out))
+    assert third.returncode == 0, third.stderr
+    assert tree(out) == bucket
+    gets = [r.path for r in s3_proxy.requests if r.method == "GET" and r.path != "/data"]
+    assert gets == ["/data/set/small/007.jsonl"]
+
+
+def test_patterns_and_single_object(
+    run: Runner, s3: S3Server, s3_proxy: FaultProxy, bucket: dict, tmp_path: Path
+):
+    out = tmp_path / "out"
+    result = run(
+        "model",
+        **s3_env(
+            s3, s3_proxy, "s3://data/set/", out, ALLOW_PATTERNS="small/00*,*.txt", IGNORE_PATTERNS="empty.txt"
+        ),
+    )
+    assert result.returncode == 0, result.stderr
+    expected = {k: v for k, v in bucket.items() if (k.startswith("small/00") or k.endswith(".txt"))}
+    expected.pop("empty.txt")
+    assert tree(out) == expected
+
+    single = tmp_path / "single"
+    result = run("dataset", **s3_env(s3, s3_proxy, "s3://data/set/with space.txt", single))
+    assert result.returncode == 0, result.stderr
+    assert tree(single) == {"with space.txt": b"spaces"}
+
+
+def test_traversal_key_refused(run: Runner, s3: S3Server, s3_proxy: FaultProxy, tmp_path: Path) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket="evil")
+    client.put_object(Bucket="evil", Key="p/ok.txt", Body=b"ok")
+    client.put_object(Bucket="evil", Key="p/../escaped.txt", Body=b"pwned")
+    out = tmp_path / "nested" / "out"
+    result = run("dataset", **s3_env(s3, s3_proxy, "s3://evil/p", out))
+    assert result.returncode != 0
+    assert "refusing" in one_error_line(result.stderr) and "escaped.txt" in result.stderr
+    assert not (tmp_path / "nested" / "escaped.txt").exists()
+    assert not any(p.name == "escaped.txt" for p in tmp_path.rglob("*"))
+    assert not (out / ".initializer/manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("s3://data/no-such-prefix", "nothing to download"),
+        ("s3://no-such-bucket/x", "does not exist"),
+    ],
+)
+def test_clear_errors(
+    run: Runner, s3: S3Server, s3_proxy: FaultProxy, bucket: dict, tmp_path: Path, uri: str, message: str
+) -> None:
+    result = run("dataset", **s3_env(s3, s3_proxy, uri, tmp_path / "out"))
+    assert result.returncode == 1
+    assert message in one_error_line(result.stderr)
+
+
+@pytest.mark.parametrize("wrong", ["secret", "key"])
+def test_wrong_credentials(
+    run: Runner, s3: S3Server, s3_proxy: FaultProxy, bucket: dict, tmp_path: Path, wrong: str
+) -> None:
+    bad_secret = "WrongSecretKeyThatMustNotAppear+12345"
+    env = s3_env(s3, s3_proxy, "s3://data/set", tmp_path / "out", SECRET_ACCESS_KEY=bad_secret)
+    if wrong == "key":
+        env["ACCESS_KEY_ID"] = "AKIAUNKNOWNKEY000000"
+    result = run("dataset", **env)
+    assert result.returncode == 1
+    line = one_error_line(result.stderr)
+    assert ("SignatureDoesNotMatch" if wrong == "secret" else "InvalidAccessKeyId") in line
+    assert "ACCESS_KEY_ID" in line
+    assert bad_secret not in result.stdout + result.stderr
+    assert not (tmp_path / "out" / ".initializer/manifest.json").exists()

@@ -1,0 +1,290 @@
+"""A reverse proxy injecting faults in front of any HTTP server (moto, the Hub server); counts requests.
+
+Faults are rules consumed in order: each matching request uses up one of a rule's `times`.
+- `status`: answer with that HTTP status (e.g. 500, 503, 429) and an optional Retry-After header;
+- `drop`: forward, but cut the connection after `drop` bytes of the response body;
+- `stall`: forward, send the headers and `stall_after` bytes of the body, then pause `stall` seconds;
+- `corrupt`: forward, flipping the body byte at that offset (checksum verification must catch it).
+A rule with `skip=N` lets its first N matching requests through untouched.
+A rule matches when `match` is a substring of the unquoted URL path and the method is `method`
+(default GET; "*" for any). The Host header is passed through unchanged, so S3 signatures stay valid.
+
+CLI (prints one JSON line {"endpoint": ...} once ready):
+
+    python -m tests.support.fault_proxy --upstream http://127.0.0.1:9000 [--port 0] [--host 127.0.0.1]
+        [--fault "status=503,times=3,match=/bucket/"] [--fault "drop=65536,times=2"]
+        [--fault "status=429,retry_after=1"]
+
+Python:
+
+    from tests.support.fault_proxy import FaultProxy
+    with FaultProxy(upstream).start() as proxy:
+        proxy.fail(503, times=3); proxy.drop(after_bytes=65536, times=2, match="/big")
+        ... proxy.endpoint ...; proxy.count("/big")
+
+Over HTTP, for other processes: `POST /_proxy/faults` (JSON list of rule objects), `DELETE /_proxy/faults`,
+`GET /_proxy/requests` (the log), `POST /_proxy/reset` (clear the log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "trailer"}
+
+
+@dataclass
+class FaultRule:
+    status: int | None = None  # answer with this status instead of forwarding
+    retry_after: float | None = None
+    drop: int | None = None  # cut the body after this many bytes
+    stall: float | None = None  # pause this many seconds after `stall_after` body bytes
+    stall_after: int = 0
+    corrupt: int | None = None  # flip the body byte at this offset
+    skip: int = 0  # let this many matching requests through first
+    times: int = 1
+    match: str = ""
+    method: str = "GET"
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.times > 0 and self.match in path and self.method in ("*", method)
+
+
+@dataclass(frozen=True)
+class ProxiedRequest:
+    method: str
+    path: str
+    range: str | None
+    status: int
+    fault: str | None
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0):
+        parts = urlsplit(upstream)
+        self.upstream_host = parts.hostname or "127.0.0.1"
+        self.upstream_port = parts.port or 80
+        self.rules: list[FaultRule] = []
+        self.requests: list[ProxiedRequest] = []
+        self._lock = threading.Lock()
+        handler = type("Handler", (_Handler,), {"proxy": self})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self.endpoint = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.httpd.server_port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="fault-proxy", daemon=True)
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- faults ---------------------------------------------------------------------------------------------
+    def add(self, rule: FaultRule) -> None:
+        with self._lock:
+            self.rules.append(rule)
+
+    def fail(self, status: int, times: int = 1, match: str = "", retry_after: float | None = None) -> None:
+        self.add(FaultRule(status=status, retry_after=retry_after, times=times, match=match))
+
+    def drop(self, after_bytes: int, times: int = 1, match: str = "") -> None:
+        self.add(FaultRule(drop=after_bytes, times=times, match=match))
+
+    def stall(self, seconds: float, times: int = 1, match: str = "", after_bytes: int = 0) -> None:
+        self.add(FaultRule(stall=seconds, stall_after=after_bytes, times=times, match=match))
+
+    def clear(self) -> None:
+        with self._lock:
+            self.rules.clear()
+
+    def pending(self) -> int:
+        """Fault injections not yet used up."""
+        with self._lock:
+            return sum(r.times for r in self.rules)
+
+    def take(self, method: str, path: str) -> FaultRule | None:
+        with self._lock:
+            for rule in self.rules:
+                if rule.matches(method, path):
+                    if rule.skip > 0:
+                        rule.skip -= 1
+                        return None
+                    rule.times -= 1
+                    return rule
+        return None
+
+    # -- log ------------------------------------------------------------------------------------------------
+    def count(self, contains: str = "", method: str = "GET") -> int:
+        with self._lock:
+            return sum(1 for r in self.requests if r.method == method and contains in r.path)
+
+    def reset_log(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def log(self, entry: ProxiedRequest) -> None:
+        with self._lock:
+            self.requests.append(entry)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    proxy: FaultProxy
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
+
+    def _admin(self, path: str) -> bool:
+        if path == "/_proxy/requests" and self.command == "GET":
+            with self.proxy._lock:
+                self._reply(200, json.dumps([asdict(r) for r in self.proxy.requests]).encode())
+        elif path == "/_proxy/faults" and self.command == "POST":
+            for rule in json.loads(self._body() or b"[]"):
+                self.proxy.add(FaultRule(**rule))
+            self._reply(200, b"{}")
+        elif path == "/_proxy/faults" and self.command == "DELETE":
+            self.proxy.clear()
+            self._reply(200, b"{}")
+        elif path == "/_proxy/reset" and self.command == "POST":
+            self.proxy.reset_log()
+            self._reply(200, b"{}")
+        else:
+            return False
+        return True
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _handle(self) -> None:
+        path = unquote(urlsplit(self.path).path)
+        if path.startswith("/_proxy/") and self._admin(path):
+            return
+        body = self._body()
+        rule = self.proxy.take(self.command, path)
+        fault = None if rule is None else json.dumps({k: v for k, v in asdict(rule).items() if v is not None})
+        status = 502
+        try:
+            if rule is not None and rule.status is not None:
+                status = rule.status
+                headers = {"Content-Type": "application/xml"}
+                if rule.retry_after is not None:
+                    headers["Retry-After"] = str(int(rule.retry_after))
+                self._reply(
+                    status, b"<Error><Code>InjectedFault</Code><Message>injected</Message></Error>", headers
+                )
+                return
+            status = self._forward(body, rule)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            self.proxy.log(ProxiedRequest(self.command, path, self.headers.get("Range"), status, fault))
+
+    def _forward(self, body: bytes, rule: FaultRule | None) -> int:
+        conn = http.client.HTTPConnection(self.proxy.upstream_host, self.proxy.upstream_port, timeout=120)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+            conn.request(self.command, self.path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            data_len = resp.getheader("Content-Length")
+            payload = None if data_len is not None else resp.read()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in _HOP and k.lower() != "content-length":
+                    self.send_header(k, v)
+            self.send_header("Content-Length", data_len if data_len is not None else str(len(payload or b"")))
+            self.end_headers()
+            if self.command == "HEAD":
+                return resp.status
+            sent = 0
+            while True:
+                block = payload if payload is not None else resp.read(64 * 1024)
+                payload = b"" if payload is not None else None
+                if not block:
+                    break
+                if rule is not None and rule.corrupt is not None and sent <= rule.corrupt < sent + len(block):
+                    i = rule.corrupt - sent
+                    block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1 :]
+                if rule is not None and rule.drop is not None and sent + len(block) >= rule.drop:
+                    self.wfile.write(block[: max(rule.drop - sent, 0)])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # the client sees a short body
+                    return resp.status
+                if rule is not None and rule.stall is not None and sent + len(block) >= rule.stall_after:
+                    cut = max(rule.stall_after - sent, 0)
+                    self.wfile.write(block[:cut])
+                    self.wfile.flush()
+                    time.sleep(rule.stall)
+                    block, sent = block[cut:], sent + cut
+                    rule = None
+                self.wfile.write(block)
+                sent += len(block)
+            return resp.status
+        finally:
+            conn.close()
+
+
+def _parse_rule(spec: str) -> FaultRule:
+    """ "status=503,times=3,match=/b/" -> FaultRule; numeric fields are converted."""
+    fields: dict[str, Any] = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key in ("status", "drop", "times", "stall_after", "corrupt", "skip"):
+            fields[key] = int(value)
+        elif key in ("retry_after", "stall"):
+            fields[key] = float(value)
+        else:
+            fields[key] = value
+    return FaultRule(**fields)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--upstream", required=True, help="base URL of the real server")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--fault", action="append", default=[], help="a rule, e.g. status=503,times=3")
+    args = parser.parse_args()
+    proxy = FaultProxy(args.upstream, args.host, args.port)
+    for spec in args.fault:
+        proxy.add(_parse_rule(spec))
+    print(json.dumps({"endpoint": proxy.endpoint}), flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        proxy.httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

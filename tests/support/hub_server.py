@@ -1,0 +1,473 @@
+"""A small Hugging Face Hub-compatible HTTP server, serving repos from a folder, for tests, demos and benches.
+
+It speaks the endpoints `huggingface_hub` (HfApi, hf_hub_download, snapshot_download) calls for model and
+dataset repos: repo info (`/api/{models,datasets}/ORG/NAME[/revision/REV]`), the tree listing with LFS
+SHA-256s and pagination (`/api/.../tree/REV[/PATH]`), and `resolve` (HEAD and GET, Range requests) at
+`/ORG/NAME/resolve/REV/PATH` and `/datasets/ORG/NAME/resolve/REV/PATH`. Errors look like the Hub's: 401
+with `X-Error-Code: RepoNotFound` for a missing or private repo without a token, 404 `RevisionNotFound`,
+404 `EntryNotFound`, 401 "Invalid credentials in Authorization header" for a wrong token.
+
+Folder layout (one sub-folder per branch or tag; `main` is the default branch):
+
+    ROOT/models/ORG/NAME/main/config.json
+    ROOT/datasets/ORG/NAME/v1.0/data/train.jsonl
+    ROOT/models/ORG/NAME/.private          # optional: the repo needs the token
+
+Files of LFS_SUFFIXES types or >= --lfs-threshold bytes are served as LFS files (tree entry with sha256).
+Commit ids are deterministic (sha1 of type, repo and revision), and a commit id works as a revision.
+
+CLI (prints one JSON line {"endpoint": ...} once ready; point HF_ENDPOINT at it):
+
+    python -m tests.support.hub_server --root DIR [--port 0] [--host 127.0.0.1] [--token T]
+        [--private ORG/NAME]
+
+Python:
+
+    from tests.support.hub_server import start_hub_server
+    with start_hub_server(tmp_path, token="hf_secret") as hub:
+        hub.add_repo("org/tiny", {"config.json": b"{}"}, repo_type="model", revision="main", private=True)
+        hub.endpoint, hub.count("/resolve/"), hub.requests
+
+`GET /_admin/requests` returns the request log as JSON, `POST /_admin/reset` clears it (other processes).
+For faults (5xx, 429 + Retry-After, dropped connections, stalls) put tests.support.fault_proxy in front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+LFS_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".h5",
+    ".msgpack",
+    ".parquet",
+    ".arrow",
+    ".gguf",
+    ".onnx",
+)
+DEFAULT_LFS_THRESHOLD = 10 * 1024 * 1024
+PAGE_SIZE = 1000
+_API = re.compile(r"^/api/(models|datasets)/([^/]+)/([^/]+)(?:/(.*))?$")
+_RESOLVE = re.compile(r"^/(?:(datasets)/)?([^/]+)/([^/]+)/resolve/([^/]+)/(.+)$")
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    method: str
+    path: str  # unquoted URL path
+    range: str | None
+    status: int
+    authorized: bool
+
+
+class HubServer:
+    """A running server; `endpoint` is its base URL. Thread-safe request log in `requests`."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        token: str | None = None,
+        private: tuple[str, ...] = (),
+        host: str = "127.0.0.1",
+        port: int = 0,
+        lfs_threshold: int = DEFAULT_LFS_THRESHOLD,
+        page_size: int = PAGE_SIZE,
+    ):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.token = token
+        self.private = set(private)
+        self.lfs_threshold = lfs_threshold
+        self.page_size = page_size
+        self.requests: list[LoggedRequest] = []
+        self._lock = threading.Lock()
+        self._hashes: dict[tuple[str, int, int], tuple[str, str]] = {}
+        handler = type("Handler", (_Handler,), {"hub": self})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        shown = "127.0.0.1" if host == "0.0.0.0" else host
+        self.endpoint = f"http://{shown}:{self.httpd.server_port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="hub-server", daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> HubServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> HubServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- content --------------------------------------------------------------------------------------------
+    def repo_dir(self, repo_id: str, repo_type: str = "model") -> Path:
+        return self.root / f"{repo_type}s" / repo_id
+
+    def add_repo(
+        self,
+        repo_id: str,
+        files: dict[str, bytes | str | os.PathLike[str]],
+        repo_type: str = "model",
+        revision: str = "main",
+        private: bool = False,
+    ) -> str:
+        """Write `files` (path -> bytes, or a local file to copy) as `revision`; returns its commit id."""
+        base = self.repo_dir(repo_id, repo_type) / revision
+        for rel, content in files.items():
+            target = base / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                with open(content, "rb") as src, open(target, "wb") as out:
+                    while block := src.read(1 << 20):
+                        out.write(block)
+        if private:
+            (self.repo_dir(repo_id, repo_type) / ".private").touch()
+        return commit_id(repo_type, repo_id, revision)
+
+    def count(self, contains: str = "", method: str = "GET") -> int:
+        """How many `method` requests had `contains` in their (unquoted) path."""
+        with self._lock:
+            return sum(1 for r in self.requests if r.method == method and contains in r.path)
+
+    def reset_log(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def log(self, entry: LoggedRequest) -> None:
+        with self._lock:
+            self.requests.append(entry)
+
+    def is_private(self, repo_id: str, repo_type: str) -> bool:
+        return repo_id in self.private or (self.repo_dir(repo_id, repo_type) / ".private").exists()
+
+    def revisions(self, repo_id: str, repo_type: str) -> dict[str, str]:
+        """commit id -> revision folder name."""
+        base = self.repo_dir(repo_id, repo_type)
+        if not base.is_dir():
+            return {}
+        return {commit_id(repo_type, repo_id, d.name): d.name for d in base.iterdir() if d.is_dir()}
+
+    def hashes(self, path: Path) -> tuple[str, str]:
+        """(git blob sha1, sha256) of a file, cached by size and mtime."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key in self._hashes:
+                return self._hashes[key]
+        blob = hashlib.sha1(b"blob %d\0" % st.st_size)
+        sha = hashlib.sha256()
+        with open(path, "rb") as src:
+            while block := src.read(1 << 22):
+                blob.update(block)
+                sha.update(block)
+        value = (blob.hexdigest(), sha.hexdigest())
+        with self._lock:
+            self._hashes[key] = value
+        return value
+
+    def is_lfs(self, path: Path) -> bool:
+        return path.suffix in LFS_SUFFIXES or path.stat().st_size >= self.lfs_threshold
+
+
+def commit_id(repo_type: str, repo_id: str, revision: str) -> str:
+    return hashlib.sha1(f"{repo_type}/{repo_id}@{revision}".encode()).hexdigest()
+
+
+class _HubError(Exception):
+    def __init__(self, status: int, code: str | None, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: HubServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def do_HEAD(self) -> None:
+        self._handle(head=True)
+
+    def do_GET(self) -> None:
+        self._handle(head=False)
+
+    def do_POST(self) -> None:
+        if urlsplit(self.path).path == "/_admin/reset":
+            self.hub.reset_log()
+            self._json(200, {"ok": True})
+        else:
+            self._error(_HubError(405, None, "method not allowed"), head=False)
+
+    # -- dispatch -------------------------------------------------------------------------------------------
+    def _handle(self, head: bool) -> None:
+        url = urlsplit(self.path)
+        status = 500
+        authorized = False
+        try:
+            authorized = self._auth()
+            if url.path == "/_admin/requests":
+                with self.hub._lock:
+                    log = [r.__dict__ for r in self.hub.requests]
+                status = 200
+                self._json(200, log)
+                return
+            if m := _API.match(url.path):
+                status = self._api(m, parse_qs(url.query), authorized, head)
+            elif m := _RESOLVE.match(url.path):
+                status = self._resolve(m, authorized, head)
+            else:
+                raise _HubError(404, None, "Not Found")
+        except _HubError as exc:
+            status = exc.status
+            self._error(exc, head)
+        except (BrokenPipeError, ConnectionResetError):
+            status = 499
+            self.close_connection = True
+        finally:
+            if url.path != "/_admin/requests":
+                self.hub.log(
+                    LoggedRequest(
+                        self.command, unquote(url.path), self.headers.get("Range"), status, authorized
+                    )
+                )
+
+    def _auth(self) -> bool:
+        header = self.headers.get("Authorization", "")
+        if not header:
+            return False
+        given = header.removeprefix("Bearer ").strip()
+        if self.hub.token is None or given != self.hub.token:
+            raise _HubError(401, None, "Invalid credentials in Authorization header")
+        return True
+
+    def _repo(
+        self, repo_type: str, org: str, name: str, revision: str, authorized: bool
+    ) -> tuple[str, Path, str]:
+        """(repo_id, revision folder, commit) or the Hub's error for a missing/private repo or revision."""
+        repo_id = f"{unquote(org)}/{unquote(name)}"
+        revs = self.hub.revisions(repo_id, repo_type)
+        if not revs or (self.hub.is_private(repo_id, repo_type) and not authorized):
+            if authorized:
+                raise _HubError(404, "RepoNotFound", "Repository not found")
+            raise _HubError(401, "RepoNotFound", "Invalid username or password.")
+        revision = unquote(revision)
+        if revision in revs:
+            folder = revs[revision]
+        elif revision in revs.values():
+            folder = revision
+        else:
+            raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        return repo_id, self.hub.repo_dir(repo_id, repo_type) / folder, commit_id(repo_type, repo_id, folder)
+
+    def _api(self, m: re.Match[str], query: dict[str, list[str]], authorized: bool, head: bool) -> int:
+        kind, org, name, rest = m.group(1), m.group(2), m.group(3), m.group(4) or ""
+        repo_type = kind[:-1]
+        if rest == "" or rest.startswith("revision/"):
+            revision = rest.removeprefix("revision/") or "main"
+            repo_id, base, commit = self._repo(repo_type, org, name, revision, authorized)
+            siblings = [{"rfilename": p.relative_to(base).as_posix()} for p in _walk(base)]
+            body = {
+                "_id": commit[:24],
+                "id": repo_id,
+                "author": repo_id.split("/")[0],
+                "sha": commit,
+                "private": self.hub.is_private(repo_id, repo_type),
+                "gated": False,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "lastModified": "2026-01-01T00:00:00.000Z",
+                "createdAt": "2026-01-01T00:00:00.000Z",
+                "siblings": siblings,
+            }
+            self._json(200, body, head)
+            return 200
+        if rest.startswith("tree/"):
+            segments = rest.split("/")  # quoted: the revision and path are single segments
+            revision = segments[1] if len(segments) > 1 else "main"
+            sub = unquote("/".join(segments[2:])).strip("/")
+            repo_id, base, _ = self._repo(repo_type, org, name, revision, authorized)
+            return self._tree(base, sub, query, head)
+        raise _HubError(404, None, "Not Found")
+
+    def _tree(self, base: Path, sub: str, query: dict[str, list[str]], head: bool) -> int:
+        start = base / sub if sub else base
+        if not start.is_dir():
+            raise _HubError(404, "EntryNotFound", f"{sub} does not exist on this revision")
+        recursive = query.get("recursive", ["false"])[0].lower() == "true"
+        entries = []
+        paths = sorted(start.rglob("*") if recursive else start.iterdir())
+        for p in paths:
+            rel = p.relative_to(base).as_posix()
+            if p.is_dir():
+                entries.append(
+                    {
+                        "type": "directory",
+                        "oid": hashlib.sha1(rel.encode()).hexdigest(),
+                        "size": 0,
+                        "path": rel,
+                    }
+                )
+                continue
+            blob, sha = self.hub.hashes(p)
+            entry: dict[str, Any] = {"type": "file", "oid": blob, "size": p.stat().st_size, "path": rel}
+            if self.hub.is_lfs(p):
+                entry["lfs"] = {"oid": sha, "size": p.stat().st_size, "pointerSize": 134}
+                entry["oid"] = hashlib.sha1(f"pointer {sha}".encode()).hexdigest()
+            entries.append(entry)
+        cursor = int(query.get("cursor", ["0"])[0])
+        page = entries[cursor : cursor + self.hub.page_size]
+        headers = {}
+        if cursor + self.hub.page_size < len(entries):
+            url = urlsplit(self.path)
+            params = {k: v[0] for k, v in query.items() if k != "cursor"}
+            params["cursor"] = str(cursor + self.hub.page_size)
+            qs = "&".join(f"{k}={quote(v)}" for k, v in params.items())
+            headers["Link"] = f'<{self.hub.endpoint}{url.path}?{qs}>; rel="next"'
+        self._json(200, page, head, headers)
+        return 200
+
+    def _resolve(self, m: re.Match[str], authorized: bool, head: bool) -> int:
+        repo_type = "dataset" if m.group(1) else "model"
+        _, base, commit = self._repo(repo_type, m.group(2), m.group(3), m.group(4), authorized)
+        rel = unquote(m.group(5))
+        path = (base / rel).resolve()
+        if not path.is_file() or not str(path).startswith(str(base.resolve()) + os.sep):
+            raise _HubError(404, "EntryNotFound", f"{rel} does not exist on this revision")
+        size = path.stat().st_size
+        blob, sha = self.hub.hashes(path)
+        lfs = self.hub.is_lfs(path)
+        etag = f'"{sha if lfs else blob}"'
+        start, end, status = 0, size, 200
+        rng = self.headers.get("Range")
+        if rng:
+            parsed = _parse_range(rng, size)
+            if parsed is None:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return 416
+            start, end, status = parsed[0], parsed[1], 206
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        self.send_header("X-Repo-Commit", commit)
+        if lfs:
+            self.send_header("X-Linked-Etag", etag)
+            self.send_header("X-Linked-Size", str(size))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+        if not head:
+            with open(path, "rb") as src:
+                src.seek(start)
+                left = end - start
+                while left > 0:
+                    block = src.read(min(1 << 20, left))
+                    if not block:
+                        break
+                    self.wfile.write(block)
+                    left -= len(block)
+        return status
+
+    # -- responses ------------------------------------------------------------------------------------------
+    def _json(
+        self, status: int, body: Any, head: bool = False, headers: dict[str, str] | None = None
+    ) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+    def _error(self, exc: _HubError, head: bool) -> None:
+        data = json.dumps({"error": exc.message}).encode()
+        self.send_response(exc.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Error-Message", exc.message)
+        if exc.code:
+            self.send_header("X-Error-Code", exc.code)
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+
+def _walk(base: Path) -> list[Path]:
+    return sorted(p for p in base.rglob("*") if p.is_file())
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """bytes=A-B, bytes=A- or bytes=-N -> [start, end) or None when unsatisfiable."""
+    m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    if not m.group(1):
+        n = int(m.group(2))
+        return (max(size - n, 0), size) if n else None
+    start = int(m.group(1))
+    end = min(int(m.group(2)) + 1, size) if m.group(2) else size
+    return (start, end) if start < size and start < end else None
+
+
+def start_hub_server(
+    root: str | os.PathLike[str],
+    token: str | None = None,
+    private: tuple[str, ...] = (),
+    host: str = "127.0.0.1",
+    port: int = 0,
+    **kwargs: Any,
+) -> HubServer:
+    """Start a HubServer in a background thread of this process; stop it with `.stop()` or `with`."""
+    return HubServer(root, token, private, host, port, **kwargs).start()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", required=True, help="folder of repos (see the layout above)")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for containers)")
+    parser.add_argument("--token", default=None, help="the one valid token; private repos require it")
+    parser.add_argument(
+        "--private", action="append", default=[], help="ORG/NAME of a private repo (repeatable)"
+    )
+    parser.add_argument("--lfs-threshold", type=int, default=DEFAULT_LFS_THRESHOLD)
+    args = parser.parse_args()
+    hub = HubServer(args.root, args.token, tuple(args.private), args.host, args.port, args.lfs_threshold)
+    print(json.dumps({"endpoint": hub.endpoint}), flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        hub.httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
