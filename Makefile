@@ -29,9 +29,32 @@ test-initializers: install ## dataset and model initializer tests only
 test-trainer: install ## llm-trainer tests only
 	$(PYTHON) -m pytest tests/trainer $(PYTEST_ARGS)
 
-lint: install ## ruff on the Python code
+lint: install ## ruff on the Python code, hadolint on the Dockerfiles
 	$(VENV)/bin/ruff check pkg tests bench scripts
 	$(VENV)/bin/ruff format --check pkg tests bench scripts
+	$(VENV)/bin/hadolint images/*/Dockerfile
+
+# --- images (docker-bake.hcl is the one source of targets, args and tags) ---------------------------------
+BAKE_ARGS ?=
+IMAGES ?=
+
+images: ## build the three images with `docker buildx bake` (Docker engine + buildx; REGISTRY, TAG, PLATFORMS)
+	docker buildx bake --file docker-bake.hcl $(BAKE_ARGS)
+
+push: ## build and push the release images: PLATFORMS=linux/amd64,linux/arm64 TAG=v2.0.0 make push
+	docker buildx bake --file docker-bake.hcl --push $(BAKE_ARGS)
+
+images-local: install ## the same targets with buildah, no Docker engine (root; IMAGES="dataset-initializer ...")
+	$(PYTHON) scripts/build_local_images.py $(IMAGES)
+
+test-images: install ## build the initializer images and run them against local S3 and Hub servers (root)
+	$(PYTHON) -m pytest tests/images $(PYTEST_ARGS)
+
+test-images-full: install ## test-images + a CPU llm-trainer image running a 2-process LoRA fine-tune
+	$(PYTHON) -m pytest tests/images tests/images/full_trainer_image.py $(PYTEST_ARGS)
+
+test-manifests: install ## runtime manifests and example TrainJobs
+	$(PYTHON) -m pytest tests/manifests $(PYTEST_ARGS)
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
