@@ -1,0 +1,325 @@
+"""Benchmark the initializers against the tools a user would otherwise pick, side by side, on local servers.
+
+    .venv/bin/pip install -r requirements/bench.txt          # awscli (pinned)
+    .venv/bin/python bench/bench_initializers.py --out .bench/initializers.json          # full sizes
+    .venv/bin/python bench/bench_initializers.py --quick                                 # smaller, ~1 min
+
+Cases (full / --quick):
+- S3 small: 1000 / 200 objects of 256 KiB: ours vs `aws s3 sync` vs a plain boto3 loop (get_object + read).
+- S3 large: 4 / 2 objects of 256 / 64 MiB, uploaded multipart as aws/boto3 do: same three tools.
+- Hub: the large files plus 200 / 50 small ones in a model repo: ours vs `huggingface_hub.snapshot_download`.
+
+Every tool runs as a fresh child process of this one, one after the other, against the same moto server
+(its own process) or Hub server (a thread of this process), with its default settings. Wall time gives
+MB/s; peak RSS is the sum over the child's process tree, polled every 50 ms (ru_maxrss is not used: it
+counts the parent's pages the child inherits before exec); CPU seconds are the child's user + system time
+(os.wait4): the client's own cost, which matters when the server is the bottleneck. With --repeat N the
+tools take turns N times and the best time (lowest CPU, highest RSS) of each is kept: shared machines are
+noisy. Outputs are checked (file count and bytes) after every run. Prints a markdown table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.hub_server import start_hub_server  # noqa: E402
+from tests.support.s3_server import start_s3_server  # noqa: E402
+
+KiB, MiB = 1024, 1024 * 1024
+
+BOTO3_LOOP = """
+import os, sys, boto3, botocore.config
+bucket, prefix, out = sys.argv[1:4]
+s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+                  config=botocore.config.Config(s3={"addressing_style": "path"}))
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    for obj in page.get("Contents", []):
+        path = os.path.join(out, obj["Key"][len(prefix):])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+        with open(path, "wb") as f:
+            f.write(data)
+"""
+
+SNAPSHOT = """
+import sys
+from huggingface_hub import snapshot_download
+snapshot_download(sys.argv[1], endpoint=sys.argv[2], local_dir=sys.argv[3], token=False)
+"""
+
+
+@dataclass
+class Result:
+    case: str
+    tool: str
+    seconds: float
+    mb_per_s: float
+    peak_rss_mb: float
+    cpu_s: float
+    files: int
+    bytes: int
+    ok: bool
+
+
+def measure(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float, float, int]:
+    """Run `cmd`; return (seconds, peak RSS in MB of its process tree, CPU seconds, exit code)."""
+    peak = [0]
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        done = threading.Event()
+
+        def poll() -> None:
+            try:
+                root = psutil.Process(proc.pid)
+                while not done.is_set():
+                    procs = [root, *root.children(recursive=True)]
+                    total = 0
+                    for p in procs:
+                        with contextlib.suppress(psutil.Error):
+                            total += p.memory_info().rss
+                    peak[0] = max(peak[0], total)
+                    done.wait(0.05)
+            except psutil.Error:
+                pass
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        done.set()
+        watcher.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return seconds, peak[0] / 1e6, usage.ru_utime + usage.ru_stime, proc.returncode
+
+
+def tally(root: Path) -> tuple[int, int]:
+    """(files, bytes) under root, ignoring tool state folders (.initializer, .cache)."""
+    files = total = 0
+    for p in root.rglob("*"):
+        rel = p.relative_to(root).parts
+        if p.is_file() and rel[0] not in (".initializer", ".cache"):
+            files += 1
+            total += p.stat().st_size
+    return files, total
+
+
+def run_case(
+    case: str, tool: str, cmd: list[str], env: dict[str, str], out: Path, expect: tuple[int, int], work: Path
+) -> Result:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    log = work / f"{case}-{tool}.log".replace(" ", "_")
+    seconds, rss, cpu, code = measure(cmd, env, log)
+    files, size = tally(out)
+    ok = code == 0 and (files, size) == expect
+    if not ok:
+        print(f"!! {case} / {tool}: exit {code}, got {files} files {size} bytes, want {expect}; see {log}")
+    shutil.rmtree(out, ignore_errors=True)
+    return Result(
+        case,
+        tool,
+        round(seconds, 2),
+        round(size / seconds / 1e6, 1),
+        round(rss, 1),
+        round(cpu, 2),
+        files,
+        size,
+        ok,
+    )
+
+
+def take_turns(
+    case: str,
+    tools: list[tuple[str, list[str], dict[str, str]]],
+    out: Path,
+    expect: tuple[int, int],
+    work: Path,
+    repeat: int,
+) -> list[Result]:
+    """Run the tools in turn `repeat` times; keep each one's best time, lowest CPU and highest RSS."""
+    best: dict[str, Result] = {}
+    for _ in range(repeat):
+        for tool, cmd, env in tools:
+            r = run_case(case, tool, cmd, env, out, expect, work)
+            print(
+                f"  {case:32} {tool:18} {r.seconds:7.2f}s {r.peak_rss_mb:6.0f} MB {r.cpu_s:5.1f} CPU s",
+                flush=True,
+            )
+            if tool in best:
+                prev = best[tool]
+                r.peak_rss_mb = max(r.peak_rss_mb, prev.peak_rss_mb)
+                r.cpu_s = min(r.cpu_s, prev.cpu_s)
+                r.ok = r.ok and prev.ok
+                if prev.seconds < r.seconds:
+                    r.seconds, r.mb_per_s = prev.seconds, prev.mb_per_s
+            best[tool] = r
+    return list(best.values())
+
+
+def write_random(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
+    parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    parser.add_argument("--repeat", type=int, default=2, help="turns per tool; the best time is kept")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    args = parser.parse_args()
+    n_small, n_large, large_size, n_hub_small = (
+        (200, 2, 64 * MiB, 50) if args.quick else (1000, 4, 256 * MiB, 200)
+    )
+    aws = shutil.which("aws", path=str(Path(sys.executable).parent)) or shutil.which("aws")
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-initializers-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: list[Result] = []
+    try:
+        print(f"preparing data in {work} ...", flush=True)
+        hub_root = work / "hub"
+        repo_dir = hub_root / "models" / "bench" / "model" / "main"
+        for i in range(n_large):
+            write_random(repo_dir / f"model-{i:05d}.safetensors", large_size)
+        for i in range(n_hub_small):
+            write_random(repo_dir / f"extra/file-{i:04d}.json", 256 * KiB)
+        with start_s3_server() as s3:
+            client = s3.client()
+            client.create_bucket(Bucket="bench")
+            from concurrent.futures import ThreadPoolExecutor
+
+            payload = os.urandom(256 * KiB)
+            with ThreadPoolExecutor(8) as pool:
+                list(
+                    pool.map(
+                        lambda i: client.put_object(
+                            Bucket="bench", Key=f"small/{i:05d}.bin", Body=payload[i % 7 :] + payload[: i % 7]
+                        ),
+                        range(n_small),
+                    )
+                )
+                list(
+                    pool.map(
+                        lambda i: client.upload_file(
+                            str(repo_dir / f"model-{i:05d}.safetensors"),
+                            "bench",
+                            f"large/model-{i:05d}.safetensors",
+                        ),
+                        range(n_large),
+                    )
+                )
+            print(f"uploaded to moto at {s3.endpoint}", flush=True)
+            base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_"))}
+            base["PYTHONPATH"] = str(REPO)
+            aws_env = {
+                **base,
+                "AWS_ACCESS_KEY_ID": s3.access_key_id,
+                "AWS_SECRET_ACCESS_KEY": s3.secret_access_key,
+                "AWS_DEFAULT_REGION": s3.region,
+                "AWS_ENDPOINT_URL": s3.endpoint,
+            }
+            out = work / "out"
+            for case, prefix, expect in [
+                (f"S3 {n_small} x 256 KiB", "small/", (n_small, n_small * 256 * KiB)),
+                (f"S3 {n_large} x {large_size // MiB} MiB", "large/", (n_large, n_large * large_size)),
+            ]:
+                ours_env = {
+                    **base,
+                    **s3.env(),
+                    "STORAGE_URI": f"s3://bench/{prefix}",
+                    "OUTPUT_PATH": str(out),
+                }
+                tools = [("ours", [sys.executable, "-m", "pkg.initializers.dataset"], ours_env)]
+                if aws:
+                    tools.append(
+                        (
+                            "aws s3 sync",
+                            [
+                                aws,
+                                "s3",
+                                "sync",
+                                "--only-show-errors",
+                                f"s3://bench/{prefix}",
+                                str(out),
+                                "--endpoint-url",
+                                s3.endpoint,
+                            ],
+                            aws_env,
+                        )
+                    )
+                tools.append(
+                    ("boto3 loop", [sys.executable, "-c", BOTO3_LOOP, "bench", prefix, str(out)], aws_env)
+                )
+                results += take_turns(case, tools, out, expect, work, args.repeat)
+            if not aws:
+                print("!! aws CLI not found: pip install -r requirements/bench.txt", flush=True)
+
+        with start_hub_server(hub_root) as hub:
+            for p in repo_dir.rglob("*"):  # warm the server's checksum cache, as the real Hub has them
+                if p.is_file():
+                    hub.hashes(p)
+            expect = (n_large + n_hub_small, n_large * large_size + n_hub_small * 256 * KiB)
+            case = f"Hub {n_large} x {large_size // MiB} MiB + {n_hub_small} x 256 KiB"
+            out = work / "out"
+            ours_env = {
+                **base,
+                "HF_ENDPOINT": hub.endpoint,
+                "STORAGE_URI": "hf://bench/model",
+                "OUTPUT_PATH": str(out),
+                "ALLOW_PATTERNS": "*",
+            }
+            snap_env = {**base, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HOME": str(work / "hf-home")}
+            snap_cmd = [sys.executable, "-c", SNAPSHOT, "bench/model", hub.endpoint, str(out)]
+            tools = [
+                ("ours", [sys.executable, "-m", "pkg.initializers.model"], ours_env),
+                ("snapshot_download", snap_cmd, snap_env),
+            ]
+            results += take_turns(case, tools, out, expect, work, args.repeat)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    report(results, args.out, args.quick)
+
+
+def report(results: list[Result], out: Path | None, quick: bool) -> None:
+    ours = {r.case: r for r in results if r.tool == "ours"}
+    print("\n| case | tool | best s | MB/s | ours vs tool (throughput) | peak RSS MB | CPU s | ok |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    rows = []
+    for r in results:
+        ratio = r.seconds / ours[r.case].seconds if r.case in ours and r.tool != "ours" else None
+        rows.append({**asdict(r), "speedup_of_ours": round(ratio, 2) if ratio else None})
+        shown = f"{ratio:.2f}x" if ratio else "-"
+        cells = [r.case, r.tool, f"{r.seconds:.2f}", f"{r.mb_per_s:.1f}", shown, f"{r.peak_rss_mb:.0f}"]
+        print("| " + " | ".join([*cells, f"{r.cpu_s:.1f}", str(r.ok)]) + " |")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"quick": quick, "cpus": os.cpu_count(), "results": rows}, indent=1))
+        print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
