@@ -56,5 +56,10 @@ test-images-full: install ## test-images + a CPU llm-trainer image running a 2-p
 test-manifests: install ## runtime manifests and example TrainJobs
 	$(PYTHON) -m pytest tests/manifests $(PYTEST_ARGS)
 
+MODEL ?=
+DATASET ?=
+demo: install ## run the whole pipeline on the embedded tiny model + dataset (or MODEL=hf://... DATASET=hf://...)
+	$(PYTHON) -m demo --model "$(MODEL)" --dataset "$(DATASET)"
+
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
