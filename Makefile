@@ -30,8 +30,8 @@ test-trainer: install ## llm-trainer tests only
 	$(PYTHON) -m pytest tests/trainer $(PYTEST_ARGS)
 
 lint: install ## ruff on the Python code, hadolint on the Dockerfiles
-	$(VENV)/bin/ruff check pkg tests bench scripts
-	$(VENV)/bin/ruff format --check pkg tests bench scripts
+	$(VENV)/bin/ruff check pkg tests bench scripts demo
+	$(VENV)/bin/ruff format --check pkg tests bench scripts demo
 	$(VENV)/bin/hadolint images/*/Dockerfile
 
 # --- images (docker-bake.hcl is the one source of targets, args and tags) ---------------------------------
@@ -55,6 +55,11 @@ test-images-full: install ## test-images + a CPU llm-trainer image running a 2-p
 
 test-manifests: install ## runtime manifests and example TrainJobs
 	$(PYTHON) -m pytest tests/manifests $(PYTEST_ARGS)
+
+BENCH_ARGS ?=
+bench: install ## run every benchmark in bench/ side by side with the usual tools; writes docs/benchmarks.md
+	$(PYTHON) -m pip install -q --disable-pip-version-check -r requirements/bench.txt
+	$(PYTHON) bench/run_all.py $(BENCH_ARGS)
 
 MODEL ?=
 DATASET ?=
