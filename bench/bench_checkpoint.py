@@ -1,0 +1,216 @@
+"""Checkpoint save/load time and size: our sharded DCP checkpoints vs a full state dict gathered on rank 0.
+
+    .venv/bin/python bench/bench_checkpoint.py                       # tiny + 60M models, 1 and 2 ranks
+    .venv/bin/python bench/bench_checkpoint.py --models tiny --nproc 2 --out /tmp/ckpt.json
+
+The baseline is what a user gets from the usual FSDP recipes (HF Trainer / Accelerate with
+FULL_STATE_DICT): gather every trainable weight and the optimizer state on rank 0 and ``torch.save``
+them; to load, every rank reads that file (``torch.load``, mmap) and keeps its own slice.
+Ours: every rank writes its own shard (``pkg.trainer.checkpoint``).
+Models are random Llama-style configs built in memory (no download), sharded with FSDP2 as the
+trainer does; one optimizer step fills the AdamW state first.
+Times are the median of ``--reps`` repetitions; ratios are baseline / ours (higher is better for us).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
+    "tiny": (64, 2, 4, 2, 128, 320),
+    "60m": (512, 8, 8, 4, 1536, 32000),
+}
+METHODS = ("lora", "full")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _build(model_name: str, method: str):
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv, inter, vocab = MODELS[model_name]
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=False, use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    for layer in model.modules():
+        if type(layer).__name__ == "LlamaDecoderLayer":
+            fully_shard(layer)
+    fully_shard(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, vocab, (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    trainable = sum(p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel() for p in params)
+    return model, optimizer, trainable
+
+
+def _timed(fn) -> float:
+    import torch.distributed as dist
+
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    from pkg.trainer import checkpoint as ck
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    full_opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    load_opts = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True, strict=False
+    )
+    fp = {"model": "bench"}
+    rows = []
+    for model_name in models:
+        for method in METHODS:
+            model, optimizer, trainable = _build(model_name, method)
+            run_dir = workdir / f"{model_name}-{method}-{world}"
+            baseline_file = run_dir / "full_state.pt"
+            if rank == 0:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            dist.barrier()
+
+            def save_ours(model=model, optimizer=optimizer, run_dir=run_dir):
+                ck.save_checkpoint(run_dir, 1, model, optimizer, None, fingerprint=fp, keep_last=1)
+
+            def load_ours(model=model, optimizer=optimizer, run_dir=run_dir):
+                ck.load_checkpoint(ck.latest_checkpoint(run_dir), model, optimizer, fingerprint=fp)
+
+            def save_full(model=model, optimizer=optimizer, baseline_file=baseline_file):
+                msd, osd = get_state_dict(model, optimizer, options=full_opts)
+                if rank == 0:
+                    torch.save({"model": msd, "optim": osd}, baseline_file)
+
+            def load_full(model=model, optimizer=optimizer, baseline_file=baseline_file):
+                state = torch.load(baseline_file, weights_only=True, mmap=True)  # every rank reads it all
+                set_state_dict(
+                    model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                    options=load_opts,
+                )  # fmt: skip
+
+            times = {name: [] for name in ("save_ours", "load_ours", "save_full", "load_full")}
+            for _ in range(reps):
+                for name, fn in (("save_ours", save_ours), ("load_ours", load_ours)):
+                    times[name].append(_timed(fn))
+                for name, fn in (("save_full", save_full), ("load_full", load_full)):
+                    times[name].append(_timed(fn))
+            if rank == 0:
+                med = {k: statistics.median(v) for k, v in times.items()}
+                rows.append(
+                    {
+                        "model": model_name, "method": method, "world_size": world,
+                        "trainable_params": trainable,
+                        "ours_bytes": _dir_bytes(ck.latest_checkpoint(run_dir)),
+                        "full_bytes": baseline_file.stat().st_size,
+                        **{f"{k}_s": round(v, 4) for k, v in med.items()},
+                        "save_ratio": round(med["save_full"] / med["save_ours"], 2),
+                        "load_ratio": round(med["load_full"] / med["load_ours"], 2),
+                    }
+                )  # fmt: skip
+                shutil.rmtree(run_dir, ignore_errors=True)
+            del model, optimizer
+            dist.barrier()
+    if rank == 0:
+        out.write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def _table(rows: list[dict]) -> str:
+    head = (
+        f"{'model':<6} {'method':<6} {'ranks':>5} {'trainable':>11} {'ours MB':>8} {'full MB':>8} "
+        f"{'save ours':>10} {'save full':>10} {'ratio':>6} {'load ours':>10} {'load full':>10} {'ratio':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['model']:<6} {r['method']:<6} {r['world_size']:>5} {r['trainable_params']:>11,} "
+            f"{r['ours_bytes'] / 1e6:>8.2f} {r['full_bytes'] / 1e6:>8.2f} "
+            f"{r['save_ours_s']:>9.3f}s {r['save_full_s']:>9.3f}s {r['save_ratio']:>5.2f}x "
+            f"{r['load_ours_s']:>9.3f}s {r['load_full_s']:>9.3f}s {r['load_ratio']:>5.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,60m", help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--nproc", default="1,2", help="world sizes to run (torchrun --nproc-per-node)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--workdir", type=Path, help="where checkpoints are written (default: a temp dir)")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    if unknown := [m for m in models if m not in MODELS]:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    if args.worker:
+        worker(models, args.reps, args.workdir, args.worker)
+        return
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for nproc in (int(n) for n in args.nproc.split(",")):
+            result = Path(tmp) / f"rows-{nproc}.json"
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", __file__,
+                "--models", ",".join(models), "--reps", str(args.reps),
+                "--workdir", tmp, "--worker", str(result),
+            ]  # fmt: skip
+            env = {
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc)),
+            }
+            print(
+                f"running {len(models)} model(s) x {len(METHODS)} methods at {nproc} rank(s)...", flush=True
+            )
+            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+            rows += json.loads(result.read_text())
+    print(_table(rows))
+    report = {
+        "torch": __import__("torch").__version__,
+        "cpus": os.cpu_count(),
+        "reps": args.reps,
+        "baseline": "full state dict gathered on rank 0 + torch.save; every rank torch.load (mmap)s it",
+        "rows": rows,
+    }
+    print(json.dumps(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
