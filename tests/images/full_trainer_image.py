@@ -1,0 +1,127 @@
+"""The llm-trainer image (CPU variant: same Dockerfile on a CPU torch base), fine-tuning the tiny test model.
+
+Not collected by `make test` (the file name does not start with test_): building the image installs
+transformers, datasets, peft and the rest into a 1.5 GB image with vfs storage, which takes minutes.
+Run it with `make test-images-full` (see docs/images.md for the time it takes).
+
+Like a TrainJob: the image's own entry point (`torchrun -m pkg.trainer`), configured through PET_*
+variables, model and dataset in a host folder mounted at /workspace, output written back there as uid 1000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.images.containers import PODMAN, RUN_FLAGS, build_images, image_config, image_size, run_container
+from tests.trainer.tiny import make_dataset, make_tiny_model
+
+ARGS = [
+    "--max-steps=6",
+    "--global-batch-size=4",
+    "--micro-batch-size=2",
+    "--learning-rate=1e-2",
+    "--lora-rank=8",
+    "--lora-dropout=0",
+    "--max-seq-length=128",
+    "--save-every=3",
+    "--log-every=1",
+    "--precision=fp32",
+]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return build_images(["llm-trainer"], tmp_path_factory.mktemp("build") / "build.log")["llm-trainer"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def workspace_with_inputs(path: Path) -> Path:
+    """/workspace as the initializers leave it: model/ and dataset/, owned by uid 1000."""
+    make_tiny_model(path / "model")
+    make_dataset(path / "dataset", "alpaca", "jsonl")
+    for entry in [path, *path.rglob("*")]:
+        os.chown(entry, 1000, 1000)
+    return path
+
+
+def assert_trained(workspace: Path, steps: int = 6) -> None:
+    output = workspace / "output"
+    assert (output / "adapter" / "adapter_config.json").is_file()
+    assert (output / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert (output / "summary.json").is_file()
+    for path in [output, *output.rglob("*")]:
+        assert path.stat().st_uid == 1000, f"{path} owned by uid {path.stat().st_uid}"
+
+
+def test_image_contract(image):
+    config = image_config(image)
+    assert config["User"] == "1000:1000"
+    assert config["WorkingDir"] == "/app"
+    assert config["Entrypoint"] == ["torchrun", "-m", "pkg.trainer"]
+    assert config["Labels"]["org.opencontainers.image.title"] == "llm-trainer"
+    env = dict(item.split("=", 1) for item in config["Env"])
+    assert env["HF_HOME"].startswith(env["HOME"])
+    probe = (
+        "set -e; ls /app/pkg | tr '\\n' ' '; echo; "
+        "for tool in gcc cc make; do command -v $tool && exit 3; done; "
+        'mkdir -p "$HF_HOME" "$MPLCONFIGDIR"; touch "$HF_HOME/p" "$MPLCONFIGDIR/p" /workspace/p; '
+        "python -c 'import importlib.util as u; assert u.find_spec(\"pkg.initializers\") is None'; "
+        "python -c 'import torch, transformers, peft, datasets; print(torch.__version__)'"
+    )
+    cmd = [*PODMAN, "run", *RUN_FLAGS, "--entrypoint", "bash", image, "-c", probe]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    listing, version = out.stdout.strip().splitlines()[0], out.stdout.strip().splitlines()[-1]
+    assert listing.split() == ["__init__.py", "trainer"]
+    assert version.endswith("+cpu")
+    print(f"llm-trainer (CPU) image size: {image_size(image) / 1e6:.0f} MB")
+
+
+def test_two_process_lora_in_container(image, tmp_path):
+    workspace = workspace_with_inputs(tmp_path / "workspace")
+    env = {"PET_NPROC_PER_NODE": "2", "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(free_port())}
+    result = run_container(image, *ARGS, env=env, workspace=workspace, extra=["--shm-size", "256m"])
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert_trained(workspace)
+
+
+def test_two_nodes_like_a_trainjob(image, tmp_path):
+    """Two containers, node ranks 0 and 1, configured only by the PET_* variables Kubeflow sets."""
+    workspace = workspace_with_inputs(tmp_path / "workspace")
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {
+            "PET_NNODES": "2",
+            "PET_NPROC_PER_NODE": "1",
+            "PET_NODE_RANK": str(rank),
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": port,
+        }
+        cmd = [*PODMAN, "run", *RUN_FLAGS, "--shm-size", "256m", "--volume", f"{workspace}:/workspace"]
+        for key, value in env.items():
+            cmd += ["--env", f"{key}={value}"]
+        procs.append(
+            subprocess.Popen(
+                [*cmd, image, *ARGS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    assert_trained(workspace)
