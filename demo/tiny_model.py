@@ -33,6 +33,7 @@ def make_tokenizer(path: str | Path, corpus: Sequence[str], vocab: int = 320, ch
         vocab_size=vocab,
         special_tokens=["<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator([*corpus, *FORMAT_CORPUS] * 4, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
