@@ -9,11 +9,10 @@ drops it on redirects to another host, e.g. a CDN). The token is never written t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import httpx2
-import urllib3
 from huggingface_hub import HfApi, hf_hub_url
 from huggingface_hub.errors import (
     DisabledRepoError,
@@ -30,9 +29,7 @@ from ..config import Config
 from ..errors import InitializerError, TransientError, one_line, parse_retry_after
 from ..uri import HfUri
 from .base import RemoteFile, Source
-
-CHUNK = 1024 * 1024
-USER_AGENT = "kubeflow-trainer-initializer/2.0.0"
+from .http import get_range, new_pool
 
 
 class HfSource(Source):
@@ -45,12 +42,7 @@ class HfSource(Source):
             endpoint=config.hf_endpoint, token=self.token or False, library_name="kubeflow-trainer"
         )
         self.commit: str | None = None
-        self.http = urllib3.PoolManager(
-            maxsize=config.tuning.concurrency + 4,
-            timeout=urllib3.Timeout(connect=10, read=config.tuning.read_timeout),
-            retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=10),
-            headers={"User-Agent": USER_AGENT},
-        )
+        self.http = new_pool(config.tuning.concurrency, config.tuning.read_timeout)
 
     def identity(self) -> dict[str, str]:
         return {"uri": str(self.uri), "endpoint": self.config.hf_endpoint}
@@ -157,48 +149,19 @@ class HfSource(Source):
             endpoint=self.config.hf_endpoint,
         )
 
-    @contextmanager
-    def open_range(self, file: RemoteFile, start: int, end: int) -> Iterator[Iterator[bytes]]:
-        headers = {"Accept-Encoding": "identity"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        ranged = start > 0 or end < file.size
-        if ranged:
-            headers["Range"] = f"bytes={start}-{end - 1}"
-        try:
-            resp = self.http.request("GET", self.url(file), headers=headers, preload_content=False)
-        except urllib3.exceptions.HTTPError as exc:
-            raise TransientError(f"{file.path}: {type(exc).__name__}: {one_line(exc, 200)}") from None
-        try:
-            self._check(resp, file, ranged)
-            yield self._chunks(resp, file)
-        finally:
-            resp.release_conn()
+    def open_range(self, file: RemoteFile, start: int, end: int) -> AbstractContextManager[Iterator[bytes]]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return get_range(self.http, self.url(file), file.path, start, end, file.size, headers, self._fatal)
 
-    def _check(self, resp: Any, file: RemoteFile, ranged: bool) -> None:
-        status = resp.status
-        if status == 429 or status >= 500:
-            raise TransientError(
-                f"{file.path}: HTTP {status}", parse_retry_after(resp.headers.get("Retry-After"))
-            )
+    def _fatal(self, status: int, _code: str) -> InitializerError | None:
         if status in (401, 403):
-            raise InitializerError(
-                f"the Hub refused to serve {file.path} of {self.uri.repo_id} (HTTP {status}): "
-                + ("check that ACCESS_TOKEN may read it" if self.token else "set ACCESS_TOKEN")
+            hint = "check that ACCESS_TOKEN may read it" if self.token else "set ACCESS_TOKEN"
+            return InitializerError(
+                f"the Hub refused to serve a file of {self.uri.repo_id} (HTTP {status}): {hint}"
             )
         if status == 404:
-            raise InitializerError(f"{file.path} disappeared from {self.uri.repo_id}@{self.commit}; rerun")
-        if status not in (200, 206) or (ranged and status != 206):
-            raise TransientError(
-                f"{file.path}: unexpected HTTP {status} for a {'ranged ' if ranged else ''}GET"
-            )
-
-    @staticmethod
-    def _chunks(resp: Any, file: RemoteFile) -> Iterator[bytes]:
-        try:
-            yield from resp.stream(CHUNK, decode_content=False)
-        except urllib3.exceptions.HTTPError as exc:
-            raise TransientError(f"{file.path}: {type(exc).__name__}: {one_line(exc, 200)}") from None
+            return InitializerError(f"a file disappeared from {self.uri.repo_id}@{self.commit}; rerun")
+        return None
 
     def close(self) -> None:
         self.http.clear()

@@ -1,0 +1,82 @@
+"""Ranged HTTP GETs shared by the Hub source (resolve URLs) and the S3 source (presigned URLs).
+
+One urllib3 pool, streaming reads with a read timeout, and one mapping of HTTP outcomes: 429 / 5xx /
+broken connections are TransientError (with Retry-After); 401 / 403 / 404 / 412 are InitializerError with
+a message the source supplies. urllib3 drops the Authorization header on redirects to another host.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import urllib3
+
+from ..errors import InitializerError, TransientError, one_line, parse_retry_after
+
+CHUNK = 1024 * 1024
+USER_AGENT = "kubeflow-trainer-initializer/2.0.0"
+_S3_CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
+
+
+def new_pool(concurrency: int, read_timeout: float) -> urllib3.PoolManager:
+    return urllib3.PoolManager(
+        maxsize=concurrency + 4,
+        timeout=urllib3.Timeout(connect=10, read=read_timeout),
+        retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=10),
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
+def error_code(body: bytes) -> str:
+    """The <Code> of an S3-style XML error body, or ''."""
+    m = _S3_CODE.search(body)
+    return m.group(1).decode(errors="replace") if m else ""
+
+
+@contextmanager
+def get_range(
+    pool: urllib3.PoolManager,
+    url: str,
+    what: str,
+    start: int,
+    end: int,
+    size: int,
+    headers: dict[str, str] | None = None,
+    fatal: Callable[[int, str], InitializerError | None] | None = None,
+) -> Iterator[Iterator[bytes]]:
+    """GET bytes [start, end) of a `size`-byte resource as chunks. `fatal(status, code)` may turn an error
+    status into a one-line InitializerError; otherwise 4xx are fatal with a generic message."""
+    headers = {"Accept-Encoding": "identity", **(headers or {})}
+    ranged = start > 0 or end < size
+    if ranged:
+        headers["Range"] = f"bytes={start}-{end - 1}"
+    try:
+        resp = pool.request("GET", url, headers=headers, preload_content=False)
+    except urllib3.exceptions.HTTPError as exc:
+        raise TransientError(f"{what}: {type(exc).__name__}: {one_line(exc, 200)}") from None
+    try:
+        status = resp.status
+        if status == 429 or status >= 500:
+            raise TransientError(f"{what}: HTTP {status}", parse_retry_after(resp.headers.get("Retry-After")))
+        if status >= 400:
+            code = error_code(resp.read(4096))
+            if code in ("SlowDown", "RequestTimeout", "InternalError"):
+                raise TransientError(f"{what}: {code} (HTTP {status})")
+            raise (fatal and fatal(status, code)) or InitializerError(
+                f"{what}: HTTP {status} {code}".rstrip() + "; check the source and credentials"
+            )
+        if status not in (200, 206) or (ranged and status != 206):
+            raise TransientError(f"{what}: unexpected HTTP {status} for a {'ranged ' if ranged else ''}GET")
+        yield _chunks(resp, what)
+    finally:
+        resp.release_conn()
+
+
+def _chunks(resp: Any, what: str) -> Iterator[bytes]:
+    try:
+        yield from resp.stream(CHUNK, decode_content=False)
+    except urllib3.exceptions.HTTPError as exc:
+        raise TransientError(f"{what}: {type(exc).__name__}: {one_line(exc, 200)}") from None
