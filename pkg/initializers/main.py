@@ -19,6 +19,7 @@ from .progress import Progress, human_bytes, log
 from .safety import safe_relative
 from .sources import open_source
 from .transfer import Engine
+from .uri import HfUri
 
 
 def request_of(config: Config) -> dict[str, Any]:
@@ -26,7 +27,7 @@ def request_of(config: Config) -> dict[str, Any]:
     request: dict[str, Any] = {"kind": config.kind, "storage_uri": str(config.uri)}
     if config.endpoint:
         request["endpoint"] = config.endpoint
-    if config.uri.__class__.__name__ == "HfUri":
+    if isinstance(config.uri, HfUri):
         request["hf_endpoint"] = config.hf_endpoint
     if config.patterns_given:
         request["allow_patterns"] = list(config.allow_patterns)

@@ -29,10 +29,6 @@ class Source(ABC):
     max_concurrency: int = 64
 
     @abstractmethod
-    def identity(self) -> dict[str, str]:
-        """What the completion marker records to recognise the same source on a rerun (no secrets)."""
-
-    @abstractmethod
     def list_files(self) -> list[RemoteFile]:
         """Every file under the source root, before pattern filtering."""
 

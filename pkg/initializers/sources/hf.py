@@ -44,9 +44,6 @@ class HfSource(Source):
         self.commit: str | None = None
         self.http = new_pool(config.tuning.concurrency, config.tuning.read_timeout)
 
-    def identity(self) -> dict[str, str]:
-        return {"uri": str(self.uri), "endpoint": self.config.hf_endpoint}
-
     def resolved(self) -> dict[str, str]:
         return {"commit": self.commit or "", "repo_type": self.repo_type}
 

@@ -25,9 +25,6 @@ class LocalSource(Source):
                 f"STORAGE_URI {uri} contains OUTPUT_PATH={config.output_path}; pick another"
             )
 
-    def identity(self) -> dict[str, str]:
-        return {"path": str(self.root)}
-
     def list_files(self) -> list[RemoteFile]:
         if not self.root.exists():
             raise InitializerError(

@@ -93,9 +93,6 @@ class S3Source(Source):
             region_name=self.config.region or "us-east-1",
         )
 
-    def identity(self) -> dict[str, str]:
-        return {"uri": str(self.uri), "endpoint": self.config.endpoint or "aws"}
-
     # -- listing --------------------------------------------------------------------------------------------
     def list_files(self) -> list[RemoteFile]:
         from ..transfer import retry
