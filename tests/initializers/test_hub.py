@@ -106,6 +106,16 @@ def test_revision_and_subpath(run: Runner, hub_proxy: FaultProxy, repos: dict, t
     assert tree(out) == {"data/train/part-0.jsonl": repos["data"]["data/train/part-0.jsonl"]}
 
 
+def test_gated_model_needs_token(run: Runner, hub: HubServer, hub_proxy: FaultProxy, tmp_path: Path) -> None:
+    hub.add_repo("org/gated-model", {"config.json": b"{}", "model.safetensors": b"w" * 1000}, gated=True)
+    denied = run("model", **hub_env(hub_proxy, "hf://org/gated-model", tmp_path / "a"))
+    assert denied.returncode == 1
+    assert "gated" in one_error_line(denied.stderr) and "ACCESS_TOKEN" in denied.stderr
+    ok = run("model", **hub_env(hub_proxy, "hf://org/gated-model", tmp_path / "b", ACCESS_TOKEN=HUB_TOKEN))
+    assert ok.returncode == 0, ok.stderr
+    assert tree(tmp_path / "b") == {"config.json": b"{}", "model.safetensors": b"w" * 1000}
+
+
 @pytest.mark.parametrize(
     ("uri", "message"),
     [

@@ -11,7 +11,8 @@ Folder layout (one sub-folder per branch or tag; `main` is the default branch):
 
     ROOT/models/ORG/NAME/main/config.json
     ROOT/datasets/ORG/NAME/v1.0/data/train.jsonl
-    ROOT/models/ORG/NAME/.private          # optional: the repo needs the token
+    ROOT/models/ORG/NAME/.private          # optional: the repo needs the token (401 RepoNotFound without)
+    ROOT/models/ORG/NAME/.gated            # optional: gated; without the token 401 GatedRepo
 
 Files of LFS_SUFFIXES types or >= --lfs-threshold bytes are served as LFS files (tree entry with sha256).
 Commit ids are deterministic (sha1 of type, repo and revision), and a commit id works as a revision.
@@ -129,6 +130,7 @@ class HubServer:
         repo_type: str = "model",
         revision: str = "main",
         private: bool = False,
+        gated: bool = False,
     ) -> str:
         """Write `files` (path -> bytes, or a local file to copy) as `revision`; returns its commit id."""
         base = self.repo_dir(repo_id, repo_type) / revision
@@ -143,6 +145,8 @@ class HubServer:
                         out.write(block)
         if private:
             (self.repo_dir(repo_id, repo_type) / ".private").touch()
+        if gated:
+            (self.repo_dir(repo_id, repo_type) / ".gated").touch()
         return commit_id(repo_type, repo_id, revision)
 
     def count(self, contains: str = "", method: str = "GET") -> int:
@@ -273,6 +277,10 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _HubError(404, "RepoNotFound", "Repository not found")
             raise _HubError(401, "RepoNotFound", "Invalid username or password.")
         revision = unquote(revision)
+        if (self.hub.repo_dir(repo_id, repo_type) / ".gated").exists() and not authorized:
+            raise _HubError(
+                401, "GatedRepo", "Access to this repo is restricted. You must accept its conditions."
+            )
         if revision in revs:
             folder = revs[revision]
         elif revision in revs.values():
@@ -294,7 +302,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "author": repo_id.split("/")[0],
                 "sha": commit,
                 "private": self.hub.is_private(repo_id, repo_type),
-                "gated": False,
+                "gated": "manual" if (self.hub.repo_dir(repo_id, repo_type) / ".gated").exists() else False,
                 "disabled": False,
                 "downloads": 0,
                 "likes": 0,
