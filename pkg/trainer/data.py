@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -225,12 +226,10 @@ def tokenize_rows(ds, fmt: str, tokenizer, cfg: TrainConfig) -> list[tuple[list[
             samples.append(tokenize_messages(tokenizer, _messages(row, i), cfg))
     else:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        chunk = 1000
-        for lo in range(0, len(ds), chunk):
-            pairs = [
-                prompt_and_completion(row, fmt, lo + j)
-                for j, row in enumerate(ds.select(range(lo, min(lo + chunk, len(ds)))))
-            ]
+        rows, lo = iter(ds), 0
+        while chunk := list(itertools.islice(rows, 1000)):
+            pairs = [prompt_and_completion(row, fmt, lo + j) for j, row in enumerate(chunk)]
+            lo += len(chunk)
             prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
             completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
             for p, c in zip(prompts, completions, strict=True):

@@ -1,0 +1,109 @@
+"""Shared fixtures: one tiny model per session, small datasets, and a helper that runs the trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.tiny import make_dataset, make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+# Small, fast and learnable: 8 optimizer steps of 8 samples.
+BASE_ARGS = {
+    "max_steps": 8,
+    "global_batch_size": 8,
+    "micro_batch_size": 2,
+    "learning_rate": 1e-2,
+    "lora_dropout": 0.0,
+    "lora_rank": 8,
+    "val_fraction": 0.125,
+    "max_seq_length": 128,
+    "save_every": 0,
+    "log_every": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="session")
+def alpaca_data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("alpaca"), "alpaca", "jsonl")
+
+
+def cli(args: dict) -> list[str]:
+    out = []
+    for key, value in args.items():
+        out += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return out
+
+
+def trainer_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PET_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    }
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: int) -> subprocess.CompletedProcess:
+    """Wait for a launch; on timeout kill its whole process group (torchrun and its workers)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s:\n{(out + err)[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def torchrun(nproc: int) -> list[str]:
+    return [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+    ]
+
+
+def run_trainer(args: dict, nproc: int = 0, timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
+    """`python -m pkg.trainer` (nproc 0) or `torchrun --nproc-per-node N -m pkg.trainer`."""
+    cmd = [*torchrun(nproc), "-m", "pkg.trainer"] if nproc else [PYTHON, "-m", "pkg.trainer"]
+    return finish(start(cmd + cli(args), trainer_env(**env)), timeout)
+
+
+def losses(output_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]

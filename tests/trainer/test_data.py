@@ -1,0 +1,218 @@
+"""Dataset files and formats, prompt masking, packing (incl. attention isolation) and the batch plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pkg.trainer import data
+from pkg.trainer.config import TrainConfig
+from pkg.trainer.errors import TrainerError
+from pkg.trainer.model import load_tokenizer
+from tests.trainer.tiny import make_dataset, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return load_tokenizer(str(tiny_model))
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"max_seq_length": 128, **kw}).validate()
+
+
+def decode_targets(tokenizer, ids, labels) -> str:
+    return tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != data.IGNORE_INDEX])
+
+
+@pytest.mark.parametrize("file_type", ["jsonl", "json", "parquet", "csv", "arrow", "hub"])
+def test_every_file_layout_loads_the_train_split(tmp_path, file_type):
+    make_dataset(tmp_path, "prompt_completion", file_type, n=20)
+    ds = data.load_rows(str(tmp_path), str(tmp_path / ".cache"))
+    assert len(ds) == 20  # the hub layout's test split is left out
+    assert "TEST SPLIT" not in json.dumps(ds.to_list())
+    assert data.detect_format(ds.column_names, "auto") == "prompt_completion"
+
+
+def test_split_names_from_file_names(tmp_path):
+    assert (
+        data._split_of(tmp_path.joinpath("data/train-00000-of-00002.parquet").relative_to(tmp_path))
+        == "train"
+    )
+    assert data._split_of(tmp_path.joinpath("validation.jsonl").relative_to(tmp_path)) == "validation"
+    assert data._split_of(tmp_path.joinpath("test/part.arrow").relative_to(tmp_path)) == "test"
+    assert data._split_of(tmp_path.joinpath("my_data.jsonl").relative_to(tmp_path)) is None
+
+
+def test_format_detection_and_forcing():
+    assert data.detect_format(["instruction", "input", "output"], "auto") == "alpaca"
+    assert data.detect_format(["messages", "id"], "auto") == "messages"
+    assert data.detect_format(["text"], "auto") == "text"
+    with pytest.raises(TrainerError, match="cannot tell the dataset format from its columns \\(foo, bar\\)"):
+        data.detect_format(["foo", "bar"], "auto")
+    with pytest.raises(TrainerError, match="dataset_format alpaca needs columns instruction, output"):
+        data.detect_format(["text"], "alpaca")
+
+
+def test_alpaca_masks_the_prompt_and_trains_the_answer_and_eos(tokenizer):
+    ds = [
+        {"instruction": "Repeat the word apple three times.", "input": "now", "output": "apple apple apple"}
+    ]
+    [(ids, labels)] = data.tokenize_rows(ds_of(ds), "alpaca", tokenizer, cfg())
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert decode_targets(tokenizer, ids, labels) == "apple apple apple</s>"
+    assert "### Input:\nnow" in tokenizer.decode(ids)
+    [(ids, labels)] = data.tokenize_rows(ds_of(ds), "alpaca", tokenizer, cfg(train_on_prompt=True))
+    assert labels[1:] == ids[1:] and labels[0] == data.IGNORE_INDEX
+
+
+def test_prompt_completion_and_text(tokenizer):
+    [(ids, labels)] = data.tokenize_rows(
+        ds_of([{"prompt": "Say hi.", "completion": " hi"}]), "prompt_completion", tokenizer, cfg()
+    )
+    assert decode_targets(tokenizer, ids, labels) == " hi</s>"
+    [(ids, labels)] = data.tokenize_rows(ds_of([{"text": "all of it"}]), "text", tokenizer, cfg())
+    assert decode_targets(tokenizer, ids, labels) == "all of it</s>"
+
+
+def test_messages_train_only_assistant_turns(tokenizer):
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Repeat apple."},
+        {"role": "assistant", "content": "apple"},
+        {"role": "user", "content": "Again river."},
+        {"role": "assistant", "content": "river"},
+    ]
+    ids, labels = data.tokenize_messages(tokenizer, msgs, cfg())
+    assert decode_targets(tokenizer, ids, labels) == "apple</s>\nriver</s>\n"
+    assert tokenizer.decode(ids).startswith("<s><|system|>\nBe brief.</s>")
+
+
+def test_messages_without_a_chat_template_fall_back(tmp_path, caplog):
+    tok = make_tokenizer(tmp_path, chat_template=False)
+    assert not tok.chat_template
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    [(ids, labels)] = data.tokenize_rows(ds_of(rows), "messages", tok, cfg())
+    assert "no chat template" in caplog.text
+    assert decode_targets(tok, ids, labels) == "yo</s>\n"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "row", "message"),
+    [
+        (
+            "alpaca",
+            {"instruction": "x", "output": None},
+            "row 1 has no 'output' (format alpaca needs instruction",
+        ),
+        ("alpaca", {"instruction": "", "output": "y"}, "row 1 has no 'instruction'"),
+        ("prompt_completion", {"prompt": "x", "completion": 3}, "row 1: 'completion' must be a string"),
+        ("messages", {"messages": [{"role": "user", "content": "x"}]}, "row 1: no 'assistant' message"),
+        (
+            "messages",
+            {"messages": [{"role": "user"}]},
+            "row 1: every message needs a string 'role' and 'content'",
+        ),
+        ("text", {"text": None}, "row 1 has no 'text'"),
+    ],
+)
+def test_rows_missing_fields_are_named(tokenizer, fmt, row, message):
+    good = {
+        "alpaca": {"instruction": "a", "output": "b"},
+        "prompt_completion": {"prompt": "a", "completion": "b"},
+        "messages": {"messages": [{"role": "assistant", "content": "b"}]},
+        "text": {"text": "a"},
+    }[fmt]
+    with pytest.raises(TrainerError, match=message.replace("(", "\\(")):
+        data.tokenize_rows([good, row], fmt, tokenizer, cfg())
+
+
+def test_truncation_and_rows_without_targets(tmp_path, tokenizer):
+    cache, tmp_path = tmp_path / "cache", tmp_path / "data"
+    tmp_path.mkdir()
+    rows = [{"prompt": "word " * 100, "completion": "x"}, {"prompt": "short", "completion": "answer"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = data.build_splits(cfg(dataset_dir=str(tmp_path), max_seq_length=16), tokenizer, str(cache / "c"))
+    assert len(splits["train"]) == 1  # the long prompt left no target within 16 tokens: dropped
+    assert all(len(r["input_ids"]) <= 16 for r in splits["train"])
+    (tmp_path / "d.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(TrainerError, match="no row has a target token left"):
+        data.build_splits(cfg(dataset_dir=str(tmp_path), max_seq_length=16), tokenizer, str(cache / "c2"))
+
+
+def test_empty_and_missing_datasets(tmp_path):
+    with pytest.raises(TrainerError, match="does not exist"):
+        data.load_rows(str(tmp_path / "nope"), str(tmp_path))
+    with pytest.raises(TrainerError, match="no data files"):
+        data.load_rows(str(tmp_path), str(tmp_path))
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(TrainerError, match=r"(no rows|cannot read)"):
+        data.load_rows(str(tmp_path), str(tmp_path / ".c"))
+
+
+def test_packing_keeps_samples_apart():
+    samples = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9], [-100, 7, 8, 9])]
+    packed = data.pack(samples, max_len=6)
+    assert [p["seq_lens"] for p in packed] == [[3, 2], [4]]
+    batch = data.collate(packed, pad_id=0, packing=True)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, 7, 8, 9, -100]]
+    assert "attention_mask" not in batch
+    unpacked = data.collate(data._records(samples, False, 6), pad_id=0, packing=False)
+    assert unpacked["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert data.count_targets(packed) == 6
+
+
+def test_packed_logits_equal_separate_logits(tiny_model):
+    """The model honours position-id boundaries: a packed sample sees nothing of its neighbour."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    a, b = [0, 17, 40, 99, 120, 5], [0, 200, 33, 7]
+    batch = data.collate(data.pack([(a, a), (b, b)], 16), pad_id=2, packing=True)
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
+        alone_a = model(input_ids=torch.tensor([a]), use_cache=False).logits
+        alone_b = model(input_ids=torch.tensor([b]), use_cache=False).logits
+        # Without position ids the second sample would attend to the first: the check can fail.
+        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits
+    torch.testing.assert_close(packed[0, : len(a)], alone_a[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[0, len(a) :], alone_b[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(leaky[0, len(a) :], alone_b[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_global_batch_is_the_same_at_every_world_size(world):
+    def plan(w, r):
+        return data.BatchPlan(
+            num_records=50, global_batch_size=8, micro_batch_size=2, world_size=w, rank=r, seed=3
+        )
+
+    reference = plan(1, 0)
+    assert reference.steps_per_epoch == 6 and reference.grad_accum == 4
+    for step in (0, 5, 6, 13):
+        together = [i for r in range(world) for mb in plan(world, r).micro_batches(step) for i in mb]
+        assert together == reference.global_batch(step)
+    epoch0 = [i for s in range(6) for i in reference.global_batch(s)]
+    assert len(set(epoch0)) == 48  # no repeats within an epoch
+    assert reference.global_batch(6) != reference.global_batch(0)  # a new order each epoch
+    shares = [i for r in range(world) for mb in plan(world, r).val_batches(7) for i in mb if i >= 0]
+    assert sorted(shares) == list(range(7))
+    assert len({len(plan(world, r).val_batches(7)) for r in range(world)}) == 1
+
+
+def test_batch_plan_refusals():
+    with pytest.raises(TrainerError, match=r"multiple of micro_batch_size \(2\) x world size \(3\)"):
+        data.BatchPlan(50, 8, 2, 3, 0, 0)
+    with pytest.raises(TrainerError, match="only 5 training sequences, fewer than global_batch_size"):
+        data.BatchPlan(5, 8, 2, 1, 0, 0)
+
+
+def ds_of(rows):
+    import datasets
+
+    return datasets.Dataset.from_list(rows)

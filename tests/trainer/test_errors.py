@@ -1,0 +1,85 @@
+"""Expected failures end in one clear line and a non-zero exit, without a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pkg.trainer.__main__ import main
+from tests.trainer.conftest import BASE_ARGS, cli, run_trainer
+
+
+def one_line_error(stderr: str, torchrun: bool = False) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    if torchrun:  # torchrun itself reports a failed worker with its own ChildFailedError trace
+        assert "pkg/trainer/" not in stderr, stderr[-3000:]
+    else:
+        assert "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def test_bad_key_exits_2_in_a_fresh_process():
+    result = run_trainer({"max_step": 3})
+    assert result.returncode == 2
+    assert "did you mean max_steps" in one_line_error(result.stderr)
+
+
+@pytest.fixture
+def in_process(monkeypatch, tmp_path):
+    """Run main() here (one rank) with a clean distributed environment."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+
+    def run(args: dict) -> int:
+        return main(cli({**BASE_ARGS, "output_dir": tmp_path / "out", **args}))
+
+    return run
+
+
+def test_missing_model_files(in_process, tmp_path, alpaca_data, capsys):
+    assert in_process({"model_dir": tmp_path / "nope", "dataset_dir": alpaca_data}) == 1
+    assert "does not exist: run the model initializer" in one_line_error(capsys.readouterr().err)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert in_process({"model_dir": tmp_path / "m", "dataset_dir": alpaca_data}) == 1
+    assert "has no *.safetensors weights" in one_line_error(capsys.readouterr().err)
+
+
+def test_qlora_needs_cuda(in_process, tiny_model, alpaca_data, capsys):
+    assert in_process({"model_dir": tiny_model, "dataset_dir": alpaca_data, "method": "qlora"}) == 1
+    assert "method qlora needs a CUDA GPU" in one_line_error(capsys.readouterr().err)
+
+
+def test_empty_dataset_and_missing_fields(in_process, tmp_path, tiny_model, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("")
+    assert in_process({"model_dir": tiny_model, "dataset_dir": data}) == 1
+    err = one_line_error(capsys.readouterr().err)
+    assert "dataset" in err and str(data) in err
+    (data / "train.jsonl").write_text(
+        json.dumps({"instruction": "hi", "output": "yo"}) + "\n" + json.dumps({"instruction": "x"}) + "\n"
+    )
+    assert in_process({"model_dir": tiny_model, "dataset_dir": data, "output_dir": tmp_path / "o2"}) == 1
+    assert "row 1 has no 'output'" in one_line_error(capsys.readouterr().err)
+
+
+def test_errors_under_torchrun_are_printed_once_and_no_rank_hangs(tmp_path, tiny_model):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
+    args = {**BASE_ARGS, "model_dir": tiny_model, "dataset_dir": data, "output_dir": tmp_path / "out"}
+    result = run_trainer(args, nproc=2, timeout=120)  # rank 0 tokenizes and fails; rank 1 must not wait
+    assert result.returncode != 0
+    assert "dataset_format" in result.stderr or "cannot tell the dataset format" in one_line_error(
+        result.stderr
+    )
+    args.update(dataset_dir=tmp_path / "alpaca", global_batch_size=6, micro_batch_size=2)
+    from tests.trainer.tiny import make_dataset
+
+    make_dataset(tmp_path / "alpaca", "alpaca", "jsonl", n=24)
+    result = run_trainer({**args, "output_dir": tmp_path / "out2"}, nproc=2, timeout=120)
+    assert result.returncode != 0
+    assert "multiple of micro_batch_size (2) x world size (2)" in one_line_error(result.stderr, torchrun=True)

@@ -1,0 +1,158 @@
+"""End to end under real torchrun (gloo, FSDP2): LoRA and full runs, equivalence across world sizes and nodes,
+exported adapter and models reproduce the trained weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pkg.trainer import data
+from tests.trainer.conftest import (
+    BASE_ARGS,
+    PYTHON,
+    cli,
+    finish,
+    free_port,
+    losses,
+    run_trainer,
+    start,
+    trainer_env,
+)
+from tests.trainer.tiny import make_dataset
+
+
+def run_two_nodes(args: dict) -> list[subprocess.CompletedProcess]:
+    """Two `torchrun -m pkg.trainer` launches configured only through PET_* variables, like a TrainJob."""
+    port = str(free_port())
+    procs = []
+    for node_rank in (0, 1):
+        env = trainer_env(
+            PET_NNODES="2",
+            PET_NPROC_PER_NODE="1",
+            PET_NODE_RANK=str(node_rank),
+            PET_MASTER_ADDR="127.0.0.1",
+            PET_MASTER_PORT=port,
+        )
+        cmd = [PYTHON, "-m", "torch.distributed.run", "-m", "pkg.trainer", *cli(args)]
+        procs.append(start(cmd, env))
+    return [finish(p, timeout=240) for p in procs]
+
+
+def val_loss(model, output_dir: Path, packing: bool = False) -> float:
+    """Token-weighted loss of `model` on the run's cached validation records."""
+    [cache] = (output_dir / "cache").glob("tokenized-*")
+    val = data.read_cache(cache)["val"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for rec in val:
+            batch = data.collate([rec], pad_id=0, packing=packing)
+            labels = batch.pop("labels")[0, 1:]
+            logits = model(**batch, use_cache=False).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(
+                logits, labels, ignore_index=-100, reduction="sum"
+            ).item()
+            count += int((labels != -100).sum())
+    return total / count
+
+
+def assert_ok(result) -> None:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+
+def test_lora_one_process_two_processes_and_two_nodes_agree(tmp_path, tiny_model, alpaca_data):
+    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    args = {**BASE_ARGS, "model_dir": tiny_model, "dataset_dir": alpaca_data, "merge_adapter": True}
+    one, two, nodes = tmp_path / "one", tmp_path / "two", tmp_path / "nodes"
+    assert_ok(run_trainer({**args, "output_dir": one}))
+    result = run_trainer({**args, "output_dir": two}, nproc=2)
+    assert_ok(result)
+    for r in run_two_nodes({**args, "output_dir": nodes}):
+        assert_ok(r)
+
+    # Progress lines come from rank 0 only.
+    lines = [line for line in result.stdout.splitlines() if "step 8/8 | loss" in line]
+    assert len(lines) == 1 and "tokens/s" in lines[0] and "eta" in lines[0]
+
+    # Same global batches and a token-weighted global loss: the world size does not change the numbers.
+    reference = losses(one)
+    assert len(reference) == 8
+    torch.testing.assert_close(losses(two), reference, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(losses(nodes), reference, rtol=2e-5, atol=2e-5)
+    assert reference[-1] < reference[0] - 0.3, reference  # it learns
+
+    # Outputs.
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png"):
+        assert (two / name).stat().st_size > 0, name
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 8 and summary["final_val_loss"] > 0
+    records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed"} <= set(records[0])
+    assert any("val_loss" in r for r in records)
+    assert not list(two.glob(".*tmp*")), "temporary folders left behind"
+
+    # The adapter is complete (every LoRA matrix at full size), not one rank's slice, and equal across runs.
+    weights = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    config = json.loads((two / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["peft_type"] == "LORA"
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    fresh = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear"))
+    expected = {k: v.shape for k, v in get_peft_model_state_dict(fresh).items()}
+    assert len(expected) == 2 * 7 * 2  # 2 layers x 7 linear modules x (A, B)
+    assert {k: v.shape for k, v in weights.items()} == expected
+    reference_weights = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    for key, tensor in weights.items():
+        torch.testing.assert_close(tensor, reference_weights[key], rtol=1e-4, atol=1e-5)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
+
+    # Loaded with peft, the adapter reproduces the trained model's final validation loss.
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, str(two / "adapter")).eval()
+    assert val_loss(tuned, two) == pytest.approx(summary["final_val_loss"], rel=1e-4)
+
+    # The merged model, loaded by transformers alone, equals base + adapter.
+    merged = AutoModelForCausalLM.from_pretrained(str(two / "model"), dtype=torch.float32).eval()
+    ids = torch.tensor([[0, 5, 17, 99, 200, 31, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-4)
+    assert (two / "model" / "tokenizer.json").exists()
+
+
+def test_full_finetuning_packed_chat_two_processes(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dataset = make_dataset(tmp_path / "chat", "messages", "parquet", n=96)
+    out = tmp_path / "out"
+    args = {
+        **BASE_ARGS,
+        "model_dir": tiny_model,
+        "dataset_dir": dataset,
+        "output_dir": out,
+        "method": "full",
+        "packing": True,
+        "learning_rate": 3e-3,
+        "global_batch_size": 4,
+        "max_steps": 6,
+        "eval_every": 3,
+    }
+    result = run_trainer(args, nproc=2)
+    assert_ok(result)
+    trained = losses(out)
+    assert trained[-1] < trained[0] - 0.3, trained
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "full" and summary["trainable_params"] == summary["total_params"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+
+    model = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
+    assert json.loads((out / "model" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert AutoTokenizer.from_pretrained(str(out / "model")).chat_template
+    assert val_loss(model, out, packing=True) == pytest.approx(summary["final_val_loss"], rel=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    assert val_loss(base, out, packing=True) > summary["final_val_loss"] + 0.3
