@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -43,6 +44,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from pkg.trainer.errors import TrainerError
+
+log = logging.getLogger("pkg.trainer")
+
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -53,7 +58,7 @@ _SAVE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
 _LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TrainerError):
     """A checkpoint that cannot be used; the message is one line saying why and what to do."""
 
 
@@ -90,6 +95,30 @@ def dir_digest(path: str | os.PathLike, small_file_bytes: int = 1 << 20) -> str:
         if size <= small_file_bytes:
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def run_fingerprint(cfg: Any) -> dict[str, str]:
+    """What a checkpoint of this run must agree on: model, method, dataset and batch shape.
+
+    ``cfg`` is a TrainConfig. Settings a resumed run may change (``max_steps``, ``num_epochs``,
+    learning rate, logging, ``save_every``...) are left out, so extending a run is allowed.
+    """
+    method = cfg.method
+    if method != "full":
+        targets = ",".join(cfg.lora_target_modules)
+        method += f" (lora_rank={cfg.lora_rank}, lora_alpha={cfg.lora_alpha}, lora_target_modules={targets})"
+    return {
+        "model": f"{Path(cfg.model_dir).name} (content digest {dir_digest(cfg.model_dir)})",
+        "method": method,
+        "dataset": (
+            f"{Path(cfg.dataset_dir).name} (content digest {dir_digest(cfg.dataset_dir)}, "
+            f"dataset_format={cfg.dataset_format}, val_fraction={cfg.val_fraction}, seed={cfg.seed})"
+        ),
+        "batch": (
+            f"global_batch_size={cfg.global_batch_size}, max_seq_length={cfg.max_seq_length}, "
+            f"packing={cfg.packing}"
+        ),
+    }
 
 
 def fingerprint_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
@@ -209,6 +238,16 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resume_mode(resume: str | bool | None) -> str:
+    """``auto``, ``never`` or ``path``: what the ``resume`` setting means (yes/no spellings too)."""
+    value = str(resume).strip().lower() if resume is not None else "never"
+    if value in ("auto", "true", "yes", "on", "1"):
+        return "auto"
+    if value in ("never", "false", "no", "off", "0", "none", ""):
+        return "never"
+    return "path"
+
+
 def resolve_resume(output_dir: str | os.PathLike, resume: str | bool | None) -> Path | None:
     """Map the ``resume`` setting to a checkpoint folder (or None to start fresh).
 
@@ -216,11 +255,12 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | bool | None) -> 
     Anything else is a path: an ``output_dir``-style folder (its newest checkpoint) or a ``step-N``
     folder, which must be complete.
     """
-    value = str(resume).strip() if resume is not None else "never"
-    if value.lower() in ("auto", "true", "yes", "1"):
+    mode = resume_mode(resume)
+    if mode == "auto":
         return latest_checkpoint(output_dir)
-    if value.lower() in ("never", "false", "no", "0", "none", ""):
+    if mode == "never":
         return None
+    value = str(resume).strip()
     path = Path(value)
     if read_meta(path):
         return path
@@ -231,6 +271,53 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | bool | None) -> 
         f"resume: {value} is not a complete checkpoint (a checkpoints/step-N folder with {META}) "
         "nor an output_dir that holds one; use resume: auto, resume: never or a valid path"
     )
+
+
+def find_resume(output_dir: str | os.PathLike, resume: str | bool | None) -> Path | None:
+    """Collective :func:`resolve_resume`: rank 0 decides (after cleaning up interrupted saves), all follow.
+
+    With ``resume: never`` the checkpoints of an earlier run in ``output_dir`` are deleted, so they can
+    neither be pruned in place of this run's nor resumed by mistake later.
+    """
+    cleanup_incomplete(output_dir)
+    decision: tuple[str | None, str | None] = (None, None)
+    if _rank() == 0:
+        try:
+            path = resolve_resume(output_dir, resume)
+            decision = (str(path) if path else None, None)
+            if path is None and list_checkpoints(output_dir):
+                log.info("resume: %s: deleting the checkpoints of the previous run in %s", resume, output_dir)
+                _remove_tree(checkpoints_dir(output_dir))
+        except CheckpointError as e:
+            decision = (None, str(e))
+    path, error = _broadcast_object(decision)
+    if error:
+        raise CheckpointError(error)
+    return Path(path) if path else None
+
+
+def finished_run(
+    output_dir: str | os.PathLike, fingerprint: Mapping[str, Any], length: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The ``summary.json`` of a run that already finished with this fingerprint and length, else None.
+
+    ``summary.json`` is written last, after the final outputs, so it marks a completed run; ``length``
+    (``max_steps``, ``num_epochs``) must match, so a larger ``max_steps`` extends the run instead.
+    Collective: rank 0 reads, every rank gets the same answer.
+    """
+    summary = None
+    if _rank() == 0:
+        try:
+            found = json.loads((Path(output_dir) / "summary.json").read_text())
+        except (OSError, ValueError):
+            found = None
+        if (
+            isinstance(found, dict)
+            and found.get("fingerprint") == dict(fingerprint)
+            and all(found.get(k) == v for k, v in length.items())
+        ):
+            summary = found
+    return _broadcast_object(summary)
 
 
 def cleanup_incomplete(output_dir: str | os.PathLike) -> list[Path]:

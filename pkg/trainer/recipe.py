@@ -18,6 +18,10 @@ Features and their flags (pkg/trainer/config.py documents every key):
   `lr_scheduler` (cosine, linear, constant), gradient clipping (`max_grad_norm`).
 - Validation: `val_fraction` held out, evaluated every `eval_every` steps and at the end.
 - Outputs: adapter/ or model/ (export.py), metrics.jsonl, summary.json, loss.png (metrics.py), config.yaml.
+- Checkpoints (checkpoint.py): sharded and atomic every `save_every` steps and at the end, `keep_last` kept;
+  `resume: auto` continues from the newest complete one (`never`, or a path); one metrics.jsonl history.
+  A finished job is not trained again; a larger `max_steps` extends it; another model, method, dataset or
+  batch shape is refused. SIGTERM (eviction): checkpoint at the step boundary, exit 143 (resilience.py).
 
 State a checkpoint needs: `self.state.step` (optimizer steps done; the epoch and the data position follow from
 it through `self.plan`), `self.model`, `self.optimizer`, `self.scheduler`, `self.metrics`, `self.cfg`.
@@ -29,6 +33,7 @@ import logging
 import math
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pkg.trainer import data, distributed, export, model
+from pkg.trainer import checkpoint, data, distributed, export, model, resilience
 from pkg.trainer.config import TrainConfig, save_config
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.metrics import Metrics
@@ -95,6 +100,19 @@ class Recipe:
         self.dist = distributed.init(cfg.dist_timeout_minutes)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = checkpoint.run_fingerprint(cfg)
+        self.finished = None
+        if checkpoint.resume_mode(cfg.resume) != "never":
+            length = {"max_steps": cfg.max_steps, "num_epochs": cfg.num_epochs}
+            self.finished = checkpoint.finished_run(self.out, self.fingerprint, length)
+        if self.finished:
+            log.info(
+                "already finished: %s holds the outputs of this job (%d steps); nothing to train. "
+                "Raise max_steps to train further, or set resume: never to start over",
+                self.out, self.finished["steps"],
+            )  # fmt: skip
+            return
+        if self.dist.is_main:
             save_config(cfg, self.out / "config.yaml")
             log.info("config: %s", " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
         self.tokenizer = model.load_tokenizer(cfg.model_dir)
@@ -117,12 +135,41 @@ class Recipe:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.state = TrainState()
+        self.resume()
+        if self.dist.is_main:  # one history: drop records after the resumed step (and a torn last line)
+            checkpoint.truncate_metrics(self.out / "metrics.jsonl", self.state.step)
         self.metrics = Metrics(self.out, self.total_steps, enabled=self.dist.is_main)
-        self.metrics.rewind(0)
+        self.metrics.rewind(self.state.step)
         log.info(
             "world size %d, %d train / %d val sequences, %d steps (%d per epoch), gradient accumulation %d",
             self.dist.world_size, len(self.train_data), len(self.val_data), self.total_steps,
             self.plan.steps_per_epoch, self.plan.grad_accum,
+        )  # fmt: skip
+
+    def resume(self) -> None:
+        """Continue from a checkpoint (`resume`): weights, optimizer, scheduler, data position and RNG."""
+        path = checkpoint.find_resume(self.out, self.cfg.resume)
+        if path is None:
+            return
+        resumed = checkpoint.load_checkpoint(
+            path, self.model, self.optimizer, self.scheduler, fingerprint=self.fingerprint
+        )
+        self.state = TrainState(resumed.step, int(resumed.data_state.get("tokens_seen", 0)))
+        # This run's schedule applies from here on (max_steps or learning_rate may have changed).
+        self.scheduler.base_lrs = [self.cfg.learning_rate] * len(self.optimizer.param_groups)
+        self.scheduler.last_epoch = resumed.step - 1
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        log.info("resuming from step %d of %d (%s)", resumed.step, self.total_steps, path)
+
+    def save_checkpoint(self) -> Path:
+        state = self.state
+        return checkpoint.save_checkpoint(
+            self.out, state.step, self.model, self.optimizer, self.scheduler,
+            fingerprint=self.fingerprint, keep_last=self.cfg.keep_last,
+            data_state={"step": state.step, "tokens_seen": state.tokens_seen,
+                        "epoch": state.step // self.plan.steps_per_epoch},
         )  # fmt: skip
 
     def load_data(self):
@@ -219,6 +266,7 @@ class Recipe:
     def train(self) -> None:
         cfg, state = self.cfg, self.state
         self.train_start = time.monotonic()
+        stop = resilience.StopRequest().install()  # SIGTERM: checkpoint at the next step boundary, exit 143
         while state.step < self.total_steps:
             started = time.monotonic()
             result = self.train_step(state.step)
@@ -230,6 +278,18 @@ class Recipe:
                 self.metrics.train_step(state.step, result["loss"], result["lr"], result["grad_norm"], rate)
             if len(self.val_data) and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
                 self.metrics.val_step(state.step, self.evaluate())
+            saved = bool(cfg.save_every) and (state.step % cfg.save_every == 0 or last)
+            if saved:
+                self.save_checkpoint()
+            resilience.inject_test_fault(state.step)
+            if stop.should_stop():
+                if cfg.save_every and not saved:
+                    self.save_checkpoint()
+                note = f"checkpoint saved in {self.out}/checkpoints" if cfg.save_every else "save_every: 0"
+                raise resilience.Preempted(
+                    f"stopped by {stop.describe()} after step {state.step}; {note}; rerun the job to resume"
+                )
+        stop.uninstall()
         self.train_time = time.monotonic() - self.train_start
 
     # ------------------------------------------------------------ save
@@ -241,6 +301,9 @@ class Recipe:
                 "method": self.cfg.method,
                 "world_size": self.dist.world_size,
                 "total_steps": self.total_steps,
+                "max_steps": self.cfg.max_steps,
+                "num_epochs": self.cfg.num_epochs,
+                "fingerprint": self.fingerprint,
                 "tokens_seen": self.state.tokens_seen,
                 "train_time_s": round(getattr(self, "train_time", 0.0), 3),
                 "peak_memory_mb": round(peak_memory_mb(self.dist.device), 1),
@@ -255,6 +318,8 @@ class Recipe:
     def run(self) -> dict:
         try:
             self.setup()
+            if self.finished:
+                return self.finished
             self.train()
             return self.save()
         finally:

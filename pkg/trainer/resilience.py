@@ -21,7 +21,15 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from pkg.trainer.errors import TrainerError
+
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM'd process
+
+
+class Preempted(TrainerError):
+    """Stopped by a signal after saving a checkpoint: a retry of the same job resumes from it."""
+
+    exit_code = EXIT_PREEMPTED
 
 
 class StopRequest:
@@ -48,6 +56,10 @@ class StopRequest:
         if self.received is None:
             self.received, self.received_at = signum, time.monotonic()
 
+    def describe(self) -> str:
+        """The signal's name, for the log line ("SIGTERM"), or who asked when it came to another rank."""
+        return signal.Signals(self.received).name if self.received else "a signal to another rank"
+
     @property
     def requested(self) -> bool:
         """This process got a signal (local; use :meth:`should_stop` to decide in a distributed run)."""
@@ -66,12 +78,15 @@ class StopRequest:
 
 
 def inject_test_fault(step: int) -> None:
-    """Fault injection for the resume tests: ``TRAINER_TEST_KILL_AT_STEP=N`` SIGKILLs one rank after step N.
+    """Fault injection for the resume tests; a no-op unless these variables are set.
 
-    Only fires in the first attempt of a torchrun group (``TORCHELASTIC_RESTART_COUNT`` 0), on the
-    rank named by ``TRAINER_TEST_KILL_RANK`` (default 1), so a restarted group runs through.
-    A no-op unless the variable is set.
+    ``TRAINER_TEST_KILL_AT_STEP=N`` SIGKILLs one rank after step N, only in the first attempt of a
+    torchrun group (``TORCHELASTIC_RESTART_COUNT`` 0) and on the rank ``TRAINER_TEST_KILL_RANK``
+    (default 1), so a restarted group runs through. ``TRAINER_TEST_STEP_SLEEP=S`` makes every step
+    last S seconds longer, so a test can signal a run before it finishes.
     """
+    if sleep := os.environ.get("TRAINER_TEST_STEP_SLEEP"):
+        time.sleep(float(sleep))
     at = os.environ.get("TRAINER_TEST_KILL_AT_STEP")
     if not at or int(at) != step or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return

@@ -1,0 +1,123 @@
+"""Resume and failure handling of the real trainer under torchrun (gloo, FSDP2, tiny LoRA model).
+
+One uninterrupted 2-process run is the reference; against it:
+- a run whose rank 1 is SIGKILLed after step 3 (torchrun --max-restarts 1) finishes with the same losses
+  step by step and the same adapter;
+- a run SIGTERMed mid-way saves a checkpoint and exits 143; rerun at world size 1 it continues;
+- rerunning the finished job trains nothing, another batch shape is refused with the reason, a larger
+  max_steps extends the run; metrics.jsonl always holds one record per step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pkg.trainer import checkpoint as ck
+from tests.trainer.conftest import BASE_ARGS, cli, finish, losses, run_trainer, start, torchrun, trainer_env
+
+# Constant learning rate: the losses of steps 1..k do not depend on max_steps, so runs of different
+# lengths are comparable step by step.
+ARGS = {**BASE_ARGS, "max_steps": 6, "save_every": 2, "keep_last": 2, "lr_scheduler": "constant"}
+ARGS["val_fraction"] = 0.0
+
+
+def ok(result) -> str:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+def train_steps(output_dir: Path) -> list[int]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "loss" in r]
+
+
+def adapter(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model, alpaca_data) -> tuple[dict, Path]:
+    """The uninterrupted run: 2 processes, 6 steps, checkpoints at 2, 4, 6 (keeping 4 and 6)."""
+    args = {**ARGS, "model_dir": tiny_model, "dataset_dir": alpaca_data}
+    out = tmp_path_factory.mktemp("reference")
+    ok(run_trainer({**args, "output_dir": out}, nproc=2))
+    return args, out
+
+
+def test_reference_layout(reference):
+    _, out = reference
+    assert train_steps(out) == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in ck.list_checkpoints(out)] == [4, 6]  # keep_last 2, the final step included
+    meta = ck.read_meta(ck.latest_checkpoint(out))
+    assert meta["world_size"] == 2 and set(meta["fingerprint"]) == {"model", "method", "dataset", "batch"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fingerprint"] == meta["fingerprint"] and summary["max_steps"] == 6
+
+
+def test_killed_rank_restarts_and_matches_uninterrupted(reference, tmp_path):
+    args, ref = reference
+    cmd = [*torchrun(2), "--max-restarts", "1", "-m", "pkg.trainer", *cli({**args, "output_dir": tmp_path})]
+    log = ok(finish(start(cmd, trainer_env(TRAINER_TEST_KILL_AT_STEP="3")), timeout=300))
+    assert "resuming from step 2" in log, log[-3000:]
+    assert train_steps(tmp_path) == [1, 2, 3, 4, 5, 6]  # step 3 was logged twice: once kept
+    assert losses(tmp_path) == pytest.approx(losses(ref), rel=1e-5)
+    want, got = adapter(ref), adapter(tmp_path)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
+
+
+def test_sigterm_saves_exits_143_and_resumes_at_another_world_size(reference, tmp_path):
+    args, ref = reference
+    args = {**args, "output_dir": tmp_path, "save_every": 100}  # only the SIGTERM checkpoint (and the final)
+    proc = start([*torchrun(2), "-m", "pkg.trainer", *cli(args)], trainer_env(TRAINER_TEST_STEP_SLEEP="1"))
+    metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 240
+    while not (metrics.exists() and len(train_steps(tmp_path)) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, finish(proc, 10).stderr[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # to torchrun, as Kubernetes does on eviction; it forwards to workers
+    result = finish(proc, timeout=120)
+    assert result.returncode != 0, result.stdout[-3000:]
+    # One line from the trainer (torchrun itself still reports the signal it got, with its own traceback).
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: stopped by SIGTERM after step") and "checkpoint saved" in line, line
+    [(stopped, _)] = ck.list_checkpoints(tmp_path)
+    assert 2 <= stopped < 6 and not (tmp_path / "summary.json").exists()
+
+    log = ok(run_trainer(args))  # one process now: the sharded checkpoint is resharded
+    assert f"resuming from step {stopped}" in log
+    assert train_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+    assert losses(tmp_path) == pytest.approx(losses(ref), rel=1e-4)
+
+
+def test_finished_rerun_mismatch_and_extension(reference, tmp_path):
+    args, ref = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    args = {**args, "output_dir": out}
+    before = (out / "metrics.jsonl").read_bytes(), (out / "adapter" / "adapter_model.safetensors").stat()
+
+    log = ok(run_trainer(args))  # same job again: nothing to do
+    assert "already finished" in log, log[-3000:]
+    assert (out / "metrics.jsonl").read_bytes() == before[0]
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == before[1].st_mtime_ns
+
+    refused = run_trainer({**args, "global_batch_size": 4})  # another batch shape
+    assert refused.returncode != 0
+    [line] = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert "refusing checkpoint" in line and "global_batch_size=8" in line and "global_batch_size=4" in line
+    assert "Traceback" not in refused.stderr
+
+    log = ok(run_trainer({**args, "max_steps": 8}))  # extend: continue from the final checkpoint
+    assert "resuming from step 6" in log
+    records = (out / "metrics.jsonl").read_bytes()
+    assert records.startswith(before[0]) and train_steps(out) == list(range(1, 9))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 8
