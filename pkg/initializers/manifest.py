@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -91,6 +92,7 @@ def write_manifest(
         os.fsync(out.fileno())
     os.replace(tmp, path)
     (state_dir(root) / JOURNAL).unlink(missing_ok=True)
+    shutil.rmtree(state_dir(root) / "partial", ignore_errors=True)  # leftovers of files no longer wanted
     return path
 
 
@@ -114,14 +116,15 @@ class Journal:
         """Continue the journal of the same request, or start one seeded with `previous` marker entries."""
         self.path = state_dir(root) / JOURNAL
         self.files: dict[str, str] = {}  # path -> version
-        self.parts: dict[tuple[str, str], set[int]] = {}
+        self.parts: dict[tuple[str, str, int], set[int]] = {}  # (path, version, part size) -> indices
         self._lock = threading.Lock()
         header = {"request": request}
         lines = self._load()
         if lines and lines[0] == header:
             for rec in lines[1:]:
                 if "part" in rec:
-                    self.parts.setdefault((rec["path"], rec["version"]), set()).add(rec["part"])
+                    key = (rec["path"], rec["version"], rec.get("part_size", 0))
+                    self.parts.setdefault(key, set()).add(rec["part"])
                 else:
                     self.files[rec["path"]] = rec["version"]
             self._out = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
@@ -153,14 +156,14 @@ class Journal:
     def file_done(self, f: RemoteFile) -> None:
         self._append({"path": f.path, "version": f.version})
 
-    def part_done(self, f: RemoteFile, index: int) -> None:
-        self._append({"path": f.path, "version": f.version, "part": index})
+    def part_done(self, f: RemoteFile, index: int, part_size: int) -> None:
+        self._append({"path": f.path, "version": f.version, "part": index, "part_size": part_size})
 
     def has_file(self, f: RemoteFile) -> bool:
         return self.files.get(f.path) == f.version
 
-    def done_parts(self, f: RemoteFile) -> set[int]:
-        return self.parts.get((f.path, f.version), set())
+    def done_parts(self, f: RemoteFile, part_size: int) -> set[int]:
+        return self.parts.get((f.path, f.version, part_size), set())
 
     def close(self) -> None:
         self._out.close()

@@ -143,7 +143,7 @@ class Engine:
                 plan.multipart.append(f)
                 tmp = self._temp(f)
                 if tmp.is_file() and tmp.stat().st_size == f.size:
-                    done = self.journal.done_parts(f)
+                    done = self.journal.done_parts(f, self.tuning.part_size)
                     plan.resumed_bytes += sum(end - start for i, start, end in self._parts(f) if i in done)
             else:
                 plan.whole.append(f)
@@ -229,7 +229,11 @@ class Engine:
     def _multipart_tasks(self, f: RemoteFile) -> list[Callable[[], None]]:
         tmp = self._temp(f)
         parts = self._parts(f)
-        done = self.journal.done_parts(f) if tmp.is_file() and tmp.stat().st_size == f.size else set()
+        done = (
+            self.journal.done_parts(f, self.tuning.part_size)
+            if tmp.is_file() and tmp.stat().st_size == f.size
+            else set()
+        )
         try:
             if not done:
                 with open(tmp, "wb") as out:
@@ -262,7 +266,7 @@ class Engine:
                 )
             finally:
                 os.close(fd)
-            self.journal.part_done(f, index)
+            self.journal.part_done(f, index, self.tuning.part_size)
             with self._lock:
                 self._parts_left[f.path] -= 1
                 last = self._parts_left[f.path] == 0

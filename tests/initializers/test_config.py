@@ -117,3 +117,16 @@ def test_model_default_filter_prefers_safetensors() -> None:
 def test_redaction_of_registered_secrets() -> None:
     register_secret("hf_abcdefgh")
     assert redact("Authorization: Bearer hf_abcdefgh") == "Authorization: Bearer ***"
+
+
+def test_progress_line() -> None:
+    import io
+
+    from pkg.initializers.progress import Progress
+
+    progress = Progress(total_files=4, total_bytes=4 * 1024 * 1024, interval=60, stream=io.StringIO())
+    progress.add_bytes(1024 * 1024)
+    progress.file_done()
+    line = progress.line()
+    assert line.startswith("progress: 1/4 files, 1.0 MiB/4.0 MiB (25%), ")
+    assert "MB/s, ETA " in line
