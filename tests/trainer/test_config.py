@@ -88,3 +88,11 @@ def test_bad_yaml(tmp_path):
         load_config(["--config", str(conf)])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_docs_list_every_key():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "trainer.md").read_text()
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in doc]
+    assert not missing, f"docs/trainer.md lacks {missing}: regenerate its config reference"

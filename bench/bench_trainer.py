@@ -1,0 +1,304 @@
+"""llm-trainer against TRL's SFTTrainer, and FSDP per-rank memory, on CPU.
+
+    .venv/bin/pip install -r requirements/bench.txt          # trl==1.16.0
+    .venv/bin/python bench/bench_trainer.py --out .bench/trainer.json [--quick]
+
+1. Throughput: the same tiny Llama-style model, prompt/completion data, sequence length, global and micro
+   batch, LoRA rank/targets, learning rate and steps, one process each: `python -m pkg.trainer` and TRL's
+   SFTTrainer (completion-only loss, no packing). Reports non-padding tokens/s over the training loop, peak
+   RSS and the final training loss (mean of the last 5 steps) so the speed is compared at equal loss.
+2. FSDP memory: full fine-tuning, bytes of parameters + optimizer state held by each rank after two steps, at
+   world size 2 (torchrun, gloo) against one process.
+
+Markdown on stdout, logs on stderr, JSON with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FULL = {"steps": 30, "rows": 480, "hidden": 256, "layers": 4}
+QUICK = {"steps": 10, "rows": 160, "hidden": 128, "layers": 2}
+COMMON = {
+    "global_batch_size": 16,
+    "micro_batch_size": 4,
+    "max_seq_length": 256,
+    "learning_rate": 1e-3,
+    "lora_rank": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.0,
+    "seed": 0,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench_trainer] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare(work: Path, size: dict) -> tuple[Path, Path]:
+    from tests.trainer.tiny import make_dataset, make_tiny_model
+
+    model = make_tiny_model(work / "model", hidden=size["hidden"], layers=size["layers"], heads=4)
+    data = make_dataset(work / "data", "prompt_completion", "jsonl", n=size["rows"])
+    return model, data
+
+
+def env() -> dict[str, str]:
+    e = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PET_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    }
+    e.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return e
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def run_ours(model: Path, data: Path, out: Path, steps: int) -> dict:
+    args = {**COMMON, "model_dir": model, "dataset_dir": data, "output_dir": out, "max_steps": steps}
+    args.update(save_every=0, lr_scheduler="constant", max_grad_norm=1.0)
+    cmd = [sys.executable, "-m", "pkg.trainer"]
+    for k, v in args.items():
+        cmd += [f"--{k}", str(v)]
+    subprocess.run(cmd, cwd=REPO, env=env(), check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loss = [r["loss"] for r in records if "loss" in r]
+    return {
+        "tokens_per_s": summary["tokens_seen"] / summary["train_time_s"],
+        "train_time_s": summary["train_time_s"],
+        "tokens": summary["tokens_seen"],
+        "peak_rss_mb": summary["peak_memory_mb"],
+        "final_loss": sum(loss[-5:]) / len(loss[-5:]),
+        "first_loss": loss[0],
+    }
+
+
+def trl_worker(model: str, data: str, out: str, steps: int) -> None:
+    """Runs in its own process: TRL SFTTrainer with the same settings; prints a JSON line."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(COMMON["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    ds = datasets.load_dataset("json", data_files=str(Path(data) / "train.jsonl"), split="train")
+    losses: list[float] = []
+
+    class Losses(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    config = SFTConfig(
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=COMMON["micro_batch_size"],
+        gradient_accumulation_steps=COMMON["global_batch_size"] // COMMON["micro_batch_size"],
+        learning_rate=COMMON["learning_rate"],
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        max_length=COMMON["max_seq_length"],
+        packing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=COMMON["seed"],
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    peft = LoraConfig(
+        r=COMMON["lora_rank"], lora_alpha=COMMON["lora_alpha"], lora_dropout=0.0, target_modules="all-linear"
+    )
+    trainer = SFTTrainer(
+        model=net,
+        args=config,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        peft_config=peft,
+        callbacks=[Losses()],
+    )
+    started = time.monotonic()
+    trainer.train()
+    elapsed = time.monotonic() - started
+    tokens = int(trainer.state.num_input_tokens_seen)
+    result = {
+        "tokens_per_s": tokens / elapsed,
+        "train_time_s": elapsed,
+        "tokens": tokens,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "final_loss": sum(losses[-5:]) / len(losses[-5:]),
+        "first_loss": losses[0],
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_trl(model: Path, data: Path, out: Path, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--trl-worker", str(model), str(data), str(out), str(steps)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), check=True, capture_output=True, text=True)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+# ---------------------------------------------------------------- FSDP memory
+
+
+def fsdp_worker(model: str, data: str, out: str) -> None:
+    """Under torchrun: full fine-tuning for two steps, then the bytes of params + optimizer state per rank."""
+    import torch
+    import torch.distributed as dist
+
+    from pkg.trainer.config import TrainConfig
+    from pkg.trainer.recipe import Recipe
+
+    cfg = TrainConfig(
+        model_dir=model, dataset_dir=data, output_dir=out, method="full", max_steps=2, save_every=0,
+        global_batch_size=4, micro_batch_size=2, max_seq_length=64,
+    ).validate()  # fmt: skip
+    recipe = Recipe(cfg)
+    recipe.setup()
+    for step in range(2):
+        recipe.train_step(step)
+
+    def local_bytes(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = sum(local_bytes(p) for p in recipe.model.parameters())
+    optim = sum(
+        local_bytes(v)
+        for state in recipe.optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v)
+    )
+    t = torch.tensor([params, optim], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if dist.get_rank() == 0:
+        Path(out, "memory.json").write_text(
+            json.dumps({"params_bytes": t[0].item(), "optimizer_bytes": t[1].item()})
+        )
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_fsdp(model: Path, data: Path, work: Path, world: int) -> dict:
+    out = work / f"fsdp-{world}"
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
+    cmd += ["--master-port", str(free_port()), __file__, "--fsdp-worker", str(model), str(data), str(out)]
+    subprocess.run(cmd, cwd=REPO, env=env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads((out / "memory.json").read_text())
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="smaller model and fewer steps")
+    parser.add_argument("--workdir", type=Path, help="keep the models and outputs here")
+    parser.add_argument("--trl-worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--fsdp-worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trl_worker:
+        m, d, o, s = args.trl_worker
+        trl_worker(m, d, o, int(s))
+        return 0
+    if args.fsdp_worker:
+        fsdp_worker(*args.fsdp_worker)
+        return 0
+
+    size = QUICK if args.quick else FULL
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-trainer-"))
+    model, data = prepare(work, size)
+    log(f"model hidden={size['hidden']} layers={size['layers']}, {size['rows']} rows, {size['steps']} steps")
+    log("llm-trainer ...")
+    ours = run_ours(model, data, work / "ours", size["steps"])
+    log(f"llm-trainer: {ours}")
+    log("TRL SFTTrainer ...")
+    trl = run_trl(model, data, work / "trl", size["steps"])
+    log(f"TRL: {trl}")
+    log("FSDP memory at world size 1 and 2 ...")
+    mem = {world: run_fsdp(model, data, work, world) for world in (1, 2)}
+    per_rank = {w: m["params_bytes"] + m["optimizer_bytes"] for w, m in mem.items()}
+
+    speedup = ours["tokens_per_s"] / trl["tokens_per_s"]
+    mem_ratio = per_rank[2] / per_rank[1]
+    results = {
+        "settings": {**COMMON, **size},
+        "llm_trainer": ours,
+        "trl": trl,
+        "tokens_per_s_ratio": speedup,
+        "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
+        "fsdp_memory": {str(w): m for w, m in mem.items()},
+        "fsdp_per_rank_ratio_2_vs_1": mem_ratio,
+        "targets": {"tokens_per_s_ratio": ">= 1.3", "fsdp_per_rank_ratio_2_vs_1": "<= 0.65"},
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    mib = 2**20
+    print(
+        f"### llm-trainer vs TRL SFTTrainer (LoRA r={COMMON['lora_rank']}, CPU, one process)\n\n"
+        f"Tiny Llama (hidden {size['hidden']}, {size['layers']} layers), {size['steps']} steps, global batch "
+        f"{COMMON['global_batch_size']}, micro batch {COMMON['micro_batch_size']}, max length "
+        f"{COMMON['max_seq_length']}, prompt/completion data, completion-only loss.\n\n"
+        "| | tokens/s | train time (s) | peak RSS (MiB) | first loss | final loss (last 5) |\n"
+        "|---|---|---|---|---|---|\n"
+        + row("llm-trainer", ours)
+        + row(f"TRL {trl_version()}", trl)
+        + f"| **ratio** | **{speedup:.2f}x** (target >= 1.3x) | | {results['peak_rss_ratio']:.2f}x | | |\n\n"
+        "### FSDP2 full fine-tuning: parameters + optimizer state per rank\n\n"
+        "| world size | params (MiB) | optimizer (MiB) | total per rank (MiB) |\n|---|---|---|---|\n"
+        + "".join(
+            f"| {w} | {m['params_bytes'] / mib:.2f} | {m['optimizer_bytes'] / mib:.2f} "
+            f"| {per_rank[w] / mib:.2f} |\n"
+            for w, m in mem.items()
+        )
+        + f"| **2 vs 1** | | | **{mem_ratio:.2f}x** (target <= 0.65x) |\n"
+    )
+    return 0
+
+
+def row(name: str, r: dict) -> str:
+    return (
+        f"| {name} | {r['tokens_per_s']:.0f} | {r['train_time_s']:.1f} | {r['peak_rss_mb']:.0f} "
+        f"| {r['first_loss']:.3f} | {r['final_loss']:.3f} |\n"
+    )
+
+
+def trl_version() -> str:
+    try:
+        import trl
+
+        return trl.__version__
+    except ImportError:
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
