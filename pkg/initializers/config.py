@@ -23,6 +23,8 @@ MODEL_DEFAULT_IGNORE = ("*.msgpack", "*.h5", "*.bin", "*.pt", "*.pth")
 MODEL_FALLBACK_IGNORE = ("*.msgpack", "*.h5")
 
 MiB = 1024 * 1024
+DEFAULT_PART_SIZE = 16 * MiB
+MAX_AUTO_PART_SIZE = 64 * MiB
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,9 @@ class Tuning:
     """Engine knobs; defaults suit a pod with a few cores and a fast network."""
 
     concurrency: int = 16  # INIT_CONCURRENCY: parallel requests
-    part_size: int = 16 * MiB  # INIT_PART_SIZE: bytes per ranged request of a large file
+    # INIT_PART_SIZE: bytes per ranged request of a large file. Unset (0): 16 MiB, grown up to 64 MiB when the
+    # large files alone fill every connection, so servers see fewer, larger requests.
+    part_size: int = 0
     read_timeout: float = 60.0  # INIT_READ_TIMEOUT: seconds a read may stall before it is retried
     max_attempts: int = 8  # INIT_MAX_ATTEMPTS: tries per request before giving up
     retry_base: float = 0.5  # INIT_RETRY_BASE: first backoff in seconds (doubles, with jitter)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .config import Tuning
+from .config import DEFAULT_PART_SIZE, MAX_AUTO_PART_SIZE, MiB, Tuning
 from .errors import InitializerError, TransientError, one_line
 from .manifest import Journal, state_dir
 from .progress import Progress, human_bytes, log
@@ -85,6 +85,17 @@ def retry(
     raise AssertionError("unreachable")
 
 
+def choose_part_size(files: list[RemoteFile], tuning: Tuning) -> int:
+    """INIT_PART_SIZE if set; else 16 MiB, grown (to 64 MiB at most, in whole MiB) while the large files
+    still give every connection a part. It depends on the whole selection, not on what is left, so a
+    rerun cuts the same parts and resumes them."""
+    if tuning.part_size:
+        return tuning.part_size
+    large = sum(f.size for f in files if f.size > DEFAULT_PART_SIZE)
+    share = -(-large // tuning.concurrency)  # ceil
+    return min(max(DEFAULT_PART_SIZE, -(-share // MiB) * MiB), MAX_AUTO_PART_SIZE)
+
+
 def _hasher(f: RemoteFile) -> tuple[str, hashlib._Hash, str] | None:
     """The strongest checksum the source gave for `f`: (name, hash object, expected hex digest)."""
     if f.sha256:
@@ -122,6 +133,7 @@ class Engine:
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._parts_left: dict[str, int] = {}
+        self.part_size = tuning.part_size or DEFAULT_PART_SIZE
         self.progress: Progress | None = None
 
     # -- planning -------------------------------------------------------------------------------------------
@@ -129,21 +141,23 @@ class Engine:
         return self.partial / hashlib.sha1(f.path.encode(), usedforsecurity=False).hexdigest()
 
     def _parts(self, f: RemoteFile) -> list[tuple[int, int, int]]:
-        size = self.tuning.part_size
+        size = self.part_size
         return [(i, start, min(start + size, f.size)) for i, start in enumerate(range(0, f.size, size))]
 
     def plan(self, files: list[RemoteFile]) -> Plan:
+        """Sort `files` into skipped (already complete), whole-file and multi-part downloads."""
+        self.part_size = choose_part_size(files, self.tuning)
         self.partial.mkdir(parents=True, exist_ok=True)
         plan = Plan([], [], [], 0)
         for f in files:
             target = target_path(self.root, f.path)
             if self.journal.has_file(f) and target.is_file() and target.stat().st_size == f.size:
                 plan.skipped.append(f)
-            elif f.size > self.tuning.part_size:
+            elif f.size > self.part_size:
                 plan.multipart.append(f)
                 tmp = self._temp(f)
                 if tmp.is_file() and tmp.stat().st_size == f.size:
-                    done = self.journal.done_parts(f, self.tuning.part_size)
+                    done = self.journal.done_parts(f, self.part_size)
                     plan.resumed_bytes += sum(end - start for i, start, end in self._parts(f) if i in done)
             else:
                 plan.whole.append(f)
@@ -230,7 +244,7 @@ class Engine:
         tmp = self._temp(f)
         parts = self._parts(f)
         done = (
-            self.journal.done_parts(f, self.tuning.part_size)
+            self.journal.done_parts(f, self.part_size)
             if tmp.is_file() and tmp.stat().st_size == f.size
             else set()
         )
@@ -266,7 +280,7 @@ class Engine:
                 )
             finally:
                 os.close(fd)
-            self.journal.part_done(f, index, self.tuning.part_size)
+            self.journal.part_done(f, index, self.part_size)
             with self._lock:
                 self._parts_left[f.path] -= 1
                 last = self._parts_left[f.path] == 0

@@ -130,3 +130,18 @@ def test_progress_line() -> None:
     line = progress.line()
     assert line.startswith("progress: 1/4 files, 1.0 MiB/4.0 MiB (25%), ")
     assert "MB/s, ETA " in line
+
+
+def test_part_size_choice() -> None:
+    from pkg.initializers.config import MiB, Tuning
+    from pkg.initializers.transfer import choose_part_size
+
+    def files(*sizes: int) -> list[RemoteFile]:
+        return [RemoteFile(f"f{i}", s, f"f{i}", "v") for i, s in enumerate(sizes)]
+
+    auto = Tuning(concurrency=16)
+    assert choose_part_size(files(1000, 20 * MiB), auto) == 16 * MiB  # few large bytes: the floor
+    assert choose_part_size(files(*[256 * MiB] * 4), auto) == 64 * MiB  # 1 GiB over 16 connections
+    assert choose_part_size(files(*[100 * MiB] * 4), auto) == 25 * MiB
+    assert choose_part_size(files(100 * 1024 * MiB), auto) == 64 * MiB  # the ceiling
+    assert choose_part_size(files(*[256 * MiB] * 4), Tuning(part_size=8 * MiB)) == 8 * MiB  # as configured
