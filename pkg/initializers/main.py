@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from dataclasses import replace
 from typing import Any
 
 from .config import Config, Kind, load_config
@@ -17,7 +18,7 @@ from .filters import apply_filters
 from .manifest import Journal, complete_manifest, remove_manifest, state_dir, write_manifest
 from .progress import Progress, human_bytes, log
 from .safety import safe_relative
-from .sources import open_source
+from .sources import RemoteFile, open_source
 from .transfer import Engine
 from .uri import HfUri
 
@@ -33,6 +34,30 @@ def request_of(config: Config) -> dict[str, Any]:
         request["allow_patterns"] = list(config.allow_patterns)
         request["ignore_patterns"] = list(config.ignore_patterns)
     return request
+
+
+def normalised(files: list[RemoteFile]) -> list[RemoteFile]:
+    """Validate every path (nothing may land outside OUTPUT_PATH) and refuse two files on one path."""
+    seen: dict[str, str] = {}
+    out = []
+    for f in files:
+        path = safe_relative(f.path, "path")
+        if path in seen:
+            raise InitializerError(f"refusing {f.key!r}: it lands on the same path as {seen[path]!r}")
+        seen[path] = f.key
+        out.append(replace(f, path=path))
+    folders = {parent for f in out for parent in _parents(f.path)}
+    for f in out:
+        if f.path in folders:
+            raise InitializerError(
+                f"refusing {f.key!r}: the source holds both a file and a folder named {f.path!r}"
+            )
+    return out
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def run(config: Config) -> None:
@@ -60,8 +85,7 @@ def run(config: Config) -> None:
                     else "check the path and that it holds files"
                 )
             )
-        for f in files:
-            safe_relative(f.path, "path")
+        files = normalised(files)
         try:
             state_dir(root).mkdir(parents=True, exist_ok=True)
         except OSError as exc:

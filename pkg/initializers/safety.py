@@ -24,7 +24,13 @@ def target_path(root: Path, relative: str) -> Path:
     """Create the parent folders of `root/relative` and check that none of them leads outside `root`."""
     target = root / relative
     parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InitializerError(
+            f"cannot write {relative!r}: a file in OUTPUT_PATH has the name of one of its folders "
+            "(the source holds both a file and a folder of that name?)"
+        ) from None
     real_root = os.path.realpath(root)
     real_parent = os.path.realpath(parent)
     if real_parent != real_root and not real_parent.startswith(real_root + os.sep):

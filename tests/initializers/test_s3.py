@@ -156,3 +156,23 @@ def test_wrong_credentials(
     assert "ACCESS_KEY_ID" in line
     assert bad_secret not in result.stdout + result.stderr
     assert not (tmp_path / "out" / ".initializer/manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        (["a//b.txt", "a/b.txt"], "same path"),  # two keys, one normalised path
+        (["a", "a/b"], "both a file and a folder"),  # a file and a folder of one name
+    ],
+)
+def test_colliding_keys(
+    run: Runner, s3: S3Server, s3_proxy: FaultProxy, tmp_path: Path, keys: list[str], message: str
+) -> None:
+    client = s3.client()
+    bucket = f"collide-{len(keys[0])}"
+    client.create_bucket(Bucket=bucket)
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=f"p/{key}", Body=b"x")
+    result = run("dataset", **s3_env(s3, s3_proxy, f"s3://{bucket}/p", tmp_path / "out"))
+    assert result.returncode == 1
+    assert message in one_error_line(result.stderr)
