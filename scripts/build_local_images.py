@@ -365,13 +365,15 @@ def local_plan(target: dict[str, Any], name: str, registry_base: bool) -> dict[s
     return {**target, "args": args, "tags": tags}
 
 
-def build(name: str, plan: dict[str, Any]) -> None:
+def build(name: str, plan: dict[str, Any], layers: bool = False) -> None:
     context = ROOT / plan.get("context", ".")
     dockerfile = context / plan.get("dockerfile", "Dockerfile")
     revision = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
-    cmd = ["buildah", *STORAGE, "bud", "--isolation", "chroot", "--network", "host", "--layers"]
+    # Without --layers buildah runs every instruction in one container and commits once; with vfs (no
+    # copy-on-write) each cached layer is a full copy of the root filesystem, which costs more than it saves.
+    cmd = ["buildah", *STORAGE, "bud", "--isolation", "chroot", "--network", "host", f"--layers={layers}"]
     cmd += ["--secret", f"id=cacert,src={CA_BUNDLE}", "--file", str(dockerfile)]
     for key, value in {"REVISION": revision or "unknown", **plan.get("args", {})}.items():
         cmd += ["--build-arg", f"{key}={value}"]
@@ -410,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--registry-base", action="store_true", help="use the BASE_IMAGE of docker-bake.hcl (pulls it)"
     )
+    parser.add_argument(
+        "--layers", action="store_true", help="cache each instruction as a layer (faster edits, more disk)"
+    )
     args = parser.parse_args(argv)
     try:
         bake = load_bake()
@@ -434,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
             if TORCH_BASE in bases:
                 ensure_torch_base()
         for name, plan in plans.items():
-            build(name, plan)
+            build(name, plan, args.layers)
+        # Earlier builds of the same tags are left untagged; with vfs each holds a full copy of its files.
+        subprocess.run(["buildah", *STORAGE, "rmi", "--prune"], capture_output=True, check=False)
         for plan in plans.values():
             tag = plan["tags"][0]
             log(f"size {tag}: {image_size(tag) / 1e6:.0f} MB")
