@@ -124,7 +124,7 @@ def test_lora_one_process_two_processes_and_two_nodes_agree(tmp_path, tiny_model
     assert (two / "model" / "tokenizer.json").exists()
 
 
-def test_full_finetuning_packed_chat_two_processes(tmp_path, tiny_model):
+def test_full_finetuning_packed_chat_two_processes_with_activation_checkpointing(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dataset = make_dataset(tmp_path / "chat", "messages", "parquet", n=96)
@@ -140,6 +140,7 @@ def test_full_finetuning_packed_chat_two_processes(tmp_path, tiny_model):
         "global_batch_size": 4,
         "max_steps": 6,
         "eval_every": 3,
+        "activation_checkpointing": True,
     }
     result = run_trainer(args, nproc=2)
     assert_ok(result)
