@@ -162,6 +162,25 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _attempt(fn: Any, what: str) -> str | None:
+    """Run ``fn``; a failure becomes a one-line message instead of an exception on this rank only."""
+    try:
+        fn()
+    except (OSError, TypeError, ValueError) as e:  # disk full, permissions, a non-JSON data_state
+        return f"{what}: {e}"
+    return None
+
+
+def _all_ok(error: str | None) -> None:
+    """Raise the first rank's error on every rank (none is left waiting in a collective); a barrier."""
+    if dist.is_initialized():
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise CheckpointError(error)
+
+
 def _broadcast_object(obj: Any) -> Any:
     if not dist.is_initialized():
         return obj
@@ -403,19 +422,21 @@ def save_checkpoint(
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     rank, world = _rank(), _world_size()
     started = time.perf_counter()
-    if rank == 0:
+
+    def prepare() -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "rng").mkdir(parents=True)
-    _barrier()
+
+    _all_ok(_attempt(prepare, f"cannot create {tmp}") if rank == 0 else None)
     _check_shared_dir(tmp)
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_SAVE_OPTIONS)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")
-    torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
-    _barrier()  # every shard and RNG file is on disk
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")  # raises on every rank
+    rng_file = tmp / "rng" / f"rank-{rank:05d}.pt"
+    _all_ok(_attempt(lambda: torch.save(rng_state(), rng_file), f"cannot write {rng_file}"))
 
-    if rank == 0:
+    def finalize() -> None:
         meta = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -429,20 +450,19 @@ def save_checkpoint(
             "save_seconds": round(time.perf_counter() - started, 3),
             "complete": True,
         }
-        try:
-            text = json.dumps(meta, indent=2, sort_keys=True)
-        except TypeError as e:
-            raise CheckpointError(
-                f"checkpoint meta is not JSON-serialisable ({e}); keep data_state plain"
-            ) from e
-        write_atomic(tmp / META, text + "\n")
-        if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave no copy
-            _remove_tree(final)
+        write_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        old = root / f".trash-{final.name}-{os.getpid()}"
+        if final.exists():  # re-saving a step (after a resume): the older copy goes only once replaced
+            os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(root)
-        for _, old in list_checkpoints(output_dir)[: -max(1, keep_last)]:
-            _remove_tree(old)
-    _barrier()  # nobody moves on (or exits) before the checkpoint is complete
+        shutil.rmtree(old, ignore_errors=True)
+        for _, stale in list_checkpoints(output_dir)[: -max(1, keep_last)]:
+            _remove_tree(stale)
+        log.info("checkpoint %s saved in %.1fs", final, time.perf_counter() - started)
+
+    # Every shard is on disk (DCP and the check above are collective); then the marker, then the rename.
+    _all_ok(_attempt(finalize, f"cannot complete checkpoint {final}") if rank == 0 else None)
     return final
 
 

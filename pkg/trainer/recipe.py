@@ -151,6 +151,12 @@ class Recipe:
         path = checkpoint.find_resume(self.out, self.cfg.resume)
         if path is None:
             return
+        step = checkpoint.read_meta(path)["step"]
+        if step > self.total_steps:
+            raise TrainerError(
+                f"checkpoint {path} is at step {step}, past this run's {self.total_steps} steps: "
+                "raise max_steps (or num_epochs), or set resume: never to start over"
+            )
         resumed = checkpoint.load_checkpoint(
             path, self.model, self.optimizer, self.scheduler, fingerprint=self.fingerprint
         )

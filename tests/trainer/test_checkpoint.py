@@ -116,6 +116,11 @@ def worker(mode: str, out: Path, workdir: Path) -> None:
             )
         except ck.CheckpointError as e:
             result["refused"] = str(e)
+        try:  # a failing save raises the same one-line error on every rank and leaves nothing complete
+            bad = {"x": object()}
+            ck.save_checkpoint(workdir / "bad", 1, model, optimizer, fingerprint=FP, data_state=bad)
+        except ck.CheckpointError as e:
+            result["bad_save"] = str(e)
         resumed = ck.load_checkpoint(
             ck.latest_checkpoint(workdir), model, optimizer, scheduler, fingerprint=FP
         )
@@ -213,6 +218,11 @@ def test_resume_same_and_other_world_size(trained_at_2, tmp_path, nproc):
     assert resumed["resumed_step"] == 3 and resumed["data_state"] == {"next_step": 4}
     assert "dataset: checkpoint has 'toy-data-1', this run has 'other'" in resumed["refused"]
     assert "\n" not in resumed["refused"]
+    assert "cannot complete checkpoint" in resumed["bad_save"] and "JSON" in resumed["bad_save"]
+    from pkg.trainer import checkpoint as ck
+
+    assert ck.latest_checkpoint(workdir / "bad") is None
+
     snap, want = resumed["snapshot"], trained["snapshot"]
     _assert_same(snap["weights"], want["weights"])
     _assert_same(snap["optim"], want["optim"])
