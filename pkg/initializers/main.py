@@ -1,12 +1,13 @@
 """The run shared by both initializers: config -> marker check -> list -> filter -> plan -> fetch -> marker.
 
 Exit codes: 0 success (or already complete), 1 an expected error (one line on stderr), 2 an unexpected bug
-(redacted traceback on stderr), 130 interrupted.
+(redacted traceback on stderr), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM; a rerun resumes.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from dataclasses import replace
@@ -122,12 +123,21 @@ def run(config: Config) -> None:
         source.close()
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (the pod is being stopped)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(kind: Kind) -> int:
     """Entry point of `python -m pkg.initializers.{dataset,model}`; returns the exit code."""
     # Never pick up or persist a token through huggingface_hub's own machinery.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    signal.signal(signal.SIGTERM, _terminate)  # Kubernetes stops pods with SIGTERM: stop cleanly
     try:
         config = load_config(kind)
         log(f"{kind} initializer: {config.uri} -> {config.output_path}")
@@ -136,9 +146,9 @@ def main(kind: Kind) -> int:
     except InitializerError as exc:
         print(f"error: {one_line(exc, 1000)}", file=sys.stderr, flush=True)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as exc:
         print("error: interrupted; rerun to resume (finished files are kept)", file=sys.stderr, flush=True)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # a bug: keep the trace for the report, minus secrets
         print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
         print(f"error: unexpected {type(exc).__name__}: {one_line(exc)}", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -182,14 +182,21 @@ class Engine:
         workers = max(1, min(self.tuning.concurrency, self.source.max_concurrency, len(tasks) or 1))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
             futures = [pool.submit(task) for task in tasks]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # SIGTERM / Ctrl-C in the main thread: stop the workers, keep the journal
+                self._stop(futures)
+                raise
             errors = [fut.exception() for fut in done if fut.exception() is not None]
             if errors:
-                self._cancel.set()  # running tasks stop at their next chunk, queued ones at their start
-                for fut in futures:
-                    fut.cancel()
-                wait(futures)
+                self._stop(futures)
                 raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+
+    def _stop(self, futures: list[Future[None]]) -> None:
+        self._cancel.set()  # running tasks stop at their next chunk, queued ones at their start
+        for fut in futures:
+            fut.cancel()
+        wait(futures)
 
     def _stream(self, f: RemoteFile, start: int, end: int, sink: Callable[[bytes, int], None]) -> None:
         """One attempt at bytes [start, end) fed to `sink(chunk, offset)`; short reads are transient."""

@@ -140,3 +140,30 @@ def test_crash_resume(run: Runner, s3: S3Server, s3_proxy: FaultProxy, tmp_path:
     assert len(gets) == 12  # the 12 parts that were not finished
     starts = {int(r.range.split("=")[1].split("-")[0]) // (256 * KiB) for r in gets}
     assert starts == set(range(16)) - z_parts  # exactly the parts the journal did not record
+
+
+def test_sigterm_stops_cleanly(run: Runner, s3: S3Server, s3_proxy: FaultProxy, tmp_path: Path) -> None:
+    """Kubernetes stops a pod with SIGTERM: one line, exit 143, nothing marked complete, rerun resumes."""
+    client = s3.client()
+    client.create_bucket(Bucket="term")
+    objects = {f"small-{i}.txt": os.urandom(1000) for i in range(4)}
+    objects["big.bin"] = os.urandom(1024 * KiB)
+    for key, body in objects.items():
+        client.put_object(Bucket="term", Key=f"t/{key}", Body=body)
+    s3_proxy.add(FaultRule(stall=2, stall_after=1000, times=100, match="big.bin"))
+    out = tmp_path / "out"
+    env = env_for(s3, s3_proxy, "s3://term/t", out)
+    proc = run.popen("dataset", **env)
+    deadline = time.monotonic() + 60
+    while len({r["path"] for r in _journal(out) if "part" not in r}) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines() == ["error: interrupted; rerun to resume (finished files are kept)"]
+    assert not (out / ".initializer/manifest.json").exists()
+    s3_proxy.clear()
+    result = run("dataset", **env)
+    assert result.returncode == 0, result.stderr
+    assert tree(out) == objects
+    assert "resuming: 4 files already complete" in result.stdout
