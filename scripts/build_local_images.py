@@ -15,6 +15,8 @@ and `docker buildx bake` cannot drift apart. What differs, and why:
   (the same + a venv with the CPU torch wheel) for llm-trainer, which is then built without the GPU extras
   and tagged `<tag>-cpu` so it is never mistaken for the CUDA release image.
 - pip inside the build gets the host CA bundle as the `cacert` build secret (TLS-intercepting networks).
+- An image whose inputs (Dockerfile, the files it COPYs, resolved args, labels and tags) are unchanged is
+  not rebuilt: their digest is kept in the label org.kubeflow.trainer.build-inputs. `--force` rebuilds.
 
 Needs root, buildah, podman, runc and debootstrap (`scripts/install_system_deps.sh` installs them).
 Environment: KFT_IMAGE_CACHE (default /var/tmp/kft-images) holds the base rootfs tarball;
@@ -25,6 +27,7 @@ REGISTRY, TAG, PLATFORMS override the bake variables as with buildx.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -365,9 +368,45 @@ def local_plan(target: dict[str, Any], name: str, registry_base: bool) -> dict[s
     return {**target, "args": args, "tags": tags}
 
 
-def build(name: str, plan: dict[str, Any], layers: bool = False) -> None:
+DIGEST_LABEL = "org.kubeflow.trainer.build-inputs"
+
+
+def inputs_digest(context: Path, dockerfile: Path, plan: dict[str, Any]) -> str:
+    """sha256 over the Dockerfile, what its COPY instructions read, and the resolved build settings."""
+    digest = hashlib.sha256(dockerfile.read_bytes())
+    digest.update(json.dumps(plan, sort_keys=True).encode())
+    for line in dockerfile.read_text().splitlines():
+        parts = line.split()
+        if not parts or parts[0] != "COPY" or any(p.startswith("--from") for p in parts):
+            continue
+        for source in (p for p in parts[1:-1] if not p.startswith("--")):
+            root = context / source
+            for path in sorted([root] if root.is_file() else root.rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts:
+                    digest.update(str(path.relative_to(context)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def image_label(tag: str, label: str) -> str | None:
+    result = subprocess.run(
+        ["buildah", *STORAGE, "inspect", "--type", "image", "--format", "{{json .OCIv1.Config.Labels}}", tag],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        return None
+    return (json.loads(result.stdout or "null") or {}).get(label)
+
+
+def build(name: str, plan: dict[str, Any], layers: bool = False, force: bool = False) -> None:
     context = ROOT / plan.get("context", ".")
     dockerfile = context / plan.get("dockerfile", "Dockerfile")
+    digest = inputs_digest(context, dockerfile, plan)
+    tags = plan.get("tags", [])
+    if not force and tags and all(image_label(tag, DIGEST_LABEL) == digest for tag in tags):
+        log(f"{name} is up to date ({tags[0]}, inputs {digest}); --force rebuilds it")
+        return
     revision = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -377,7 +416,7 @@ def build(name: str, plan: dict[str, Any], layers: bool = False) -> None:
     cmd += ["--secret", f"id=cacert,src={CA_BUNDLE}", "--file", str(dockerfile)]
     for key, value in {"REVISION": revision or "unknown", **plan.get("args", {})}.items():
         cmd += ["--build-arg", f"{key}={value}"]
-    for key, value in plan.get("labels", {}).items():
+    for key, value in {**plan.get("labels", {}), DIGEST_LABEL: digest}.items():
         cmd += ["--label", f"{key}={value}"]
     if plan.get("target"):
         cmd += ["--target", plan["target"]]
@@ -415,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layers", action="store_true", help="cache each instruction as a layer (faster edits, more disk)"
     )
+    parser.add_argument("--force", action="store_true", help="rebuild even when the inputs did not change")
     args = parser.parse_args(argv)
     try:
         bake = load_bake()
@@ -439,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             if TORCH_BASE in bases:
                 ensure_torch_base()
         for name, plan in plans.items():
-            build(name, plan, args.layers)
+            build(name, plan, args.layers, args.force)
         # Earlier builds of the same tags are left untagged; with vfs each holds a full copy of its files.
         subprocess.run(["buildah", *STORAGE, "rmi", "--prune"], capture_output=True, check=False)
         for plan in plans.values():
