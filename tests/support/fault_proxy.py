@@ -194,7 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         rule = self.proxy.take(self.command, path)
         fault = None if rule is None else json.dumps({k: v for k, v in asdict(rule).items() if v is not None})
-        status = 502
+        self._pending: tuple[str, str | None] | None = (path, fault)  # logged with the status line
         try:
             if rule is not None and rule.status is not None:
                 status = rule.status
@@ -205,11 +205,24 @@ class _Handler(BaseHTTPRequestHandler):
                     status, b"<Error><Code>InjectedFault</Code><Message>injected</Message></Error>", headers
                 )
                 return
-            status = self._forward(body, rule)
+            self._forward(body, rule)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
-            self.proxy.log(ProxiedRequest(self.command, path, self.headers.get("Range"), status, fault))
+            if self._pending is not None:  # nothing was sent back
+                self._log(502)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # Log when the status goes out, so a client that reads the log right after a response sees it.
+        if getattr(self, "_pending", None) is not None:
+            self._log(code)
+        super().send_response(code, message)
+
+    def _log(self, status: int) -> None:
+        assert self._pending is not None
+        path, fault = self._pending
+        self._pending = None
+        self.proxy.log(ProxiedRequest(self.command, path, self.headers.get("Range"), status, fault))
 
     def _forward(self, body: bytes, rule: FaultRule | None) -> int:
         conn = http.client.HTTPConnection(self.proxy.upstream_host, self.proxy.upstream_port, timeout=120)

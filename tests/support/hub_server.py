@@ -227,35 +227,40 @@ class _Handler(BaseHTTPRequestHandler):
     # -- dispatch -------------------------------------------------------------------------------------------
     def _handle(self, head: bool) -> None:
         url = urlsplit(self.path)
-        status = 500
-        authorized = False
+        self._authorized = False
+        self._pending = url.path != "/_admin/requests"  # logged with the status line
         try:
             authorized = self._auth()
+            self._authorized = authorized
             if url.path == "/_admin/requests":
                 with self.hub._lock:
                     log = [r.__dict__ for r in self.hub.requests]
-                status = 200
                 self._json(200, log)
                 return
             if m := _API.match(url.path):
-                status = self._api(m, parse_qs(url.query), authorized, head)
+                self._api(m, parse_qs(url.query), authorized, head)
             elif m := _RESOLVE.match(url.path):
-                status = self._resolve(m, authorized, head)
+                self._resolve(m, authorized, head)
             else:
                 raise _HubError(404, None, "Not Found")
         except _HubError as exc:
-            status = exc.status
             self._error(exc, head)
         except (BrokenPipeError, ConnectionResetError):
-            status = 499
             self.close_connection = True
         finally:
-            if url.path != "/_admin/requests":
-                self.hub.log(
-                    LoggedRequest(
-                        self.command, unquote(url.path), self.headers.get("Range"), status, authorized
-                    )
-                )
+            if self._pending:  # nothing was sent back
+                self._log(499)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # Log when the status goes out, so a client that reads the log right after a response sees it.
+        if getattr(self, "_pending", False):
+            self._log(code)
+        super().send_response(code, message)
+
+    def _log(self, status: int) -> None:
+        self._pending = False
+        path = unquote(urlsplit(self.path).path)
+        self.hub.log(LoggedRequest(self.command, path, self.headers.get("Range"), status, self._authorized))
 
     def _auth(self) -> bool:
         header = self.headers.get("Authorization", "")
