@@ -176,3 +176,39 @@ def test_colliding_keys(
     result = run("dataset", **s3_env(s3, s3_proxy, f"s3://{bucket}/p", tmp_path / "out"))
     assert result.returncode == 1
     assert message in one_error_line(result.stderr)
+
+
+def test_role_arn_assumed_through_sts(
+    run: Runner, s3: S3Server, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """ROLE_ARN: the base keys only assume the role; the role's temporary credentials read the bucket."""
+    import boto3
+
+    iam = boto3.client(
+        "iam",
+        endpoint_url=s3.endpoint,
+        aws_access_key_id=s3.access_key_id,
+        aws_secret_access_key=s3.secret_access_key,
+        region_name=s3.region,
+    )
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}],
+    }
+    role = iam.create_role(RoleName="reader", AssumeRolePolicyDocument=json.dumps(trust))["Role"]
+    iam.put_role_policy(
+        RoleName="reader",
+        PolicyName="read",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        ),
+    )
+    client = s3.client()
+    client.create_bucket(Bucket="role-data")
+    client.put_object(Bucket="role-data", Key="d/x.txt", Body=b"via role")
+    out = tmp_path / "out"
+    result = run("dataset", **s3_env(s3, s3_proxy, "s3://role-data/d", out, ROLE_ARN=role["Arn"]))
+    assert result.returncode == 0, result.stderr
+    assert tree(out) == {"x.txt": b"via role"}
+    assert s3.secret_access_key not in result.stdout + result.stderr
+    assert [r.path for r in s3_proxy.requests if r.method == "POST"] == ["/"]  # the STS AssumeRole call
