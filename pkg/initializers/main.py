@@ -6,11 +6,13 @@ Exit codes: 0 success (or already complete), 1 an expected error (one line on st
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import sys
 import traceback
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from .config import Config, Kind, load_config
@@ -72,6 +74,7 @@ def run(config: Config) -> None:
         )
         return
     source = open_source(config)
+    lock: int | None = None
     try:
         log(f"listing {config.uri}")
         listed = source.list_files()
@@ -93,6 +96,11 @@ def run(config: Config) -> None:
             raise InitializerError(
                 f"cannot create OUTPUT_PATH={root}: {exc.strerror}; check the volume"
             ) from None
+        lock = exclusive(root)
+        done = complete_manifest(root, request)
+        if done:  # another run finished it while we waited for the lock
+            log(f"{config.kind} completed by another run in {root}: {done['total_files']} files")
+            return
         previous = remove_manifest(root, request)
         journal = Journal(root, request, previous)
         engine = Engine(source, root, config.tuning, journal)
@@ -121,6 +129,19 @@ def run(config: Config) -> None:
         )
     finally:
         source.close()
+        if lock is not None:
+            os.close(lock)
+
+
+def exclusive(root: Path) -> int:
+    """Hold an exclusive lock on OUTPUT_PATH for this run, waiting for any other run to finish first."""
+    fd = os.open(state_dir(root) / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"another initializer is writing {root}; waiting for it")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 class Terminated(BaseException):

@@ -167,3 +167,26 @@ def test_sigterm_stops_cleanly(run: Runner, s3: S3Server, s3_proxy: FaultProxy, 
     assert result.returncode == 0, result.stderr
     assert tree(out) == objects
     assert "resuming: 4 files already complete" in result.stdout
+
+
+def test_concurrent_runs_wait_for_each_other(run: Runner, s3: S3Server, s3_proxy: FaultProxy, tmp_path: Path):
+    """Two initializers on one OUTPUT_PATH: the second waits for the first's lock, then finds it complete."""
+    client = s3.client()
+    client.create_bucket(Bucket="twice")
+    objects = {"a.txt": b"a", "b.bin": os.urandom(300 * KiB)}
+    for key, body in objects.items():
+        client.put_object(Bucket="twice", Key=f"p/{key}", Body=body)
+    s3_proxy.add(FaultRule(stall=2, stall_after=1000, times=1, match="b.bin"))
+    out = tmp_path / "out"
+    env = env_for(s3, s3_proxy, "s3://twice/p", out)
+    first = run.popen("dataset", **env)
+    deadline = time.monotonic() + 30
+    while not (out / ".initializer/journal.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = run("dataset", **env)
+    _, first_err = first.communicate(timeout=60)
+    assert first.returncode == 0, first_err
+    assert second.returncode == 0, second.stderr
+    assert "waiting for it" in second.stdout and "completed by another run" in second.stdout
+    assert tree(out) == objects
+    assert s3_proxy.count("/twice/p/b.bin") == 2  # its two 256 KiB parts, fetched once, by the first run
