@@ -216,3 +216,16 @@ def ds_of(rows):
     import datasets
 
     return datasets.Dataset.from_list(rows)
+
+
+def test_dataset_dict_folder_uses_its_train_split(tmp_path):
+    import datasets
+
+    from tests.trainer.tiny import rows
+
+    splits = {"train": rows("text", 6), "test": [{"text": "TEST SPLIT"}] * 2}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(
+        str(tmp_path)
+    )
+    ds = data.load_rows(str(tmp_path), str(tmp_path / ".cache"))
+    assert len(ds) == 6 and "TEST SPLIT" not in json.dumps(ds.to_list())
