@@ -32,12 +32,13 @@ import argparse
 import contextlib
 import http.client
 import json
-import threading
 import time
 from dataclasses import asdict, dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from tests.support.background import BackgroundServer
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "trailer"}
 
@@ -68,33 +69,13 @@ class ProxiedRequest:
     fault: str | None
 
 
-class FaultProxy:
+class FaultProxy(BackgroundServer):
     def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0):
         parts = urlsplit(upstream)
         self.upstream_host = parts.hostname or "127.0.0.1"
         self.upstream_port = parts.port or 80
         self.rules: list[FaultRule] = []
-        self.requests: list[ProxiedRequest] = []
-        self._lock = threading.Lock()
-        handler = type("Handler", (_Handler,), {"proxy": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        self.endpoint = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.httpd.server_port}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="fault-proxy", daemon=True)
-
-    def start(self) -> FaultProxy:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def __enter__(self) -> FaultProxy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(type("Handler", (_Handler,), {"proxy": self}), host, port, "fault-proxy")
 
     # -- faults ---------------------------------------------------------------------------------------------
     def add(self, rule: FaultRule) -> None:
@@ -130,19 +111,6 @@ class FaultProxy:
                     return rule
         return None
 
-    # -- log ------------------------------------------------------------------------------------------------
-    def count(self, contains: str = "", method: str = "GET") -> int:
-        with self._lock:
-            return sum(1 for r in self.requests if r.method == method and contains in r.path)
-
-    def reset_log(self) -> None:
-        with self._lock:
-            self.requests.clear()
-
-    def log(self, entry: ProxiedRequest) -> None:
-        with self._lock:
-            self.requests.append(entry)
-
 
 class _Handler(BaseHTTPRequestHandler):
     proxy: FaultProxy
@@ -158,8 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _admin(self, path: str) -> bool:
         if path == "/_proxy/requests" and self.command == "GET":
-            with self.proxy._lock:
-                self._reply(200, json.dumps([asdict(r) for r in self.proxy.requests]).encode())
+            self._reply(200, json.dumps(self.proxy.log_snapshot()).encode())
         elif path == "/_proxy/faults" and self.command == "POST":
             for rule in json.loads(self._body() or b"[]"):
                 self.proxy.add(FaultRule(**rule))

@@ -41,12 +41,13 @@ import hashlib
 import json
 import os
 import re
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from tests.support.background import BackgroundServer
 
 LFS_SUFFIXES = (
     ".safetensors",
@@ -75,7 +76,7 @@ class LoggedRequest:
     authorized: bool
 
 
-class HubServer:
+class HubServer(BackgroundServer):
     """A running server; `endpoint` is its base URL. Thread-safe request log in `requests`."""
 
     def __init__(
@@ -94,30 +95,8 @@ class HubServer:
         self.private = set(private)
         self.lfs_threshold = lfs_threshold
         self.page_size = page_size
-        self.requests: list[LoggedRequest] = []
-        self._lock = threading.Lock()
         self._hashes: dict[tuple[str, int, int], tuple[str, str]] = {}
-        handler = type("Handler", (_Handler,), {"hub": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        shown = "127.0.0.1" if host == "0.0.0.0" else host
-        self.endpoint = f"http://{shown}:{self.httpd.server_port}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="hub-server", daemon=True)
-
-    # -- lifecycle ------------------------------------------------------------------------------------------
-    def start(self) -> HubServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def __enter__(self) -> HubServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(type("Handler", (_Handler,), {"hub": self}), host, port, "hub-server")
 
     # -- content --------------------------------------------------------------------------------------------
     def repo_dir(self, repo_id: str, repo_type: str = "model") -> Path:
@@ -148,19 +127,6 @@ class HubServer:
         if gated:
             (self.repo_dir(repo_id, repo_type) / ".gated").touch()
         return commit_id(repo_type, repo_id, revision)
-
-    def count(self, contains: str = "", method: str = "GET") -> int:
-        """How many `method` requests had `contains` in their (unquoted) path."""
-        with self._lock:
-            return sum(1 for r in self.requests if r.method == method and contains in r.path)
-
-    def reset_log(self) -> None:
-        with self._lock:
-            self.requests.clear()
-
-    def log(self, entry: LoggedRequest) -> None:
-        with self._lock:
-            self.requests.append(entry)
 
     def is_private(self, repo_id: str, repo_type: str) -> bool:
         return repo_id in self.private or (self.repo_dir(repo_id, repo_type) / ".private").exists()
@@ -233,9 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
             authorized = self._auth()
             self._authorized = authorized
             if url.path == "/_admin/requests":
-                with self.hub._lock:
-                    log = [r.__dict__ for r in self.hub.requests]
-                self._json(200, log)
+                self._json(200, self.hub.log_snapshot())
                 return
             if m := _API.match(url.path):
                 self._api(m, parse_qs(url.query), authorized, head)
