@@ -23,6 +23,48 @@ MODEL_DEFAULT_IGNORE = ("*.msgpack", "*.h5", "*.bin", "*.pt", "*.pth")
 MODEL_FALLBACK_IGNORE = ("*.msgpack", "*.h5")
 
 MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One environment variable the initializers read; the README reference is generated from these."""
+
+    name: str
+    help: str
+    default: str = ""
+
+
+ENV_VARS = (
+    EnvVar(
+        "STORAGE_URI",
+        "Required. `hf://ORG/NAME[@REVISION][/SUB/PATH]`, `s3://BUCKET[/PREFIX]`, `file:///PATH` or `/PATH`.",
+    ),
+    EnvVar("OUTPUT_PATH", "Absolute folder to fill.", "/workspace/dataset or /workspace/model"),
+    EnvVar("ACCESS_TOKEN", "Hub token for private or gated repos. Never printed or written to disk."),
+    EnvVar("HF_TOKEN", "Accepted in place of ACCESS_TOKEN."),
+    EnvVar("ALLOW_PATTERNS", "Comma-separated globs on the path relative to the source root: only these."),
+    EnvVar(
+        "IGNORE_PATTERNS",
+        "Comma-separated globs to skip. Model default: `*.msgpack,*.h5,*.bin,*.pt,*.pth`, "
+        "but `.bin`/`.pt` weights are kept when the source has no `*.safetensors`.",
+    ),
+    EnvVar("HF_ENDPOINT", "Hub or mirror base URL.", "https://huggingface.co"),
+    EnvVar("ENDPOINT", "S3-compatible endpoint (MinIO, Ceph, GCS interop); path-style addressing."),
+    EnvVar(
+        "ACCESS_KEY_ID",
+        "S3 access key (with SECRET_ACCESS_KEY); unset: the AWS default chain (IRSA, instance profile).",
+    ),
+    EnvVar("SECRET_ACCESS_KEY", "S3 secret key. Never printed."),
+    EnvVar("REGION", "S3 region.", "us-east-1"),
+    EnvVar("ROLE_ARN", "IAM role assumed through STS before reading S3."),
+    EnvVar("INIT_CONCURRENCY", "Parallel requests.", "16"),
+    EnvVar("INIT_PART_SIZE", "Bytes per ranged request of a large file (default 16 MiB, grown to 64 MiB)."),
+    EnvVar("INIT_READ_TIMEOUT", "Seconds a read may stall before it is retried.", "60"),
+    EnvVar("INIT_MAX_ATTEMPTS", "Tries per request before giving up.", "8"),
+    EnvVar("INIT_RETRY_BASE", "First backoff in seconds (doubles, with jitter).", "0.5"),
+    EnvVar("INIT_RETRY_CAP", "Longest single backoff or Retry-After honoured, in seconds.", "30"),
+    EnvVar("INIT_PROGRESS_INTERVAL", "Seconds between progress lines.", "5"),
+)
 DEFAULT_PART_SIZE = 16 * MiB
 MAX_AUTO_PART_SIZE = 64 * MiB
 

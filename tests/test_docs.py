@@ -1,0 +1,35 @@
+"""The README's reference sections are generated from the code; they must match it."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from pkg.initializers.config import ENV_VARS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_reference_is_up_to_date() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_docs.py", "--check"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_initializer_variable_read_is_documented() -> None:
+    """Each name config.py reads with _get/_number/_patterns has an ENV_VARS entry, and nothing more."""
+    tree = ast.parse((REPO / "pkg/initializers/config.py").read_text())
+    read = {
+        node.args[1].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in {"_get", "_number", "_patterns"}
+        and len(node.args) > 1
+        and isinstance(node.args[1], ast.Constant)
+    }
+    read = {name for name in read if not name.startswith("AWS_")}  # read only to redact them
+    assert read == {var.name for var in ENV_VARS}
