@@ -146,6 +146,8 @@ def _text(row: dict, key: str, i: int, fmt: str, required: bool = True) -> str:
         if not required:
             return ""
         raise TrainerError(f"row {i} has no '{key}' (format {fmt} needs {', '.join(FORMAT_FIELDS[fmt])})")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # CSV and parquet columns of numbers
     if not isinstance(value, str):
         raise TrainerError(f"row {i}: '{key}' must be a string, got {type(value).__name__}")
     return value

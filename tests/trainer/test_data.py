@@ -108,7 +108,7 @@ def test_messages_without_a_chat_template_fall_back(tmp_path, caplog):
             "row 1 has no 'output' (format alpaca needs instruction",
         ),
         ("alpaca", {"instruction": "", "output": "y"}, "row 1 has no 'instruction'"),
-        ("prompt_completion", {"prompt": "x", "completion": 3}, "row 1: 'completion' must be a string"),
+        ("prompt_completion", {"prompt": "x", "completion": [3]}, "row 1: 'completion' must be a string"),
         ("messages", {"messages": [{"role": "user", "content": "x"}]}, "row 1: no 'assistant' message"),
         (
             "messages",
