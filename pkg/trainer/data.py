@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,30 +220,47 @@ def tokenize_messages(tokenizer, msgs: list[dict], cfg: TrainConfig) -> tuple[li
     return ids, labels
 
 
+def _pairs(
+    chunk: list[dict], lo: int, fmt: str, tokenizer, cfg: TrainConfig
+) -> list[tuple[list[int], list[int]]]:
+    """Tokenize a chunk of non-chat rows (batched through the fast tokenizer)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pairs = [prompt_and_completion(row, fmt, lo + j) for j, row in enumerate(chunk)]
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
+    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, c in zip(prompts, completions, strict=True):
+        ids = p + c + eos
+        out.append((ids, list(ids) if cfg.train_on_prompt else [IGNORE_INDEX] * len(p) + c + eos))
+    return out
+
+
 def tokenize_rows(ds, fmt: str, tokenizer, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per row, truncated to max_seq_length."""
-    samples = []
+    """(input_ids, labels) per row, truncated to max_seq_length; logs progress on large datasets."""
     if fmt == "messages":
         ensure_chat_template(tokenizer)
-        for i, row in enumerate(ds):
-            samples.append(tokenize_messages(tokenizer, _messages(row, i), cfg))
-    else:
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        rows, lo = iter(ds), 0
-        while chunk := list(itertools.islice(rows, 1000)):
-            pairs = [prompt_and_completion(row, fmt, lo + j) for j, row in enumerate(chunk)]
-            lo += len(chunk)
-            prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
-            completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
-            for p, c in zip(prompts, completions, strict=True):
-                ids = p + c + eos
-                labels = list(ids) if cfg.train_on_prompt else [IGNORE_INDEX] * len(p) + c + eos
-                samples.append((ids, labels))
-    out = []
-    for ids, labels in samples:
-        ids, labels = ids[: cfg.max_seq_length], labels[: cfg.max_seq_length]
-        labels[0] = IGNORE_INDEX  # nothing predicts the first token; keeps packed samples apart
-        out.append((ids, labels))
+    out: list[tuple[list[int], list[int]]] = []
+    rows, done, total = iter(ds), 0, len(ds)
+    started = last_log = time.monotonic()
+    while chunk := list(itertools.islice(rows, 1000)):
+        if fmt == "messages":
+            pairs = [
+                tokenize_messages(tokenizer, _messages(row, done + j), cfg) for j, row in enumerate(chunk)
+            ]
+        else:
+            pairs = _pairs(chunk, done, fmt, tokenizer, cfg)
+        for ids, labels in pairs:
+            ids, labels = ids[: cfg.max_seq_length], labels[: cfg.max_seq_length]
+            labels[0] = IGNORE_INDEX  # nothing predicts the first token; keeps packed samples apart
+            out.append((ids, labels))
+        done += len(chunk)
+        now = time.monotonic()
+        if now - last_log >= 10 and done < total:
+            rate = done / (now - started)
+            log.info(
+                "tokenized %d/%d rows, %.0f rows/s, eta %.0f s", done, total, rate, (total - done) / rate
+            )
+            last_log = now
     return out
 
 
