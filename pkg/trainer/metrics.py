@@ -32,7 +32,7 @@ class Metrics:
         self.start_step = 0
         self.records: list[dict[str, Any]] = []
         if enabled and self.path.exists():
-            self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.records = read_records(self.path)
 
     def rewind(self, step: int) -> None:
         """Keep only the records up to `step` (a resumed run continues after it)."""
@@ -106,6 +106,19 @@ class Metrics:
             os.replace(tmp, self.output_dir / "summary.json")
             plot_loss(train, val, self.output_dir / "loss.png")
         return summary
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn line (a crash mid-write) is skipped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
 
 
 def plot_loss(train: list[dict], val: list[dict], path: Path) -> None:

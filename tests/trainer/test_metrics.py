@@ -1,0 +1,39 @@
+"""metrics.jsonl, summary.json and loss.png from the Metrics writer."""
+
+from __future__ import annotations
+
+import json
+
+from pkg.trainer.metrics import Metrics, hms
+
+
+def test_records_rewind_summary_and_plot(tmp_path):
+    metrics = Metrics(tmp_path, total_steps=4, enabled=True)
+    for step in range(1, 5):
+        metrics.train_step(step, loss=2.0 / step, lr=1e-3, grad_norm=0.5, tokens_per_s=100.0)
+    metrics.val_step(4, 0.7)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # a torn last line from a crash
+
+    again = Metrics(tmp_path, total_steps=6, enabled=True)  # a resumed run
+    again.rewind(2)
+    assert [r["step"] for r in again.records] == [1, 2]
+    again.train_step(3, loss=0.5, lr=1e-3, grad_norm=0.4, tokens_per_s=120.0)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+
+    summary = again.finish({"method": "lora"})
+    assert summary["first_loss"] == 2.0 and summary["final_loss"] == 0.5 and summary["steps"] == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["method"] == "lora"
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    metrics = Metrics(tmp_path, total_steps=2, enabled=False)
+    metrics.train_step(1, 1.0, 1e-3, 0.1, 10.0)
+    metrics.finish({})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hms():
+    assert hms(3725.2) == "1:02:05" and hms(float("inf")) == "?"
