@@ -390,6 +390,27 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- save / load
 
 
+def shared_by_all_ranks(output_dir: str | os.PathLike) -> bool:
+    """Whether every rank sees the same ``output_dir`` (one volume on all nodes); collective.
+
+    Sharded checkpoints need it: each rank writes its own shard into one folder. Node-local
+    volumes would scatter a checkpoint across nodes.
+    """
+    if _world_size() == 1:
+        return True
+    token = _broadcast_object(f".shared-check-{os.getpid()}-{time.time_ns()}")
+    probe = Path(output_dir) / token
+    if _rank() == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+    _barrier()
+    shared = _agree(probe.exists())
+    _barrier()
+    if _rank() == 0:
+        probe.unlink(missing_ok=True)
+    return shared
+
+
 def _check_shared_dir(tmp: Path) -> None:
     """Every rank must see the folder rank 0 created, or per-rank shards would scatter across nodes."""
     if not _agree(tmp.is_dir()):

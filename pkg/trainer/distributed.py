@@ -38,6 +38,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _attempt_store(timeout: datetime.timedelta) -> dict:
+    """After a torchrun restart (`--max-restarts`), a store namespace of this attempt's own.
+
+    With static rendezvous (`--master-port`, the PET_* variables of a TrainJob) the agent keeps one
+    TCPStore across restarts, and the process group's keys have no attempt prefix: a restarted rank
+    can read the address of a rank that died and never connect. A prefix per attempt avoids that.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if not restart or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    world_size = int(os.environ["WORLD_SIZE"])
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    client = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
+    store = dist.PrefixStore(f"pkg.trainer/attempt-{restart}", client)
+    return {"store": store, "rank": int(os.environ["RANK"]), "world_size": world_size}
+
+
 def init(timeout_minutes: int) -> DistInfo:
     """Join the process group (gloo on CPU, NCCL on CUDA); a group of one outside torchrun."""
     if "RANK" not in os.environ:
@@ -52,10 +69,12 @@ def init(timeout_minutes: int) -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(
             backend,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
             device_id=device if backend == "nccl" else None,
+            **_attempt_store(timeout),
         )
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
 

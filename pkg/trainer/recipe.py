@@ -100,6 +100,12 @@ class Recipe:
         self.dist = distributed.init(cfg.dist_timeout_minutes)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.save_every and not checkpoint.shared_by_all_ranks(self.out):
+            cfg.save_every = 0
+            log.warning(
+                "output_dir %s is not one volume shared by every node: checkpoints are off "
+                "(mount a ReadWriteMany volume there to make the run resumable)", self.out,
+            )  # fmt: skip
         self.fingerprint = checkpoint.run_fingerprint(cfg)
         self.finished = None
         if checkpoint.resume_mode(cfg.resume) != "never":

@@ -10,10 +10,15 @@ One uninterrupted 2-process run is the reference; against it:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
+import subprocess
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,12 +26,36 @@ import torch
 from safetensors.torch import load_file
 
 from pkg.trainer import checkpoint as ck
-from tests.trainer.conftest import BASE_ARGS, cli, finish, losses, run_trainer, start, torchrun, trainer_env
+from tests.trainer.conftest import BASE_ARGS, cli, losses, run_trainer, start, torchrun, trainer_env
 
 # Constant learning rate: the losses of steps 1..k do not depend on max_steps, so runs of different
 # lengths are comparable step by step.
 ARGS = {**BASE_ARGS, "max_steps": 6, "save_every": 2, "keep_last": 2, "lr_scheduler": "constant"}
 ARGS["val_fraction"] = 0.0
+
+
+def launch(cmd: list[str], timeout: int = 300, **env: str) -> tuple[subprocess.Popen, Callable]:
+    """Start a launch whose every process (torchrun puts workers in sessions of their own) can be killed.
+
+    Returns the process and a ``wait(timeout)`` that, on timeout, SIGKILLs every process carrying this
+    launch's marker, so no orphaned worker keeps the pipes open (or the test waiting) forever.
+    """
+    marker = uuid.uuid4().hex
+    proc = start(cmd, trainer_env(TRAINER_TEST_MARKER=marker, **env))
+
+    def wait(timeout: int = timeout) -> subprocess.CompletedProcess:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for environ in Path("/proc").glob("[0-9]*/environ"):
+                with contextlib.suppress(OSError):
+                    if f"TRAINER_TEST_MARKER={marker}".encode() in environ.read_bytes().split(b"\0"):
+                        os.kill(int(environ.parent.name), signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"timed out after {timeout}s:\n{(out + err)[-3000:]}") from None
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    return proc, wait
 
 
 def ok(result) -> str:
@@ -65,7 +94,7 @@ def test_reference_layout(reference):
 def test_killed_rank_restarts_and_matches_uninterrupted(reference, tmp_path):
     args, ref = reference
     cmd = [*torchrun(2), "--max-restarts", "1", "-m", "pkg.trainer", *cli({**args, "output_dir": tmp_path})]
-    log = ok(finish(start(cmd, trainer_env(TRAINER_TEST_KILL_AT_STEP="3")), timeout=300))
+    log = ok(launch(cmd, TRAINER_TEST_KILL_AT_STEP="3")[1]())
     assert "resuming from step 2" in log, log[-3000:]
     assert train_steps(tmp_path) == [1, 2, 3, 4, 5, 6]  # step 3 was logged twice: once kept
     assert losses(tmp_path) == pytest.approx(losses(ref), rel=1e-5)
@@ -78,13 +107,13 @@ def test_killed_rank_restarts_and_matches_uninterrupted(reference, tmp_path):
 def test_sigterm_saves_exits_143_and_resumes_at_another_world_size(reference, tmp_path):
     args, ref = reference
     args = {**args, "output_dir": tmp_path, "save_every": 100}  # only the SIGTERM checkpoint (and the final)
-    proc = start([*torchrun(2), "-m", "pkg.trainer", *cli(args)], trainer_env(TRAINER_TEST_STEP_SLEEP="1"))
+    proc, wait = launch([*torchrun(2), "-m", "pkg.trainer", *cli(args)], TRAINER_TEST_STEP_SLEEP="1")
     metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 240
     while not (metrics.exists() and len(train_steps(tmp_path)) >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, finish(proc, 10).stderr[-3000:]
+        assert proc.poll() is None and time.monotonic() < deadline, wait(1).stderr[-3000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)  # to torchrun, as Kubernetes does on eviction; it forwards to workers
-    result = finish(proc, timeout=120)
+    result = wait(120)
     assert result.returncode != 0, result.stdout[-3000:]
     # One line from the trainer (torchrun itself still reports the signal it got, with its own traceback).
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -110,10 +139,11 @@ def test_finished_rerun_mismatch_and_extension(reference, tmp_path):
     assert (out / "metrics.jsonl").read_bytes() == before[0]
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == before[1].st_mtime_ns
 
-    refused = run_trainer({**args, "global_batch_size": 4})  # another batch shape
+    refused = run_trainer({**args, "global_batch_size": 4, "method": "full"})  # another batch shape, method
     assert refused.returncode != 0
     [line] = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert "refusing checkpoint" in line and "global_batch_size=8" in line and "global_batch_size=4" in line
+    assert "method: checkpoint has 'lora (lora_rank=8" in line and "this run has 'full'" in line
     assert "Traceback" not in refused.stderr
 
     log = ok(run_trainer({**args, "max_steps": 8}))  # extend: continue from the final checkpoint
