@@ -389,14 +389,11 @@ def inputs_digest(context: Path, dockerfile: Path, plan: dict[str, Any]) -> str:
 
 def image_label(tag: str, label: str) -> str | None:
     result = subprocess.run(
-        ["buildah", *STORAGE, "inspect", "--type", "image", "--format", "{{json .OCIv1.Config.Labels}}", tag],
-        capture_output=True,
-        text=True,
-        check=False,
+        ["buildah", *STORAGE, "inspect", "--type", "image", tag], capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         return None
-    return (json.loads(result.stdout or "null") or {}).get(label)
+    return (json.loads(result.stdout)["OCIv1"]["config"].get("Labels") or {}).get(label)
 
 
 def build(name: str, plan: dict[str, Any], layers: bool = False, force: bool = False) -> None:

@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.images.containers import build_images, image_config, image_size, make_workspace, run_container
+from tests.images.containers import (
+    BUILD_SCRIPT,
+    build_images,
+    image_config,
+    image_size,
+    make_workspace,
+    run_container,
+)
 from tests.support.hub_server import HubServer, start_hub_server
 from tests.support.s3_server import S3Server, start_s3_server
 
@@ -151,3 +160,14 @@ def test_image_contract(images, target):
     assert (uid, cwd) == ("1000", "/app")
     assert listing.split() == ["__init__.py", "initializers"]
     assert result.stdout.rstrip().endswith("ok")
+
+
+def test_unchanged_image_is_not_rebuilt(images):
+    result = subprocess.run(
+        [sys.executable, str(BUILD_SCRIPT), "dataset-initializer"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "dataset-initializer is up to date" in result.stdout
