@@ -39,10 +39,10 @@ BAKE_ARGS ?=
 IMAGES ?=
 
 images: ## build the three images with `docker buildx bake` (Docker engine + buildx; REGISTRY, TAG, PLATFORMS)
-	docker buildx bake --file docker-bake.hcl $(BAKE_ARGS)
+	REVISION=$${REVISION:-$$(git rev-parse --short HEAD)} docker buildx bake --file docker-bake.hcl $(BAKE_ARGS)
 
 push: ## build and push the release images: PLATFORMS=linux/amd64,linux/arm64 TAG=v2.0.0 make push
-	docker buildx bake --file docker-bake.hcl --push $(BAKE_ARGS)
+	REVISION=$${REVISION:-$$(git rev-parse --short HEAD)} docker buildx bake --file docker-bake.hcl --push $(BAKE_ARGS)
 
 images-local: install ## the same targets with buildah, no Docker engine (root; IMAGES="dataset-initializer ...")
 	$(PYTHON) scripts/build_local_images.py $(IMAGES)

@@ -22,6 +22,11 @@ variable "SOURCE" {
   default = "https://github.com/kubeflow/trainer"
 }
 
+// The commit the images are built from (`make images` and `make push` pass `git rev-parse --short HEAD`).
+variable "REVISION" {
+  default = "unknown"
+}
+
 group "default" {
   targets = ["dataset-initializer", "model-initializer", "llm-trainer"]
 }
@@ -31,12 +36,14 @@ target "_common" {
   context   = "."
   platforms = split(",", PLATFORMS)
   args = {
-    VERSION = "${TAG}"
-    SOURCE  = "${SOURCE}"
+    VERSION  = "${TAG}"
+    SOURCE   = "${SOURCE}"
+    REVISION = "${REVISION}"
   }
   labels = {
     "org.opencontainers.image.source"   = "${SOURCE}"
     "org.opencontainers.image.version"  = "${TAG}"
+    "org.opencontainers.image.revision" = "${REVISION}"
     "org.opencontainers.image.licenses" = "Apache-2.0"
     "org.opencontainers.image.vendor"   = "Kubeflow"
   }

@@ -374,7 +374,13 @@ DIGEST_LABEL = "org.kubeflow.trainer.build-inputs"
 def inputs_digest(context: Path, dockerfile: Path, plan: dict[str, Any]) -> str:
     """sha256 over the Dockerfile, what its COPY instructions read, and the resolved build settings."""
     digest = hashlib.sha256(dockerfile.read_bytes())
-    digest.update(json.dumps(plan, sort_keys=True).encode())
+    # The commit alone does not change what is built: a new commit with the same inputs is up to date.
+    settings = {
+        **plan,
+        "args": {k: v for k, v in plan.get("args", {}).items() if k != "REVISION"},
+        "labels": {k: v for k, v in plan.get("labels", {}).items() if not k.endswith(".revision")},
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
     for line in dockerfile.read_text().splitlines():
         parts = line.split()
         if not parts or parts[0] != "COPY" or any(p.startswith("--from") for p in parts):
@@ -404,14 +410,11 @@ def build(name: str, plan: dict[str, Any], layers: bool = False, force: bool = F
     if not force and tags and all(image_label(tag, DIGEST_LABEL) == digest for tag in tags):
         log(f"{name} is up to date ({tags[0]}, inputs {digest}); --force rebuilds it")
         return
-    revision = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     # Without --layers buildah runs every instruction in one container and commits once; with vfs (no
     # copy-on-write) each cached layer is a full copy of the root filesystem, which costs more than it saves.
     cmd = ["buildah", *STORAGE, "bud", "--isolation", "chroot", "--network", "host", f"--layers={layers}"]
     cmd += ["--secret", f"id=cacert,src={CA_BUNDLE}", "--file", str(dockerfile)]
-    for key, value in {"REVISION": revision or "unknown", **plan.get("args", {})}.items():
+    for key, value in plan.get("args", {}).items():
         cmd += ["--build-arg", f"{key}={value}"]
     for key, value in {**plan.get("labels", {}), DIGEST_LABEL: digest}.items():
         cmd += ["--label", f"{key}={value}"]
@@ -454,7 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when the inputs did not change")
     args = parser.parse_args(argv)
     try:
-        bake = load_bake()
+        env = dict(os.environ)
+        if "REVISION" not in env:  # label the images with the commit, as `make images` does
+            git = ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]
+            revision = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
+            env["REVISION"] = revision or "unknown"
+        bake = load_bake(env=env)
         names: list[str] = []
         for requested in args.targets or ["default"]:
             expanded = bake["group"].get(requested, {}).get("targets", [requested])
