@@ -1,11 +1,11 @@
 """Checkpoint save/load time and size: our sharded DCP checkpoints vs a full state dict gathered on rank 0.
 
     .venv/bin/python bench/bench_checkpoint.py                       # tiny + 60M models, 1 and 2 ranks
-    .venv/bin/python bench/bench_checkpoint.py --models tiny --nproc 2 --out /tmp/ckpt.json
+    .venv/bin/python bench/bench_checkpoint.py --quick --out /tmp/ckpt.json     # tiny model, 2 ranks
 
 The baseline is what a user gets from the usual FSDP recipes (HF Trainer / Accelerate with
 FULL_STATE_DICT): gather every trainable weight and the optimizer state on rank 0 and ``torch.save``
-them; to load, every rank reads that file (``torch.load``, mmap) and keeps its own slice.
+them; to load, every rank reads that file (``torch.load``) and keeps its own slice.
 Ours: every rank writes its own shard (``pkg.trainer.checkpoint``).
 Models are random Llama-style configs built in memory (no download), sharded with FSDP2 as the
 trainer does; one optimizer step fills the AdamW state first.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -68,6 +69,10 @@ def _build(model_name: str, method: str):
     return model, optimizer, trainable
 
 
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _timed(fn) -> float:
     import torch.distributed as dist
 
@@ -114,18 +119,24 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                     torch.save({"model": msd, "optim": osd}, baseline_file)
 
             def load_full(model=model, optimizer=optimizer, baseline_file=baseline_file):
-                state = torch.load(baseline_file, weights_only=True, mmap=True)  # every rank reads it all
+                state = torch.load(baseline_file, weights_only=True)  # every rank reads it all
                 set_state_dict(
                     model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                     options=load_opts,
                 )  # fmt: skip
 
             times = {name: [] for name in ("save_ours", "load_ours", "save_full", "load_full")}
-            for _ in range(reps):
-                for name, fn in (("save_ours", save_ours), ("load_ours", load_ours)):
-                    times[name].append(_timed(fn))
-                for name, fn in (("save_full", save_full), ("load_full", load_full)):
-                    times[name].append(_timed(fn))
+            # Rank 0's peak RSS growth while saving (ru_maxrss only rises: ours runs first, so the
+            # baseline's figure is what it needs beyond ours, a lower bound of its own growth).
+            peak = {"before": _max_rss_mb()}
+            for rep in range(reps):
+                times["save_ours"].append(_timed(save_ours))
+                peak.setdefault("ours", _max_rss_mb())
+                times["load_ours"].append(_timed(load_ours))
+                times["save_full"].append(_timed(save_full))
+                peak.setdefault("full", _max_rss_mb())
+                times["load_full"].append(_timed(load_full))
+                del rep
             if rank == 0:
                 med = {k: statistics.median(v) for k, v in times.items()}
                 rows.append(
@@ -135,6 +146,8 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                         "ours_bytes": _dir_bytes(ck.latest_checkpoint(run_dir)),
                         "full_bytes": baseline_file.stat().st_size,
                         **{f"{k}_s": round(v, 4) for k, v in med.items()},
+                        "save_rss_growth_ours_mb": round(peak["ours"] - peak["before"], 1),
+                        "save_rss_growth_full_mb": round(peak["full"] - peak["ours"], 1),
                         "save_ratio": round(med["save_full"] / med["save_ours"], 2),
                         "load_ratio": round(med["load_full"] / med["load_ours"], 2),
                     }
@@ -148,17 +161,19 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
 
 
 def _table(rows: list[dict]) -> str:
-    head = (
-        f"{'model':<6} {'method':<6} {'ranks':>5} {'trainable':>11} {'ours MB':>8} {'full MB':>8} "
-        f"{'save ours':>10} {'save full':>10} {'ratio':>6} {'load ours':>10} {'load full':>10} {'ratio':>6}"
-    )
-    lines = [head, "-" * len(head)]
+    """Markdown: sizes, median times and baseline/ours ratios (> 1: ours faster)."""
+    lines = [
+        "| model | method | ranks | trainable | ours MB | full MB | save ours | save full | ratio "
+        "| load ours | load full | ratio | rank-0 RSS growth on save, ours / full |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
     for r in rows:
         lines.append(
-            f"{r['model']:<6} {r['method']:<6} {r['world_size']:>5} {r['trainable_params']:>11,} "
-            f"{r['ours_bytes'] / 1e6:>8.2f} {r['full_bytes'] / 1e6:>8.2f} "
-            f"{r['save_ours_s']:>9.3f}s {r['save_full_s']:>9.3f}s {r['save_ratio']:>5.2f}x "
-            f"{r['load_ours_s']:>9.3f}s {r['load_full_s']:>9.3f}s {r['load_ratio']:>5.2f}x"
+            f"| {r['model']} | {r['method']} | {r['world_size']} | {r['trainable_params']:,} "
+            f"| {r['ours_bytes'] / 1e6:.2f} | {r['full_bytes'] / 1e6:.2f} "
+            f"| {r['save_ours_s']:.3f} s | {r['save_full_s']:.3f} s | {r['save_ratio']:.2f}x "
+            f"| {r['load_ours_s']:.3f} s | {r['load_full_s']:.3f} s | {r['load_ratio']:.2f}x "
+            f"| {r['save_rss_growth_ours_mb']:.0f} / {r['save_rss_growth_full_mb']:.0f} MB |"
         )
     return "\n".join(lines)
 
@@ -170,8 +185,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--workdir", type=Path, help="where checkpoints are written (default: a temp dir)")
+    parser.add_argument("--quick", action="store_true", help="tiny model only, 2 ranks, 2 repetitions")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.nproc, args.reps = "tiny", "2", 2
     models = [m for m in args.models.split(",") if m]
     if unknown := [m for m in models if m not in MODELS]:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
@@ -194,20 +212,22 @@ def main() -> None:
                 "PYTHONPATH": str(ROOT),
                 "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc)),
             }
-            print(
-                f"running {len(models)} model(s) x {len(METHODS)} methods at {nproc} rank(s)...", flush=True
-            )
-            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+            print(f"running {','.join(models)} x {','.join(METHODS)} at {nproc} rank(s)...", file=sys.stderr)
+            subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=sys.stderr)
             rows += json.loads(result.read_text())
+    print(
+        "Checkpoint save and load on CPU: ours (`pkg.trainer.checkpoint`, every rank writes its own shard "
+        "with torch.distributed.checkpoint) vs the usual full state dict gathered on rank 0 and "
+        f"`torch.save`d (every rank `torch.load`s it back). Median of {args.reps}; ratio = full / ours.\n"
+    )
     print(_table(rows))
     report = {
         "torch": __import__("torch").__version__,
         "cpus": os.cpu_count(),
         "reps": args.reps,
-        "baseline": "full state dict gathered on rank 0 + torch.save; every rank torch.load (mmap)s it",
+        "baseline": "full state dict gathered on rank 0 + torch.save; every rank torch.loads it",
         "rows": rows,
     }
-    print(json.dumps(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
