@@ -33,7 +33,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,13 +316,17 @@ def find_resume(output_dir: str | os.PathLike, resume: str | bool | None) -> Pat
 
 
 def finished_run(
-    output_dir: str | os.PathLike, fingerprint: Mapping[str, Any], length: Mapping[str, Any]
+    output_dir: str | os.PathLike,
+    fingerprint: Mapping[str, Any],
+    length: Mapping[str, Any],
+    outputs: Sequence[Path] = (),
 ) -> dict[str, Any] | None:
     """The ``summary.json`` of a run that already finished with this fingerprint and length, else None.
 
     ``summary.json`` is written last, after the final outputs, so it marks a completed run; ``length``
-    (``max_steps``, ``num_epochs``) must match, so a larger ``max_steps`` extends the run instead.
-    Collective: rank 0 reads, every rank gets the same answer.
+    (``max_steps``, ``num_epochs``) must match, so a larger ``max_steps`` extends the run instead, and
+    every path in ``outputs`` must exist (a rerun asking for another output, say a merged model, is
+    not finished: it resumes from the final checkpoint and writes it). Collective: rank 0 decides.
     """
     summary = None
     if _rank() == 0:
@@ -334,6 +338,7 @@ def finished_run(
             isinstance(found, dict)
             and found.get("fingerprint") == dict(fingerprint)
             and all(found.get(k) == v for k, v in length.items())
+            and all(Path(p).exists() for p in outputs)
         ):
             summary = found
     return _broadcast_object(summary)

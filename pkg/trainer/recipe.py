@@ -110,7 +110,9 @@ class Recipe:
         self.finished = None
         if checkpoint.resume_mode(cfg.resume) != "never":
             length = {"max_steps": cfg.max_steps, "num_epochs": cfg.num_epochs}
-            self.finished = checkpoint.finished_run(self.out, self.fingerprint, length)
+            full = cfg.method == "full"
+            outputs = [self.out / "adapter"] * (not full) + [self.out / "model"] * (full or cfg.merge_adapter)
+            self.finished = checkpoint.finished_run(self.out, self.fingerprint, length, outputs)
         if self.finished:
             log.info(
                 "already finished: %s holds the outputs of this job (%d steps); nothing to train. "

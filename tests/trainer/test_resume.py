@@ -139,6 +139,10 @@ def test_finished_rerun_mismatch_and_extension(reference, tmp_path):
     assert (out / "metrics.jsonl").read_bytes() == before[0]
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == before[1].st_mtime_ns
 
+    log = ok(run_trainer({**args, "merge_adapter": True}))  # another output: written, nothing trained
+    assert "resuming from step 6" in log and (out / "model" / "config.json").exists()
+    assert (out / "metrics.jsonl").read_bytes() == before[0]
+
     refused = run_trainer({**args, "global_batch_size": 4, "method": "full"})  # another batch shape, method
     assert refused.returncode != 0
     [line] = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
