@@ -15,13 +15,14 @@ and `docker buildx bake` cannot drift apart. What differs, and why:
   (the same + a venv with the CPU torch wheel) for llm-trainer, which is then built without the GPU extras
   and tagged `<tag>-cpu` so it is never mistaken for the CUDA release image.
 - pip inside the build gets the host CA bundle as the `cacert` build secret (TLS-intercepting networks).
-- An image whose inputs (Dockerfile, the files it COPYs, resolved args, labels and tags) are unchanged is
-  not rebuilt: their digest is kept in the label org.kubeflow.trainer.build-inputs. `--force` rebuilds.
+- An image whose inputs (Dockerfile, the files it COPYs, resolved args, labels, tags, base image id) are
+  unchanged is not rebuilt: their digest is kept in the label org.kubeflow.trainer.build-inputs.
+  `--force` rebuilds.
 
 Needs root, buildah, podman, runc and debootstrap (`scripts/install_system_deps.sh` installs them).
 Environment: KFT_IMAGE_CACHE (default /var/tmp/kft-images) holds the base rootfs tarball;
 KFT_TORCH_WHEEL points at a CPU torch wheel when `pip download torch==<version>` would not find one;
-REGISTRY, TAG, PLATFORMS override the bake variables as with buildx.
+REGISTRY, TAG, PLATFORMS, REVISION override the bake variables as with buildx.
 """
 
 from __future__ import annotations
@@ -381,6 +382,11 @@ def inputs_digest(context: Path, dockerfile: Path, plan: dict[str, Any]) -> str:
         "labels": {k: v for k, v in plan.get("labels", {}).items() if not k.endswith(".revision")},
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
+    # A rebuilt local base (new debootstrap, new torch) makes the images on it stale too.
+    base = plan.get("args", {}).get("BASE_IMAGE")
+    if base and image_exists(base):
+        listing = ["buildah", *STORAGE, "images", "--quiet", "--no-trunc", base]
+        digest.update(subprocess.run(listing, capture_output=True, text=True, check=False).stdout.encode())
     for line in dockerfile.read_text().splitlines():
         parts = line.split()
         if not parts or parts[0] != "COPY" or any(p.startswith("--from") for p in parts):
