@@ -15,12 +15,19 @@ the frozen base comes back from ``model_dir``.
 
 Typical use in a training loop (every call is collective: all ranks, same order)::
 
-    if ckpt := latest_checkpoint(output_dir):
+    fp = run_fingerprint(cfg)                       # model, method, dataset, batch shape
+    if finished_run(output_dir, fp, {"max_steps": cfg.max_steps}, [output_dir / "adapter"]):
+        return                                      # this job is already done
+    if ckpt := find_resume(output_dir, cfg.resume):  # auto / never / a path; cleans .tmp-* leftovers
         resumed = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint=fp)
         start_step, data_state = resumed.step, resumed.data_state
+        truncate_metrics(output_dir / "metrics.jsonl", start_step)   # rank 0
     ...
     save_checkpoint(output_dir, step, model, optimizer, scheduler,
                     fingerprint=fp, data_state={...}, keep_last=cfg.keep_last)
+
+A failure on one rank (disk full, a folder not shared across nodes, a foreign checkpoint) raises
+the same one-line :class:`CheckpointError` on every rank, so no rank is left waiting in a collective.
 """
 
 from __future__ import annotations
