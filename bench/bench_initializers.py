@@ -7,6 +7,9 @@
 Cases (full / --quick):
 - S3 small: 1000 / 200 objects of 256 KiB: ours vs `aws s3 sync` vs a plain boto3 loop (get_object + read).
 - S3 large: 4 / 2 objects of 256 / 64 MiB, uploaded multipart as aws/boto3 do: same three tools.
+- S3 small with added latency: the small case against a second moto server that waits 20 ms
+  (`--latency-ms`) before every answer, as a remote store's time to first byte; the plain local case hides
+  how well a tool overlaps requests, since there the server's own CPU bounds everyone.
 - Hub: the large files plus 200 / 50 small ones in a model repo: ours vs `huggingface_hub.snapshot_download`.
 
 Every tool runs as a fresh child process of this one, one after the other, against the same moto server
@@ -30,6 +33,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support.hub_server import start_hub_server  # noqa: E402
-from tests.support.s3_server import start_s3_server  # noqa: E402
+from tests.support.s3_server import S3Server, start_s3_server  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -55,6 +60,21 @@ for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=p
         data = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
         with open(path, "wb") as f:
             f.write(data)
+"""
+
+# tests.support.s3_server with a delay before every answer (see start_latent_s3_server).
+LATENT_S3 = """
+import sys, time
+from moto.moto_server import werkzeug_app
+from tests.support import s3_server
+delay = float(sys.argv[1])
+answer = werkzeug_app.DomainDispatcherApplication.__call__
+def late(self, environ, start_response):
+    time.sleep(delay)
+    return answer(self, environ, start_response)
+werkzeug_app.DomainDispatcherApplication.__call__ = late
+sys.argv = [sys.argv[0]]
+s3_server.main()
 """
 
 SNAPSHOT = """
@@ -209,12 +229,73 @@ def write_random(path: Path, size: int) -> None:
             left -= n
 
 
+def start_latent_s3_server(delay: float) -> S3Server:
+    """A second moto server that waits `delay` seconds before answering each request, like a remote store's
+    time to first byte (real S3: about 10-30 ms per request). Sleeping costs no CPU and every tool pays it
+    per request alike, so this shows how well each one overlaps requests, which a local server hides."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LATENT_S3, str(delay)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    info = json.loads(proc.stdout.readline() or "null") or {}
+    if "endpoint" not in info:
+        proc.kill()
+        raise RuntimeError("the moto server with added latency did not start")
+    return S3Server(info["endpoint"], info["access_key_id"], info["secret_access_key"], info["region"], proc)
+
+
+def put_small_objects(n: int) -> Callable[[S3Server], None]:
+    """An uploader of the same `n` small objects (256 KiB, each a different rotation of one random block)."""
+    payload = os.urandom(256 * KiB)
+
+    def upload(server: S3Server) -> None:
+        client = server.client()
+        client.create_bucket(Bucket="bench")
+        with ThreadPoolExecutor(8) as pool:
+            list(
+                pool.map(
+                    lambda i: client.put_object(
+                        Bucket="bench", Key=f"small/{i:05d}.bin", Body=payload[i % 7 :] + payload[: i % 7]
+                    ),
+                    range(n),
+                )
+            )
+
+    return upload
+
+
+def s3_tools(
+    s3: S3Server, prefix: str, out: Path, base: dict[str, str], aws: str | None
+) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(name, command, environment) of ours, `aws s3 sync` (when installed) and the boto3 loop."""
+    ours_env = {**base, **s3.env(), "STORAGE_URI": f"s3://bench/{prefix}", "OUTPUT_PATH": str(out)}
+    aws_env = {
+        **base,
+        "AWS_ACCESS_KEY_ID": s3.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_access_key,
+        "AWS_DEFAULT_REGION": s3.region,
+        "AWS_ENDPOINT_URL": s3.endpoint,
+    }
+    tools = [("ours", [sys.executable, "-m", "pkg.initializers.dataset"], ours_env)]
+    if aws:
+        sync = [aws, "s3", "sync", "--only-show-errors", f"s3://bench/{prefix}", str(out), "--endpoint-url"]
+        tools.append(("aws s3 sync", [*sync, s3.endpoint], aws_env))
+    tools.append(("boto3 loop", [sys.executable, "-c", BOTO3_LOOP, "bench", prefix, str(out)], aws_env))
+    return tools
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     parser.add_argument("--repeat", type=int, default=2, help="turns per tool; the best time is kept")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=20,
+        help="also run the small-file S3 case against a server adding this delay to every request (0: skip)",
+    )
     args = parser.parse_args()
     n_small, n_large, large_size, n_hub_small = (
         (200, 2, 64 * MiB, 50) if args.quick else (1000, 4, 256 * MiB, 200)
@@ -231,21 +312,14 @@ def main() -> None:
             write_random(repo_dir / f"model-{i:05d}.safetensors", large_size)
         for i in range(n_hub_small):
             write_random(repo_dir / f"extra/file-{i:04d}.json", 256 * KiB)
-        with start_s3_server() as s3:
-            client = s3.client()
-            client.create_bucket(Bucket="bench")
-            from concurrent.futures import ThreadPoolExecutor
-
-            payload = os.urandom(256 * KiB)
+        latency = args.latency_ms / 1000
+        with contextlib.ExitStack() as servers:
+            s3 = servers.enter_context(start_s3_server())
+            slow = servers.enter_context(start_latent_s3_server(latency)) if latency else None
+            upload_small = put_small_objects(n_small)
+            upload_small(s3)
             with ThreadPoolExecutor(8) as pool:
-                list(
-                    pool.map(
-                        lambda i: client.put_object(
-                            Bucket="bench", Key=f"small/{i:05d}.bin", Body=payload[i % 7 :] + payload[: i % 7]
-                        ),
-                        range(n_small),
-                    )
-                )
+                client = s3.client()
                 list(
                     pool.map(
                         lambda i: client.upload_file(
@@ -256,49 +330,21 @@ def main() -> None:
                         range(n_large),
                     )
                 )
+            cases = [
+                (s3, f"S3 {n_small} x 256 KiB", "small/", (n_small, n_small * 256 * KiB)),
+                (s3, f"S3 {n_large} x {large_size // MiB} MiB", "large/", (n_large, n_large * large_size)),
+            ]
+            if slow:
+                upload_small(slow)
+                case = f"S3 {n_small} x 256 KiB, {args.latency_ms:g} ms added latency"
+                cases.append((slow, case, "small/", cases[0][3]))
             print(f"uploaded to moto at {s3.endpoint}", file=sys.stderr, flush=True)
             base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_"))}
             base["PYTHONPATH"] = str(REPO)
-            aws_env = {
-                **base,
-                "AWS_ACCESS_KEY_ID": s3.access_key_id,
-                "AWS_SECRET_ACCESS_KEY": s3.secret_access_key,
-                "AWS_DEFAULT_REGION": s3.region,
-                "AWS_ENDPOINT_URL": s3.endpoint,
-            }
             out = work / "out"
-            for case, prefix, expect in [
-                (f"S3 {n_small} x 256 KiB", "small/", (n_small, n_small * 256 * KiB)),
-                (f"S3 {n_large} x {large_size // MiB} MiB", "large/", (n_large, n_large * large_size)),
-            ]:
-                ours_env = {
-                    **base,
-                    **s3.env(),
-                    "STORAGE_URI": f"s3://bench/{prefix}",
-                    "OUTPUT_PATH": str(out),
-                }
-                tools = [("ours", [sys.executable, "-m", "pkg.initializers.dataset"], ours_env)]
-                if aws:
-                    tools.append(
-                        (
-                            "aws s3 sync",
-                            [
-                                aws,
-                                "s3",
-                                "sync",
-                                "--only-show-errors",
-                                f"s3://bench/{prefix}",
-                                str(out),
-                                "--endpoint-url",
-                                s3.endpoint,
-                            ],
-                            aws_env,
-                        )
-                    )
-                tools.append(
-                    ("boto3 loop", [sys.executable, "-c", BOTO3_LOOP, "bench", prefix, str(out)], aws_env)
-                )
-                pid = s3.process.pid if s3.process else None
+            for server, case, prefix, expect in cases:
+                tools = s3_tools(server, prefix, out, base, aws)
+                pid = server.process.pid if server.process else None
                 results += take_turns(case, tools, out, expect, work, args.repeat, pid)
             if not aws:
                 print(
@@ -337,12 +383,15 @@ def targets(results: list[Result]) -> list[str]:
     """Check the issue's targets; a miss is reported, not hidden."""
 
     def kind(case: str) -> str:
-        return "hub" if case.startswith("Hub") else "small" if case.endswith("256 KiB") else "large"
+        if case.startswith("Hub"):
+            return "hub"
+        return "latency" if "latency" in case else "small" if case.endswith("256 KiB") else "large"
 
     by = {(kind(r.case), r.tool): r for r in results}
     lines = []
     checks = [
         ("small", "aws s3 sync", 2.0, "at least 2x `aws s3 sync` on small files"),
+        ("latency", "aws s3 sync", 2.0, "at least 2x `aws s3 sync` on small files (with added latency)"),
         ("large", "aws s3 sync", 1.0, "at least 1x `aws s3 sync` on large files"),
         ("hub", "snapshot_download", 1.0, "at least 1x `snapshot_download`"),
     ]
@@ -375,7 +424,8 @@ def report(results: list[Result], out: Path | None, quick: bool) -> None:
         "\nCPU s is the tool's own user+system time; server CPU s is moto's (S3) or the Hub server's. moto "
         "answers each ranged GET by reading the whole object, so ranged downloads of large objects cost the "
         "server more than one plain GET would; on a busy 2-core machine the server and the clients share "
-        "the same cores."
+        "the same cores. The `added latency` case runs against a second moto server that waits before "
+        "every answer, as a remote store does; there the number of requests in flight matters."
     )
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
-"""Ranged HTTP GETs shared by the Hub source (resolve URLs) and the S3 source (presigned URLs).
+"""Ranged HTTP GETs shared by the Hub source (resolve URLs) and the S3 source (SigV4-signed object URLs).
 
-One urllib3 pool, streaming reads with a read timeout, and one mapping of HTTP outcomes: 429 / 5xx /
-broken connections are TransientError (with Retry-After); 401 / 403 / 404 / 412 are InitializerError with
-a message the source supplies. urllib3 drops the Authorization header on redirects to another host.
+One urllib3 pool per source, sized to the concurrency, streaming reads with a read timeout, and one mapping
+of HTTP outcomes: 429 / 5xx / broken connections / S3's retryable codes are TransientError (with
+Retry-After); other 3xx / 4xx are InitializerError with a message the source supplies. urllib3 drops the
+Authorization header on redirects to another host.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ..errors import InitializerError, TransientError, one_line, parse_retry_aft
 
 CHUNK = 1024 * 1024
 USER_AGENT = "kubeflow-trainer-initializer/2.0.0"
+# S3-style error codes worth retrying even when the status is a 4xx (e.g. 400 RequestTimeout).
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError"}
 _S3_CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
 
 
@@ -46,13 +49,18 @@ def get_range(
     size: int,
     headers: dict[str, str] | None = None,
     fatal: Callable[[int, str], InitializerError | None] | None = None,
+    sign: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
 ) -> Iterator[Iterator[bytes]]:
-    """GET bytes [start, end) of a `size`-byte resource as chunks. `fatal(status, code)` may turn an error
-    status into a one-line InitializerError; otherwise 4xx are fatal with a generic message."""
-    headers = {"Accept-Encoding": "identity", **(headers or {})}
+    """GET bytes [start, end) of a `size`-byte resource as chunks. `sign(url, headers)` may add
+    authentication over the final headers (Range included); `fatal(status, code)` may turn an error status
+    into a one-line InitializerError; otherwise 3xx / 4xx are fatal with a generic message."""
+    headers = dict(headers or {})
     ranged = start > 0 or end < size
     if ranged:
         headers["Range"] = f"bytes={start}-{end - 1}"
+    if sign:
+        headers = sign(url, headers)
+    headers["Accept-Encoding"] = "identity"
     try:
         resp = pool.request("GET", url, headers=headers, preload_content=False)
     except urllib3.exceptions.HTTPError as exc:
@@ -61,9 +69,9 @@ def get_range(
         status = resp.status
         if status == 429 or status >= 500:
             raise TransientError(f"{what}: HTTP {status}", parse_retry_after(resp.headers.get("Retry-After")))
-        if status >= 400:
+        if status >= 300:  # redirects with a Location were followed; what is left is an error
             code = error_code(resp.read(4096))
-            if code in ("SlowDown", "RequestTimeout", "InternalError"):
+            if code in TRANSIENT_CODES:
                 raise TransientError(f"{what}: {code} (HTTP {status})")
             raise (fatal and fatal(status, code)) or InitializerError(
                 f"{what}: HTTP {status} {code}".rstrip() + "; check the source and credentials"
@@ -71,6 +79,9 @@ def get_range(
         if status not in (200, 206) or (ranged and status != 206):
             raise TransientError(f"{what}: unexpected HTTP {status} for a {'ranged ' if ranged else ''}GET")
         yield _chunks(resp, what)
+    except BaseException:
+        resp.close()  # unread bytes may be left: drop this connection rather than reuse it
+        raise
     finally:
         resp.release_conn()
 
