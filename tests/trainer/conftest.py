@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -63,24 +65,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MARKER = "TRAINER_TEST_MARKER"
+
+
 def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
+    """Start a launch; every process of it carries a marker in its environment so all can be killed."""
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=env,
+        env={**env, MARKER: marker},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
+    proc.marker = marker  # type: ignore[attr-defined]
+    return proc
+
+
+def kill_launch(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of a launch: torchrun puts its workers in sessions of their own, so killing
+    its process group would leave orphans holding the output pipes open."""
+    tag = f"{MARKER}={proc.marker}".encode()  # type: ignore[attr-defined]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError, ValueError):
+            if tag in environ.read_bytes().split(b"\0"):
+                os.kill(int(environ.parent.name), signal.SIGKILL)
 
 
 def finish(proc: subprocess.Popen, timeout: int) -> subprocess.CompletedProcess:
-    """Wait for a launch; on timeout kill its whole process group (torchrun and its workers)."""
+    """Wait for a launch; on timeout kill all of it (torchrun and its workers) and fail with its output."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_launch(proc)
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout}s:\n{(out + err)[-3000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

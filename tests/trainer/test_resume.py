@@ -10,14 +10,11 @@ One uninterrupted 2-process run is the reference; against it:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from pkg.trainer import checkpoint as ck
-from tests.trainer.conftest import BASE_ARGS, cli, losses, run_trainer, start, torchrun, trainer_env
+from tests.trainer.conftest import BASE_ARGS, cli, finish, losses, run_trainer, start, torchrun, trainer_env
 
 # Constant learning rate: the losses of steps 1..k do not depend on max_steps, so runs of different
 # lengths are comparable step by step.
@@ -35,27 +32,9 @@ ARGS["val_fraction"] = 0.0
 
 
 def launch(cmd: list[str], timeout: int = 300, **env: str) -> tuple[subprocess.Popen, Callable]:
-    """Start a launch whose every process (torchrun puts workers in sessions of their own) can be killed.
-
-    Returns the process and a ``wait(timeout)`` that, on timeout, SIGKILLs every process carrying this
-    launch's marker, so no orphaned worker keeps the pipes open (or the test waiting) forever.
-    """
-    marker = uuid.uuid4().hex
-    proc = start(cmd, trainer_env(TRAINER_TEST_MARKER=marker, **env))
-
-    def wait(timeout: int = timeout) -> subprocess.CompletedProcess:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for environ in Path("/proc").glob("[0-9]*/environ"):
-                with contextlib.suppress(OSError):
-                    if f"TRAINER_TEST_MARKER={marker}".encode() in environ.read_bytes().split(b"\0"):
-                        os.kill(int(environ.parent.name), signal.SIGKILL)
-            out, err = proc.communicate()
-            raise AssertionError(f"timed out after {timeout}s:\n{(out + err)[-3000:]}") from None
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-    return proc, wait
+    """Start a launch; returns the process and a ``wait(timeout)`` that kills all of it on timeout."""
+    proc = start(cmd, trainer_env(**env))
+    return proc, lambda timeout=timeout: finish(proc, timeout)
 
 
 def ok(result) -> str:
