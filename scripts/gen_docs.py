@@ -1,7 +1,7 @@
-"""Regenerate the reference sections of README.md from the code, so the docs cannot drift.
+"""Regenerate the reference sections of the docs from the code, so the docs cannot drift.
 
-    .venv/bin/python scripts/gen_docs.py          # rewrite README.md in place
-    .venv/bin/python scripts/gen_docs.py --check  # exit 1 if README.md is out of date (run by the tests)
+    .venv/bin/python scripts/gen_docs.py          # rewrite README.md and docs/*.md in place
+    .venv/bin/python scripts/gen_docs.py --check  # exit 1 if one is out of date (run by the tests)
 
 Each generated section sits between `<!-- BEGIN NAME -->` and `<!-- END NAME -->` markers.
 """
@@ -43,14 +43,19 @@ def initializer_reference() -> str:
 
 
 SECTIONS = {"trainer-config": trainer_reference, "initializer-env": initializer_reference}
+# Which generated sections each document holds.
+DOCS = {
+    "README.md": ("initializer-env", "trainer-config"),
+    "docs/trainer.md": ("trainer-config",),
+}
 
 
-def render(text: str) -> str:
-    for name, make in SECTIONS.items():
+def render(path: str, text: str) -> str:
+    for name in DOCS[path]:
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README.md lacks the markers of section {name}")
-        text = pattern.sub(lambda m, make=make: m.group(1) + make() + "\n" + m.group(2), text)
+            raise SystemExit(f"{path} lacks the markers of section {name}")
+        text = pattern.sub(lambda m, name=name: m.group(1) + SECTIONS[name]() + "\n" + m.group(2), text)
     return text
 
 
@@ -58,15 +63,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if README.md is not up to date")
     args = parser.parse_args()
-    readme = REPO / "README.md"
-    current = readme.read_text()
-    fresh = render(current)
-    if args.check:
+    stale = []
+    for path in DOCS:
+        current = (REPO / path).read_text()
+        fresh = render(path, current)
         if fresh != current:
-            print("README.md is out of date: run .venv/bin/python scripts/gen_docs.py", file=sys.stderr)
-            return 1
-        return 0
-    readme.write_text(fresh)
+            stale.append(path)
+            if not args.check:
+                (REPO / path).write_text(fresh)
+    if args.check and stale:
+        print(f"{', '.join(stale)} out of date: run .venv/bin/python scripts/gen_docs.py", file=sys.stderr)
+        return 1
     return 0
 
 
