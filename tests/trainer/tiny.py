@@ -12,74 +12,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+from demo import tiny_model
+
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket", "garden", "silver"]
-CORPUS = [f"Repeat the word {w} three times: {w} {w} {w}." for w in WORDS] + [
-    "### Instruction:\n### Input:\n### Response:\n<|user|>\n<|assistant|>\n<|system|>\nWhat is the answer?"
-]
+CORPUS = [f"Repeat the word {w} three times: {w} {w} {w}." for w in WORDS]
 
 
-def make_tokenizer(path: str | Path, vocab: int = 320, chat_template: bool = True):
-    """A byte-level BPE tokenizer with <s>, </s>, <pad> and (optionally) a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=4096
-    )
-    if chat_template:
-        fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(str(path))
-    return fast
+def make_tiny_model(path: str | Path, **kwargs) -> Path:
+    """The demo's tiny random Llama-style model (demo/tiny_model.py), with a tokenizer for these rows."""
+    return tiny_model.make_tiny_model(path, CORPUS, **kwargs)
 
 
-def make_tiny_model(
-    path: str | Path,
-    vocab: int = 320,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    seed: int = 0,
-    chat_template: bool = True,
-) -> Path:
-    """Write a random Llama-style causal LM (safetensors) and its tokenizer into `path`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(path, vocab, chat_template)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
-    return path
+def make_tokenizer(path: str | Path, **kwargs):
+    """The tokenizer alone (see make_tiny_model)."""
+    return tiny_model.make_tokenizer(path, CORPUS, **kwargs)
 
 
 def rows(fmt: str, n: int = 64) -> list[dict]:
