@@ -46,6 +46,7 @@ SECTIONS = {"trainer-config": trainer_reference, "initializer-env": initializer_
 # Which generated sections each document holds.
 DOCS = {
     "README.md": ("initializer-env", "trainer-config"),
+    "docs/initializers.md": ("initializer-env",),
     "docs/trainer.md": ("trainer-config",),
 }
 

@@ -34,6 +34,26 @@ class EnvVar:
     default: str = ""
 
 
+DEFAULT_PART_SIZE = 16 * MiB
+MAX_AUTO_PART_SIZE = 64 * MiB
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Engine knobs; defaults suit a pod with a few cores and a fast network."""
+
+    concurrency: int = 16  # INIT_CONCURRENCY: parallel requests
+    # INIT_PART_SIZE: bytes per ranged request of a large file. Unset (0): 16 MiB, grown up to 64 MiB when the
+    # large files alone fill every connection, so servers see fewer, larger requests.
+    part_size: int = 0
+    read_timeout: float = 60.0  # INIT_READ_TIMEOUT: seconds a read may stall before it is retried
+    max_attempts: int = 8  # INIT_MAX_ATTEMPTS: tries per request before giving up
+    retry_base: float = 0.5  # INIT_RETRY_BASE: first backoff in seconds (doubles, with jitter)
+    retry_cap: float = 30.0  # INIT_RETRY_CAP: longest single backoff or Retry-After honoured
+    progress_interval: float = 5.0  # INIT_PROGRESS_INTERVAL: seconds between progress lines
+
+
+_TUNING = Tuning()
 ENV_VARS = (
     EnvVar(
         "STORAGE_URI",
@@ -57,31 +77,20 @@ ENV_VARS = (
     EnvVar("SECRET_ACCESS_KEY", "S3 secret key. Never printed."),
     EnvVar("REGION", "S3 region.", "us-east-1"),
     EnvVar("ROLE_ARN", "IAM role assumed through STS before reading S3."),
-    EnvVar("INIT_CONCURRENCY", "Parallel requests.", "16"),
+    EnvVar("INIT_CONCURRENCY", "Parallel requests.", str(_TUNING.concurrency)),
     EnvVar("INIT_PART_SIZE", "Bytes per ranged request of a large file (default 16 MiB, grown to 64 MiB)."),
-    EnvVar("INIT_READ_TIMEOUT", "Seconds a read may stall before it is retried.", "60"),
-    EnvVar("INIT_MAX_ATTEMPTS", "Tries per request before giving up.", "8"),
-    EnvVar("INIT_RETRY_BASE", "First backoff in seconds (doubles, with jitter).", "0.5"),
-    EnvVar("INIT_RETRY_CAP", "Longest single backoff or Retry-After honoured, in seconds.", "30"),
-    EnvVar("INIT_PROGRESS_INTERVAL", "Seconds between progress lines.", "5"),
+    EnvVar(
+        "INIT_READ_TIMEOUT", "Seconds a read may stall before it is retried.", f"{_TUNING.read_timeout:g}"
+    ),
+    EnvVar("INIT_MAX_ATTEMPTS", "Tries per request before giving up.", str(_TUNING.max_attempts)),
+    EnvVar("INIT_RETRY_BASE", "First backoff in seconds (doubles, with jitter).", f"{_TUNING.retry_base:g}"),
+    EnvVar(
+        "INIT_RETRY_CAP",
+        "Longest single backoff or Retry-After honoured, in seconds.",
+        f"{_TUNING.retry_cap:g}",
+    ),
+    EnvVar("INIT_PROGRESS_INTERVAL", "Seconds between progress lines.", f"{_TUNING.progress_interval:g}"),
 )
-DEFAULT_PART_SIZE = 16 * MiB
-MAX_AUTO_PART_SIZE = 64 * MiB
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """Engine knobs; defaults suit a pod with a few cores and a fast network."""
-
-    concurrency: int = 16  # INIT_CONCURRENCY: parallel requests
-    # INIT_PART_SIZE: bytes per ranged request of a large file. Unset (0): 16 MiB, grown up to 64 MiB when the
-    # large files alone fill every connection, so servers see fewer, larger requests.
-    part_size: int = 0
-    read_timeout: float = 60.0  # INIT_READ_TIMEOUT: seconds a read may stall before it is retried
-    max_attempts: int = 8  # INIT_MAX_ATTEMPTS: tries per request before giving up
-    retry_base: float = 0.5  # INIT_RETRY_BASE: first backoff in seconds (doubles, with jitter)
-    retry_cap: float = 30.0  # INIT_RETRY_CAP: longest single backoff or Retry-After honoured
-    progress_interval: float = 5.0  # INIT_PROGRESS_INTERVAL: seconds between progress lines
 
 
 @dataclass(frozen=True)
