@@ -25,7 +25,8 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -398,6 +399,9 @@ class BatchPlan:
     world_size: int
     rank: int
     seed: int
+    # Token count of each record. When given, each rank's micro-batches group records of similar length,
+    # which pads less; the loss is a sum over the whole global batch, so the result does not change.
+    lengths: Sequence[int] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         per_rank, rest = divmod(self.global_batch_size, self.micro_batch_size * self.world_size)
@@ -431,9 +435,11 @@ class BatchPlan:
         return order[i * self.global_batch_size : (i + 1) * self.global_batch_size].tolist()
 
     def micro_batches(self, step: int) -> list[list[int]]:
-        """This rank's contiguous slice of the global batch, split into micro-batches."""
+        """This rank's contiguous slice of the global batch in micro-batches (shortest first if `lengths`)."""
         per_rank = self.global_batch_size // self.world_size
         mine = self.global_batch(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
+        if self.lengths is not None:
+            mine.sort(key=self.lengths.__getitem__)
         return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
 
     def val_batches(self, num_val: int) -> list[list[int]]:
