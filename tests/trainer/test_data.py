@@ -229,3 +229,14 @@ def test_dataset_dict_folder_uses_its_train_split(tmp_path):
     )
     ds = data.load_rows(str(tmp_path), str(tmp_path / ".cache"))
     assert len(ds) == 6 and "TEST SPLIT" not in json.dumps(ds.to_list())
+
+
+def test_micro_batches_group_similar_lengths_within_each_rank_share():
+    lengths = [(i * 37) % 101 for i in range(50)]
+    for world in (1, 2):
+        for rank in range(world):
+            plain = data.BatchPlan(50, 8, 2, world, rank, 3)
+            grouped = data.BatchPlan(50, 8, 2, world, rank, 3, lengths=lengths)
+            share = [i for mb in grouped.micro_batches(5) for i in mb]
+            assert sorted(share) == sorted(i for mb in plain.micro_batches(5) for i in mb)
+            assert [lengths[i] for i in share] == sorted(lengths[i] for i in share)
