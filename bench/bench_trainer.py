@@ -233,6 +233,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="smaller model and fewer steps")
     parser.add_argument("--workdir", type=Path, help="keep the models and outputs here")
+    parser.add_argument("--repeat", type=int, default=3, help="turns per tool; the fastest is kept")
     parser.add_argument("--trl-worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--fsdp-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -248,12 +249,17 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-trainer-"))
     model, data = prepare(work, size)
     log(f"model hidden={size['hidden']} layers={size['layers']}, {size['rows']} rows, {size['steps']} steps")
-    log("llm-trainer ...")
-    ours = run_ours(model, data, work / "ours", size["steps"])
-    log(f"llm-trainer: {ours}")
-    log("TRL SFTTrainer ...")
-    trl = run_trl(model, data, work / "trl", size["steps"])
-    log(f"TRL: {trl}")
+    # The tools take turns --repeat times and each keeps its fastest turn: shared machines are noisy.
+    ours_runs, trl_runs = [], []
+    for turn in range(args.repeat):
+        log(f"turn {turn + 1}/{args.repeat}: llm-trainer ...")
+        ours_runs.append(run_ours(model, data, work / f"ours-{turn}", size["steps"]))
+        log(f"llm-trainer: {ours_runs[-1]}")
+        log("TRL SFTTrainer ...")
+        trl_runs.append(run_trl(model, data, work / f"trl-{turn}", size["steps"]))
+        log(f"TRL: {trl_runs[-1]}")
+    ours = max(ours_runs, key=lambda r: r["tokens_per_s"])
+    trl = max(trl_runs, key=lambda r: r["tokens_per_s"])
     log("FSDP memory at world size 1 and 2 ...")
     mem = {world: run_fsdp(model, data, work, world) for world in (1, 2)}
     per_rank = {w: m["params_bytes"] + m["optimizer_bytes"] for w, m in mem.items()}
@@ -279,7 +285,8 @@ def main() -> int:
         f"### llm-trainer vs TRL SFTTrainer (LoRA r={COMMON['lora_rank']}, CPU, one process)\n\n"
         f"Tiny Llama (hidden {size['hidden']}, {size['layers']} layers), {size['steps']} steps, global batch "
         f"{COMMON['global_batch_size']}, micro batch {COMMON['micro_batch_size']}, max length "
-        f"{COMMON['max_seq_length']}, prompt/completion rows of ~80 tokens, completion-only loss.\n\n"
+        f"{COMMON['max_seq_length']}, prompt/completion rows of ~80 tokens, completion-only loss; "
+        f"best of {args.repeat} alternating turns.\n\n"
         "| | tokens/s | train time (s) | peak RSS (MiB) | first loss | final loss (last 5) |\n"
         "|---|---|---|---|---|---|\n"
         + row("llm-trainer", ours)
