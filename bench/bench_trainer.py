@@ -221,7 +221,9 @@ def run_fsdp(model: Path, data: Path, work: Path, world: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
     cmd += ["--master-port", str(free_port()), __file__, "--fsdp-worker", str(model), str(data), str(out)]
-    subprocess.run(cmd, cwd=REPO, env=env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"FSDP memory run at world size {world} failed:\n{proc.stderr[-3000:]}")
     return json.loads((out / "memory.json").read_text())
 
 
