@@ -51,10 +51,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
     with start_s3_server(auth=True) as server:
-        client = server.client()
-        client.create_bucket(Bucket="datasets")
-        for key, body in DATASET_FILES.items():
-            client.put_object(Bucket="datasets", Key=f"alpaca-tiny/{key}", Body=body)
+        server.fill("datasets", DATASET_FILES, prefix="alpaca-tiny/")
         yield server
 
 

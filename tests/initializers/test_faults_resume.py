@@ -20,14 +20,11 @@ KiB = 1024
 
 @pytest.fixture(scope="module")
 def flaky_bucket(s3: S3Server) -> dict[str, bytes]:
-    client = s3.client()
-    client.create_bucket(Bucket="flaky")
-    objects = {f"f/small-{i:02d}.txt": os.urandom(2000 + i) for i in range(20)}
-    objects["f/big-a.bin"] = os.urandom(1024 * KiB)
-    objects["f/big-b.bin"] = os.urandom(900 * KiB)
-    for key, body in objects.items():
-        client.put_object(Bucket="flaky", Key=key, Body=body)
-    return {k.removeprefix("f/"): v for k, v in objects.items()}
+    objects = {f"small-{i:02d}.txt": os.urandom(2000 + i) for i in range(20)}
+    objects["big-a.bin"] = os.urandom(1024 * KiB)
+    objects["big-b.bin"] = os.urandom(900 * KiB)
+    s3.fill("flaky", objects, prefix="f/")
+    return objects
 
 
 def env_for(s3: S3Server, proxy: FaultProxy, uri: str, out: Path, **extra: str) -> dict[str, str]:
@@ -99,13 +96,10 @@ def _journal(out: Path) -> list[dict]:
 
 def test_crash_resume(run: Runner, s3: S3Server, s3_proxy: FaultProxy, tmp_path: Path) -> None:
     """SIGKILL mid-download; the rerun fetches only the missing parts and files, and the bytes are right."""
-    client = s3.client()
-    client.create_bucket(Bucket="resume")
     objects = {f"small-{i}.txt": os.urandom(3000) for i in range(8)}
     objects["a-big.bin"] = os.urandom(2048 * KiB)  # 8 parts of 256 KiB
     objects["z-big.bin"] = os.urandom(4096 * KiB)  # 16 parts
-    for key, body in objects.items():
-        client.put_object(Bucket="resume", Key=f"m/{key}", Body=body)
+    s3.fill("resume", objects, prefix="m/")
     # Let 4 parts of z-big through, stall every later one, so the process is caught mid-file.
     s3_proxy.add(FaultRule(stall=60, times=100, skip=4, match="z-big.bin"))
     out = tmp_path / "out"
@@ -144,12 +138,9 @@ def test_crash_resume(run: Runner, s3: S3Server, s3_proxy: FaultProxy, tmp_path:
 
 def test_sigterm_stops_cleanly(run: Runner, s3: S3Server, s3_proxy: FaultProxy, tmp_path: Path) -> None:
     """Kubernetes stops a pod with SIGTERM: one line, exit 143, nothing marked complete, rerun resumes."""
-    client = s3.client()
-    client.create_bucket(Bucket="term")
     objects = {f"small-{i}.txt": os.urandom(1000) for i in range(4)}
     objects["big.bin"] = os.urandom(1024 * KiB)
-    for key, body in objects.items():
-        client.put_object(Bucket="term", Key=f"t/{key}", Body=body)
+    s3.fill("term", objects, prefix="t/")
     s3_proxy.add(FaultRule(stall=2, stall_after=1000, times=100, match="big.bin"))
     out = tmp_path / "out"
     env = env_for(s3, s3_proxy, "s3://term/t", out)
@@ -171,11 +162,8 @@ def test_sigterm_stops_cleanly(run: Runner, s3: S3Server, s3_proxy: FaultProxy, 
 
 def test_concurrent_runs_wait_for_each_other(run: Runner, s3: S3Server, s3_proxy: FaultProxy, tmp_path: Path):
     """Two initializers on one OUTPUT_PATH: the second waits for the first's lock, then finds it complete."""
-    client = s3.client()
-    client.create_bucket(Bucket="twice")
     objects = {"a.txt": b"a", "b.bin": os.urandom(300 * KiB)}
-    for key, body in objects.items():
-        client.put_object(Bucket="twice", Key=f"p/{key}", Body=body)
+    s3.fill("twice", objects, prefix="p/")
     s3_proxy.add(FaultRule(stall=2, stall_after=1000, times=1, match="b.bin"))
     out = tmp_path / "out"
     env = env_for(s3, s3_proxy, "s3://twice/p", out)

@@ -24,15 +24,12 @@ KiB = 1024
 @pytest.fixture(scope="module")
 def bucket(s3: S3Server) -> dict[str, bytes]:
     """A bucket with many small files, multi-part-sized objects, an empty object and awkward names."""
-    client = s3.client()
-    client.create_bucket(Bucket="data")
     objects = {f"set/small/{i:03d}.jsonl": os.urandom(1000 + i) for i in range(60)}
     objects["set/large.bin"] = os.urandom(1100 * KiB)  # 5 parts of 256 KiB, single-part MD5 ETag
     objects["set/empty.txt"] = b""
     objects["set/naïve dir/ünïcode file.txt"] = "grüße".encode()
     objects["set/with space.txt"] = b"spaces"
-    for key, body in objects.items():
-        client.put_object(Bucket="data", Key=key, Body=body)
+    client = s3.fill("data", objects)
     # A multipart upload: its ETag is not an MD5, so only the size can be verified.
     up = client.create_multipart_upload(Bucket="data", Key="set/multipart.bin")
     chunks = [os.urandom(5 * 1024 * KiB), os.urandom(300 * KiB)]
@@ -173,11 +170,8 @@ def test_wrong_credentials(
 def test_colliding_keys(
     run: Runner, s3: S3Server, s3_proxy: FaultProxy, tmp_path: Path, keys: list[str], message: str
 ) -> None:
-    client = s3.client()
     bucket = f"collide-{len(keys[0])}"
-    client.create_bucket(Bucket=bucket)
-    for key in keys:
-        client.put_object(Bucket=bucket, Key=f"p/{key}", Body=b"x")
+    s3.fill(bucket, dict.fromkeys(keys, b"x"), prefix="p/")
     result = run("dataset", **s3_env(s3, s3_proxy, f"s3://{bucket}/p", tmp_path / "out"))
     assert result.returncode == 1
     assert message in one_error_line(result.stderr)

@@ -70,6 +70,14 @@ class S3Server:
             **kwargs,
         )
 
+    def fill(self, bucket: str, objects: dict[str, bytes], prefix: str = "") -> Any:
+        """Create `bucket` and put each object under `prefix`; returns the client for more setup."""
+        client = self.client()
+        client.create_bucket(Bucket=bucket)
+        for key, body in objects.items():
+            client.put_object(Bucket=bucket, Key=prefix + key, Body=body)
+        return client
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
