@@ -32,4 +32,5 @@ def test_every_initializer_variable_read_is_documented() -> None:
         and isinstance(node.args[1], ast.Constant)
     }
     read = {name for name in read if not name.startswith("AWS_")}  # read only to redact them
-    assert read == {var.name for var in ENV_VARS}
+    # The proxy variables are read by the HTTP stacks themselves (urllib, botocore, huggingface_hub).
+    assert read == {var.name for var in ENV_VARS if not var.name.endswith("_PROXY")}

@@ -77,6 +77,11 @@ ENV_VARS = (
     EnvVar("SECRET_ACCESS_KEY", "S3 secret key. Never printed."),
     EnvVar("REGION", "S3 region.", "us-east-1"),
     EnvVar("ROLE_ARN", "IAM role assumed through STS before reading S3."),
+    EnvVar(
+        "HTTPS_PROXY",
+        "Proxy for https:// sources (also HTTP_PROXY for http://, NO_PROXY for exceptions; either case); "
+        "`user:password@` in it is sent as Proxy-Authorization and never printed.",
+    ),
     EnvVar("INIT_CONCURRENCY", "Parallel requests.", str(_TUNING.concurrency)),
     EnvVar("INIT_PART_SIZE", "Bytes per ranged request of a large file (default 16 MiB, grown to 64 MiB)."),
     EnvVar(

@@ -133,6 +133,7 @@ class Engine:
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._parts_left: dict[str, int] = {}
+        self._folders: set[Path] = set()  # output folders already created and checked
         self.part_size = tuning.part_size or DEFAULT_PART_SIZE
         self.progress: Progress | None = None
 
@@ -150,7 +151,7 @@ class Engine:
         self.partial.mkdir(parents=True, exist_ok=True)
         plan = Plan([], [], [], 0)
         for f in files:
-            target = target_path(self.root, f.path)
+            target = target_path(self.root, f.path, self._folders)
             if self.journal.has_file(f) and target.is_file() and target.stat().st_size == f.size:
                 plan.skipped.append(f)
             elif f.size > self.part_size:
@@ -317,7 +318,7 @@ class Engine:
             raise InitializerError(
                 f"{f.path}: wrote {size} bytes, expected {f.size}; rerun to fetch it again"
             )
-        os.replace(tmp, target_path(self.root, f.path))
+        os.replace(tmp, target_path(self.root, f.path, self._folders))
         self.journal.file_done(f)
         assert self.progress is not None
         self.progress.file_done()

@@ -58,6 +58,20 @@ def test_model_prefers_safetensors(run: Runner, hub_proxy: FaultProxy, repos: di
     assert hub_proxy.count("/resolve/") == 2 + 3  # two small files, three parts of the safetensors
 
 
+def test_through_an_http_proxy(
+    run: Runner, hub: HubServer, hub_proxy: FaultProxy, repos: dict, tmp_path: Path
+) -> None:
+    """HTTP_PROXY carries the Hub API calls and the file downloads alike."""
+    out = tmp_path / "model"
+    env = {"HF_ENDPOINT": hub.endpoint, "HTTP_PROXY": hub_proxy.endpoint, "ACCESS_TOKEN": HUB_TOKEN}
+    result = run("model", STORAGE_URI="hf://org/tiny-model", OUTPUT_PATH=str(out), **env)
+    assert result.returncode == 0, result.stderr
+    assert tree(out)["model.safetensors"] == repos["model"]["model.safetensors"]
+    assert hub_proxy.count("/resolve/") == 2 + 3
+    assert hub_proxy.count("/api/models/org/tiny-model") >= 1
+    assert all(r.forward for r in hub_proxy.requests)
+
+
 def test_model_falls_back_to_bin(run: Runner, hub_proxy: FaultProxy, repos: dict, tmp_path: Path) -> None:
     out = tmp_path / "model"
     result = run("model", **hub_env(hub_proxy, "hf://org/legacy-model", out))

@@ -93,6 +93,29 @@ def test_download_prefix(
     assert gets == ["/data/set/small/007.jsonl"]
 
 
+def test_through_an_http_proxy(
+    run: Runner, s3: S3Server, s3_proxy: FaultProxy, bucket: dict, tmp_path: Path
+) -> None:
+    """HTTP_PROXY carries listing and object GETs alike, with the proxy's login sent and never printed;
+    NO_PROXY sends them direct."""
+    out = tmp_path / "out"
+    password = "proxy-pa55-word"
+    proxy = s3_proxy.endpoint.replace("http://", f"http://puser:{password}@")
+    env = {**s3.env(), "STORAGE_URI": "s3://data/set/small", "OUTPUT_PATH": str(out), "HTTP_PROXY": proxy}
+    result = run("dataset", **env)
+    assert result.returncode == 0, result.stderr
+    assert tree(out) == {k.removeprefix("small/"): v for k, v in bucket.items() if k.startswith("small/")}
+    objects = [r for r in s3_proxy.requests if r.path.startswith("/data/set/small/")]
+    assert len(objects) == 60
+    assert all(r.forward and r.proxy_user == "puser" for r in s3_proxy.requests)
+    assert password not in result.stdout + result.stderr
+
+    s3_proxy.reset_log()
+    direct = run("dataset", **{**env, "OUTPUT_PATH": str(tmp_path / "direct"), "NO_PROXY": "127.0.0.1"})
+    assert direct.returncode == 0, direct.stderr
+    assert s3_proxy.requests == []
+
+
 def test_patterns_and_single_object(
     run: Runner, s3: S3Server, s3_proxy: FaultProxy, bucket: dict, tmp_path: Path
 ):

@@ -1,4 +1,6 @@
 """A reverse proxy injecting faults in front of any HTTP server (moto, the Hub server); counts requests.
+It also serves as a forward proxy (HTTP_PROXY=its endpoint): requests for absolute URLs go to the server
+they name, with the same faults, and the log marks them `forward`, with the Proxy-Authorization user.
 
 Faults are rules consumed in order: each matching request uses up one of a rule's `times`.
 - `status`: answer with that HTTP status (e.g. 500, 503, 429) and an optional Retry-After header;
@@ -29,6 +31,7 @@ Over HTTP, for other processes: `POST /_proxy/faults` (JSON list of rule objects
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import http.client
 import json
@@ -40,7 +43,16 @@ from urllib.parse import unquote, urlsplit
 
 from tests.support.background import BackgroundServer
 
-_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "trailer"}
+_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "upgrade",
+    "trailer",
+}
 
 
 @dataclass
@@ -67,6 +79,8 @@ class ProxiedRequest:
     range: str | None
     status: int
     fault: str | None
+    forward: bool = False  # sent to us as a forward proxy (absolute URL), as HTTP(S)_PROXY clients do
+    proxy_user: str | None = None  # the user of its Proxy-Authorization (Basic), if any
 
 
 class FaultProxy(BackgroundServer):
@@ -189,13 +203,25 @@ class _Handler(BaseHTTPRequestHandler):
         assert self._pending is not None
         path, fault = self._pending
         self._pending = None
-        self.proxy.log(ProxiedRequest(self.command, path, self.headers.get("Range"), status, fault))
+        user = None
+        auth = self.headers.get("Proxy-Authorization", "")
+        if auth.startswith("Basic "):
+            user = base64.b64decode(auth[6:]).decode().partition(":")[0]
+        request = ProxiedRequest(
+            self.command, path, self.headers.get("Range"), status, fault, "://" in self.path, user
+        )
+        self.proxy.log(request)
 
     def _forward(self, body: bytes, rule: FaultRule | None) -> int:
-        conn = http.client.HTTPConnection(self.proxy.upstream_host, self.proxy.upstream_port, timeout=120)
+        host, port, target = self.proxy.upstream_host, self.proxy.upstream_port, self.path
+        if "://" in target:  # a forward-proxy request names its server itself
+            url = urlsplit(target)
+            host, port = url.hostname or host, url.port or 80
+            target = url.path + (f"?{url.query}" if url.query else "")
+        conn = http.client.HTTPConnection(host, port, timeout=120)
         try:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
-            conn.request(self.command, self.path, body=body or None, headers=headers)
+            conn.request(self.command, target, body=body or None, headers=headers)
             resp = conn.getresponse()
             data_len = resp.getheader("Content-Length")
             payload = None if data_len is not None else resp.read()
