@@ -71,7 +71,7 @@ def write_manifest(
     entries = []
     for f in files:
         entry: dict[str, Any] = {"path": f.path, "size": f.size, "version": f.version}
-        for name in ("md5", "sha256", "git_sha1"):
+        for name in ("md5", "md5_of_parts", "sha256", "git_sha1"):
             if getattr(f, name):
                 entry[name] = getattr(f, name)
         entries.append(entry)

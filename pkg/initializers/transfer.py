@@ -109,6 +109,21 @@ def _hasher(f: RemoteFile) -> tuple[str, hashlib._Hash, str] | None:
     return None
 
 
+def _md5_of_parts(path: Path, sizes: list[int]) -> str:
+    """MD5 of the concatenated MD5 digests of consecutive slices of `path` of these sizes."""
+    digests = []
+    with open(path, "rb") as src:
+        for size in sizes:
+            part = hashlib.md5(usedforsecurity=False)
+            while size > 0 and (block := src.read(min(size, HASH_CHUNK))):
+                part.update(block)
+                size -= len(block)
+            digests.append(part.digest())
+        if src.read(1):
+            return ""  # the sizes do not cover the file
+    return hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+
+
 def _io_error(exc: OSError, root: Path) -> InitializerError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(root).free
@@ -318,10 +333,28 @@ class Engine:
             raise InitializerError(
                 f"{f.path}: wrote {size} bytes, expected {f.size}; rerun to fetch it again"
             )
+        if f.md5_of_parts:
+            self._check_md5_of_parts(f, tmp)
         os.replace(tmp, target_path(self.root, f.path, self._folders))
         self.journal.file_done(f)
         assert self.progress is not None
         self.progress.file_done()
+
+    def _check_md5_of_parts(self, f: RemoteFile, tmp: Path) -> None:
+        """An S3 multipart ETag is the MD5 of the parts' MD5s: rebuild it from the file and the upload's
+        part sizes (guessed from part 1; asked part by part only if the guess does not match)."""
+        want = (f.md5_of_parts or "").split("-")[0]
+        guess = self.source.part_sizes(f)
+        if guess and _md5_of_parts(tmp, guess) == want:
+            return
+        exact = self.source.part_sizes(f, exact=True)
+        if exact is None or (exact != guess and _md5_of_parts(tmp, exact) == want):
+            return
+        tmp.unlink(missing_ok=True)
+        raise InitializerError(
+            f"{f.path}: content does not match its multipart ETag {f.md5_of_parts}; the source may have "
+            "changed during the download, rerun to fetch it again"
+        )
 
     def _retried(self) -> None:
         assert self.progress is not None

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from pkg.initializers.errors import InitializerError
 from pkg.initializers.sources import RemoteFile, open_source
 from pkg.initializers.sources.s3 import S3Source
 from tests.initializers.conftest import Runner, one_error_line, tree
-from tests.support.fault_proxy import FaultProxy
+from tests.support.fault_proxy import FaultProxy, FaultRule
 from tests.support.s3_server import S3Server
 
 KiB = 1024
@@ -30,26 +31,36 @@ def bucket(s3: S3Server) -> dict[str, bytes]:
     objects["set/naïve dir/ünïcode file.txt"] = "grüße".encode()
     objects["set/with space.txt"] = b"spaces"
     client = s3.fill("data", objects)
-    # A multipart upload: its ETag is not an MD5, so only the size can be verified.
-    up = client.create_multipart_upload(Bucket="data", Key="set/multipart.bin")
-    chunks = [os.urandom(5 * 1024 * KiB), os.urandom(300 * KiB)]
-    parts = [
-        {
-            "PartNumber": n,
-            "ETag": client.upload_part(
-                Bucket="data", Key="set/multipart.bin", PartNumber=n, UploadId=up["UploadId"], Body=c
-            )["ETag"],
-        }
-        for n, c in enumerate(chunks, 1)
-    ]
-    client.complete_multipart_upload(
-        Bucket="data", Key="set/multipart.bin", UploadId=up["UploadId"], MultipartUpload={"Parts": parts}
+    # Multipart uploads: their ETag is the MD5 of the parts' MD5s. Uploaders use one part size but for the
+    # last part, as here; the second has parts of different sizes, so its part sizes must be asked for.
+    sizes = [5 * 1024 * KiB, 300 * KiB]
+    objects["set/multipart.bin"] = upload_parts(client, "data", "set/multipart.bin", sizes)
+    objects["set/uneven-parts.bin"] = upload_parts(
+        client, "data", "set/uneven-parts.bin", [5 * 1024 * KiB, 6 * 1024 * KiB, 1000]
     )
-    objects["set/multipart.bin"] = b"".join(chunks)
     client.put_object(Bucket="data", Key="other/x.txt", Body=b"not under set/")
     client.put_object(Bucket="data", Key="setx/y.txt", Body=b"a sibling prefix, not the folder")
     client.put_object(Bucket="data", Key="set/folder-marker/", Body=b"")
     return {k.removeprefix("set/"): v for k, v in objects.items()}
+
+
+def upload_parts(client: Any, bucket: str, key: str, sizes: list[int]) -> bytes:
+    """A multipart upload of random parts of these sizes; returns the object's bytes."""
+    chunks = [os.urandom(n) for n in sizes]
+    up = client.create_multipart_upload(Bucket=bucket, Key=key)
+    parts = [
+        {
+            "PartNumber": n,
+            "ETag": client.upload_part(Bucket=bucket, Key=key, PartNumber=n, UploadId=up["UploadId"], Body=c)[
+                "ETag"
+            ],
+        }
+        for n, c in enumerate(chunks, 1)
+    ]
+    client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    return b"".join(chunks)
 
 
 def s3_env(s3: S3Server, proxy: FaultProxy, uri: str, out: Path, **extra: str) -> dict[str, str]:
@@ -70,7 +81,8 @@ def test_download_prefix(
     assert marker["request"]["storage_uri"] == "s3://data/set"
     by_path = {f["path"]: f for f in marker["files"]}
     assert by_path["large.bin"]["md5"] == hashlib.md5(bucket["large.bin"]).hexdigest()
-    assert "md5" not in by_path["multipart.bin"]
+    assert "md5" not in by_path["multipart.bin"] and by_path["multipart.bin"]["md5_of_parts"].endswith("-2")
+    assert by_path["uneven-parts.bin"]["md5_of_parts"].endswith("-3")
     assert not (out / ".initializer/partial").exists() or not any((out / ".initializer/partial").iterdir())
     assert s3_proxy.count("/data/set/large.bin") == 5  # ranged parts
     secret = s3.secret_access_key
@@ -135,6 +147,21 @@ def test_patterns_and_single_object(
     result = run("dataset", **s3_env(s3, s3_proxy, "s3://data/set/with space.txt", single))
     assert result.returncode == 0, result.stderr
     assert tree(single) == {"with space.txt": b"spaces"}
+
+
+def test_multipart_etag_mismatch_is_refused(
+    run: Runner, s3: S3Server, s3_proxy: FaultProxy, bucket: dict, tmp_path: Path
+) -> None:
+    """One flipped byte in a multipart object fails its ETag check; nothing is left looking complete."""
+    out = tmp_path / "out"
+    s3_proxy.add(FaultRule(corrupt=1000, match="/data/set/uneven-parts.bin"))
+    result = run("dataset", **s3_env(s3, s3_proxy, "s3://data/set/uneven-parts.bin", out))
+    assert result.returncode != 0
+    assert "does not match its multipart ETag" in one_error_line(result.stderr)
+    assert not (out / "uneven-parts.bin").exists() and not (out / ".initializer/manifest.json").exists()
+    again = run("dataset", **s3_env(s3, s3_proxy, "s3://data/set/uneven-parts.bin", out))
+    assert again.returncode == 0, again.stderr
+    assert tree(out) == {"uneven-parts.bin": bucket["uneven-parts.bin"]}
 
 
 def test_traversal_key_refused(run: Runner, s3: S3Server, s3_proxy: FaultProxy, tmp_path: Path) -> None:

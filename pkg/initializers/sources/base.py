@@ -17,6 +17,7 @@ class RemoteFile:
     key: str  # where the source finds it: S3 key, repo path or absolute local path
     version: str  # changes whenever the content does (ETag, blob id, size+mtime); recorded in the manifest
     md5: str | None = None  # S3 single-part ETag
+    md5_of_parts: str | None = None  # S3 multipart ETag "<md5 of the parts' md5s>-<number of parts>"
     sha256: str | None = None  # Hub LFS files
     git_sha1: str | None = None  # Hub regular files: sha1 of "blob <size>\0" + content
 
@@ -35,6 +36,11 @@ class Source(ABC):
     @abstractmethod
     def open_range(self, file: RemoteFile, start: int, end: int) -> AbstractContextManager[Iterator[bytes]]:
         """Stream bytes [start, end) of `file` as chunks; a short stream is detected by the caller."""
+
+    def part_sizes(self, file: RemoteFile, exact: bool = False) -> list[int] | None:
+        """Sizes of the parts `file` was uploaded in, to check its `md5_of_parts`: a guess from the first
+        part (uploaders use one size but for the last), or with `exact` each part's own; None: unknown."""
+        return None
 
     def resolved(self) -> dict[str, str]:
         """Facts learned while listing (e.g. the commit a branch pointed to), recorded in the manifest."""

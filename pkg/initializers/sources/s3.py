@@ -30,6 +30,7 @@ from .http import TRANSIENT_CODES, get_range, new_pool
 from .sigv4 import sign_get
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
+_MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-[1-9][0-9]*$")
 _AUTH_CODES = {
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
@@ -157,7 +158,38 @@ class S3Source(Source):
     def _file(key: str, path: str, size: int, etag: str) -> RemoteFile:
         etag = etag.strip('"')
         md5 = etag if _MD5_ETAG.match(etag) else None
-        return RemoteFile(path=path, size=size, key=key, version=etag or str(size), md5=md5)
+        of_parts = etag if _MULTIPART_ETAG.match(etag) else None
+        return RemoteFile(
+            path=path, size=size, key=key, version=etag or str(size), md5=md5, md5_of_parts=of_parts
+        )
+
+    def part_sizes(self, file: RemoteFile, exact: bool = False) -> list[int] | None:
+        """From HEAD ?partNumber=N: part 1 only, or with `exact` every part."""
+        if not file.md5_of_parts:
+            return None
+        count = int(file.md5_of_parts.rsplit("-", 1)[1])
+        if exact:
+            return [self._part_length(file, n, count) for n in range(1, count + 1)]
+        first = self._part_length(file, 1, count)
+        last = file.size - first * (count - 1)
+        return [first] * (count - 1) + [last] if 0 < last <= first else None
+
+    def _part_length(self, file: RemoteFile, number: int, count: int) -> int:
+        from ..transfer import retry
+
+        what = f"s3://{self.uri.bucket}/{file.key} part {number}"
+
+        def head() -> int:
+            try:
+                # No If-Match: some stores answer with the part's own ETag here. The ranged GETs carry it.
+                answer = self.client.head_object(Bucket=self.uri.bucket, Key=file.key, PartNumber=number)
+            except Exception as exc:
+                raise self._translate(exc, what) from None
+            if answer.get("PartsCount", count) != count:
+                raise InitializerError(f"{what}: the object changed during the download; rerun")
+            return int(answer["ContentLength"])
+
+        return retry(head, f"reading {what}", self.tuning)
 
     # -- reading --------------------------------------------------------------------------------------------
     def open_range(self, file: RemoteFile, start: int, end: int) -> AbstractContextManager[Iterator[bytes]]:
