@@ -72,6 +72,25 @@ def test_through_an_http_proxy(
     assert all(r.forward for r in hub_proxy.requests)
 
 
+def test_lfs_files_redirected_to_another_host(
+    run: Runner, hub: HubServer, hub_proxy: FaultProxy, repos: dict, tmp_path: Path
+) -> None:
+    """As on the Hub, LFS resolves answer 302 to a CDN host: followed, without sending the token there."""
+    hub.lfs_redirect = hub.endpoint.replace("127.0.0.1", "localhost")
+    try:
+        out = tmp_path / "data"
+        env = hub_env(hub_proxy, "hf://org/private-data", out, ACCESS_TOKEN=HUB_TOKEN)
+        result = run("dataset", **env)
+    finally:
+        hub.lfs_redirect = None
+    assert result.returncode == 0, result.stderr
+    assert tree(out) == repos["data"]
+    cdn = [r for r in hub.requests if r.path.startswith("/cdn/")]
+    assert cdn and all(r.status == 206 or r.status == 200 for r in cdn)
+    assert not any(r.authorized for r in cdn)
+    assert hub_proxy.count("/resolve/") == len(repos["data"]) + len(cdn) - 1  # one 302 per LFS part
+
+
 def test_model_falls_back_to_bin(run: Runner, hub_proxy: FaultProxy, repos: dict, tmp_path: Path) -> None:
     out = tmp_path / "model"
     result = run("model", **hub_env(hub_proxy, "hf://org/legacy-model", out))

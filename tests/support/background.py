@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
@@ -18,6 +20,14 @@ class BackgroundServer:
         shown = "127.0.0.1" if host == "0.0.0.0" else host
         self.endpoint = f"http://{shown}:{self.httpd.server_port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, name=name, daemon=True)
+
+    def serve_tls(self, cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> Self:
+        """Speak HTTPS with this certificate (call before `start`); `endpoint` becomes https://."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.endpoint = self.endpoint.replace("http://", "https://", 1)
+        return self
 
     def start(self) -> Self:
         self._thread.start()

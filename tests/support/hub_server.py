@@ -15,6 +15,9 @@ Folder layout (one sub-folder per branch or tag; `main` is the default branch):
     ROOT/models/ORG/NAME/.gated            # optional: gated; without the token 401 GatedRepo
 
 Files of LFS_SUFFIXES types or >= --lfs-threshold bytes are served as LFS files (tree entry with sha256).
+With `lfs_redirect` set to a base URL (another host name for this server, like the Hub's CDN), `resolve` of
+an LFS file answers 302 to `BASE/cdn/...`, which serves the bytes without a token and, as a presigned URL
+does, refuses any request that carries an Authorization header (400).
 Commit ids are deterministic (sha1 of type, repo and revision), and a commit id works as a revision.
 
 CLI (prints one JSON line {"endpoint": ...} once ready; point HF_ENDPOINT at it):
@@ -64,6 +67,7 @@ LFS_SUFFIXES = (
 DEFAULT_LFS_THRESHOLD = 10 * 1024 * 1024
 PAGE_SIZE = 1000
 _API = re.compile(r"^/api/(models|datasets)/([^/]+)/([^/]+)(?:/(.*))?$")
+_CDN = re.compile(r"^/cdn/(model|dataset)/([^/]+)/([^/]+)/([0-9a-f]{40})/(.+)$")
 _RESOLVE = re.compile(r"^/(?:(datasets)/)?([^/]+)/([^/]+)/resolve/([^/]+)/(.+)$")
 
 
@@ -95,6 +99,7 @@ class HubServer(BackgroundServer):
         self.private = set(private)
         self.lfs_threshold = lfs_threshold
         self.page_size = page_size
+        self.lfs_redirect: str | None = None  # base URL LFS resolves redirect to (see the module doc)
         self._hashes: dict[tuple[str, int, int], tuple[str, str]] = {}
         super().__init__(type("Handler", (_Handler,), {"hub": self}), host, port, "hub-server")
 
@@ -205,6 +210,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._api(m, parse_qs(url.query), authorized, head)
             elif m := _RESOLVE.match(url.path):
                 self._resolve(m, authorized, head)
+            elif m := _CDN.match(url.path):
+                self._cdn(m, head)
             else:
                 raise _HubError(404, None, "Not Found")
         except _HubError as exc:
@@ -331,9 +338,38 @@ class _Handler(BaseHTTPRequestHandler):
         repo_type = "dataset" if m.group(1) else "model"
         _, base, commit = self._repo(repo_type, m.group(2), m.group(3), m.group(4), authorized)
         rel = unquote(m.group(5))
+        path = self._file(base, rel)
+        if self.hub.lfs_redirect and self.hub.is_lfs(path):
+            where = f"{repo_type}/{m.group(2)}/{m.group(3)}/{commit}/{quote(rel)}"
+            _, sha = self.hub.hashes(path)
+            self.send_response(302)
+            self.send_header("Location", f"{self.hub.lfs_redirect}/cdn/{where}")
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("X-Linked-Etag", f'"{sha}"')
+            self.send_header("X-Linked-Size", str(path.stat().st_size))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return 302
+        return self._send_file(path, commit, head)
+
+    def _cdn(self, m: re.Match[str], head: bool) -> int:
+        if self.headers.get("Authorization"):
+            raise _HubError(400, None, "Only one auth mechanism allowed: the URL is already signed")
+        repo_type, org, name, commit, rel = m.groups()
+        revision = self.hub.revisions(f"{org}/{name}", repo_type).get(commit)
+        if not revision:
+            raise _HubError(404, None, "Not Found")
+        base = self.hub.repo_dir(f"{org}/{name}", repo_type) / revision
+        return self._send_file(self._file(base, unquote(rel)), commit, head)
+
+    @staticmethod
+    def _file(base: Path, rel: str) -> Path:
         path = (base / rel).resolve()
         if not path.is_file() or not str(path).startswith(str(base.resolve()) + os.sep):
             raise _HubError(404, "EntryNotFound", f"{rel} does not exist on this revision")
+        return path
+
+    def _send_file(self, path: Path, commit: str, head: bool) -> int:
         size = path.stat().st_size
         blob, sha = self.hub.hashes(path)
         lfs = self.hub.is_lfs(path)

@@ -11,6 +11,7 @@ Single-part ETags are MD5s and get verified.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -80,7 +81,9 @@ class S3Source(Source):
         )
         self.region = self.client.meta.region_name or region
         self.base_url = _object_url_base(self.client, uri.bucket)
-        self.http = new_pool(config.tuning.concurrency, config.tuning.read_timeout)
+        # AWS_CA_BUNDLE: a private CA for the store (MinIO, Ceph), as botocore honours it for listing.
+        ca_bundle = os.environ.get("AWS_CA_BUNDLE") or None
+        self.http = new_pool(config.tuning.concurrency, config.tuning.read_timeout, ca_bundle)
 
     def _assume_role(
         self, session: botocore.session.Session, boto_config: botocore.config.Config
