@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from .config import DEFAULT_PART_SIZE, MAX_AUTO_PART_SIZE, MiB, Tuning
 from .errors import InitializerError, TransientError, one_line
-from .manifest import Journal, state_dir
+from .manifest import Journal, start_writeback, state_dir
 from .progress import Progress, human_bytes, log
 from .safety import target_path
 from .sources.base import RemoteFile, Source
@@ -252,6 +252,8 @@ class Engine:
 
                 if f.size:
                     self._stream(f, 0, f.size, sink)
+                    out.flush()
+                    start_writeback(out.fileno())
             if check and check[1].hexdigest() != check[2]:
                 raise TransientError(
                     f"{f.path}: {check[0]} mismatch (got {check[1].hexdigest()}, want {check[2]})"
@@ -301,6 +303,7 @@ class Engine:
                     self._retried,
                     self._cancel,
                 )
+                start_writeback(fd, start, end - start)
             finally:
                 os.close(fd)
             self.journal.part_done(f, index, self.part_size)
