@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pkg.trainer import fused_lora
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.errors import TrainerError
 
@@ -98,9 +99,11 @@ def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as exc:
         raise TrainerError(f"lora_target_modules {targets}: {exc}") from None
+    fused_lora.install(model)
+    return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
