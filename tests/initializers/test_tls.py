@@ -67,3 +67,23 @@ def test_hub_over_https(
     assert result.returncode == 0, result.stderr
     assert tree(out) == files
     assert hub_tls.count("/resolve/") >= 2
+
+
+def test_s3_over_https_through_a_proxy(
+    run: Runner, s3: S3Server, s3_tls: FaultProxy, certificates: tuple, tmp_path: Path
+) -> None:
+    """HTTPS_PROXY: listing and object GETs go through CONNECT tunnels, with the proxy login."""
+    objects = {f"p/{i}.bin": os.urandom(2000 + i) for i in range(4)}
+    s3.fill("tunnel", objects)
+    with FaultProxy(s3.endpoint).start() as proxy:
+        env = {**s3.env(), "ENDPOINT": s3_tls.endpoint, "STORAGE_URI": "s3://tunnel/p"}
+        env |= {"OUTPUT_PATH": str(tmp_path / "o"), "AWS_CA_BUNDLE": str(certificates[0])}
+        env["HTTPS_PROXY"] = proxy.endpoint.replace("http://", "http://tunnel-user:tunnel-pass@")
+        result = run("dataset", **env)
+        tunnels = [r for r in proxy.requests if r.method == "CONNECT"]
+    assert result.returncode == 0, result.stderr
+    assert tree(tmp_path / "o") == {k.removeprefix("p/"): v for k, v in objects.items()}
+    target = s3_tls.endpoint.removeprefix("https://")
+    assert tunnels and all(r.path == target and r.proxy_user == "tunnel-user" for r in tunnels)
+    assert proxy.requests == tunnels  # nothing went around the tunnels
+    assert "tunnel-pass" not in result.stdout + result.stderr

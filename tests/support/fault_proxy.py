@@ -1,6 +1,7 @@
 """A reverse proxy injecting faults in front of any HTTP server (moto, the Hub server); counts requests.
-It also serves as a forward proxy (HTTP_PROXY=its endpoint): requests for absolute URLs go to the server
-they name, with the same faults, and the log marks them `forward`, with the Proxy-Authorization user.
+It also serves as a forward proxy (HTTP_PROXY / HTTPS_PROXY=its endpoint): requests for absolute URLs go to
+the server they name, with the same faults, and the log marks them `forward`, with the Proxy-Authorization
+user; CONNECT opens a tunnel (logged once, with the target as its path).
 
 Faults are rules consumed in order: each matching request uses up one of a rule's `times`.
 - `status`: answer with that HTTP status (e.g. 500, 503, 429) and an optional Retry-After header;
@@ -35,6 +36,8 @@ import base64
 import contextlib
 import http.client
 import json
+import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler
@@ -137,6 +140,25 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle()
 
     do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
+
+    def do_CONNECT(self) -> None:
+        """A tunnel to host:port, as HTTPS_PROXY clients ask: logged as one CONNECT request, then the
+        encrypted bytes are passed through untouched (no faults inside a tunnel)."""
+        host, _, port = self.path.rpartition(":")
+        self._pending = (self.path, None)
+        try:
+            upstream = socket.create_connection((host, int(port)), timeout=30)
+        except OSError:
+            self._reply(502, b"cannot reach " + self.path.encode())
+            return
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        self.wfile.flush()
+        pipe = threading.Thread(target=_pump, args=(upstream, self.connection), daemon=True)
+        pipe.start()
+        _pump(self.connection, upstream)
+        pipe.join()
+        self.close_connection = True
 
     def _admin(self, path: str) -> bool:
         if path == "/_proxy/requests" and self.command == "GET":
@@ -260,6 +282,18 @@ class _Handler(BaseHTTPRequestHandler):
             return resp.status
         finally:
             conn.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    """Copy bytes from src to dst until either side closes."""
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
 
 
 def _parse_rule(spec: str) -> FaultRule:
