@@ -57,17 +57,17 @@ class Pool:
 
     def __init__(self, concurrency: int, read_timeout: float, ca_bundle: str | None = None):
         self.read_timeout = read_timeout
-        self._tls = ssl.create_default_context(cafile=ca_bundle)
+        self._ca_bundle = ca_bundle
         self._options: dict[str, Any] = {
             "maxsize": concurrency + 4,
             "timeout": urllib3.Timeout(connect=CONNECT_TIMEOUT, read=read_timeout),
             "retries": False,  # the engine retries; redirects are followed in `get`
             "headers": {"User-Agent": USER_AGENT},
-            "ssl_context": self._tls,
         }
         self._proxies = urllib.request.getproxies_environment()
         self._via: dict[str, urllib3.ProxyManager] = {}  # proxy URL -> its pool
         self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
+        self._tls_context: ssl.SSLContext | None = None
         self._lock = threading.Lock()
 
     def get(self, url: str, headers: dict[str, str]) -> Reply:
@@ -121,7 +121,7 @@ class Pool:
             conn.close()  # the server ended this idle connection (keep-alive timeout)
         scheme, host, port = origin
         if scheme == "https":
-            return _HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT, context=self._tls, pool=self)
+            return _HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT, context=self._tls(), pool=self)
         return _HTTPConnection(host, port, timeout=CONNECT_TIMEOUT, pool=self)
 
     def _proxy_for(self, url: str) -> urllib3.ProxyManager | None:
@@ -131,9 +131,19 @@ class Pool:
         if not proxy or urllib.request.proxy_bypass_environment(parts.netloc, self._proxies):
             return None
         with self._lock:
-            if proxy not in self._via:
-                self._via[proxy] = _proxy_manager(proxy, self._options)
-            return self._via[proxy]
+            manager = self._via.get(proxy)
+        if manager is None:
+            manager = _proxy_manager(proxy, {**self._options, "ssl_context": self._tls()})
+            with self._lock:
+                manager = self._via.setdefault(proxy, manager)
+        return manager
+
+    def _tls(self) -> ssl.SSLContext:
+        """The TLS settings, made on first use: loading the CA certificates costs 50 ms."""
+        with self._lock:
+            if self._tls_context is None:
+                self._tls_context = ssl.create_default_context(cafile=self._ca_bundle)
+            return self._tls_context
 
     def clear(self) -> None:
         with self._lock:
