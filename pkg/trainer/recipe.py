@@ -243,8 +243,14 @@ class Recipe:
         # FSDP averages gradients over ranks; scaling by the world size turns that into the global token mean.
         scale = self.dist.world_size / n_targets
         self.model.train()
+        # LoRA under FSDP: gradients (a small adapter) accumulate locally and are reduced once, after the
+        # last micro-batch, instead of one reduce-scatter per micro-batch. Full fine-tuning keeps syncing:
+        # unsharded gradients of every weight would cost a whole model's memory per rank.
+        defer_sync = self.cfg.method == "lora" and hasattr(self.model, "set_requires_gradient_sync")
         loss_total = 0.0
-        for recs in micro:
+        for i, recs in enumerate(micro):
+            if defer_sync:
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
             loss = self.loss_sum(data.collate(recs, self.tokenizer.pad_token_id, self.cfg.packing))
             (loss * scale).backward()
             loss_total += loss.item()
