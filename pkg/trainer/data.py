@@ -365,22 +365,27 @@ def read_cache(path: Path) -> dict[str, Any]:
 
 
 def collate(records: list[dict[str, list[int]]], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
-    """Pad to the longest record; packed batches carry per-sample position ids and no attention mask."""
+    """Pad on the right to the longest record; packed batches also carry per-sample position ids.
+
+    Unpacked batches need no attention mask: under causal attention a real token only sees earlier
+    positions, which are all real when the padding is on the right, and padded positions are never
+    targets. Without a mask (or position ids) the model runs plain causal attention, the fastest kind.
+    """
     width = max(len(r["input_ids"]) for r in records)
     ids = torch.full((len(records), width), pad_id, dtype=torch.long)
     labels = torch.full((len(records), width), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros((len(records), width), dtype=torch.long)
-    mask = torch.zeros((len(records), width), dtype=torch.long)
     for row, r in enumerate(records):
         n = len(r["input_ids"])
         ids[row, :n] = torch.tensor(r["input_ids"])
         labels[row, :n] = torch.tensor(r["labels"])
-        mask[row, :n] = 1
-        positions[row, :n] = torch.cat([torch.arange(k) for k in r["seq_lens"]])
-        positions[row, n:] = torch.arange(width - n)  # padding is its own segment
-    batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
-    if not packing:
-        batch["attention_mask"] = mask
+    batch = {"input_ids": ids, "labels": labels}
+    if packing:
+        positions = torch.zeros((len(records), width), dtype=torch.long)
+        for row, r in enumerate(records):
+            n = len(r["input_ids"])
+            positions[row, :n] = torch.cat([torch.arange(k) for k in r["seq_lens"]])
+            positions[row, n:] = torch.arange(width - n)  # padding is its own segment
+        batch["position_ids"] = positions
     return batch
 
 

@@ -161,7 +161,8 @@ def test_packing_keeps_samples_apart():
     assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, 7, 8, 9, -100]]
     assert "attention_mask" not in batch
     unpacked = data.collate(data._records(samples, False, 6), pad_id=0, packing=False)
-    assert unpacked["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert unpacked["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9]]
+    assert set(unpacked) == {"input_ids", "labels"}  # right padding: plain causal attention suffices
     assert data.count_targets(packed) == 6
 
 
@@ -183,6 +184,20 @@ def test_packed_logits_equal_separate_logits(tiny_model):
     torch.testing.assert_close(packed[0, : len(a)], alone_a[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[0, len(a) :], alone_b[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(leaky[0, len(a) :], alone_b[0], atol=1e-3)
+
+
+def test_right_padding_without_a_mask_leaves_real_tokens_alone(tiny_model):
+    """Unpacked batches carry no attention mask: each row's real tokens give the logits of the row alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    rows = [[0, 17, 40, 99, 120, 5], [0, 200, 33], [0, 7]]
+    batch = data.collate([{"input_ids": r, "labels": r, "seq_lens": [len(r)]} for r in rows], 2, False)
+    with torch.no_grad():
+        padded = model(input_ids=batch["input_ids"], use_cache=False).logits
+        for i, r in enumerate(rows):
+            alone = model(input_ids=torch.tensor([r]), use_cache=False).logits[0]
+            torch.testing.assert_close(padded[i, : len(r)], alone, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
