@@ -105,7 +105,8 @@ def dir_digest(path: str | os.PathLike, small_file_bytes: int = 1 << 20) -> str:
 
 
 def run_fingerprint(cfg: Any) -> dict[str, str]:
-    """What a checkpoint of this run must agree on: model, method, dataset and batch shape.
+    """What a checkpoint of this run must agree on: model, method, dataset (and which tokens are targets)
+    and batch shape.
 
     ``cfg`` is a TrainConfig. Settings a resumed run may change (``max_steps``, ``num_epochs``,
     learning rate, logging, ``save_every``...) are left out, so extending a run is allowed.
@@ -119,7 +120,8 @@ def run_fingerprint(cfg: Any) -> dict[str, str]:
         "method": method,
         "dataset": (
             f"{Path(cfg.dataset_dir).name} (content digest {dir_digest(cfg.dataset_dir)}, "
-            f"dataset_format={cfg.dataset_format}, val_fraction={cfg.val_fraction}, seed={cfg.seed})"
+            f"dataset_format={cfg.dataset_format}, train_on_prompt={cfg.train_on_prompt}, "
+            f"val_fraction={cfg.val_fraction}, seed={cfg.seed})"
         ),
         "batch": (
             f"global_batch_size={cfg.global_batch_size}, max_seq_length={cfg.max_seq_length}, "

@@ -74,6 +74,20 @@ def test_fingerprint_mismatch_names_every_difference():
     )
 
 
+def test_fingerprint_covers_what_shapes_the_targets(tmp_path):
+    """Resuming with another train_on_prompt would mix two losses in one run: the fingerprints differ."""
+    from pkg.trainer.config import TrainConfig
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "data").mkdir()
+    cfg = TrainConfig(model_dir=str(tmp_path / "model"), dataset_dir=str(tmp_path / "data"))
+    other = TrainConfig(**{**cfg.to_dict(), "train_on_prompt": not cfg.train_on_prompt})
+    why = ck.fingerprint_mismatch(ck.run_fingerprint(cfg), ck.run_fingerprint(other))
+    assert why and why.startswith("dataset: ") and "train_on_prompt" in why
+    longer = TrainConfig(**{**cfg.to_dict(), "max_steps": 1000, "learning_rate": 1e-5})
+    assert ck.fingerprint_mismatch(ck.run_fingerprint(cfg), ck.run_fingerprint(longer)) is None
+
+
 def test_dir_digest_follows_content_not_location(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
