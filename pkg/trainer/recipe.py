@@ -73,6 +73,22 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return factor
 
 
+def rebase_schedule(scheduler, learning_rate: float, step: int) -> tuple[float, float]:
+    """Put a resumed scheduler on this run's schedule at `step`; returns (checkpoint's lr, this run's lr).
+
+    The schedule is a function of (step, this run's length): extending a finished cosine or linear run
+    with a larger max_steps stretches the decay over the new length, so the lr picks up at the new
+    schedule's value for that step (the caller logs the jump) rather than staying at the old end point.
+    """
+    before = scheduler.get_last_lr()[0]
+    scheduler.base_lrs = [learning_rate] * len(scheduler.optimizer.param_groups)
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    return before, scheduler.get_last_lr()[0]
+
+
 def agree(error: str | None) -> None:
     """Raise on every rank if any rank failed (so no rank waits forever for one that gave up)."""
     errors: list[str | None] = [None] * dist.get_world_size()
@@ -172,12 +188,14 @@ class Recipe:
         )
         self.state = TrainState(resumed.step, int(resumed.data_state.get("tokens_seen", 0)))
         # This run's schedule applies from here on (max_steps or learning_rate may have changed).
-        self.scheduler.base_lrs = [self.cfg.learning_rate] * len(self.optimizer.param_groups)
-        self.scheduler.last_epoch = resumed.step - 1
-        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
-            warnings.simplefilter("ignore", UserWarning)
-            self.scheduler.step()
+        before, after = rebase_schedule(self.scheduler, self.cfg.learning_rate, resumed.step)
         log.info("resuming from step %d of %d (%s)", resumed.step, self.total_steps, path)
+        if not math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-12):
+            log.warning(
+                "learning-rate schedule: now %s over %d steps (max_steps, num_epochs or learning_rate "
+                "changed); the lr of step %d is %.3g where the checkpoint's schedule had %.3g",
+                self.cfg.lr_scheduler, self.total_steps, resumed.step + 1, after, before,
+            )  # fmt: skip
 
     def save_checkpoint(self) -> Path:
         state = self.state

@@ -130,7 +130,7 @@ def test_finished_rerun_mismatch_and_extension(reference, tmp_path):
     assert "Traceback" not in refused.stderr
 
     log = ok(run_trainer({**args, "max_steps": 8}))  # extend: continue from the final checkpoint
-    assert "resuming from step 6" in log
+    assert "resuming from step 6" in log and "learning-rate schedule" not in log  # constant: no jump
     records = (out / "metrics.jsonl").read_bytes()
     assert records.startswith(before[0]) and train_steps(out) == list(range(1, 9))
     assert json.loads((out / "summary.json").read_text())["steps"] == 8
