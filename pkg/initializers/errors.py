@@ -58,3 +58,14 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
+
+
+def untrusted_certificate(exc: BaseException, where: str) -> InitializerError | None:
+    """A one-line fix for a TLS certificate that no trusted CA signed, or None for other errors: retrying
+    cannot help, so this is not a TransientError."""
+    if "CERTIFICATE_VERIFY_FAILED" not in str(exc):
+        return None
+    return InitializerError(
+        f"the TLS certificate of {where} is not trusted (CERTIFICATE_VERIFY_FAILED): if it is signed by a "
+        "private CA, mount the CA bundle and set SSL_CERT_FILE (or AWS_CA_BUNDLE for S3) to its path"
+    )

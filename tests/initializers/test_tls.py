@@ -53,7 +53,9 @@ def test_s3_over_https(
 
     refused = run("dataset", **{**env, "OUTPUT_PATH": str(tmp_path / "b")})
     assert refused.returncode != 0
-    assert "certificate" in one_error_line(refused.stderr).lower()
+    line = one_error_line(refused.stderr)
+    assert "not trusted" in line and "AWS_CA_BUNDLE" in line
+    assert "attempts" not in line  # not retried: retrying cannot fix a certificate
 
 
 def test_hub_over_https(
@@ -67,6 +69,10 @@ def test_hub_over_https(
     assert result.returncode == 0, result.stderr
     assert tree(out) == files
     assert hub_tls.count("/resolve/") >= 2
+
+    refused = run("model", **{**env, "OUTPUT_PATH": str(tmp_path / "n")}, ACCESS_TOKEN=HUB_TOKEN)
+    assert refused.returncode != 0
+    assert "not trusted" in one_error_line(refused.stderr) and "SSL_CERT_FILE" in refused.stderr
 
 
 def test_s3_over_https_through_a_proxy(

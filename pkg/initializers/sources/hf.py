@@ -26,7 +26,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 
 from ..config import Config
-from ..errors import InitializerError, TransientError, one_line, parse_retry_after
+from ..errors import InitializerError, TransientError, one_line, parse_retry_after, untrusted_certificate
 from ..uri import HfUri
 from .base import RemoteFile, Source
 from .http import get_range, new_pool
@@ -134,7 +134,9 @@ class HfSource(Source):
                 ) from None
             raise InitializerError(f"Hub error for {self.uri}: {one_line(exc, 200)}") from None
         except httpx2.TransportError as exc:
-            raise TransientError(f"{type(exc).__name__}: {one_line(exc, 200)}") from None
+            raise untrusted_certificate(exc, self.config.hf_endpoint) or TransientError(
+                f"{type(exc).__name__}: {one_line(exc, 200)}"
+            ) from None
 
     # -- reading --------------------------------------------------------------------------------------------
     def url(self, file: RemoteFile) -> str:

@@ -24,7 +24,14 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
 
-from ..errors import InitializerError, TransientError, one_line, parse_retry_after, register_secret
+from ..errors import (
+    InitializerError,
+    TransientError,
+    one_line,
+    parse_retry_after,
+    register_secret,
+    untrusted_certificate,
+)
 
 CHUNK = 1024 * 1024
 USER_AGENT = "kubeflow-trainer-initializer/2.0.0"
@@ -245,7 +252,10 @@ def get_range(
     try:
         reply = pool.get(url, headers)
     except _BROKEN as exc:
-        raise TransientError(f"{what}: {type(exc).__name__}: {one_line(exc, 200)}") from None
+        origin = "://".join(_origin(url)[:2])
+        raise untrusted_certificate(exc, origin) or TransientError(
+            f"{what}: {type(exc).__name__}: {one_line(exc, 200)}"
+        ) from None
     complete = False
     try:
         status = reply.status

@@ -24,7 +24,14 @@ import botocore.exceptions
 import botocore.session
 
 from ..config import Config
-from ..errors import InitializerError, TransientError, one_line, parse_retry_after, register_secret
+from ..errors import (
+    InitializerError,
+    TransientError,
+    one_line,
+    parse_retry_after,
+    register_secret,
+    untrusted_certificate,
+)
 from ..uri import S3Uri
 from .base import RemoteFile, Source
 from .http import TRANSIENT_CODES, get_range, new_pool
@@ -226,6 +233,8 @@ class S3Source(Source):
         """Map boto errors to TransientError (retry) or a one-line InitializerError saying what to fix."""
         if isinstance(exc, (InitializerError, TransientError)):
             return exc
+        if untrusted := untrusted_certificate(exc, self.config.endpoint or "S3"):
+            return untrusted
         if isinstance(exc, botocore.exceptions.ClientError):
             code = _code(exc)
             meta = exc.response.get("ResponseMetadata", {})
