@@ -125,3 +125,34 @@ def shard(model: nn.Module, device: torch.device, bf16: bool) -> nn.Module:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def shard_from_rank0(model: nn.Module, device: torch.device, bf16: bool) -> nn.Module:
+    """Shard a model whose weights only rank 0 read; the other ranks built it on the meta device.
+
+    Every rank shards the same architecture identically, then rank 0's full state dict (base weights and
+    its freshly initialised LoRA matrices alike) is broadcast and each rank keeps only its own shards.
+    A node thus holds one full copy of the weights in host memory (rank 0's), not one per process.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    on_rank0 = dist.get_rank() == 0
+    full = model.state_dict() if on_rank0 else {}  # references to rank 0's tensors, not a copy
+    shard(model, device, bf16)
+    if not on_rank0:
+        model.to_empty(device=device)  # storage for this rank's shards and buffers; values follow
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    del full
+    broadcast_buffers(model)
+    return model
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers to every rank.
+
+    Non-persistent buffers (a rotary embedding's `inv_freq`) are not in the state dict, so on the ranks
+    that built the model on the meta device they hold whatever memory `to_empty` handed out.
+    """
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)

@@ -46,11 +46,28 @@ def load_tokenizer(model_dir: str):
     return tokenizer
 
 
-def load_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The model with the trainable parameters `cfg.method` asks for, on CPU (FSDP moves the shards)."""
+def load_model(cfg: TrainConfig, device: torch.device, weights: bool = True) -> nn.Module:
+    """The model with the trainable parameters `cfg.method` asks for, on CPU (FSDP moves the shards).
+
+    With `weights=False` the same architecture (and LoRA layers) is built on the meta device from
+    config.json alone: no weights are read and no host memory is spent. Ranks other than 0 do that at
+    world size > 1 and receive rank 0's weights after sharding (distributed.shard_from_rank0), so a node
+    holds one full copy of the model in host memory instead of one per process.
+    """
+    check_model_dir(cfg.model_dir)
+    model = _read_pretrained(cfg, device) if weights else _build_on_meta(cfg)
+    model.config.use_cache = False
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "full":
+        return model
+    return add_lora(model, cfg)
+
+
+def _read_pretrained(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """`from_pretrained` in fp32 (or 4-bit NF4 on the GPU for QLoRA)."""
     from transformers import AutoModelForCausalLM
 
-    check_model_dir(cfg.model_dir)
     kwargs: dict = {"dtype": torch.float32}
     if cfg.method == "qlora":
         if device.type != "cuda":
@@ -70,17 +87,25 @@ def load_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
             ),
         }
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(cfg.model_dir, **kwargs)
     except Exception as exc:
         raise TrainerError(
             f"cannot load the model from {cfg.model_dir}: {type(exc).__name__}: {exc}"
         ) from None
-    model.config.use_cache = False
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.method == "full":
-        return model
-    return add_lora(model, cfg)
+
+
+def _build_on_meta(cfg: TrainConfig) -> nn.Module:
+    """The fp32 architecture from config.json on the meta device: shapes only, filled in after sharding."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model_dir)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as exc:
+        raise TrainerError(
+            f"cannot build the model of {cfg.model_dir}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:

@@ -226,11 +226,23 @@ class Recipe:
     def build_model(self) -> torch.nn.Module:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial adapters on every rank and world size
-        net = model.load_model(cfg, self.dist.device)
+        # At world size > 1 only rank 0 reads the weights; the others build the model on the meta device
+        # and receive rank 0's weights once sharded (one full copy per node in host memory, not one per
+        # rank). A 4-bit QLoRA base is neither sharded nor broadcast: every rank loads it onto its GPU.
+        from_rank0 = self.dist.world_size > 1 and cfg.method != "qlora"
+        net, error = None, None
+        try:
+            net = model.load_model(cfg, self.dist.device, weights=self.dist.is_main or not from_rank0)
+        except TrainerError as exc:
+            error = str(exc)
+        agree(error)  # rank 0 failing to read the weights must not leave the others waiting for them
         trainable, total = model.count_parameters(net)
         self.param_counts = {"trainable_params": trainable, "total_params": total}
         log.info("%s: %d trainable of %d parameters", cfg.method, trainable, total)
-        if cfg.method != "qlora":  # a 4-bit base is not sharded; its small adapter is all-reduced instead
+        if from_rank0:
+            log.info("rank 0 read the weights; %d ranks receive them by broadcast", self.dist.world_size - 1)
+            net = distributed.shard_from_rank0(net, self.dist.device, self.bf16)
+        elif cfg.method != "qlora":  # a 4-bit base is not sharded; its small adapter is all-reduced instead
             net = distributed.shard(net, self.dist.device, self.bf16)
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per rank
         return net
