@@ -51,7 +51,7 @@ test-images: install ## build the initializer images and run them against local 
 	$(PYTHON) -m pytest tests/images $(PYTEST_ARGS)
 
 test-images-full: install ## test-images + a CPU llm-trainer image running a 2-process LoRA fine-tune
-	$(PYTHON) -m pytest tests/images tests/images/full_trainer_image.py $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests/images/test_*.py tests/images/full_trainer_image.py $(PYTEST_ARGS)  # a folder argument would swallow the extra file
 
 test-manifests: install ## runtime manifests and example TrainJobs
 	$(PYTHON) -m pytest tests/manifests $(PYTEST_ARGS)
