@@ -29,7 +29,7 @@ from ..config import Config
 from ..errors import InitializerError, TransientError, one_line, parse_retry_after, untrusted_certificate
 from ..uri import HfUri
 from .base import RemoteFile, Source
-from .http import get_range, new_pool
+from .http import Pool, get_range
 
 
 class HfSource(Source):
@@ -42,7 +42,7 @@ class HfSource(Source):
             endpoint=config.hf_endpoint, token=self.token or False, library_name="kubeflow-trainer"
         )
         self.commit: str | None = None
-        self.http = new_pool(config.tuning.concurrency, config.tuning.read_timeout)
+        self.http = Pool(config.tuning.concurrency, config.tuning.read_timeout)
 
     def resolved(self) -> dict[str, str]:
         return {"commit": self.commit or "", "repo_type": self.repo_type}

@@ -216,10 +216,6 @@ def _proxy_manager(proxy: str, options: dict[str, Any]) -> urllib3.ProxyManager:
     return urllib3.ProxyManager(proxy, proxy_headers=headers, **options)
 
 
-def new_pool(concurrency: int, read_timeout: float, ca_bundle: str | None = None) -> Pool:
-    return Pool(concurrency, read_timeout, ca_bundle)
-
-
 def error_code(body: bytes) -> str:
     """The <Code> of an S3-style XML error body, or ''."""
     m = _S3_CODE.search(body)

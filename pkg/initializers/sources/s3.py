@@ -2,11 +2,10 @@
 
 Credentials: ACCESS_KEY_ID / SECRET_ACCESS_KEY, else the default AWS chain (IRSA, instance profile);
 ROLE_ARN is assumed through STS (refreshed before it expires). Listing goes through botocore. Object bytes go
-through the shared ranged reader (`http.get_range`): a urllib3 pool and one SigV4 signature per request
-(`sigv4.py`), about a third of the client CPU of a botocore `get_object` call, which matters for many
-small objects. Ranged
+through the shared ranged reader (`http.get_range`) with one SigV4 signature per request (`sigv4.py`), about
+a third of the client CPU of a botocore `get_object` call, which matters for many small objects. Ranged
 GETs carry If-Match on the ETag, so an object replaced mid-download fails instead of mixing versions.
-Single-part ETags are MD5s and get verified.
+Single-part ETags are MD5s and get verified; multipart ETags are checked against the parts' MD5s.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from ..errors import (
 )
 from ..uri import S3Uri
 from .base import RemoteFile, Source
-from .http import TRANSIENT_CODES, get_range, new_pool
+from .http import TRANSIENT_CODES, Pool, get_range
 from .sigv4 import sign_get
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -90,7 +89,7 @@ class S3Source(Source):
         self.base_url = _object_url_base(self.client, uri.bucket)
         # AWS_CA_BUNDLE: a private CA for the store (MinIO, Ceph), as botocore honours it for listing.
         ca_bundle = os.environ.get("AWS_CA_BUNDLE") or None
-        self.http = new_pool(config.tuning.concurrency, config.tuning.read_timeout, ca_bundle)
+        self.http = Pool(config.tuning.concurrency, config.tuning.read_timeout, ca_bundle)
 
     def _assume_role(
         self, session: botocore.session.Session, boto_config: botocore.config.Config
