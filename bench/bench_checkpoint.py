@@ -194,8 +194,10 @@ def main() -> None:
     if unknown := [m for m in models if m not in MODELS]:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     if args.worker:
+        from pkg.trainer.distributed import exit_process
+
         worker(models, args.reps, args.workdir, args.worker)
-        return
+        exit_process(0)  # a normal exit can abort in gloo's threads
 
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

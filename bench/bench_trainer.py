@@ -244,8 +244,10 @@ def main() -> int:
         trl_worker(m, d, o, int(s))
         return 0
     if args.fsdp_worker:
+        from pkg.trainer.distributed import exit_process
+
         fsdp_worker(*args.fsdp_worker)
-        return 0
+        exit_process(0)  # a normal exit can abort in gloo's threads
 
     size = QUICK if args.quick else FULL
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-trainer-"))

@@ -58,4 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from pkg.trainer.distributed import exit_process
+
+    exit_process(code)  # not sys.exit: see exit_process for the abort a normal exit can hit

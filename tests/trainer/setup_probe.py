@@ -19,6 +19,7 @@ import transformers
 
 from pkg.trainer.__main__ import setup_logging
 from pkg.trainer.config import load_config
+from pkg.trainer.distributed import exit_process
 from pkg.trainer.recipe import Recipe
 
 reads = 0
@@ -64,3 +65,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # as the trainer leaves: a normal exit can abort in gloo's threads
