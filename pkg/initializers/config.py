@@ -75,7 +75,11 @@ ENV_VARS = (
         "S3 access key (with SECRET_ACCESS_KEY); unset: the AWS default chain (IRSA, instance profile).",
     ),
     EnvVar("SECRET_ACCESS_KEY", "S3 secret key. Never printed."),
-    EnvVar("REGION", "S3 region.", "us-east-1"),
+    EnvVar(
+        "REGION",
+        "S3 region to start from; a bucket elsewhere is followed (its listing names its region).",
+        "AWS_DEFAULT_REGION, else us-east-1",
+    ),
     EnvVar("ROLE_ARN", "IAM role assumed through STS before reading S3."),
     EnvVar(
         "HTTPS_PROXY",

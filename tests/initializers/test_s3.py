@@ -331,3 +331,44 @@ def test_object_urls_and_signatures(bucket_name: str, region: str, endpoint: str
     assert f"/{region}/s3/aws4_request" in auth and "SignedHeaders=host;if-match;range;" in auth
     assert "secret-example" not in str(headers)
     source.close()
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"ENDPOINT": "{proxy}", "REGION": "us-west-2"},  # REGION set, but not the bucket's
+        {"AWS_ENDPOINT_URL_S3": "{proxy}"},  # no REGION at all (boto3's default setup), no ENDPOINT
+    ],
+    ids=["wrong-region", "no-region"],
+)
+def test_bucket_in_another_region(
+    run: Runner, s3: S3Server, s3_proxy: FaultProxy, bucket: dict, tmp_path: Path, where: dict
+) -> None:
+    """As on AWS, the bucket refuses requests signed for another region and names its own: the download
+    follows it (as boto3, and so the upstream images, do) instead of failing on its first object."""
+    env = {k: v for k, v in s3.env().items() if k not in ("ENDPOINT", "REGION")}
+    env |= {k: v.format(proxy=s3_proxy.endpoint) for k, v in where.items()}
+    out = tmp_path / "out"
+    s3_proxy.bucket_region = "eu-west-1"
+    try:
+        result = run("dataset", **env, STORAGE_URI="s3://data/set/small", OUTPUT_PATH=str(out))
+    finally:
+        s3_proxy.bucket_region = None
+    assert result.returncode == 0, result.stderr
+    assert tree(out) == {k.removeprefix("small/"): v for k, v in bucket.items() if k.startswith("small/")}
+    assert "bucket data is in region eu-west-1" in result.stdout
+    refused = [r for r in s3_proxy.requests if r.status == 400]
+    assert len(refused) == 1 and refused[0].path == "/data"  # only botocore's first listing call
+    assert len([r for r in s3_proxy.requests if r.path.startswith("/data/set/small/")]) == 60
+
+
+def test_region_from_aws_default_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without REGION, AWS_DEFAULT_REGION (set in EKS pods) picks the region, as with boto3. No network."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
+    env = {"STORAGE_URI": "s3://my-bucket/p", "OUTPUT_PATH": "/nowhere"}
+    env |= {"ACCESS_KEY_ID": "AKIAEXAMPLE", "SECRET_ACCESS_KEY": "secret-example"}
+    source = open_source(load_config("dataset", env))
+    assert isinstance(source, S3Source)
+    assert source.region == "eu-central-1"
+    assert source.base_url == "https://my-bucket.s3.eu-central-1.amazonaws.com"
+    source.close()

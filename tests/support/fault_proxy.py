@@ -12,6 +12,10 @@ A rule with `skip=N` lets its first N matching requests through untouched.
 A rule matches when `match` is a substring of the unquoted URL path and the method is `method`
 (default GET; "*" for any). The Host header is passed through unchanged, so S3 signatures stay valid.
 
+With `bucket_region` set, it also acts as AWS does for a bucket in that region: a request signed for any
+other region gets 400 AuthorizationHeaderMalformed naming the right one, and every answer carries
+`x-amz-bucket-region`.
+
 CLI (prints one JSON line {"endpoint": ...} once ready):
 
     python -m tests.support.fault_proxy --upstream http://127.0.0.1:9000 [--port 0] [--host 127.0.0.1]
@@ -36,6 +40,7 @@ import base64
 import contextlib
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -92,6 +97,7 @@ class FaultProxy(BackgroundServer):
         self.upstream_host = parts.hostname or "127.0.0.1"
         self.upstream_port = parts.port or 80
         self.rules: list[FaultRule] = []
+        self.bucket_region: str | None = None
         super().__init__(type("Handler", (_Handler,), {"proxy": self}), host, port, "fault-proxy")
 
     # -- faults ---------------------------------------------------------------------------------------------
@@ -195,9 +201,12 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/_proxy/") and self._admin(path):
             return
         body = self._body()
+        self._pending: tuple[str, str | None] | None = (path, None)  # logged with the status line
+        if self._refuse_wrong_region():
+            return
         rule = self.proxy.take(self.command, path)
         fault = None if rule is None else json.dumps({k: v for k, v in asdict(rule).items() if v is not None})
-        self._pending: tuple[str, str | None] | None = (path, fault)  # logged with the status line
+        self._pending = (path, fault)
         try:
             if rule is not None and rule.status is not None:
                 status = rule.status
@@ -214,6 +223,18 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             if self._pending is not None:  # nothing was sent back
                 self._log(502)
+
+    def _refuse_wrong_region(self) -> bool:
+        region = self.proxy.bucket_region
+        signed = re.search(r"Credential=[^/]+/\d{8}/([^/]+)/", self.headers.get("Authorization", ""))
+        if region is None or signed is None or signed.group(1) == region:
+            return False
+        message = f"the region '{signed.group(1)}' is wrong; expecting '{region}'"
+        body = f"<Error><Code>AuthorizationHeaderMalformed</Code><Message>{message}</Message>"
+        body += f"<Region>{region}</Region></Error>"
+        headers = {"Content-Type": "application/xml", "x-amz-bucket-region": region}
+        self._reply(400, body.encode(), headers)
+        return True
 
     def send_response(self, code: int, message: str | None = None) -> None:
         # Log when the status goes out, so a client that reads the log right after a response sees it.
@@ -248,9 +269,13 @@ class _Handler(BaseHTTPRequestHandler):
             data_len = resp.getheader("Content-Length")
             payload = None if data_len is not None else resp.read()
             self.send_response(resp.status)
+            region = self.proxy.bucket_region
+            skip = _HOP | {"content-length"} | ({"x-amz-bucket-region"} if region else set())
             for k, v in resp.getheaders():
-                if k.lower() not in _HOP and k.lower() != "content-length":
+                if k.lower() not in skip:
                     self.send_header(k, v)
+            if region:
+                self.send_header("x-amz-bucket-region", region)
             self.send_header("Content-Length", data_len if data_len is not None else str(len(payload or b"")))
             self.end_headers()
             if self.command == "HEAD":

@@ -6,6 +6,10 @@ through the shared ranged reader (`http.get_range`) with one SigV4 signature per
 a third of the client CPU of a botocore `get_object` call, which matters for many small objects. Ranged
 GETs carry If-Match on the ETag, so an object replaced mid-download fails instead of mixing versions.
 Single-part ETags are MD5s and get verified; multipart ETags are checked against the parts' MD5s.
+
+Region: REGION, else AWS_DEFAULT_REGION or the profile's, else us-east-1. A bucket elsewhere still works, as
+with boto3: botocore follows the redirect for listing, and the object GETs follow the region the bucket
+names in its listing (`x-amz-bucket-region`).
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from ..errors import (
     register_secret,
     untrusted_certificate,
 )
+from ..progress import log
 from ..uri import S3Uri
 from .base import RemoteFile, Source
 from .http import TRANSIENT_CODES, Pool, get_range
 from .sigv4 import sign_get
 
+_REGION_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-[1-9][0-9]*$")
 _AUTH_CODES = {
@@ -59,8 +65,8 @@ class S3Source(Source):
         self.uri = uri
         self.config = config
         self.tuning = config.tuning
-        region = config.region or "us-east-1"
         session = _session(config.access_key_id, config.secret_access_key)
+        region = config.region or session.get_config_variable("region") or "us-east-1"
         boto_config = botocore.config.Config(
             region_name=region,
             max_pool_connections=4,  # listing only; objects go through self.http
@@ -82,14 +88,33 @@ class S3Source(Source):
             keys = credentials.get_frozen_credentials()
             session = _session(keys.access_key, keys.secret_key, keys.token)
         s3_config = botocore.config.Config(s3={"addressing_style": "path"} if config.endpoint else {})
-        self.client = session.create_client(
-            "s3", endpoint_url=config.endpoint, config=boto_config.merge(s3_config)
-        )
-        self.region = self.client.meta.region_name or region
-        self.base_url = _object_url_base(self.client, uri.bucket)
+        self._session, self._boto_config = session, boto_config.merge(s3_config)
+        self._use_region(region)
         # AWS_CA_BUNDLE: a private CA for the store (MinIO, Ceph), as botocore honours it for listing.
         ca_bundle = os.environ.get("AWS_CA_BUNDLE") or None
         self.http = Pool(config.tuning.concurrency, config.tuning.read_timeout, ca_bundle)
+
+    def _use_region(self, region: str) -> None:
+        """A listing client for `region`, and the object URL and signing region that go with it."""
+        self.client = self._session.create_client(
+            "s3",
+            endpoint_url=self.config.endpoint,
+            config=self._boto_config.merge(botocore.config.Config(region_name=region)),
+        )
+        self.region = self.client.meta.region_name or region
+        self.base_url = _object_url_base(self.client, self.uri.bucket)
+
+    def _follow_bucket_region(self, region: str | None) -> None:
+        """Sign object GETs for the region the bucket names (S3 sends it with every listing).
+
+        botocore quietly redirects its own calls to the bucket's region; the GETs signed here would fail
+        with AuthorizationHeaderMalformed. boto3 users (and the upstream images) never need REGION for that.
+        """
+        if not region or region == self.region or not _REGION_NAME.match(region):
+            return
+        log(f"bucket {self.uri.bucket} is in region {region}, not {self.region}: using {region}")
+        self.client.close()
+        self._use_region(region)
 
     def _assume_role(
         self, session: botocore.session.Session, boto_config: botocore.config.Config
@@ -142,12 +167,16 @@ class S3Source(Source):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.uri.bucket, Prefix=folder
             )
+            bucket_region = None
             for page in pages:
+                headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                bucket_region = headers.get("x-amz-bucket-region", bucket_region)
                 for obj in page.get("Contents", []):
                     key = obj["Key"]
                     if key.endswith("/") and obj["Size"] == 0:
                         continue  # folder marker
                     files.append(self._file(key, key[len(folder) :], obj["Size"], obj.get("ETag", "")))
+            self._follow_bucket_region(bucket_region)
         except Exception as exc:
             raise self._translate(exc, f"listing {self.uri}") from None
         return files
