@@ -2,8 +2,8 @@
 //   docker buildx bake                                   # all three, local platform
 //   REGISTRY=ghcr.io/me TAG=v2.0.1 docker buildx bake --push
 //   make images-local                                    # same targets with buildah (reads this file)
-// Keep this file plain (one attribute per line, string values, no functions): scripts/bake.py parses it
-// for the buildah path.
+// Keep this file plain (one attribute per line, string values, no functions): scripts/build_local_images.py
+// parses it for the buildah path.
 
 variable "REGISTRY" {
   default = "ghcr.io/kubeflow/trainer"
@@ -51,7 +51,8 @@ target "_common" {
 
 target "dataset-initializer" {
   inherits   = ["_common"]
-  dockerfile = "images/dataset_initializer/Dockerfile"
+  dockerfile = "images/initializer/Dockerfile"
+  target     = "dataset-initializer"
   args = {
     BASE_IMAGE = "python:3.11-slim-bookworm"
   }
@@ -60,7 +61,8 @@ target "dataset-initializer" {
 
 target "model-initializer" {
   inherits   = ["_common"]
-  dockerfile = "images/model_initializer/Dockerfile"
+  dockerfile = "images/initializer/Dockerfile"
+  target     = "model-initializer"
   args = {
     BASE_IMAGE = "python:3.11-slim-bookworm"
   }

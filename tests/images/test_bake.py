@@ -14,6 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "build_local_images.py"
 TARGETS = ("dataset-initializer", "model-initializer", "llm-trainer")
+ENTRY_POINT = {
+    "dataset-initializer": 'CMD ["python", "-m", "pkg.initializers.dataset"]',
+    "model-initializer": 'CMD ["python", "-m", "pkg.initializers.model"]',
+    "llm-trainer": 'ENTRYPOINT ["torchrun", "-m", "pkg.trainer"]',
+}
 PACKAGE = {
     "dataset-initializer": "initializers",
     "model-initializer": "initializers",
@@ -76,6 +81,11 @@ def test_dockerfile_agrees_with_bake(name):
     }
     assert re.search(r"^USER 1000:1000$", dockerfile, re.M)
     assert re.search(r"^WORKDIR /app$", dockerfile, re.M)
+    # The stage bake builds (named by `target`, else the last) runs the image's own entry point.
+    stages = re.split(r"^FROM ", dockerfile, flags=re.M)[1:]
+    names = [stage.split("\n", 1)[0].split()[-1] for stage in stages]  # "BASE AS NAME" -> NAME
+    stage = stages[names.index(target["target"])] if "target" in target else stages[-1]
+    assert ENTRY_POINT[name] in stage and f'image.title="{name}"' in stage
 
 
 def test_dockerignore_keeps_the_context_small():
