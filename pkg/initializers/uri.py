@@ -73,6 +73,9 @@ def parse_uri(text: str) -> StorageUri:
     )
 
 
+_HUB_REFS = ("pr", "convert")  # the Hub's own refs with a '/' inside: written as they are, not encoded
+
+
 def _hf(text: str, rest: str) -> HfUri:
     parts = [p for p in rest.strip("/").split("/")]
     if len(parts) < 2 or not parts[0] or not parts[1]:
@@ -85,6 +88,8 @@ def _hf(text: str, rest: str) -> HfUri:
         if not _REPO_PART.match(part):
             raise InitializerError(f"STORAGE_URI {text!r}: {part!r} is not a valid repository name")
     sub = [p for p in parts[2:] if p]
+    if revision == "refs" and len(sub) >= 2 and sub[0] in _HUB_REFS:  # refs/pr/N, refs/convert/parquet
+        revision, sub = "/".join(["refs", *sub[:2]]), sub[2:]
     if any(p in (".", "..") for p in sub):
         raise InitializerError(f"STORAGE_URI {text!r}: '.' and '..' are not allowed in the sub-path")
     return HfUri(f"{org}/{name}", unquote(revision) or None, "/".join(sub))

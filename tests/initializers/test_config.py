@@ -22,6 +22,11 @@ from pkg.initializers.uri import HfUri, LocalUri, S3Uri, parse_uri
         ("hf://org/name@main/data/train", HfUri("org/name", "main", "data/train")),
         ("hf://org/name/sub/", HfUri("org/name", None, "sub")),
         ("hf://org/name@refs%2Fpr%2F1", HfUri("org/name", "refs/pr/1")),
+        ("hf://org/name@refs/pr/1", HfUri("org/name", "refs/pr/1")),
+        (
+            "hf://org/name@refs/convert/parquet/default/train",
+            HfUri("org/name", "refs/convert/parquet", "default/train"),
+        ),
         ("s3://bucket", S3Uri("bucket", "")),
         ("s3://bucket/some/prefix/", S3Uri("bucket", "some/prefix/")),
         ("file:///mnt/data/", LocalUri("/mnt/data")),

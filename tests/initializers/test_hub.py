@@ -139,6 +139,21 @@ def test_revision_and_subpath(run: Runner, hub_proxy: FaultProxy, repos: dict, t
     assert tree(out) == {"data/train/part-0.jsonl": repos["data"]["data/train/part-0.jsonl"]}
 
 
+def test_hub_refs_written_as_they_are(
+    run: Runner, hub: HubServer, hub_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """The Hub's parquet conversion branch, `refs/convert/parquet`, needs no URL-encoding in STORAGE_URI."""
+    parquet = {"default/train/0000.parquet": os.urandom(3000), "default/test/0000.parquet": os.urandom(500)}
+    hub.add_repo("org/converted", {"data.csv": b"a,b\n"}, repo_type="dataset")
+    hub.add_repo("org/converted", parquet, repo_type="dataset", revision="refs/convert/parquet")
+    out = tmp_path / "out"
+    result = run(
+        "dataset", **hub_env(hub_proxy, "hf://org/converted@refs/convert/parquet/default/train", out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert tree(out) == {"default/train/0000.parquet": parquet["default/train/0000.parquet"]}
+
+
 def test_gated_model_needs_token(run: Runner, hub: HubServer, hub_proxy: FaultProxy, tmp_path: Path) -> None:
     hub.add_repo("org/gated-model", {"config.json": b"{}", "model.safetensors": b"w" * 1000}, gated=True)
     denied = run("model", **hub_env(hub_proxy, "hf://org/gated-model", tmp_path / "a"))

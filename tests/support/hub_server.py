@@ -117,7 +117,7 @@ class HubServer(BackgroundServer):
         gated: bool = False,
     ) -> str:
         """Write `files` (path -> bytes, or a local file to copy) as `revision`; returns its commit id."""
-        base = self.repo_dir(repo_id, repo_type) / revision
+        base = self.repo_dir(repo_id, repo_type) / quote(revision, safe="")  # refs/pr/1: one folder
         for rel, content in files.items():
             target = base / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,7 @@ class HubServer(BackgroundServer):
         base = self.repo_dir(repo_id, repo_type)
         if not base.is_dir():
             return {}
-        return {commit_id(repo_type, repo_id, d.name): d.name for d in base.iterdir() if d.is_dir()}
+        return {commit_id(repo_type, repo_id, unquote(d.name)): d.name for d in base.iterdir() if d.is_dir()}
 
     def hashes(self, path: Path) -> tuple[str, str]:
         """(git blob sha1, sha256) of a file, cached by size and mtime."""
@@ -252,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
             if authorized:
                 raise _HubError(404, "RepoNotFound", "Repository not found")
             raise _HubError(401, "RepoNotFound", "Invalid username or password.")
-        revision = unquote(revision)
+        revision = quote(unquote(revision), safe="")  # as a folder name
         if (self.hub.repo_dir(repo_id, repo_type) / ".gated").exists() and not authorized:
             raise _HubError(
                 401, "GatedRepo", "Access to this repo is restricted. You must accept its conditions."
@@ -262,8 +262,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif revision in revs.values():
             folder = revision
         else:
-            raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-        return repo_id, self.hub.repo_dir(repo_id, repo_type) / folder, commit_id(repo_type, repo_id, folder)
+            raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {unquote(revision)}")
+        commit = commit_id(repo_type, repo_id, unquote(folder))
+        return repo_id, self.hub.repo_dir(repo_id, repo_type) / folder, commit
 
     def _api(self, m: re.Match[str], query: dict[str, list[str]], authorized: bool, head: bool) -> int:
         kind, org, name, rest = m.group(1), m.group(2), m.group(3), m.group(4) or ""
