@@ -338,8 +338,9 @@ def test_object_urls_and_signatures(bucket_name: str, region: str, endpoint: str
     [
         {"ENDPOINT": "{proxy}", "REGION": "us-west-2"},  # REGION set, but not the bucket's
         {"AWS_ENDPOINT_URL_S3": "{proxy}"},  # no REGION at all (boto3's default setup), no ENDPOINT
+        {"AWS_ENDPOINT_URL_S3": "{proxy}", "unnamed": ""},  # and a listing that does not name the region
     ],
-    ids=["wrong-region", "no-region"],
+    ids=["wrong-region", "no-region", "asked-with-head-bucket"],
 )
 def test_bucket_in_another_region(
     run: Runner, s3: S3Server, s3_proxy: FaultProxy, bucket: dict, tmp_path: Path, where: dict
@@ -347,19 +348,21 @@ def test_bucket_in_another_region(
     """As on AWS, the bucket refuses requests signed for another region and names its own: the download
     follows it (as boto3, and so the upstream images, do) instead of failing on its first object."""
     env = {k: v for k, v in s3.env().items() if k not in ("ENDPOINT", "REGION")}
-    env |= {k: v.format(proxy=s3_proxy.endpoint) for k, v in where.items()}
+    env |= {k: v.format(proxy=s3_proxy.endpoint) for k, v in where.items() if k != "unnamed"}
     out = tmp_path / "out"
-    s3_proxy.bucket_region = "eu-west-1"
+    s3_proxy.bucket_region, s3_proxy.region_in_listings = "eu-west-1", "unnamed" not in where
     try:
         result = run("dataset", **env, STORAGE_URI="s3://data/set/small", OUTPUT_PATH=str(out))
     finally:
-        s3_proxy.bucket_region = None
+        s3_proxy.bucket_region, s3_proxy.region_in_listings = None, True
     assert result.returncode == 0, result.stderr
     assert tree(out) == {k.removeprefix("small/"): v for k, v in bucket.items() if k.startswith("small/")}
     assert "bucket data is in region eu-west-1" in result.stdout
     refused = [r for r in s3_proxy.requests if r.status == 400]
     assert len(refused) == 1 and refused[0].path == "/data"  # only botocore's first listing call
     assert len([r for r in s3_proxy.requests if r.path.startswith("/data/set/small/")]) == 60
+    heads = [r for r in s3_proxy.requests if r.method == "HEAD" and r.path == "/data"]
+    assert len(heads) == (1 if "unnamed" in where else 0)
 
 
 def test_region_from_aws_default_region(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ A rule matches when `match` is a substring of the unquoted URL path and the meth
 
 With `bucket_region` set, it also acts as AWS does for a bucket in that region: a request signed for any
 other region gets 400 AuthorizationHeaderMalformed naming the right one, and every answer carries
-`x-amz-bucket-region`.
+`x-amz-bucket-region` (listings only while `region_in_listings`, as AWS does; HeadBucket always names it).
 
 CLI (prints one JSON line {"endpoint": ...} once ready):
 
@@ -98,6 +98,7 @@ class FaultProxy(BackgroundServer):
         self.upstream_port = parts.port or 80
         self.rules: list[FaultRule] = []
         self.bucket_region: str | None = None
+        self.region_in_listings = True
         super().__init__(type("Handler", (_Handler,), {"proxy": self}), host, port, "fault-proxy")
 
     # -- faults ---------------------------------------------------------------------------------------------
@@ -270,6 +271,8 @@ class _Handler(BaseHTTPRequestHandler):
             payload = None if data_len is not None else resp.read()
             self.send_response(resp.status)
             region = self.proxy.bucket_region
+            if "list-type=" in self.path and not self.proxy.region_in_listings:
+                region = None
             skip = _HOP | {"content-length"} | ({"x-amz-bucket-region"} if region else set())
             for k, v in resp.getheaders():
                 if k.lower() not in skip:

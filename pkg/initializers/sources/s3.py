@@ -176,10 +176,21 @@ class S3Source(Source):
                     if key.endswith("/") and obj["Size"] == 0:
                         continue  # folder marker
                     files.append(self._file(key, key[len(folder) :], obj["Size"], obj.get("ETag", "")))
+            if bucket_region is None and not self.config.endpoint:  # AWS names it there; ask once more
+                bucket_region = self._head_bucket_region()
             self._follow_bucket_region(bucket_region)
         except Exception as exc:
             raise self._translate(exc, f"listing {self.uri}") from None
         return files
+
+    def _head_bucket_region(self) -> str | None:
+        """The bucket's region from HeadBucket, whose answer is documented to carry it."""
+        try:
+            answer = self.client.head_bucket(Bucket=self.uri.bucket)
+        except botocore.exceptions.ClientError:
+            return None  # not allowed, or not an AWS-like store: keep the region we have
+        headers = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        return answer.get("BucketRegion") or headers.get("x-amz-bucket-region")
 
     def _head(self, key: str) -> RemoteFile | None:
         try:
