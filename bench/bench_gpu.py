@@ -45,7 +45,6 @@ SIZES = {
     "0.5b": (24, 896, 4864, 14, 2, 151936),
     "1b": (16, 2048, 8192, 32, 8, 128256),
 }
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket", "garden", "silver"]
 
 
 def log(msg: str) -> None:
@@ -59,12 +58,12 @@ def make_model(path: Path, size: str) -> Path:
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from demo.tiny_model import make_tokenizer
+    from tests.trainer.tiny import make_tokenizer
 
     transformers.utils.logging.disable_progress_bar()
 
     layers, hidden, inter, heads, kv, vocab = SIZES[size]
-    tokenizer = make_tokenizer(path, [f"Repeat the word {w} three times: {w} {w} {w}." for w in WORDS])
+    tokenizer = make_tokenizer(path)
     config = LlamaConfig(
         vocab_size=max(vocab, len(tokenizer)),
         hidden_size=hidden,
@@ -86,6 +85,8 @@ def make_model(path: Path, size: str) -> Path:
 
 
 def make_data(path: Path, rows: int) -> Path:
+    from tests.trainer.tiny import WORDS
+
     path.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(rows):

@@ -105,7 +105,7 @@ class S3Source(Source):
         self.base_url = _object_url_base(self.client, self.uri.bucket)
 
     def _follow_bucket_region(self, region: str | None) -> None:
-        """Sign object GETs for the region the bucket names (S3 sends it with every listing).
+        """Sign object GETs for the region the bucket names (in its listing, or else HeadBucket's answer).
 
         botocore quietly redirects its own calls to the bucket's region; the GETs signed here would fail
         with AuthorizationHeaderMalformed. boto3 users (and the upstream images) never need REGION for that.
