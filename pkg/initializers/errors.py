@@ -25,6 +25,15 @@ class TransientError(Exception):
         self.retry_after = retry_after
 
 
+class RangeIgnored(Exception):
+    """The server at `host` answered a ranged GET with the whole file (HTTP 200, as RFC 9110 allows): the
+    engine downloads that file, and later large files from that host, in one stream each."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"{host} ignores Range requests")
+        self.host = host
+
+
 _secrets: set[str] = set()
 _lock = threading.Lock()
 

@@ -1,30 +1,34 @@
 """The one transfer engine every source shares.
 
-Files go through a thread pool. A file larger than the part size is preallocated under a temporary name
-and filled by parallel ranged requests written with `os.pwrite`; smaller files stream in one request.
-Memory stays bounded (one chunk per worker) whatever the object size. Every request is retried with
-exponential backoff and jitter, honouring Retry-After, on TransientError (connection errors, stalled reads,
-429, 5xx). Each file is verified (size always; MD5, SHA-256 or git blob SHA-1 when the source gives one)
-and only then renamed into place and recorded in the journal, so a rerun skips it.
+Files go to a fixed set of worker threads through a bounded queue, filled as the workers take from it, so
+memory does not grow with the number of files. A file larger than the part size gets a sparse temporary
+file filled by parallel ranged requests written with `os.pwrite`; smaller files stream in one request.
+A server that ignores Range (HTTP 200 with the whole file) gets that file, and every later large file, in
+one stream each. Memory stays bounded (one chunk per worker) whatever the object size. Every request is
+retried with exponential backoff and jitter, honouring Retry-After, on TransientError (connection errors,
+stalled or trickling reads, 429, 5xx). Each file is verified (size always; MD5, SHA-256 or git blob SHA-1
+when the source gives one) and only then renamed into place and recorded in the journal, so a rerun skips it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import queue
 import random
 import shutil
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 from .config import DEFAULT_PART_SIZE, MAX_AUTO_PART_SIZE, MiB, Tuning
-from .errors import InitializerError, TransientError, one_line
+from .errors import InitializerError, RangeIgnored, TransientError, one_line
 from .manifest import Journal, start_writeback, state_dir
 from .progress import Progress, human_bytes, log
 from .safety import target_path
@@ -32,6 +36,8 @@ from .sources.base import RemoteFile, Source
 
 T = TypeVar("T")
 HASH_CHUNK = 4 * 1024 * 1024
+QUEUE_PER_WORKER = 2  # tasks waiting per worker: enough to keep them busy, few enough to cost no memory
+STOP_GRACE = 10.0  # seconds a stop waits for the workers (their reads are aborted, so they return at once)
 
 
 class _Cancelled(Exception):
@@ -50,6 +56,10 @@ class Plan:
     @property
     def bytes_to_fetch(self) -> int:
         return sum(f.size for f in self.whole + self.multipart) - self.resumed_bytes
+
+    def tasks(self, part_size: int) -> int:
+        """How many requests the plan needs at most (one per whole file, one per part)."""
+        return len(self.whole) + sum(-(-f.size // part_size) for f in self.multipart)
 
 
 def retry(
@@ -148,6 +158,8 @@ class Engine:
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._parts_left: dict[str, int] = {}
+        self._streamed: set[str] = set()  # large files fetched in one stream after all (Range ignored)
+        self._no_ranges: set[str] = set()  # hosts that answered a ranged GET with the whole file
         self._folders: set[Path] = set()  # output folders already created and checked
         self.part_size = tuning.part_size or DEFAULT_PART_SIZE
         self.progress: Progress | None = None
@@ -191,28 +203,56 @@ class Engine:
     # -- running --------------------------------------------------------------------------------------------
     def run(self, plan: Plan, progress: Progress) -> None:
         self.progress = progress
-        tasks: list[Callable[[], None]] = []
-        for f in plan.multipart:
-            tasks.extend(self._multipart_tasks(f))
-        tasks.extend(lambda f=f: self._fetch_whole(f) for f in plan.whole)
-        workers = max(1, min(self.tuning.concurrency, self.source.max_concurrency, len(tasks) or 1))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
-            futures = [pool.submit(task) for task in tasks]
-            try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            except BaseException:  # SIGTERM / Ctrl-C in the main thread: stop the workers, keep the journal
-                self._stop(futures)
-                raise
-            errors = [fut.exception() for fut in done if fut.exception() is not None]
-            if errors:
-                self._stop(futures)
-                raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+        count = plan.tasks(self.part_size)
+        workers = max(1, min(self.tuning.concurrency, self.source.max_concurrency, count or 1))
+        todo: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=QUEUE_PER_WORKER * workers)
+        errors: list[BaseException] = []
 
-    def _stop(self, futures: list[Future[None]]) -> None:
-        self._cancel.set()  # running tasks stop at their next chunk, queued ones at their start
-        for fut in futures:
-            fut.cancel()
-        wait(futures)
+        def work() -> None:
+            while (task := todo.get()) is not None:
+                if self._cancel.is_set():
+                    continue  # stopping: drain the queue
+                try:
+                    task()
+                except BaseException as exc:  # handed to the main thread
+                    with self._lock:
+                        errors.append(exc)
+                    self._stop()
+
+        threads = [threading.Thread(target=work, name=f"fetch-{i}", daemon=True) for i in range(workers)]
+        for thread in threads:
+            thread.start()
+        try:
+            for task in self._tasks(plan):
+                while not self._cancel.is_set():
+                    try:
+                        todo.put(task, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if self._cancel.is_set():
+                    break
+            _join(todo, threads, self._cancel)
+        except BaseException:  # SIGTERM / Ctrl-C in the main thread, or a task that could not be made
+            self._stop()
+            _join(todo, threads, self._cancel)
+            raise
+        if errors:
+            raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+
+    def _tasks(self, plan: Plan) -> Iterator[Callable[[], None]]:
+        """The plan's requests, made as the queue takes them (a large file's temporary file is created when
+        its first part is queued)."""
+        for f in plan.multipart:
+            yield from self._multipart_tasks(f)
+        for f in plan.whole:
+            yield partial(self._fetch_whole, f)
+
+    def _stop(self) -> None:
+        """Stop every worker: queued tasks are dropped, running ones stop at their next chunk, and reads in
+        progress are aborted so a stalled server does not hold the stop."""
+        self._cancel.set()
+        self.source.abort()
 
     def _stream(self, f: RemoteFile, start: int, end: int, sink: Callable[[bytes, int], None]) -> None:
         """One attempt at bytes [start, end) fed to `sink(chunk, offset)`; short reads are transient."""
@@ -266,6 +306,8 @@ class Engine:
             raise _io_error(exc, self.root) from None
 
     def _multipart_tasks(self, f: RemoteFile) -> list[Callable[[], None]]:
+        if self.source.host(f) in self._no_ranges:
+            return [partial(self._fetch_whole, f)]  # this host ignores Range: one stream
         tmp = self._temp(f)
         parts = self._parts(f)
         done = (
@@ -275,24 +317,24 @@ class Engine:
         )
         try:
             if not done:
+                # Sparse: blocks are allocated as parts arrive, so a failed run holds only what it fetched
+                # (check_space made sure the whole selection fits).
                 with open(tmp, "wb") as out:
-                    try:
-                        os.posix_fallocate(out.fileno(), 0, f.size)
-                    except OSError as exc:
-                        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                            raise
-                        out.truncate(f.size)  # filesystems without fallocate
+                    out.truncate(f.size)
         except OSError as exc:
             raise _io_error(exc, self.root) from None
         todo = [p for p in parts if p[0] not in done]
         self._parts_left[f.path] = len(todo)
         if not todo:
             return [lambda: self._finish_multipart(f, tmp)]
-        return [lambda p=p: self._fetch_part(f, tmp, *p) for p in todo]
+        return [partial(self._fetch_part, f, tmp, *p) for p in todo]
 
     def _fetch_part(self, f: RemoteFile, tmp: Path, index: int, start: int, end: int) -> None:
         if self._cancel.is_set():
             raise _Cancelled()
+        if f.path in self._streamed or self.source.host(f) in self._no_ranges:
+            self._stream_instead(f)
+            return
         try:
             fd = os.open(tmp, os.O_WRONLY)
             try:
@@ -304,8 +346,13 @@ class Engine:
                     self._cancel,
                 )
                 start_writeback(fd, start, end - start)
+            except RangeIgnored as exc:
+                self._ranges_ignored(exc.host)
             finally:
                 os.close(fd)
+            if f.path in self._streamed or self.source.host(f) in self._no_ranges:
+                self._stream_instead(f)
+                return
             self.journal.part_done(f, index, self.part_size)
             with self._lock:
                 self._parts_left[f.path] -= 1
@@ -314,6 +361,24 @@ class Engine:
                 self._finish_multipart(f, tmp)
         except OSError as exc:
             raise _io_error(exc, self.root) from None
+
+    def _ranges_ignored(self, host: str) -> None:
+        with self._lock:
+            first = host not in self._no_ranges
+            self._no_ranges.add(host)
+        if first:
+            log(
+                f"{host or 'the server'} ignores Range requests (it answered HTTP 200 with the whole file): "
+                "its large files are downloaded in one stream each"
+            )
+
+    def _stream_instead(self, f: RemoteFile) -> None:
+        """Fetch `f` in one stream, once, whichever of its part tasks gets here first; the others are done."""
+        with self._lock:
+            if f.path in self._streamed:
+                return
+            self._streamed.add(f.path)
+        self._fetch_whole(f)
 
     def _finish_multipart(self, f: RemoteFile, tmp: Path) -> None:
         check = _hasher(f)
@@ -362,6 +427,28 @@ class Engine:
     def _retried(self) -> None:
         assert self.progress is not None
         self.progress.retried()
+
+
+def _join(
+    todo: queue.Queue[Callable[[], None] | None], threads: list[threading.Thread], cancel: threading.Event
+) -> None:
+    """Tell the workers there is no more work and wait for them; when stopping, drop what is still queued
+    and wait at most STOP_GRACE (their reads are aborted; a thread stuck anyway must not hold the exit)."""
+    if not cancel.is_set():
+        for _ in threads:
+            todo.put(None)
+        for thread in threads:
+            thread.join()
+        return
+    with contextlib.suppress(queue.Empty):
+        while True:
+            todo.get_nowait()
+    for _ in threads:
+        with contextlib.suppress(queue.Full):
+            todo.put_nowait(None)
+    deadline = time.monotonic() + STOP_GRACE
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0))
 
 
 def _pwrite_all(fd: int, chunk: bytes, offset: int) -> None:

@@ -42,9 +42,17 @@ class Source(ABC):
         part (uploaders use one size but for the last), or with `exact` each part's own; None: unknown."""
         return None
 
+    def host(self, file: RemoteFile) -> str:
+        """The server `file`'s bytes are asked from (the engine remembers which ones ignore Range); '' for
+        sources that are not HTTP."""
+        return ""
+
     def resolved(self) -> dict[str, str]:
         """Facts learned while listing (e.g. the commit a branch pointed to), recorded in the manifest."""
         return {}
+
+    def abort(self) -> None:  # noqa: B027 - optional hook
+        """Make reads in progress in other threads return now (the run is stopping)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import HfApi, hf_hub_url
@@ -161,6 +162,12 @@ class HfSource(Source):
         if status == 404:
             return InitializerError(f"a file disappeared from {self.uri.repo_id}@{self.commit}; rerun")
         return None
+
+    def host(self, file: RemoteFile) -> str:
+        return urlsplit(self.config.hf_endpoint).netloc
+
+    def abort(self) -> None:
+        self.http.abort()
 
     def close(self) -> None:
         self.http.clear()

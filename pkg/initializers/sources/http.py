@@ -10,11 +10,14 @@ is most of a small file's cost.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
 import select
+import socket
 import ssl
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +29,7 @@ import urllib3
 
 from ..errors import (
     InitializerError,
+    RangeIgnored,
     TransientError,
     one_line,
     parse_retry_after,
@@ -34,6 +38,9 @@ from ..errors import (
 )
 
 CHUNK = 1024 * 1024
+# A body must deliver this many bytes in every INIT_READ_TIMEOUT seconds (about 1 KiB/s at the default
+# 60 s): the socket timeout alone is reset by every byte, so a body trickling 1 byte/s would never end.
+MIN_PROGRESS = 64 * 1024
 USER_AGENT = "kubeflow-trainer-initializer/2.0.0"
 CONNECT_TIMEOUT = 10.0
 MAX_REDIRECTS = 10
@@ -41,6 +48,7 @@ MAX_REDIRECTS = 10
 TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError"}
 _S3_CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
 _REDIRECTS = {301, 302, 303, 307, 308}
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # What a broken or stalled connection raises, from http.client and from urllib3.
 _BROKEN = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError)
 
@@ -54,6 +62,7 @@ class Reply:
     status: int
     headers: Any  # a Mapping with case-insensitive .get()
     read: Callable[[int], bytes]
+    read1: Callable[[int], bytes]  # what has arrived, up to n bytes, with at most one socket read
     finish: Callable[[bool], None]
 
 
@@ -74,6 +83,7 @@ class Pool:
         self._proxies = urllib.request.getproxies_environment()
         self._via: dict[str, urllib3.ProxyManager] = {}  # proxy URL -> its pool
         self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
+        self._active: set[Any] = set()  # connections (or proxied responses) a reply is being read from
         self._tls_context: ssl.SSLContext | None = None
         self._lock = threading.Lock()
 
@@ -95,26 +105,60 @@ class Pool:
     def _get_once(self, url: str, headers: dict[str, str]) -> Reply:
         proxy = self._proxy_for(url)
         if proxy:
-            resp = proxy.request("GET", url, headers=headers, preload_content=False, redirect=False)
-            return Reply(resp.status, resp.headers, resp.read, lambda reuse: _release(resp, reuse))
+            presp = proxy.request("GET", url, headers=headers, preload_content=False, redirect=False)
+            self._track(presp)
+
+            def release(reuse: bool) -> None:
+                self._untrack(presp)
+                _release(presp, reuse)
+
+            return Reply(presp.status, presp.headers, presp.read, presp.read1, release)
         origin = _origin(url)
         parts = urlsplit(url)
         conn = self._take(origin)
+        self._track(conn)
         try:
             conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers)
             resp = conn.getresponse()
         except BaseException:
+            self._untrack(conn)
             conn.close()
             raise
 
+        def read1(n: int) -> bytes:
+            data = resp.read1(n) if resp.length != 0 else b""
+            if resp.length == 0 and not resp.isclosed():
+                resp.close()  # the whole body is read: what read() does, so the connection can be reused
+            return data
+
         def finish(reuse: bool) -> None:
+            self._untrack(conn)
             if reuse and resp.isclosed() and not resp.length:  # all of the body read: the connection is free
                 with self._lock:
                     self._idle.setdefault(origin, []).append(conn)
             else:
                 conn.close()
 
-        return Reply(resp.status, resp.headers, resp.read, finish)
+        return Reply(resp.status, resp.headers, resp.read, read1, finish)
+
+    def _track(self, conn: Any) -> None:
+        with self._lock:
+            self._active.add(conn)
+
+    def _untrack(self, conn: Any) -> None:
+        with self._lock:
+            self._active.discard(conn)
+
+    def abort(self) -> None:
+        """Shut down the sockets of replies being read, so threads blocked reading them return at once
+        (a stop must not wait for a stalled server's read timeout)."""
+        with self._lock:
+            active = list(self._active)
+        for conn in active:
+            sock = getattr(conn, "sock", None) or getattr(getattr(conn, "connection", None), "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def _take(self, origin: Origin) -> http.client.HTTPConnection:
         while True:
@@ -266,17 +310,58 @@ def get_range(
             raise (fatal and fatal(status, code)) or InitializerError(
                 f"{what}: HTTP {status} {code}".rstrip() + "; check the source and credentials"
             )
-        if status not in (200, 206) or (ranged and status != 206):
-            raise TransientError(f"{what}: unexpected HTTP {status} for a {'ranged ' if ranged else ''}GET")
-        yield _chunks(reply, what)
+        _check_body(reply, what, start, end, size, ranged, url)
+        yield _chunks(reply, what, pool.read_timeout)
         complete = True
     finally:
         reply.finish(complete)
 
 
-def _chunks(reply: Reply, what: str) -> Iterator[bytes]:
+def _check_body(reply: Reply, what: str, start: int, end: int, size: int, ranged: bool, url: str) -> None:
+    """Accept a 206, or a 200, only when it carries exactly bytes [start, end) of a `size`-byte resource.
+
+    RFC 9110 lets a server ignore Range: a 200 with the whole body then raises RangeIgnored (the engine
+    streams that file whole). Some servers (rclone serve s3) answer a ranged GET with 200 and a Content-Range
+    naming the range: that is the range, and is accepted like a 206."""
+    status = reply.status
+    if status not in (200, 206):
+        raise TransientError(f"{what}: unexpected HTTP {status} for a {'ranged ' if ranged else ''}GET")
+    if status == 200 and not ranged:
+        return  # the whole body, as asked; its length is checked as it is read
+    content_range = reply.headers.get("Content-Range")
+    if content_range is not None or status == 206:
+        m = _CONTENT_RANGE.fullmatch((content_range or "").strip())
+        if not m or (int(m[1]), int(m[2]) + 1) != (start, end) or m[3] not in ("*", str(size)):
+            raise TransientError(
+                f"{what}: asked for bytes {start}-{end - 1} of {size}, the server answered HTTP {status} "
+                f"with Content-Range {content_range!r}"
+            )
+        return
+    length = reply.headers.get("Content-Length")
+    if length is None or length.strip() == str(size):
+        raise RangeIgnored(urlsplit(url).netloc)
+    raise InitializerError(
+        f"{what}: the server answered a request for bytes {start}-{end - 1} with HTTP 200 and "
+        f"{length.strip()[:20]} bytes, neither that range nor the whole {size}-byte file: it mishandles "
+        "Range requests; set INIT_PART_SIZE above the largest file's size to avoid them"
+    )
+
+
+def _chunks(reply: Reply, what: str, read_timeout: float) -> Iterator[bytes]:
+    """The body as it arrives; a body that delivers under MIN_PROGRESS bytes in read_timeout seconds is a
+    stalled read (TransientError), however steadily it trickles."""
+    window_start, window_bytes = time.monotonic(), 0
     try:
-        while chunk := reply.read(CHUNK):
+        while chunk := reply.read1(CHUNK):
+            window_bytes += len(chunk)
+            if window_bytes >= MIN_PROGRESS:
+                window_start, window_bytes = time.monotonic(), 0
+            elif time.monotonic() - window_start > read_timeout:
+                raise TransientError(
+                    f"{what}: the body arrives too slowly ({window_bytes} bytes in "
+                    f"{time.monotonic() - window_start:.0f}s, under {MIN_PROGRESS // 1024} KiB per "
+                    f"INIT_READ_TIMEOUT={read_timeout:g}s)"
+                )
             yield chunk
     except _BROKEN as exc:
         raise TransientError(f"{what}: {type(exc).__name__}: {one_line(exc, 200)}") from None

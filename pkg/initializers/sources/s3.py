@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import botocore.config
 import botocore.credentials
@@ -316,6 +316,12 @@ class S3Source(Source):
 
     def _where(self) -> str:
         return self.config.endpoint or "AWS"
+
+    def host(self, file: RemoteFile) -> str:
+        return urlsplit(self.base_url).netloc
+
+    def abort(self) -> None:
+        self.http.abort()
 
     def close(self) -> None:
         self.client.close()
