@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support.hub_server import start_hub_server  # noqa: E402
-from tests.support.s3_server import S3Server, start_s3_server  # noqa: E402
+from tests.support.s3_server import S3Server, start_rclone_s3, start_s3_server  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -245,29 +244,6 @@ def start_latent_s3_server(delay: float) -> S3Server:
         proc.kill()
         raise RuntimeError("the moto server with added latency did not start")
     return S3Server(info["endpoint"], info["access_key_id"], info["secret_access_key"], info["region"], proc)
-
-
-def start_rclone_s3(root: Path) -> S3Server:
-    """`rclone serve s3` over the folders of `root` (one per bucket), with MD5 ETags as S3 gives for
-    single-part objects. rclone hashes a file on every request for its ETag, so this server suits small
-    objects; the large-file case stays on moto."""
-    rclone = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
-    if not rclone:
-        raise RuntimeError("rclone not found: pip install -r requirements/bench.txt")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    key, secret = "AKIABENCHRCLONE00000", "bench-rclone-secret-0000000000000000"
-    cmd = [rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{key},{secret}"]
-    cmd += ["--etag-hash", "MD5", "--config", "/dev/null", str(root)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return S3Server(f"http://127.0.0.1:{port}", key, secret, "us-east-1", proc)
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("rclone serve s3 did not start")
 
 
 def write_small_objects(root: Path, n: int) -> None:

@@ -1,5 +1,9 @@
-"""Fixtures: a moto S3 server (credentials enforced) and a Hub server, each behind a fault proxy, and a
-helper that runs the real entry points as subprocesses with the environment the Kubeflow SDK sets."""
+"""Fixtures: S3 servers (moto and `rclone serve s3`, credentials enforced) and a Hub server, each behind a
+fault proxy, and a helper that runs the real entry points as subprocesses with the environment the Kubeflow
+SDK sets.
+
+`s3` is parametrized over both S3 servers, so every S3 download test runs against two implementations. A
+test that needs what only moto has (IAM and STS, keys a filesystem cannot hold) says so with `MOTO_ONLY`."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import pytest
 
 from tests.support.fault_proxy import FaultProxy
 from tests.support.hub_server import HubServer, start_hub_server
-from tests.support.s3_server import S3Server, start_s3_server
+from tests.support.s3_server import S3Server, start_rclone_s3, start_s3_server
 
 REPO = Path(__file__).resolve().parents[2]
 HUB_TOKEN = "hf_TestTokenThatMustNeverBePrinted42"
@@ -43,24 +47,56 @@ def base_env(home: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="session")
-def s3() -> Iterator[S3Server]:
-    with start_s3_server(auth=True) as server:
-        yield server
+S3_SERVERS = ("moto", "rclone")
+# For a test that needs moto's IAM / STS, or keys that a filesystem (rclone's store) cannot hold.
+MOTO_ONLY = pytest.mark.parametrize("s3", ["moto"], indirect=True)
+
+
+class _S3Servers:
+    """Each kind of S3 server, started on first use and kept (with its fault proxy) for the session."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.servers: dict[str, S3Server] = {}
+        self.proxies: dict[str, FaultProxy] = {}
+
+    def server(self, kind: str) -> S3Server:
+        if kind not in self.servers:
+            started = start_s3_server(auth=True) if kind == "moto" else start_rclone_s3(self.root / kind)
+            self.servers[kind] = started
+        return self.servers[kind]
+
+    def proxy(self, kind: str) -> FaultProxy:
+        if kind not in self.proxies:
+            self.proxies[kind] = FaultProxy(self.server(kind).endpoint).start()
+        return self.proxies[kind]
+
+    def stop(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.stop()
+        for server in self.servers.values():
+            server.stop()
 
 
 @pytest.fixture(scope="session")
-def _s3_proxy(s3: S3Server) -> Iterator[FaultProxy]:
-    with FaultProxy(s3.endpoint).start() as proxy:
-        yield proxy
+def _s3_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_S3Servers]:
+    servers = _S3Servers(tmp_path_factory.mktemp("s3"))
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(scope="session", params=S3_SERVERS)
+def s3(request: pytest.FixtureRequest, _s3_servers: _S3Servers) -> S3Server:
+    return _s3_servers.server(request.param)
 
 
 @pytest.fixture
-def s3_proxy(_s3_proxy: FaultProxy) -> FaultProxy:
-    """The S3 fault proxy with no faults and an empty request log."""
-    _s3_proxy.clear()
-    _s3_proxy.reset_log()
-    return _s3_proxy
+def s3_proxy(s3: S3Server, _s3_servers: _S3Servers) -> FaultProxy:
+    """The fault proxy in front of `s3`, with no faults and an empty request log."""
+    proxy = _s3_servers.proxy(s3.kind)
+    proxy.clear()
+    proxy.reset_log()
+    return proxy
 
 
 @pytest.fixture(scope="session")

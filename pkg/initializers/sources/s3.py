@@ -4,7 +4,8 @@ Credentials: ACCESS_KEY_ID / SECRET_ACCESS_KEY, else the default AWS chain (IRSA
 ROLE_ARN is assumed through STS (refreshed before it expires). Listing goes through botocore. Object bytes go
 through the shared ranged reader (`http.get_range`) with one SigV4 signature per request (`sigv4.py`), about
 a third of the client CPU of a botocore `get_object` call, which matters for many small objects. Ranged
-GETs carry If-Match on the ETag, so an object replaced mid-download fails instead of mixing versions.
+GETs carry If-Match on the ETag, and every answer's ETag is compared with it, so an object replaced
+mid-download fails instead of mixing versions.
 Single-part ETags are MD5s and get verified; multipart ETags are checked against the parts' MD5s.
 
 Region: REGION, else AWS_DEFAULT_REGION or the profile's, else us-east-1. A bucket elsewhere still works, as
@@ -244,8 +245,9 @@ class S3Source(Source):
     def open_range(self, file: RemoteFile, start: int, end: int) -> AbstractContextManager[Iterator[bytes]]:
         what = f"s3://{self.uri.bucket}/{file.key}"
         headers = {}
-        if (start > 0 or end < file.size) and file.version != str(file.size):
-            headers["If-Match"] = f'"{file.version}"'
+        etag = file.version if file.version != str(file.size) else None
+        if (start > 0 or end < file.size) and etag:
+            headers["If-Match"] = f'"{etag}"'
         url = f"{self.base_url}/{quote(file.key, safe='/~')}"
         return get_range(
             self.http,
@@ -257,6 +259,7 @@ class S3Source(Source):
             headers,
             fatal=lambda status, code: self._fatal(status, code, what),
             sign=self._sign,
+            etag=etag,  # checked on the answer too: some stores (rclone serve s3) ignore If-Match
         )
 
     def _sign(self, url: str, headers: dict[str, str]) -> dict[str, str]:
