@@ -74,6 +74,8 @@ def retry(
         try:
             return fn()
         except TransientError as exc:
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled() from None  # the run is stopping (its reads were aborted): no retry
             if attempt == tuning.max_attempts:
                 raise InitializerError(
                     f"{what}: still failing after {attempt} attempts ({one_line(exc)}); "

@@ -19,6 +19,9 @@ With `lfs_redirect` set to a base URL (another host name for this server, like t
 an LFS file answers 302 to `BASE/cdn/...`, which serves the bytes without a token and, as a presigned URL
 does, refuses any request that carries an Authorization header (400).
 Commit ids are deterministic (sha1 of type, repo and revision), and a commit id works as a revision.
+`range_mode` makes `resolve` mishandle Range as some servers and mirrors do: "ignore" answers 200 with the
+whole file (RFC 9110 allows it), "bare" answers 200 with just the range and no Content-Range, "shift"
+answers 206 with the range one byte further on, its Content-Range saying so.
 
 CLI (prints one JSON line {"endpoint": ...} once ready; point HF_ENDPOINT at it):
 
@@ -100,6 +103,7 @@ class HubServer(BackgroundServer):
         self.lfs_threshold = lfs_threshold
         self.page_size = page_size
         self.lfs_redirect: str | None = None  # base URL LFS resolves redirect to (see the module doc)
+        self.range_mode = "honour"  # or "ignore", "bare", "shift" (see the module doc)
         self._hashes: dict[tuple[str, int, int], tuple[str, str]] = {}
         super().__init__(type("Handler", (_Handler,), {"hub": self}), host, port, "hub-server")
 
@@ -377,7 +381,8 @@ class _Handler(BaseHTTPRequestHandler):
         etag = f'"{sha if lfs else blob}"'
         start, end, status = 0, size, 200
         rng = self.headers.get("Range")
-        if rng:
+        mode = self.hub.range_mode
+        if rng and mode != "ignore":
             parsed = _parse_range(rng, size)
             if parsed is None:
                 self.send_response(416)
@@ -386,6 +391,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return 416
             start, end, status = parsed[0], parsed[1], 206
+            if mode == "shift" and end < size:
+                start, end = start + 1, end + 1
+        send_range = status == 206 and mode != "bare"
+        status = 200 if mode == "bare" else status
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(end - start))
@@ -395,7 +404,7 @@ class _Handler(BaseHTTPRequestHandler):
         if lfs:
             self.send_header("X-Linked-Etag", etag)
             self.send_header("X-Linked-Size", str(size))
-        if status == 206:
+        if send_range:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
         if not head:
