@@ -296,7 +296,7 @@ class Engine:
                     self._stream(f, 0, f.size, sink)
                     out.flush()
                     start_writeback(out.fileno())
-            if check and check[1].hexdigest() != check[2]:
+            if check and check[1].hexdigest() != check[2] and self.source.verifiable(f):
                 raise TransientError(
                     f"{f.path}: {check[0]} mismatch (got {check[1].hexdigest()}, want {check[2]})"
                 )
@@ -383,7 +383,7 @@ class Engine:
         self._fetch_whole(f)
 
     def _finish_multipart(self, f: RemoteFile, tmp: Path) -> None:
-        check = _hasher(f)
+        check = _hasher(f) if self.source.verifiable(f) else None
         if check:
             with open(tmp, "rb") as src:
                 while block := src.read(HASH_CHUNK):
@@ -403,8 +403,10 @@ class Engine:
             raise InitializerError(
                 f"{f.path}: wrote {size} bytes, expected {f.size}; rerun to fetch it again"
             )
-        if f.md5_of_parts:
+        if f.md5_of_parts and self.source.verifiable(f):
             self._check_md5_of_parts(f, tmp)
+        elif f.md5_of_parts:
+            self._check_part_structure(f)
         os.replace(tmp, target_path(self.root, f.path, self._folders))
         self.journal.file_done(f)
         assert self.progress is not None
@@ -425,6 +427,17 @@ class Engine:
             f"{f.path}: content does not match its multipart ETag {f.md5_of_parts}; the source may have "
             "changed during the download, rerun to fetch it again"
         )
+
+    def _check_part_structure(self, f: RemoteFile) -> None:
+        """For a multipart object whose ETag is not built from MD5s (SSE-KMS / SSE-C): its parts, as the
+        store reports them, must be as many as the ETag says and add up to the size downloaded."""
+        count = int((f.md5_of_parts or "").rsplit("-", 1)[1])
+        sizes = self.source.part_sizes(f, exact=True)
+        if sizes is not None and (len(sizes) != count or sum(sizes) != f.size):
+            raise InitializerError(
+                f"{f.path}: its parts ({len(sizes)}, {sum(sizes)} bytes) do not match its ETag "
+                f"{f.md5_of_parts} and size {f.size}; the source may have changed during the download, rerun"
+            )
 
     def _retried(self) -> None:
         assert self.progress is not None

@@ -7,7 +7,10 @@ Faults are rules consumed in order: each matching request uses up one of a rule'
 - `status`: answer with that HTTP status (e.g. 500, 503, 429) and an optional Retry-After header;
 - `drop`: forward, but cut the connection after `drop` bytes of the response body;
 - `stall`: forward, send the headers and `stall_after` bytes of the body, then pause `stall` seconds;
-- `corrupt`: forward, flipping the body byte at that offset (checksum verification must catch it).
+- `corrupt`: forward, flipping the body byte at that offset (checksum verification must catch it);
+- `trickle`: forward, send `stall_after` bytes of the body, then one byte every `trickle` seconds;
+- `headers`: forward, with these response headers set (replacing the server's of the same name);
+- `replace`: forward, with the body's first occurrence of `replace[0]` replaced by `replace[1]`.
 A rule with `skip=N` lets its first N matching requests through untouched.
 A rule matches when `match` is a substring of the unquoted URL path and the method is `method`
 (default GET; "*" for any). The Host header is passed through unchanged, so S3 signatures stay valid.
@@ -71,6 +74,9 @@ class FaultRule:
     stall: float | None = None  # pause this many seconds after `stall_after` body bytes
     stall_after: int = 0
     corrupt: int | None = None  # flip the body byte at this offset
+    trickle: float | None = None  # after `stall_after` bytes, one byte every this many seconds
+    headers: dict[str, str] | None = None  # response headers to set
+    replace: tuple[str, str] | None = None  # (old, new): rewrite the body
     skip: int = 0  # let this many matching requests through first
     times: int = 1
     match: str = ""
@@ -114,6 +120,9 @@ class FaultProxy(BackgroundServer):
 
     def stall(self, seconds: float, times: int = 1, match: str = "", after_bytes: int = 0) -> None:
         self.add(FaultRule(stall=seconds, stall_after=after_bytes, times=times, match=match))
+
+    def trickle(self, every: float, times: int = 1, match: str = "", after_bytes: int = 0) -> None:
+        self.add(FaultRule(trickle=every, stall_after=after_bytes, times=times, match=match))
 
     def clear(self) -> None:
         with self._lock:
@@ -269,14 +278,22 @@ class _Handler(BaseHTTPRequestHandler):
             resp = conn.getresponse()
             data_len = resp.getheader("Content-Length")
             payload = None if data_len is not None else resp.read()
+            if rule is not None and rule.replace is not None and self.command != "HEAD":
+                old, new = (x.encode() for x in rule.replace)
+                payload = (payload if payload is not None else resp.read()).replace(old, new, 1)
+                data_len = None
             self.send_response(resp.status)
             region = self.proxy.bucket_region
             if "list-type=" in self.path and not self.proxy.region_in_listings:
                 region = None
             skip = _HOP | {"content-length"} | ({"x-amz-bucket-region"} if region else set())
+            extra = (rule.headers if rule is not None else None) or {}
+            skip |= {k.lower() for k in extra}
             for k, v in resp.getheaders():
                 if k.lower() not in skip:
                     self.send_header(k, v)
+            for k, v in extra.items():
+                self.send_header(k, v)
             if region:
                 self.send_header("x-amz-bucket-region", region)
             self.send_header("Content-Length", data_len if data_len is not None else str(len(payload or b"")))
@@ -298,6 +315,16 @@ class _Handler(BaseHTTPRequestHandler):
                     self.close_connection = True
                     self.connection.shutdown(2)  # the client sees a short body
                     return resp.status
+                if rule is not None and rule.trickle is not None and sent + len(block) >= rule.stall_after:
+                    cut = max(rule.stall_after - sent, 0)
+                    self.wfile.write(block[:cut])
+                    self.wfile.flush()
+                    for i in range(cut, len(block)):  # until the client gives up
+                        time.sleep(rule.trickle)
+                        self.wfile.write(block[i : i + 1])
+                        self.wfile.flush()
+                    sent += len(block)
+                    continue
                 if rule is not None and rule.stall is not None and sent + len(block) >= rule.stall_after:
                     cut = max(rule.stall_after - sent, 0)
                     self.wfile.write(block[:cut])
@@ -332,7 +359,7 @@ def _parse_rule(spec: str) -> FaultRule:
         key = key.strip()
         if key in ("status", "drop", "times", "stall_after", "corrupt", "skip"):
             fields[key] = int(value)
-        elif key in ("retry_after", "stall"):
+        elif key in ("retry_after", "stall", "trickle"):
             fields[key] = float(value)
         else:
             fields[key] = value

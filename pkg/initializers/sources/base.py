@@ -42,6 +42,11 @@ class Source(ABC):
         part (uploaders use one size but for the last), or with `exact` each part's own; None: unknown."""
         return None
 
+    def verifiable(self, file: RemoteFile) -> bool:
+        """False once reading `file` showed that its listed checksum is not a digest of its bytes (then its
+        size, and part structure, are what is verified)."""
+        return True
+
     def host(self, file: RemoteFile) -> str:
         """The server `file`'s bytes are asked from (the engine remembers which ones ignore Range); '' for
         sources that are not HTTP."""

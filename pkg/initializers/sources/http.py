@@ -278,11 +278,13 @@ def get_range(
     fatal: Callable[[int, str], InitializerError | None] | None = None,
     sign: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
     etag: str | None = None,
+    inspect: Callable[[Any], None] | None = None,
 ) -> Iterator[Iterator[bytes]]:
     """GET bytes [start, end) of a `size`-byte resource as chunks. `sign(url, headers)` may add
     authentication over the final headers (Range included); `fatal(status, code)` may turn an error status
     into a one-line InitializerError; otherwise 3xx / 4xx are fatal with a generic message. An answer whose
-    ETag is not `etag` is a changed resource (412), for servers that ignore If-Match."""
+    ETag is not `etag` is a changed resource (412), for servers that ignore If-Match. `inspect(headers)`
+    sees the headers of an accepted answer."""
     headers = dict(headers or {})
     ranged = start > 0 or end < size
     if ranged:
@@ -318,6 +320,8 @@ def get_range(
             raise (fatal and fatal(412, "PreconditionFailed")) or InitializerError(
                 f"{what} changed during the download (ETag {got[:80]!r}, listed {etag!r}); rerun"
             )
+        if inspect:
+            inspect(reply.headers)
         yield _chunks(reply, what, pool.read_timeout)
         complete = True
     finally:

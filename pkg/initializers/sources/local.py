@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from ..config import Config
 from ..errors import InitializerError
@@ -53,14 +55,43 @@ class LocalSource(Source):
 
     @contextmanager
     def open_range(self, file: RemoteFile, start: int, end: int) -> Iterator[Iterator[bytes]]:
-        try:
-            yield _iter_file(file.key, start, end)
-        except FileNotFoundError:
-            raise InitializerError(f"{file.key} disappeared during the copy; rerun") from None
+        with _open_regular(file.key) as src:
+            yield _iter_file(src, file.key, start, end)
 
 
-def _iter_file(path: str, start: int, end: int, chunk: int = 1024 * 1024) -> Iterator[bytes]:
-    with open(path, "rb") as src:
+@contextmanager
+def _open_regular(path: str) -> Iterator[BinaryIO]:
+    """Open a listed file for reading. O_NONBLOCK: a FIFO swapped in since the listing must not block
+    open() until a writer comes; anything but a regular file is refused. A read error is the source's,
+    never reported as one writing OUTPUT_PATH."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InitializerError(f"{path} disappeared during the copy; rerun") from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InitializerError(
+                f"{path} is no longer a regular file (a FIFO, device or socket took its place); rerun"
+            )
+        os.set_blocking(fd, True)
+        src = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with src:
+        yield src
+
+
+def _unreadable(path: str, exc: OSError) -> InitializerError:
+    return InitializerError(
+        f"cannot read {path} from STORAGE_URI: {exc.strerror or exc}; check the source volume's permissions"
+    )
+
+
+def _iter_file(src: BinaryIO, path: str, start: int, end: int, chunk: int = 1024 * 1024) -> Iterator[bytes]:
+    try:
         src.seek(start)
         left = end - start
         while left > 0:
@@ -69,3 +100,5 @@ def _iter_file(path: str, start: int, end: int, chunk: int = 1024 * 1024) -> Ite
                 return
             left -= len(block)
             yield block
+    except OSError as exc:
+        raise _unreadable(path, exc) from None

@@ -6,7 +6,9 @@ through the shared ranged reader (`http.get_range`) with one SigV4 signature per
 a third of the client CPU of a botocore `get_object` call, which matters for many small objects. Ranged
 GETs carry If-Match on the ETag, and every answer's ETag is compared with it, so an object replaced
 mid-download fails instead of mixing versions.
-Single-part ETags are MD5s and get verified; multipart ETags are checked against the parts' MD5s.
+Single-part ETags are MD5s and get verified; multipart ETags are checked against the parts' MD5s; except for
+objects encrypted with SSE-KMS or SSE-C (their GETs say so), whose ETags are not MD5s: those are verified
+by size and part structure, with a line saying so.
 
 Region: REGION, else AWS_DEFAULT_REGION or the profile's, else us-east-1. A bucket elsewhere still works, as
 with boto3: botocore follows the redirect for listing, and the object GETs follow the region the bucket
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -58,6 +61,9 @@ _AUTH_CODES = {
     "401",
 }
 _RETRY_CODES = TRANSIENT_CODES | {"503", "500"}
+# With these, AWS gives ETags that are not MD5s of the object (SSE-KMS, DSSE-KMS, SSE-C).
+_KMS = ("aws:kms", "aws:kms:dsse")
+_SSE_C = "x-amz-server-side-encryption-customer-algorithm"
 _ROLE_SESSION = "kubeflow-trainer-initializer"
 
 
@@ -94,6 +100,8 @@ class S3Source(Source):
         # AWS_CA_BUNDLE: a private CA for the store (MinIO, Ceph), as botocore honours it for listing.
         ca_bundle = os.environ.get("AWS_CA_BUNDLE") or None
         self.http = Pool(config.tuning.concurrency, config.tuning.read_timeout, ca_bundle)
+        self._encrypted: set[str] = set()  # keys whose GETs showed SSE-KMS / SSE-C: ETag not an MD5
+        self._lock = threading.Lock()
 
     def _use_region(self, region: str) -> None:
         """A listing client for `region`, and the object URL and signing region that go with it."""
@@ -260,7 +268,26 @@ class S3Source(Source):
             fatal=lambda status, code: self._fatal(status, code, what),
             sign=self._sign,
             etag=etag,  # checked on the answer too: some stores (rclone serve s3) ignore If-Match
+            inspect=lambda headers: self._note_encryption(file, headers),
         )
+
+    def _note_encryption(self, file: RemoteFile, headers: Any) -> None:
+        if file.key in self._encrypted or not (file.md5 or file.md5_of_parts):
+            return
+        kms = (headers.get("x-amz-server-side-encryption") or "").lower() in _KMS
+        if not kms and not headers.get(_SSE_C):
+            return
+        with self._lock:
+            first = not self._encrypted
+            self._encrypted.add(file.key)
+        if first:
+            log(
+                f"s3://{self.uri.bucket}/{file.key} is encrypted with {'SSE-KMS' if kms else 'SSE-C'}: the "
+                "ETags of such objects are not MD5s, so they are verified by size and part structure only"
+            )
+
+    def verifiable(self, file: RemoteFile) -> bool:
+        return file.key not in self._encrypted
 
     def _sign(self, url: str, headers: dict[str, str]) -> dict[str, str]:
         """SigV4 headers for a GET of `url` (the credentials refresh themselves when they are temporary)."""
