@@ -8,7 +8,9 @@ Cases (full / --quick):
 - S3 small: 1000 / 200 objects of 256 KiB: ours vs `aws s3 sync` vs a plain boto3 loop (get_object + read),
   served by `rclone serve s3` (Go, about 1 CPU ms per GET of these, MD5 ETags as S3 gives) and again by
   moto (Python, about 4 CPU ms per GET: on 2 cores the server then bounds every client alike).
-- S3 large: 4 / 2 objects of 256 / 64 MiB, uploaded multipart as aws/boto3 do: same three tools.
+- S3 large: 4 / 2 objects of 256 / 64 MiB: same three tools, on moto (uploaded multipart as aws/boto3 do)
+  and on `rclone serve s3` (which answers ranged GETs with 200 and a Content-Range, and hashes the whole
+  file for its ETag on every request, so each ranged GET of a large object costs it a full read).
 - S3 small with added latency: the small case against a second moto server that waits 20 ms
   (`--latency-ms`) before every answer, as a remote store's time to first byte; the plain local case hides
   how well a tool overlaps requests, since there the server's own CPU bounds everyone.
@@ -301,6 +303,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     parser.add_argument("--repeat", type=int, default=2, help="turns per tool; the best time is kept")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--only", default="", help="only the cases whose name contains this, e.g. 'MiB ('")
     parser.add_argument(
         "--latency-ms",
         type=float,
@@ -342,12 +345,18 @@ def main() -> None:
                     )
                 )
             write_small_objects(work / "rclone", n_small)
+            (work / "rclone" / "bench" / "large").mkdir(parents=True)
+            for i in range(n_large):  # the same bytes; rclone serves files, so link them in
+                name = f"model-{i:05d}.safetensors"
+                os.link(repo_dir / name, work / "rclone" / "bench" / "large" / name)
             rclone = servers.enter_context(start_rclone_s3(work / "rclone"))
             small = (n_small, n_small * 256 * KiB)
+            large = (n_large, n_large * large_size)
             cases = [
                 (rclone, f"S3 {n_small} x 256 KiB (rclone)", "small/", small),
                 (s3, f"S3 {n_small} x 256 KiB (moto)", "small/", small),
-                (s3, f"S3 {n_large} x {large_size // MiB} MiB", "large/", (n_large, n_large * large_size)),
+                (s3, f"S3 {n_large} x {large_size // MiB} MiB (moto)", "large/", large),
+                (rclone, f"S3 {n_large} x {large_size // MiB} MiB (rclone)", "large/", large),
             ]
             if slow:
                 upload_small(slow)
@@ -357,7 +366,7 @@ def main() -> None:
             base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_"))}
             base["PYTHONPATH"] = str(REPO)
             out = work / "out"
-            for server, case, prefix, expect in cases:
+            for server, case, prefix, expect in (c for c in cases if args.only in c[1]):
                 tools = s3_tools(server, prefix, out, base, aws)
                 pid = server.process.pid if server.process else None
                 results += take_turns(case, tools, out, expect, work, args.repeat, pid)
@@ -366,27 +375,28 @@ def main() -> None:
                     "!! aws CLI not found: pip install -r requirements/bench.txt", file=sys.stderr, flush=True
                 )
 
-        with start_hub_server(hub_root) as hub:
-            for p in repo_dir.rglob("*"):  # warm the server's checksum cache, as the real Hub has them
-                if p.is_file():
-                    hub.hashes(p)
-            expect = (n_large + n_hub_small, n_large * large_size + n_hub_small * 256 * KiB)
-            case = f"Hub {n_large} x {large_size // MiB} MiB + {n_hub_small} x 256 KiB"
-            out = work / "out"
-            ours_env = {
-                **base,
-                "HF_ENDPOINT": hub.endpoint,
-                "STORAGE_URI": "hf://bench/model",
-                "OUTPUT_PATH": str(out),
-                "ALLOW_PATTERNS": "*",
-            }
-            snap_env = {**base, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HOME": str(work / "hf-home")}
-            snap_cmd = [sys.executable, "-c", SNAPSHOT, "bench/model", hub.endpoint, str(out)]
-            tools = [
-                ("ours", [sys.executable, "-m", "pkg.initializers.model"], ours_env),
-                ("snapshot_download", snap_cmd, snap_env),
-            ]
-            results += take_turns(case, tools, out, expect, work, args.repeat, None)
+        case = f"Hub {n_large} x {large_size // MiB} MiB + {n_hub_small} x 256 KiB"
+        with start_hub_server(hub_root) if args.only in case else contextlib.nullcontext() as hub:
+            if hub is not None:
+                for p in repo_dir.rglob("*"):  # warm the server's checksum cache, as the real Hub has them
+                    if p.is_file():
+                        hub.hashes(p)
+                expect = (n_large + n_hub_small, n_large * large_size + n_hub_small * 256 * KiB)
+                out = work / "out"
+                ours_env = {
+                    **base,
+                    "HF_ENDPOINT": hub.endpoint,
+                    "STORAGE_URI": "hf://bench/model",
+                    "OUTPUT_PATH": str(out),
+                    "ALLOW_PATTERNS": "*",
+                }
+                snap_env = {**base, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HOME": str(work / "hf-home")}
+                snap_cmd = [sys.executable, "-c", SNAPSHOT, "bench/model", hub.endpoint, str(out)]
+                tools = [
+                    ("ours", [sys.executable, "-m", "pkg.initializers.model"], ours_env),
+                    ("snapshot_download", snap_cmd, snap_env),
+                ]
+                results += take_turns(case, tools, out, expect, work, args.repeat, None)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -404,13 +414,14 @@ def targets(results: list[Result]) -> list[str]:
             return "latency"
         if "256 KiB" in case:
             return "small rclone" if "rclone" in case else "small moto"
-        return "large"
+        return "large rclone" if "rclone" in case else "large moto"
 
     by = {(kind(r.case), r.tool): r for r in results}
     lines = []
     checks = [
         ("small rclone", "aws s3 sync", 2.0, "at least 2x `aws s3 sync` on small files (rclone server)"),
-        ("large", "aws s3 sync", 1.0, "at least 1x `aws s3 sync` on large files"),
+        ("large moto", "aws s3 sync", 1.0, "at least 1x `aws s3 sync` on large files (moto server)"),
+        ("large rclone", "aws s3 sync", 1.0, "at least 1x `aws s3 sync` on large files (rclone server)"),
         ("hub", "snapshot_download", 1.0, "at least 1x `snapshot_download`"),
     ]
     for case, tool, goal, text in checks:
