@@ -89,7 +89,9 @@ ENV_VARS = (
     EnvVar("INIT_CONCURRENCY", "Parallel requests.", str(_TUNING.concurrency)),
     EnvVar("INIT_PART_SIZE", "Bytes per ranged request of a large file (default 16 MiB, grown to 64 MiB)."),
     EnvVar(
-        "INIT_READ_TIMEOUT", "Seconds a read may stall before it is retried.", f"{_TUNING.read_timeout:g}"
+        "INIT_READ_TIMEOUT",
+        "Seconds a read may stall, or deliver under 64 KiB, before it is retried.",
+        f"{_TUNING.read_timeout:g}",
     ),
     EnvVar("INIT_MAX_ATTEMPTS", "Tries per request before giving up.", str(_TUNING.max_attempts)),
     EnvVar("INIT_RETRY_BASE", "First backoff in seconds (doubles, with jitter).", f"{_TUNING.retry_base:g}"),
