@@ -164,7 +164,8 @@ def test_concurrent_runs_wait_for_each_other(run: Runner, s3: S3Server, s3_proxy
     """Two initializers on one OUTPUT_PATH: the second waits for the first's lock, then finds it complete."""
     objects = {"a.txt": b"a", "b.bin": os.urandom(300 * KiB)}
     s3.fill("twice", objects, prefix="p/")
-    s3_proxy.add(FaultRule(stall=2, stall_after=1000, times=1, match="b.bin"))
+    # Long enough for the second run to start and list on a loaded machine (under INIT_READ_TIMEOUT=10).
+    s3_proxy.add(FaultRule(stall=8, stall_after=1000, times=1, match="b.bin"))
     out = tmp_path / "out"
     env = env_for(s3, s3_proxy, "s3://twice/p", out)
     first = run.popen("dataset", **env)
