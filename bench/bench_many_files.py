@@ -58,7 +58,7 @@ def main() -> None:
             for n in counts:
                 env = {**base, **s3.env(), "PYTHONPATH": str(args.pkg_root), "OUTPUT_PATH": str(out)}
                 env["STORAGE_URI"] = f"s3://bench/{prefixes[n]}"
-                cmd = [sys.executable, "-m", "pkg.initializers.dataset"]
+                cmd = [sys.executable, "-P", "-m", "pkg.initializers.dataset"]  # -P: PYTHONPATH decides
                 rows.append(("ours", n, *_run(cmd, env, out, n, work / f"ours-{n}.log")))
             if aws:
                 n = counts[0]
