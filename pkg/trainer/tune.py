@@ -60,7 +60,6 @@ MODULE_NAMES: dict[str, dict[str, list[str]]] = {
         **{name: ["query_key_value"] for name in QKV},
         "output_proj": ["dense"],
         "mlp": ["dense_h_to_4h", "dense_4h_to_h"],
-        "output": ["embed_out"],
     },
 }
 LOSSES = (
