@@ -212,6 +212,19 @@ def test_typos_and_bad_values_are_refused_in_one_line(tmp_path, capsys, extra, m
     assert not out.exists()
 
 
+def test_a_typo_exits_2_in_one_line_without_starting_anything(tmp_path):
+    """The whole process, as the container runs it: one line, exit 2, no traceback, no output_dir."""
+    out = tmp_path / "out"
+    argv = controller_command("lora_finetune_distributed", "llama3_2/1B_lora", ["epoch=3"], out=str(out))
+    result = run_tune(argv, timeout=120, nproc_per_node="2", nnodes="1", node_rank="0")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: unknown torchtune key 'epoch': did you mean epochs? "
+        "(docs/trainer.md lists the keys tune run reads)"
+    )
+    assert not out.exists() and "Traceback" not in result.stdout
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
