@@ -420,23 +420,24 @@ def num_nodes(nnodes: str) -> int:
     return n
 
 
-def translate(cmd: Command, world: int) -> tuple[TrainConfig, list[str]]:
-    """The TrainConfig of a `tune run` command at this world size, and the warning lines to print."""
-    if cmd.recipe in DPO_RECIPES:
-        if "objective" not in field_types():
-            raise ConfigError(
-                f"recipe {cmd.recipe}: preference training (DPO) is not in this build of the llm-trainer; "
-                "use lora_finetune_distributed or full_finetune_distributed"
-            )
-    elif cmd.recipe not in RECIPES:
-        close = difflib.get_close_matches(cmd.recipe, [*RECIPES, *DPO_RECIPES], n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
+def recipe_method(recipe: str) -> str:
+    """lora or full, from the recipe name; unknown recipes (and DPO without preference training) refused."""
+    if recipe in DPO_RECIPES and "objective" not in field_types():
         raise ConfigError(
-            f"unknown recipe {cmd.recipe!r}{hint} (recipes: {', '.join([*RECIPES, *DPO_RECIPES])})"
+            f"recipe {recipe}: preference training (DPO) is not in this build of the llm-trainer; "
+            "use lora_finetune_distributed or full_finetune_distributed"
         )
-    method = {**RECIPES, **DPO_RECIPES}[cmd.recipe]
+    methods = {**RECIPES, **DPO_RECIPES}
+    if recipe not in methods:
+        close = difflib.get_close_matches(recipe, list(methods), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"unknown recipe {recipe!r}{hint} (recipes: {', '.join(methods)})")
+    return methods[recipe]
 
-    warnings, given = [], {}
+
+def parse_overrides(cmd: Command, method: str) -> tuple[dict[str, Any], list[str]]:
+    """The parsed value of each key=value (unknown keys refused), and a warning per meaningless key."""
+    given, warnings = {}, []
     for key, raw in cmd.overrides.items():
         spec = known(key)
         if spec is None:
@@ -452,16 +453,22 @@ def translate(cmd: Command, world: int) -> tuple[TrainConfig, list[str]]:
         )
     if "dataset.data_dir" in given and "dataset.data_files" in given:
         raise ConfigError("give dataset.data_dir or dataset.data_files, not both")
+    for key in ("batch_size", "gradient_accumulation_steps"):
+        if key in given and given[key] < 1:
+            raise ConfigError(f"{key}={given[key]}: must be >= 1")
+    return given, warnings
 
-    tt = {**published_defaults(cmd.config), **given}
+
+def translate(cmd: Command, world: int) -> tuple[TrainConfig, list[str]]:
+    """The TrainConfig of a `tune run` command at this world size, and the warning lines to print."""
+    method = recipe_method(cmd.recipe)
+    given, warnings = parse_overrides(cmd, method)
+    tt = {**published_defaults(cmd.config), **given}  # torchtune's settings: its config, then the overrides
     if method == "full":
         tt = {k: v for k, v in tt.items() if not k.startswith("model.")}
-    values: dict[str, Any] = {}
-    for key, value in tt.items():
-        spec = BY_NAME[key]
-        if spec.field and spec.field in field_types() and value is not None and key not in DERIVED:
-            values[spec.field] = value
-    values.pop("lora_target_modules", None)
+    values: dict[str, Any] = {  # the keys that map one to one (null: keep ours)
+        BY_NAME[k].field: v for k, v in tt.items() if BY_NAME[k].field and v is not None and k not in DERIVED
+    }
     if "clip_grad_norm" in tt and tt["clip_grad_norm"] is None:
         values["max_grad_norm"] = 0.0  # torchtune: null means no clipping
     if "resume_from_checkpoint" in tt:
@@ -477,17 +484,18 @@ def translate(cmd: Command, world: int) -> tuple[TrainConfig, list[str]]:
     if accum is None:  # ours: our global batch where it divides, else one micro-batch per rank
         accum = max(1, defaults.global_batch_size // (micro * world))
     values["micro_batch_size"], values["global_batch_size"] = micro, micro * world * accum
+    values["method"] = "full" if method == "full" else "qlora" if tt.get("model.quantize_base") else "lora"
     if method != "full":
-        values["method"] = "qlora" if tt.get("model.quantize_base") else "lora"
         values["lora_target_modules"] = lora_targets(tt, tt.get("checkpointer.checkpoint_dir"))
-    else:
-        values["method"] = "full"
     if cmd.recipe in DPO_RECIPES:
         values["objective"] = "dpo"
     try:
         return TrainConfig(**values).validate(), warnings
-    except (ConfigError, TypeError) as exc:
-        raise ConfigError(f"{cmd.recipe} --config {cmd.config}: {exc}") from None
+    except ConfigError as exc:
+        # Name the torchtune key the user wrote when the refused setting came from one.
+        source = next((k for k in given if BY_NAME[k].field and str(exc).startswith(BY_NAME[k].field)), None)
+        where = f"{source}={cmd.overrides[source]}" if source else f"{cmd.recipe} --config {cmd.config}"
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 # Keys whose TrainConfig value is computed in translate() rather than copied.

@@ -199,7 +199,9 @@ def test_meaningless_keys_warn_once_each():
         ),
         (["dataset.split=train[:ten]"], "dataset.split=train[:ten]"),
         (["dataset.column_map={'prompt': 'q'}"], "instruct_dataset columns are input and output"),
-        (["model.lora_rank=0"], "lora_rank must be > 0"),
+        (["model.lora_rank=0"], "model.lora_rank=0: lora_rank must be > 0"),
+        (["batch_size=0"], "batch_size=0: must be >= 1"),
+        (["model.lora_dropout=1.5"], "model.lora_dropout=1.5: lora_dropout must be in [0, 1)"),
         (["loss=torch.nn.MSELoss"], "loss=torch.nn.MSELoss: expected one of"),
     ],
 )
