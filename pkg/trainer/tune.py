@@ -578,14 +578,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {line}", file=sys.stderr, flush=True)
     args.training_script_args = trainer_args(cfg)
     log.info("tune run %s --config %s -> %s", cmd.recipe, cmd.config, " ".join(args.training_script_args))
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
     try:
         run(args)
-    except ChildFailedError as exc:
+    except ChildFailedError as exc:  # the workers said why (rank 0's one line); pass their exit code on
         codes = [f.exitcode for f in exc.failures.values()]
         return next((c for c in codes if c > 0), 1)
+    except SignalException as exc:  # SIGTERM (eviction): the workers checkpointed and stopped
+        print(f"tune run: stopped by {exc.sigval.name}", file=sys.stderr, flush=True)
+        return 128 + int(exc.sigval)
     return 0
 
 
