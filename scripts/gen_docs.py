@@ -42,12 +42,39 @@ def initializer_reference() -> str:
     return "\n".join(rows)
 
 
-SECTIONS = {"trainer-config": trainer_reference, "initializer-env": initializer_reference}
+def tune_reference() -> str:
+    """The `tune run` table: each torchtune key and the TrainConfig key it sets."""
+    from pkg.trainer.config import field_types
+    from pkg.trainer.tune import DPO_RECIPES, IGNORED_GROUPS, KEYS, RECIPES
+
+    rows = ["| torchtune key | llm-trainer key | meaning |", "|---|---|---|"]
+    for key in KEYS:
+        if not key.warn:
+            target = f"`{key.field}`" if key.field else "(accepted)"
+            note = key.note.replace("|", "\\|")
+            rows.append(f"| `{key.name}` | {target} | {note} |")
+    ignored = ", ".join(f"`{k.name}`" for k in KEYS if k.warn)
+    groups = ", ".join(f"`{g}.*`" for g in IGNORED_GROUPS)
+    rows.append(f"| {ignored}; other keys of {groups} | (none) | No meaning here: one warning line each. |")
+    recipes = ", ".join(f"`{name}` ({method})" for name, method in RECIPES.items())
+    dpo = ", ".join(f"`{name}`" for name in DPO_RECIPES)
+    if "objective" in field_types():
+        dpo += ": preference training (`objective: dpo`) with the same method"
+    else:
+        dpo += ": refused, preference training is not in this build"
+    return "\n".join([*rows, "", f"Recipes: {recipes}. {dpo}."])
+
+
+SECTIONS = {
+    "trainer-config": trainer_reference,
+    "initializer-env": initializer_reference,
+    "tune-keys": tune_reference,
+}
 # Which generated sections each document holds.
 DOCS = {
     "README.md": ("initializer-env", "trainer-config"),
     "docs/initializers.md": ("initializer-env",),
-    "docs/trainer.md": ("trainer-config",),
+    "docs/trainer.md": ("tune-keys", "trainer-config"),
 }
 
 

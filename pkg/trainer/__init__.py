@@ -9,4 +9,6 @@ Modules, one job each:
     checkpoint  sharded, atomic checkpoints and resume; resilience: SIGTERM handling
     export      adapter / merged / full model in Hugging Face formats, atomically
     metrics     progress lines, metrics.jsonl, summary.json, loss.png
+    tune        `tune run`, torchtune's command line (the SDK's BuiltinTrainer) -> TrainConfig, launch
+    torchtune_configs  torchtune's published defaults per config name
 """

@@ -115,13 +115,21 @@ def run_fingerprint(cfg: Any) -> dict[str, str]:
     if method != "full":
         targets = ",".join(cfg.lora_target_modules)
         method += f" (lora_rank={cfg.lora_rank}, lora_alpha={cfg.lora_alpha}, lora_target_modules={targets})"
+        method += " with DoRA" * cfg.use_dora
+    # Settings added later are named only when set, so older checkpoints keep their fingerprint.
+    data_extra = "".join(
+        f", {name}={getattr(cfg, name)}"
+        for name, default in (("dataset_split", "train"), ("dataset_source", "auto"), ("column_map", {}),
+                              ("system_prompt", ""), ("max_steps_per_epoch", 0))
+        if getattr(cfg, name) != default
+    )  # fmt: skip
     return {
         "model": f"{Path(cfg.model_dir).name} (content digest {dir_digest(cfg.model_dir)})",
         "method": method,
         "dataset": (
             f"{Path(cfg.dataset_dir).name} (content digest {dir_digest(cfg.dataset_dir)}, "
             f"dataset_format={cfg.dataset_format}, train_on_prompt={cfg.train_on_prompt}, "
-            f"val_fraction={cfg.val_fraction}, seed={cfg.seed})"
+            f"val_fraction={cfg.val_fraction}, seed={cfg.seed}{data_extra})"
         ),
         "batch": (
             f"global_batch_size={cfg.global_batch_size}, max_seq_length={cfg.max_seq_length}, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ class TrainConfig:
             "choices": None,
         },
     )
+    use_dora: bool = opt(
+        False, "LoRA: weight-decomposed adapters (DoRA), a trained magnitude per output feature."
+    )
     merge_adapter: bool = opt(
         False, "LoRA: also write the base model with the adapter merged into output_dir/model/."
     )
@@ -72,6 +76,9 @@ class TrainConfig:
     # Schedule
     max_steps: int = opt(0, "Optimizer steps to run; 0 means num_epochs full passes over the data.")
     num_epochs: int = opt(1, "Passes over the training data when max_steps is 0.")
+    max_steps_per_epoch: int = opt(
+        0, "End each epoch after this many optimizer steps (its other samples are skipped); 0: no cap."
+    )
     learning_rate: float = opt(2e-4, "Peak learning rate (AdamW).")
     lr_scheduler: str = opt("cosine", "Learning-rate decay after warmup.", ("cosine", "linear", "constant"))
     warmup_steps: int = opt(0, "Steps of linear warmup from 0 to learning_rate.")
@@ -89,7 +96,30 @@ class TrainConfig:
     dataset_format: str = opt(
         "auto",
         "Row format; auto detects it from the column names.",
-        ("auto", "alpaca", "messages", "prompt_completion", "text"),
+        ("auto", "alpaca", "messages", "prompt_completion", "text", "input_output"),
+    )
+    dataset_source: str = opt(
+        "auto",
+        "Type of the data files; auto goes by their extensions. text: one row per line of .txt files (column "
+        "text); xml: one row per .xml file (column xml).",
+        ("auto", "json", "csv", "parquet", "arrow", "text", "xml"),
+    )
+    dataset_split: str = opt(
+        "train",
+        "Split to train on, with Hugging Face slicing: train, validation, train[:10%], train[100:500].",
+    )
+    column_map: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Dataset columns under other names: {format column: dataset column}, e.g. "
+            "{input: question, output: answer}. A YAML mapping, or the same as a string.",
+            "choices": None,
+        },
+    )
+    system_prompt: str = opt(
+        "",
+        "A system message put first in every sample (it replaces a conversation's own); prompt formats "
+        "without a chat template get it as a first paragraph.",
     )
     max_seq_length: int = opt(1024, "Tokens per sequence; longer samples are truncated.")
     packing: bool = opt(False, "Pack several samples into each sequence (they never attend to each other).")
@@ -137,7 +167,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_steps", "num_epochs", "warmup_steps", "eval_every", "save_every"):
+        non_negative = ("max_steps", "num_epochs", "max_steps_per_epoch", "warmup_steps", "eval_every")
+        for name in (*non_negative, "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 and self.num_epochs == 0:
@@ -158,6 +189,9 @@ class TrainConfig:
             )
         if not self.lora_target_modules:
             raise ConfigError("lora_target_modules is empty: name modules or use 'all-linear'")
+        split_spec(self.dataset_split)
+        if self.use_dora and self.method == "full":
+            raise ConfigError("use_dora applies to lora and qlora only; method full trains every weight")
         if self.merge_adapter and self.method == "full":
             raise ConfigError(
                 "merge_adapter applies to lora and qlora only; method full writes the model itself"
@@ -183,6 +217,8 @@ def _unknown(key: str) -> ConfigError:
 def coerce(key: str, value: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or refuse it."""
     kind = field_types()[key]
+    if typing.get_origin(kind) is dict:
+        return _mapping(key, value)
     if isinstance(kind, types.GenericAlias) or typing.get_origin(kind) is list:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
@@ -216,6 +252,35 @@ def coerce(key: str, value: Any) -> Any:
     if isinstance(value, bool | int | float | str):
         return str(value)
     raise ConfigError(f"{key}: expected a string, got {value!r}")
+
+
+def _mapping(key: str, value: Any) -> dict[str, str]:
+    """A {name: name} mapping from YAML, or from a string holding one (`{a: b}`, a Python dict repr, JSON)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: expected a mapping like {{input: question}}, got {value!r}") from None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()
+    ):
+        raise ConfigError(f"{key}: expected a mapping of names like {{input: question}}, got {value!r}")
+    return dict(value)
+
+
+SPLIT = re.compile(r"^(?P<name>[A-Za-z_][\w.-]*)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """(split name, the slice in brackets or None) of `train`, `train[:10%]`, `validation[100:200]`."""
+    match = SPLIT.match(spec.strip())
+    if not match:
+        raise ConfigError(
+            f"dataset_split: {spec!r} is not a split name with an optional [start:stop] slice "
+            "(e.g. train, train[:10%], train[100:500])"
+        )
+    has_slice = "[" in spec
+    return match.group("name"), spec[spec.index("[") :] if has_slice else None
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:

@@ -1,9 +1,12 @@
 """Training data: load what the dataset initializer left, tokenize once, pack, and plan the batches.
 
-- Files: json, jsonl, parquet, csv, arrow, a `save_to_disk` folder, or a Hub snapshot (`data/train-*.parquet`;
-  the split comes from the file or folder name, and only `train` is trained on).
-- Formats (`dataset_format`, or detected from the columns): alpaca (instruction/input/output), messages
-  (role/content, rendered with the tokenizer's chat template), prompt_completion, text.
+- Files: json, jsonl, parquet, csv, arrow, a `save_to_disk` folder, a Hub snapshot (`data/train-*.parquet`;
+  the split comes from the file or folder name) or one data file; `dataset_source` names the type when the
+  extensions do not (text, xml). `dataset_split` picks the split (`train`) and slices it (`train[:10%]`).
+- Formats (`dataset_format`, or detected from the columns, after renaming them by `column_map`): alpaca
+  (instruction/input/output), messages (role/content, rendered with the tokenizer's chat template),
+  prompt_completion, text, input_output (a user turn and an assistant reply, rendered like messages).
+  `system_prompt` becomes the first message of chat formats and the first paragraph of the others.
 - Labels: prompt tokens are -100 unless `train_on_prompt`; the first token of every sample is never a
   target, so packed samples never predict across their boundary.
 - Packing: samples are concatenated into sequences of at most `max_seq_length` tokens, each with its own
@@ -32,7 +35,7 @@ from typing import Any
 
 import torch
 
-from pkg.trainer.config import TrainConfig
+from pkg.trainer.config import TrainConfig, split_spec
 from pkg.trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -40,13 +43,17 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 CACHE_VERSION = "1"
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+# Types read only when `dataset_source` names them: a folder's README.txt is not training data by default.
+SOURCE_ONLY = {".txt": "text", ".text": "text", ".xml": "xml"}
 SPLITS = ("train", "validation", "valid", "test", "dev", "eval")
 FORMAT_FIELDS = {
     "alpaca": ("instruction", "output"),
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "input_output": ("input", "output"),
 }
+CHAT_FORMATS = ("messages", "input_output")
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -66,52 +73,85 @@ def _split_of(rel: Path) -> str | None:
     return None
 
 
-def find_train_files(dataset_dir: Path) -> tuple[str, list[str]]:
-    """The `datasets` builder and the data files of the train split."""
+def _builder(path: Path, source: str) -> str | None:
+    """The `datasets` builder of a data file, or None when it is not one of `source`'s files."""
+    builder = BUILDERS.get(path.suffix.lower()) or SOURCE_ONLY.get(path.suffix.lower())
+    if source == "auto":
+        return BUILDERS.get(path.suffix.lower())
+    return builder if builder == source else None
+
+
+def find_split_files(dataset_dir: Path, split: str = "train", source: str = "auto") -> tuple[str, list[str]]:
+    """The `datasets` builder and the data files of one split (files named for no split count as train)."""
     files = sorted(
         p
         for p in dataset_dir.rglob("*")
         if p.is_file()
-        and p.suffix.lower() in BUILDERS
+        and _builder(p, source)
         and not any(part.startswith(".") for part in p.relative_to(dataset_dir).parts)
         and p.name not in ("dataset_info.json", "state.json", "dataset_dict.json")
     )
     if not files:
+        kinds = "json, jsonl, parquet, csv, arrow files or a save_to_disk folder"
         raise TrainerError(
-            f"no data files in {dataset_dir}: expected json, jsonl, parquet, csv, arrow files "
-            "or a save_to_disk folder"
+            f"no data files in {dataset_dir}: expected {kinds if source == 'auto' else source + ' files'}"
         )
     by_split = {p: _split_of(p.relative_to(dataset_dir)) for p in files}
-    chosen = [p for p, s in by_split.items() if s == "train"] or [p for p, s in by_split.items() if s is None]
+    chosen = [p for p, s in by_split.items() if s == split]
+    if not chosen and split == "train":
+        chosen = [p for p, s in by_split.items() if s is None]
     if not chosen:
-        raise TrainerError(f"no train split in {dataset_dir}: found only {sorted(set(by_split.values()))}")
-    builders = {BUILDERS[p.suffix.lower()] for p in chosen}
+        found = sorted({s or "train" for s in by_split.values()})
+        raise TrainerError(f"no {split} split in {dataset_dir}: found only {', '.join(found)}")
+    builders = {_builder(p, source) for p in chosen}
     if len(builders) > 1:
         raise TrainerError(f"mixed file types in {dataset_dir} ({', '.join(sorted(builders))}): keep one")
     return builders.pop(), [str(p) for p in chosen]
 
 
-def load_rows(dataset_dir: str, cache_dir: str):
-    """The training rows as a `datasets.Dataset`."""
+def _load(root: Path, name: str, source: str, cache_dir: str):
+    """The whole split `name` of a save_to_disk folder, a folder of data files or one data file."""
+    import datasets
+
+    if root.is_file():
+        builder = _builder(root, source) if source != "auto" else BUILDERS.get(root.suffix.lower())
+        if builder is None:
+            raise TrainerError(f"{root}: unknown data file type; set dataset_source")
+        return datasets.load_dataset(builder, data_files={name: [str(root)]}, split=name, cache_dir=cache_dir)
+    if (root / "dataset_dict.json").exists():
+        loaded = datasets.load_from_disk(str(root))
+        if name not in loaded:
+            raise TrainerError(f"{root} has splits {list(loaded)} but no {name!r}")
+        return loaded[name]
+    if (root / "state.json").exists():
+        return datasets.load_from_disk(str(root))
+    builder, files = find_split_files(root, name, source)
+    return datasets.load_dataset(builder, data_files={name: files}, split=name, cache_dir=cache_dir)
+
+
+def select_slice(ds, name: str, bounds: str | None, spec: str):
+    """Rows of `ds` (split `name`) inside a Hugging Face slice such as `[:10%]` or `[100:200]`."""
+    import datasets
+
+    if bounds is None:
+        return ds
+    (part,) = datasets.ReadInstruction.from_spec(name + bounds).to_absolute({name: len(ds)})
+    if part.to - part.from_ <= 0:
+        raise TrainerError(f"dataset_split {spec} selects no rows of the {len(ds)} in split {name}")
+    return ds.select(range(part.from_, part.to))
+
+
+def load_rows(dataset_dir: str, cache_dir: str, split: str = "train", source: str = "auto"):
+    """The training rows as a `datasets.Dataset`: split `split` (with its slice) of `dataset_dir`."""
     import datasets
 
     root = Path(dataset_dir)
-    if not root.is_dir():
-        raise TrainerError(f"dataset_dir {root} does not exist or is not a folder")
+    if not root.exists():
+        raise TrainerError(f"dataset_dir {root} does not exist")
+    name, bounds = split_spec(split)
     datasets.disable_progress_bars()
     try:
-        if (root / "dataset_dict.json").exists():
-            loaded = datasets.load_from_disk(str(root))
-            if "train" not in loaded:
-                raise TrainerError(f"{root} has splits {list(loaded)} but no 'train'")
-            ds = loaded["train"]
-        elif (root / "state.json").exists():
-            ds = datasets.load_from_disk(str(root))
-        else:
-            builder, files = find_train_files(root)
-            ds = datasets.load_dataset(
-                builder, data_files={"train": files}, split="train", cache_dir=cache_dir
-            )
+        ds = select_slice(_load(root, name, source, cache_dir), name, bounds, split)
     except TrainerError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable files
@@ -119,6 +159,21 @@ def load_rows(dataset_dir: str, cache_dir: str):
     if len(ds) == 0:
         raise TrainerError(f"the dataset in {root} has no rows")
     return ds
+
+
+def rename_columns(ds, column_map: dict[str, str]):
+    """Give the dataset's columns the names the format expects ({format column: dataset column})."""
+    for wanted, actual in column_map.items():
+        if actual not in ds.column_names:
+            raise TrainerError(
+                f"column_map: the dataset has no column {actual!r} (for {wanted!r}); "
+                f"its columns are {', '.join(ds.column_names)}"
+            )
+    sources = set(column_map.values())
+    present = [w for w, a in column_map.items() if w != a and w in ds.column_names and w not in sources]
+    if present:  # a column already named like the target steps aside
+        ds = ds.remove_columns(present)
+    return ds.rename_columns({actual: wanted for wanted, actual in column_map.items() if wanted != actual})
 
 
 def detect_format(columns: list[str], forced: str) -> str:
@@ -135,7 +190,8 @@ def detect_format(columns: list[str], forced: str) -> str:
             return fmt
     raise TrainerError(
         f"cannot tell the dataset format from its columns ({', '.join(columns)}): expected "
-        "instruction/input/output, messages, prompt/completion or text (or set dataset_format)"
+        "instruction/input/output, messages, prompt/completion, text or input/output (or set dataset_format, "
+        "or column_map to rename columns)"
     )
 
 
@@ -175,6 +231,25 @@ def ensure_chat_template(tokenizer) -> None:
             "(add chat_template to the tokenizer config to use the model's own format)"
         )
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+
+
+def with_system(msgs: list[dict], system_prompt: str) -> list[dict]:
+    """The conversation with `system_prompt` as its system message (replacing its own), if one is set."""
+    if not system_prompt:
+        return msgs
+    return [{"role": "system", "content": system_prompt}, *(m for m in msgs if m["role"] != "system")]
+
+
+def conversation(row: dict, fmt: str, i: int, system_prompt: str = "") -> list[dict]:
+    """A chat-format row as messages: `messages` as it is, input_output as a user and an assistant turn."""
+    if fmt == "input_output":
+        msgs = [
+            {"role": "user", "content": _text(row, "input", i, fmt)},
+            {"role": "assistant", "content": _text(row, "output", i, fmt)},
+        ]
+    else:
+        msgs = _messages(row, i)
+    return with_system(msgs, system_prompt)
 
 
 def _messages(row: dict, i: int) -> list[dict]:
@@ -227,6 +302,8 @@ def _pairs(
     """Tokenize a chunk of non-chat rows (batched through the fast tokenizer)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pairs = [prompt_and_completion(row, fmt, lo + j) for j, row in enumerate(chunk)]
+    if cfg.system_prompt:
+        pairs = [(f"{cfg.system_prompt}\n\n{p}", c) for p, c in pairs]
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
     completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
     out = []
@@ -238,15 +315,16 @@ def _pairs(
 
 def tokenize_rows(ds, fmt: str, tokenizer, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per row, truncated to max_seq_length; logs progress on large datasets."""
-    if fmt == "messages":
+    if fmt in CHAT_FORMATS:
         ensure_chat_template(tokenizer)
     out: list[tuple[list[int], list[int]]] = []
     rows, done, total = iter(ds), 0, len(ds)
     started = last_log = time.monotonic()
     while chunk := list(itertools.islice(rows, 1000)):
-        if fmt == "messages":
+        if fmt in CHAT_FORMATS:
             pairs = [
-                tokenize_messages(tokenizer, _messages(row, done + j), cfg) for j, row in enumerate(chunk)
+                tokenize_messages(tokenizer, conversation(row, fmt, done + j, cfg.system_prompt), cfg)
+                for j, row in enumerate(chunk)
             ]
         else:
             pairs = _pairs(chunk, done, fmt, tokenizer, cfg)
@@ -289,7 +367,8 @@ def _records(samples, packing: bool, max_len: int) -> list[dict[str, list[int]]]
 
 def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[dict[str, list[int]]]]:
     """Tokenized (and packed) train and val records, from the raw dataset."""
-    ds = load_rows(cfg.dataset_dir, cache_dir)
+    ds = load_rows(cfg.dataset_dir, cache_dir, cfg.dataset_split, cfg.dataset_source)
+    ds = rename_columns(ds, cfg.column_map)
     fmt = detect_format(list(ds.column_names), cfg.dataset_format)
     samples = tokenize_rows(ds, fmt, tokenizer, cfg)
     kept = [s for s in samples if any(t != IGNORE_INDEX for t in s[1])]
@@ -320,11 +399,12 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
     """Changes when the data files, the tokenizer or a setting that shapes the tokens changes."""
     h = hashlib.sha256(CACHE_VERSION.encode())
     for root in (Path(cfg.dataset_dir), Path(tokenizer_dir)):
-        for p in sorted(root.rglob("*")):
+        for p in sorted(root.rglob("*")) if root.is_dir() else [root]:
             if p.is_file() and not p.name.endswith(".safetensors") and ".cache" not in p.parts:
                 st = p.stat()
                 h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     settings = ("dataset_format", "max_seq_length", "packing", "train_on_prompt", "val_fraction", "seed")
+    settings += ("dataset_split", "dataset_source", "column_map", "system_prompt")
     h.update(json.dumps({k: getattr(cfg, k) for k in settings}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -404,6 +484,8 @@ class BatchPlan:
     world_size: int
     rank: int
     seed: int
+    # Optimizer steps of an epoch at most (torchtune's max_steps_per_epoch); 0: every full global batch.
+    max_steps_per_epoch: int = 0
     # Token count of each record. When given, each rank's micro-batches group records of similar length,
     # which pads less; the loss is a sum over the whole global batch, so the result does not change.
     lengths: Sequence[int] | None = field(default=None, repr=False, compare=False)
@@ -424,7 +506,8 @@ class BatchPlan:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.num_records // self.global_batch_size
+        full = self.num_records // self.global_batch_size
+        return min(full, self.max_steps_per_epoch) if self.max_steps_per_epoch else full
 
     @property
     def grad_accum(self) -> int:

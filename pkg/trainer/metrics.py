@@ -71,8 +71,9 @@ class Metrics:
         if self.enabled:
             done = step - self.start_step
             eta = elapsed / done * (self.total_steps - step) if done else float("inf")
+            # name=value pairs: the form Katib's StdOut metrics collector reads (one metric per pair).
             log.info(
-                "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %.0f tokens/s | elapsed %s | eta %s",
+                "step %d/%d | loss=%.4f lr=%.3g grad_norm=%.3f tokens_per_s=%.0f | elapsed %s | eta %s",
                 step,
                 self.total_steps,
                 loss,
@@ -86,7 +87,7 @@ class Metrics:
     def val_step(self, step: int, val_loss: float) -> None:
         self.log({"step": step, "val_loss": val_loss, "elapsed": self.elapsed()})
         if self.enabled:
-            log.info("step %d/%d | val_loss %.4f", step, self.total_steps, val_loss)
+            log.info("step %d/%d | val_loss=%.4f", step, self.total_steps, val_loss)
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Write summary.json and loss.png; returns the summary."""

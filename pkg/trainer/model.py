@@ -121,6 +121,7 @@ def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
+        use_dora=cfg.use_dora,
         task_type="CAUSAL_LM",
     )
     try:

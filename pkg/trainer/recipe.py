@@ -143,7 +143,7 @@ class Recipe:
         self.train_data, self.val_data = self.load_data()
         self.plan = data.BatchPlan(
             len(self.train_data), cfg.global_batch_size, cfg.micro_batch_size,
-            self.dist.world_size, self.dist.rank, cfg.seed,
+            self.dist.world_size, self.dist.rank, cfg.seed, cfg.max_steps_per_epoch,
             lengths=[sum(lens) for lens in self.train_data["seq_lens"]],
         )  # fmt: skip
         self.total_steps = cfg.max_steps or cfg.num_epochs * self.plan.steps_per_epoch

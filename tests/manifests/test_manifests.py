@@ -47,6 +47,10 @@ def trainjobs() -> list[tuple[str, dict]]:
     return docs
 
 
+def framework(runtime: dict) -> str:
+    return runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"]
+
+
 def jobs(runtime: dict) -> dict[str, dict]:
     return {job["name"]: job for job in runtime["spec"]["template"]["spec"]["replicatedJobs"]}
 
@@ -123,7 +127,11 @@ def test_runtime_structure(file, runtime, bake):
         assert "command" not in container(steps[name]), "initializers run the image's own command"
 
 
-@pytest.mark.parametrize(("file", "runtime"), runtimes(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    ("file", "runtime"),
+    [(f, rt) for f, rt in runtimes() if framework(rt) == "torch"],  # torchtune: test_torchtune_runtime
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_runtime_trainer_command_is_valid_config(file, runtime):
     load_config = pytest.importorskip("pkg.trainer.config").load_config
     command = container(jobs(runtime)["node"])["command"]
@@ -136,6 +144,53 @@ def test_runtime_trainer_command_is_valid_config(file, runtime):
         "/workspace/output",
     )
     assert config.method == file.removesuffix(".yaml").removeprefix("llm-")
+
+
+TORCHTUNE = {  # upstream runtime name -> the model its initializer fetches
+    "torchtune-llama3.2-1b": "hf://meta-llama/Llama-3.2-1B-Instruct",
+    "torchtune-llama3.2-3b": "hf://meta-llama/Llama-3.2-3B-Instruct",
+    "torchtune-qwen2.5-1.5b": "hf://Qwen/Qwen2.5-1.5B-Instruct",
+}
+# Keys the Trainer controller keeps from the runtime's command when the SDK sends its own args
+IMMUTABLE = ("output_dir", "tokenizer.path", "tokenizer.merges_file", "checkpointer.checkpoint_dir")
+
+
+def test_torchtune_runtimes_have_the_upstream_names():
+    names = {rt["metadata"]["name"] for _, rt in runtimes() if framework(rt) == "torchtune"}
+    assert names == set(TORCHTUNE)
+
+
+@pytest.mark.parametrize(
+    ("file", "runtime"),
+    [(f, rt) for f, rt in runtimes() if framework(rt) == "torchtune"],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_torchtune_runtime(file, runtime):
+    """The upstream command shape, run as it is, and as the controller rewrites it for the SDK."""
+    tune = pytest.importorskip("pkg.trainer.tune")
+    name = runtime["metadata"]["name"]
+    env = {e["name"]: e["value"] for e in container(jobs(runtime)["model-initializer"])["env"]}
+    assert env["STORAGE_URI"] == TORCHTUNE[name]
+    node = container(jobs(runtime)["node"])
+    command = node["command"]
+    # tune run --rdzv_endpoint=localhost:29500 RECIPE --config MODEL_full ...
+    assert command[:3] == ["tune", "run", "--rdzv_endpoint=localhost:29500"]
+    assert command[3] == "full_finetune_distributed" and command[4] == "--config"
+    model = (
+        name.split("-")[1].replace(".", "_") + "/" + name.split("-")[2].upper()
+    )  # as the controller derives it
+    assert command[5] == f"{model}_full"
+    assert node["resources"]["limits"]["nvidia.com/gpu"] >= 1, "the controller picks the recipe from the GPUs"
+    cfg, warnings = tune.translate(tune.parse_command(command[1:]), 2)
+    assert (cfg.method, cfg.model_dir, cfg.output_dir) == ("full", "/workspace/model", "/workspace/output")
+    assert cfg.dataset_dir == "/workspace/dataset/data" and not warnings
+    # With the SDK: the controller's recipe and config, the runtime's immutable keys, then the SDK's args.
+    kept = [arg for arg in command if arg.split("=")[0] in IMMUTABLE]
+    sdk = ["batch_size=2", "model.lora_rank=8", "model.lora_attn_modules=[q_proj,v_proj]"]
+    rewritten = ["run", "--rdzv_endpoint=job-node-0-0.job:29500", "lora_finetune_distributed", "--config",
+                 f"{model}_lora", *kept, *sdk, "dataset.data_dir=/workspace/dataset/data"]  # fmt: skip
+    cfg, warnings = tune.translate(tune.parse_command(rewritten), 2)
+    assert (cfg.method, cfg.lora_rank, cfg.model_dir) == ("lora", 8, "/workspace/model") and not warnings
 
 
 def test_kustomization_sets_every_image(bake):

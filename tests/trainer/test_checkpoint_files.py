@@ -86,6 +86,15 @@ def test_fingerprint_covers_what_shapes_the_targets(tmp_path):
     assert why and why.startswith("dataset: ") and "train_on_prompt" in why
     longer = TrainConfig(**{**cfg.to_dict(), "max_steps": 1000, "learning_rate": 1e-5})
     assert ck.fingerprint_mismatch(ck.run_fingerprint(cfg), ck.run_fingerprint(longer)) is None
+    # Later settings appear only when set, so checkpoints written before them still match.
+    assert "dataset_split" not in ck.run_fingerprint(cfg)["dataset"]
+    for change in ({"dataset_split": "train[:10%]"}, {"column_map": {"input": "q"}}, {"system_prompt": "Hi"}):
+        other = TrainConfig(**{**cfg.to_dict(), **change})
+        assert ck.fingerprint_mismatch(ck.run_fingerprint(cfg), ck.run_fingerprint(other)).startswith(
+            "dataset"
+        )
+    dora = TrainConfig(**{**cfg.to_dict(), "use_dora": True})
+    assert "DoRA" in ck.fingerprint_mismatch(ck.run_fingerprint(cfg), ck.run_fingerprint(dora))
 
 
 def test_dir_digest_follows_content_not_location(tmp_path):

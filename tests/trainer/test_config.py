@@ -64,6 +64,11 @@ def test_saved_config_round_trips(tmp_path):
         (["--val_fraction", "1.5"], "val_fraction must be in [0, 1)"),
         (["--max_steps", "0", "--num_epochs", "0"], "set max_steps or num_epochs"),
         (["--method", "full", "--merge_adapter"], "merge_adapter applies to lora and qlora only"),
+        (["--method", "full", "--use_dora"], "use_dora applies to lora and qlora only"),
+        (["--dataset_split", "train[:x]"], "dataset_split: 'train[:x]' is not a split name"),
+        (["--column_map", "[a, b]"], "column_map: expected a mapping"),
+        (["--dataset_source", "xls"], "dataset_source: 'xls' is not one of auto, json"),
+        (["--max_steps_per_epoch", "-1"], "max_steps_per_epoch must be >= 0"),
         (["--max_steps"], "--max_steps needs a value"),
         (["stray"], "unexpected argument 'stray'"),
     ],
@@ -96,3 +101,11 @@ def test_docs_list_every_key():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "trainer.md").read_text()
     missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in doc]
     assert not missing, f"docs/trainer.md lacks {missing}: regenerate its config reference"
+
+
+def test_mappings_from_yaml_or_the_command_line(tmp_path):
+    conf = tmp_path / "job.yaml"
+    conf.write_text("column_map:\n  input: question\n")
+    assert load_config(["--config", str(conf)]).column_map == {"input": "question"}
+    assert load_config(["--column_map={'output': 'answer'}"]).column_map == {"output": "answer"}
+    assert load_config(['--column_map={"output": "answer"}']).column_map == {"output": "answer"}

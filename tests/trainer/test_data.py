@@ -255,3 +255,66 @@ def test_micro_batches_group_similar_lengths_within_each_rank_share():
             share = [i for mb in grouped.micro_batches(5) for i in mb]
             assert sorted(share) == sorted(i for mb in plain.micro_batches(5) for i in mb)
             assert [lengths[i] for i in share] == sorted(lengths[i] for i in share)
+
+
+def test_split_slices_and_named_splits(tmp_path):
+    make_dataset(tmp_path, "prompt_completion", "hub", n=40)
+    cache = str(tmp_path / ".cache")
+    assert len(data.load_rows(str(tmp_path), cache, "train[:25%]")) == 10
+    assert [r["prompt"] for r in data.load_rows(str(tmp_path), cache, "train[5:8]")] == [
+        r["prompt"] for r in data.load_rows(str(tmp_path), cache).select(range(5, 8))
+    ]
+    assert len(data.load_rows(str(tmp_path), cache, "train[-4:]")) == 4
+    assert data.load_rows(str(tmp_path), cache, "test")[0]["prompt"] == "TEST SPLIT"
+    with pytest.raises(TrainerError, match="no validation split"):
+        data.load_rows(str(tmp_path), cache, "validation")
+    with pytest.raises(TrainerError, match=r"selects no rows"):
+        data.load_rows(str(tmp_path), cache, "train[40:]")
+
+
+def test_one_data_file_and_a_named_source(tmp_path):
+    make_dataset(tmp_path / "d", "alpaca", "jsonl", n=12)
+    assert len(data.load_rows(str(tmp_path / "d" / "train.jsonl"), str(tmp_path / ".c"))) == 12
+    # .txt files are read only when dataset_source says text (a README.txt is not data by default)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "notes.txt").write_text("first line\nsecond line\n")
+    with pytest.raises(TrainerError, match="no data files"):
+        data.load_rows(str(tmp_path / "t"), str(tmp_path / ".c"))
+    ds = data.load_rows(str(tmp_path / "t"), str(tmp_path / ".c"), source="text")
+    assert ds["text"] == ["first line", "second line"]
+
+
+def test_column_map_renames_and_names_a_missing_column(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"question": "q", "answer": "a", "input": "old"}])
+    renamed = data.rename_columns(ds, {"input": "question", "output": "answer"})
+    assert sorted(renamed.column_names) == ["input", "output"] and renamed[0] == {"input": "q", "output": "a"}
+    assert data.detect_format(renamed.column_names, "auto") == "input_output"
+    with pytest.raises(TrainerError, match="no column 'reply'"):
+        data.rename_columns(ds, {"output": "reply"})
+
+
+def test_system_prompt_in_chat_and_plain_formats(tokenizer):
+    msgs = [{"role": "system", "content": "old"}, {"role": "user", "content": "u"}]
+    assert data.with_system(msgs, "new") == [{"role": "system", "content": "new"}, msgs[1]]
+    row = {"input": "Repeat the word stone.", "output": "stone stone stone"}
+    assert data.conversation(row, "input_output", 0, "Be brief.")[0] == {
+        "role": "system",
+        "content": "Be brief.",
+    }
+    ((ids, labels),) = data.tokenize_rows([row], "input_output", tokenizer, cfg(system_prompt="Be brief."))
+    assert tokenizer.decode(ids).startswith("<s><|system|>\nBe brief.</s>\n<|user|>\nRepeat the word stone.")
+    assert decode_targets(tokenizer, ids, labels).startswith("stone stone stone</s>")
+    alpaca = {"instruction": "Repeat the word stone.", "input": "", "output": "stone"}
+    ((ids, labels),) = data.tokenize_rows([alpaca], "alpaca", tokenizer, cfg(system_prompt="Be brief."))
+    assert "Be brief.\n\n### Instruction:" in tokenizer.decode(ids)
+    assert "Be brief" not in decode_targets(tokenizer, ids, labels)
+
+
+def test_max_steps_per_epoch_ends_each_epoch_early():
+    capped = data.BatchPlan(40, 4, 2, 1, 0, seed=1, max_steps_per_epoch=3)
+    full = data.BatchPlan(40, 4, 2, 1, 0, seed=1)
+    assert (capped.steps_per_epoch, full.steps_per_epoch) == (3, 10)
+    # epoch 1 of the capped plan starts at step 3 with epoch 1's first batch
+    assert capped.global_batch(3) == full.global_batch(10) and capped.global_batch(2) == full.global_batch(2)

@@ -77,8 +77,8 @@ def test_lora_one_process_two_processes_and_two_nodes_agree(tmp_path, tiny_model
         assert_ok(r)
 
     # Progress lines come from rank 0 only.
-    lines = [line for line in result.stdout.splitlines() if "step 8/8 | loss" in line]
-    assert len(lines) == 1 and "tokens/s" in lines[0] and "eta" in lines[0]
+    lines = [line for line in result.stdout.splitlines() if "step 8/8 | loss=" in line]
+    assert len(lines) == 1 and "tokens_per_s=" in lines[0] and "eta" in lines[0]
 
     # Same global batches and a token-weighted global loss: the world size does not change the numbers.
     reference = losses(one)
