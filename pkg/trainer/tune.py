@@ -251,10 +251,11 @@ BY_NAME = {k.name: k for k in KEYS}
 
 
 def known(key: str) -> Key | None:
+    """The table's entry for a key, a warning entry for a sub-key of an ignored group, or None (unknown)."""
     if key in BY_NAME:
         return BY_NAME[key]
     group = key.split(".", 1)[0]
-    if "." in key and group in IGNORED_GROUPS and group != key:
+    if "." in key and group in IGNORED_GROUPS:
         # model.* and tokenizer.* keys this table does not list have no effect here (model._component_ ...)
         # but a near miss of a listed one is a typo, refused below.
         close = difflib.get_close_matches(
