@@ -48,7 +48,7 @@ def normalised(files: list[RemoteFile]) -> list[RemoteFile]:
         if path in seen:
             raise InitializerError(f"refusing {f.key!r}: it lands on the same path as {seen[path]!r}")
         seen[path] = f.key
-        out.append(replace(f, path=path))
+        out.append(f if path == f.path else replace(f, path=path))  # no copy: 200k files cost 60 MB
     folders = {parent for f in out for parent in _parents(f.path)}
     for f in out:
         if f.path in folders:
