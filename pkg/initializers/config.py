@@ -6,11 +6,13 @@ what is read here. Tuning knobs (`INIT_*`) are extensions with safe defaults; us
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from .errors import InitializerError, register_secret
 from .uri import StorageUri, parse_uri
@@ -51,6 +53,10 @@ class Tuning:
     retry_base: float = 0.5  # INIT_RETRY_BASE: first backoff in seconds (doubles, with jitter)
     retry_cap: float = 30.0  # INIT_RETRY_CAP: longest single backoff or Retry-After honoured
     progress_interval: float = 5.0  # INIT_PROGRESS_INTERVAL: seconds between progress lines
+    # INIT_MAX_FILES / INIT_LIST_TIMEOUT: bounds on a listing, so a server that pages forever (or a bucket far
+    # larger than meant) ends in a clear error instead of filling memory.
+    max_files: int = 5_000_000
+    list_timeout: float = 3600.0
 
 
 _TUNING = Tuning()
@@ -101,6 +107,12 @@ ENV_VARS = (
         f"{_TUNING.retry_cap:g}",
     ),
     EnvVar("INIT_PROGRESS_INTERVAL", "Seconds between progress lines.", f"{_TUNING.progress_interval:g}"),
+    EnvVar("INIT_MAX_FILES", "Most entries a listing may hold before the run stops.", str(_TUNING.max_files)),
+    EnvVar(
+        "INIT_LIST_TIMEOUT",
+        "Seconds the whole listing may take before the run stops.",
+        f"{_TUNING.list_timeout:g}",
+    ),
 )
 
 
@@ -117,7 +129,8 @@ class Config:
     secret_access_key: str | None = None
     region: str | None = None
     role_arn: str | None = None
-    hf_endpoint: str = "https://huggingface.co"
+    hf_endpoint: str = "https://huggingface.co"  # without any user:password@ (see hf_login)
+    hf_login: tuple[str, str] | None = None  # user and password HF_ENDPOINT carried, sent as Basic auth
     tuning: Tuning = field(default_factory=Tuning)
 
     @property
@@ -143,6 +156,8 @@ def _number(env: Mapping[str, str], name: str, default: float, cast: type, minim
         value = cast(raw)
     except ValueError:
         raise InitializerError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):  # nan passes every comparison; inf overflows timers and waits
+        raise InitializerError(f"{name}={raw!r} must be a finite number")
     if value < minimum:
         raise InitializerError(f"{name}={raw!r} must be at least {minimum}")
     return value
@@ -158,7 +173,25 @@ def load_tuning(env: Mapping[str, str]) -> Tuning:
         retry_base=_number(env, "INIT_RETRY_BASE", d.retry_base, float, 0.0),
         retry_cap=_number(env, "INIT_RETRY_CAP", d.retry_cap, float, 0.0),
         progress_interval=_number(env, "INIT_PROGRESS_INTERVAL", d.progress_interval, float, 0.1),
+        max_files=int(_number(env, "INIT_MAX_FILES", d.max_files, int, 1)),
+        list_timeout=_number(env, "INIT_LIST_TIMEOUT", d.list_timeout, float, 0.1),
     )
+
+
+def _endpoint_login(raw: str) -> tuple[str, tuple[str, str] | None]:
+    """Split `https://user:password@host` into the URL without the login (what is stored and printed)
+    and the login, whose password is registered for redaction first."""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InitializerError("HF_ENDPOINT must be an http(s):// URL, e.g. https://huggingface.co")
+    if "@" not in parts.netloc:
+        return raw, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    register_secret(unquote(password))
+    register_secret(password)
+    register_secret(userinfo)
+    return parts._replace(netloc=host).geturl(), (unquote(user), unquote(password))
 
 
 def load_config(kind: Kind, env: Mapping[str, str] | None = None) -> Config:
@@ -180,6 +213,9 @@ def load_config(kind: Kind, env: Mapping[str, str] | None = None) -> Config:
     if bool(key_id) != bool(secret):
         raise InitializerError("set both ACCESS_KEY_ID and SECRET_ACCESS_KEY, or neither")
     endpoint = _get(env, "ENDPOINT")
+    hf_endpoint, hf_login = _endpoint_login(
+        (_get(env, "HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    )
     if endpoint and "://" not in endpoint:
         endpoint = f"https://{endpoint}"
     return Config(
@@ -194,6 +230,7 @@ def load_config(kind: Kind, env: Mapping[str, str] | None = None) -> Config:
         secret_access_key=secret,
         region=_get(env, "REGION"),
         role_arn=_get(env, "ROLE_ARN"),
-        hf_endpoint=(_get(env, "HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
+        hf_endpoint=hf_endpoint,
+        hf_login=hf_login,
         tuning=load_tuning(env),
     )

@@ -6,6 +6,7 @@ without a traceback. `TransientError` marks a failure worth retrying (connection
 
 from __future__ import annotations
 
+import re
 import threading
 
 
@@ -35,22 +36,68 @@ class RangeIgnored(Exception):
 
 
 _secrets: set[str] = set()
+# Every run of PIECE characters of a secret -> the secrets it occurs in: a server that echoes part of a token
+# (its first 30 characters, say) is redacted too. Shorter secrets are only redacted whole.
+PIECE = 12
+_pieces: dict[str, set[str]] = {}
 _lock = threading.Lock()
+# C0 / C1 control characters other than tab and newline: a server's text must not move the cursor, clear
+# the screen or forge log lines in a terminal or a log viewer.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def register_secret(value: str | None) -> None:
-    """Remember a secret so `redact` removes it from any text printed afterwards."""
+    """Remember a secret so `redact` removes it (and any PIECE characters of it) from text printed later."""
     if value and len(value) >= 4:
         with _lock:
+            if value in _secrets:
+                return
             _secrets.add(value)
+            for i in range(len(value) - PIECE + 1):
+                _pieces.setdefault(value[i : i + PIECE], set()).add(value)
 
 
 def redact(text: object) -> str:
-    """Return `text` as a string with every registered secret replaced by `***`."""
+    """Return `text` as a string with every registered secret, whole or in part, replaced by `***`, and
+    control characters (but newlines and tabs) escaped."""
     out = str(text)
-    for secret in sorted(_secrets, key=len, reverse=True):
+    with _lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+        pieces = _pieces if _pieces else None  # only ever grows; .get is safe while another thread adds
+    for secret in secrets:
         out = out.replace(secret, "***")
-    return out
+    if pieces:
+        out = _redact_pieces(out, pieces)
+    return escape_controls(out)
+
+
+def _redact_pieces(text: str, pieces: dict[str, set[str]]) -> str:
+    i = 0
+    while i + PIECE <= len(text):
+        found = pieces.get(text[i : i + PIECE])
+        if not found:
+            i += 1
+            continue
+        start, end = i, i + PIECE
+        for secret in tuple(found):  # grow the match as far as the text keeps following this secret
+            at = secret.find(text[i : i + PIECE])
+            while at >= 0:
+                left, right = i, i + PIECE
+                s_left, s_right = at, at + PIECE
+                while left > 0 and s_left > 0 and text[left - 1] == secret[s_left - 1]:
+                    left, s_left = left - 1, s_left - 1
+                while right < len(text) and s_right < len(secret) and text[right] == secret[s_right]:
+                    right, s_right = right + 1, s_right + 1
+                start, end = min(start, left), max(end, right)
+                at = secret.find(text[i : i + PIECE], at + 1)
+        text = text[:start] + "***" + text[end:]
+        i = start + 3
+    return text
+
+
+def escape_controls(text: str) -> str:
+    """Control characters (but newline and tab) as visible \\xNN escapes."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def one_line(text: object, limit: int = 400) -> str:

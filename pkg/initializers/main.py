@@ -11,16 +11,21 @@ import os
 import signal
 import sys
 import traceback
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .config import Config, Kind, load_config
 from .errors import InitializerError, one_line, redact
 from .filters import apply_filters
-from .manifest import Journal, complete_manifest, remove_manifest, state_dir, write_manifest
+from .manifest import (
+    Journal,
+    check_state_dir,
+    complete_manifest,
+    remove_manifest,
+    state_dir,
+    write_manifest,
+)
 from .progress import Progress, human_bytes, log
-from .safety import safe_relative
 from .sources import RemoteFile, open_source
 from .transfer import Engine
 from .uri import HfUri
@@ -32,30 +37,22 @@ def request_of(config: Config) -> dict[str, Any]:
     if config.endpoint:
         request["endpoint"] = config.endpoint
     if isinstance(config.uri, HfUri):
-        request["hf_endpoint"] = config.hf_endpoint
+        request["hf_endpoint"] = config.hf_endpoint  # never with a user:password@ (see config.hf_login)
     if config.patterns_given:
         request["allow_patterns"] = list(config.allow_patterns)
         request["ignore_patterns"] = list(config.ignore_patterns)
     return request
 
 
-def normalised(files: list[RemoteFile]) -> list[RemoteFile]:
-    """Validate every path (nothing may land outside OUTPUT_PATH) and refuse two files on one path."""
-    seen: dict[str, str] = {}
-    out = []
+def no_file_folder_clash(files: list[RemoteFile]) -> None:
+    """Refuse a selection that holds a file and a folder of one name (paths are validated, and unique, by
+    `Listing`: nothing lands outside OUTPUT_PATH)."""
+    folders = {parent for f in files for parent in _parents(f.path)}
     for f in files:
-        path = safe_relative(f.path, "path")
-        if path in seen:
-            raise InitializerError(f"refusing {f.key!r}: it lands on the same path as {seen[path]!r}")
-        seen[path] = f.key
-        out.append(f if path == f.path else replace(f, path=path))  # no copy: 200k files cost 60 MB
-    folders = {parent for f in out for parent in _parents(f.path)}
-    for f in out:
         if f.path in folders:
             raise InitializerError(
                 f"refusing {f.key!r}: the source holds both a file and a folder named {f.path!r}"
             )
-    return out
 
 
 def _parents(path: str) -> list[str]:
@@ -66,6 +63,7 @@ def _parents(path: str) -> list[str]:
 def run(config: Config) -> None:
     root = config.output_path
     request = request_of(config)
+    check_state_dir(root)
     done = complete_manifest(root, request)
     if done:
         log(
@@ -89,13 +87,14 @@ def run(config: Config) -> None:
                     else "check the path and that it holds files"
                 )
             )
-        files = normalised(files)
+        no_file_folder_clash(files)
         try:
             state_dir(root).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InitializerError(
                 f"cannot create OUTPUT_PATH={root}: {exc.strerror}; check the volume"
             ) from None
+        check_state_dir(root)
         lock = exclusive(root)
         done = complete_manifest(root, request)
         if done:  # another run finished it while we waited for the lock

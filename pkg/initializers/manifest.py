@@ -13,11 +13,13 @@ import ctypes
 import json
 import os
 import shutil
+import stat
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from .errors import InitializerError
 from .sources.base import RemoteFile
 
 STATE_DIR = ".initializer"
@@ -28,6 +30,27 @@ FORMAT = 1
 
 def state_dir(root: Path) -> Path:
     return root / STATE_DIR
+
+
+def check_state_dir(root: Path) -> None:
+    """Refuse a state folder (or a lock, journal, marker or partial/ in it) that is not what this code makes:
+    through a symlink left on a shared volume, the lock, journal and marker would land outside OUTPUT_PATH
+    and `partial/` would be emptied wherever it points."""
+    folder = state_dir(root)
+    for path in (folder, folder / "lock", folder / JOURNAL, folder / MANIFEST, folder / "partial"):
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise InitializerError(f"cannot read {path}: {exc.strerror}; check the volume") from None
+        want_dir = path in (folder, folder / "partial")
+        if stat.S_ISLNK(mode) or stat.S_ISDIR(mode) != want_dir:
+            what = "a symlink" if stat.S_ISLNK(mode) else ("not a folder" if want_dir else "not a file")
+            raise InitializerError(
+                f"refusing to use {path}: it is {what}, and the initializer keeps its lock, journal and "
+                f"completion marker in {STATE_DIR}/; remove it and rerun"
+            )
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -11,9 +11,10 @@ from .errors import redact
 
 
 def log(message: str, stream: TextIO | None = None) -> None:
-    """Print one timestamped, redacted line."""
+    """Print one timestamped, redacted line (a newline from a server's text cannot start a forged one)."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    print(f"{stamp} {redact(message)}", file=stream or sys.stdout, flush=True)
+    line = redact(message).replace("\n", "\\n")
+    print(f"{stamp} {line}", file=stream or sys.stdout, flush=True)
 
 
 def human_bytes(n: float) -> str:

@@ -92,7 +92,12 @@ def _hf(text: str, rest: str) -> HfUri:
         revision, sub = "/".join(["refs", *sub[:2]]), sub[2:]
     if any(p in (".", "..") for p in sub):
         raise InitializerError(f"STORAGE_URI {text!r}: '.' and '..' are not allowed in the sub-path")
-    return HfUri(f"{org}/{name}", unquote(revision) or None, "/".join(sub))
+    revision = unquote(revision)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in revision + "/".join(sub)) or revision in (".", ".."):
+        raise InitializerError(
+            f"STORAGE_URI {text!r}: the revision and sub-path may not hold control characters, '.' or '..'"
+        )
+    return HfUri(f"{org}/{name}", revision or None, "/".join(sub))
 
 
 def _s3(text: str, rest: str) -> S3Uri:

@@ -8,9 +8,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million entries of a listing stay a few hundred MB
 class RemoteFile:
-    """One file to fetch. `path` is relative to OUTPUT_PATH (POSIX separators, already validated)."""
+    """One file to fetch. `path` is relative to OUTPUT_PATH (POSIX separators, validated by `Listing`)."""
 
     path: str
     size: int

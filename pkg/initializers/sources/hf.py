@@ -1,36 +1,35 @@
 """Hugging Face Hub source (and mirrors through HF_ENDPOINT).
 
-Listing goes through huggingface_hub's HfApi: the revision is resolved to a commit once, so every file
-comes from the same snapshot, and the tree gives sizes, LFS SHA-256s and git blob ids for verification.
-Bytes come through our engine from the `resolve` URL with the token in an Authorization header (urllib3
-drops it on redirects to another host, e.g. a CDN). The token is never written to disk or printed.
+Listing speaks the Hub's API itself (`api.py`), with the same deadlines, caps and one retry layer as
+everything else: the revision is resolved to a commit once, so every file comes from the same snapshot, and
+the tree gives sizes, LFS SHA-256s and git blob ids for verification. Tree pages are followed through their
+`Link: <...>; rel="next"` header only on the endpoint's own host (the token goes nowhere else) and never
+back to a page already read. Bytes come through our engine from the `resolve` URL with the token in an
+Authorization header (dropped on redirects to another host, e.g. a CDN). The token is never written to
+disk or printed.
 """
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
-from urllib.parse import urlsplit
-
-import httpx2
-from huggingface_hub import HfApi, hf_hub_url
-from huggingface_hub.errors import (
-    DisabledRepoError,
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.hf_api import RepoFile
+from urllib.parse import quote, urljoin, urlsplit
 
 from ..config import Config
-from ..errors import InitializerError, TransientError, one_line, parse_retry_after, untrusted_certificate
+from ..errors import InitializerError, TransientError, one_line
+from ..listing import Listing
 from ..uri import HfUri
+from .api import Answer, get_json
 from .base import RemoteFile, Source
-from .http import Pool, get_range
+from .http import Pool, _origin, get_range
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NEXT = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?', re.IGNORECASE)
 
 
 class HfSource(Source):
@@ -39,9 +38,13 @@ class HfSource(Source):
         self.config = config
         self.repo_type = "dataset" if config.kind == "dataset" else "model"
         self.token = config.access_token
-        self.api = HfApi(
-            endpoint=config.hf_endpoint, token=self.token or False, library_name="kubeflow-trainer"
-        )
+        self.auth: dict[str, str] = {}
+        if self.token:
+            self.auth["Authorization"] = f"Bearer {self.token}"
+        elif config.hf_login:  # HF_ENDPOINT=https://user:password@mirror: Basic auth, as HTTP clients do
+            login = base64.b64encode(":".join(config.hf_login).encode()).decode()
+            self.auth["Authorization"] = f"Basic {login}"
+        self.where = f"the Hub at {config.hf_endpoint}"
         self.commit: str | None = None
         self.http = Pool(config.tuning.concurrency, config.tuning.read_timeout)
 
@@ -52,106 +55,127 @@ class HfSource(Source):
     def list_files(self) -> list[RemoteFile]:
         from ..transfer import retry
 
-        info = retry(
-            lambda: self._call(
-                lambda: self.api.repo_info(
-                    self.uri.repo_id, repo_type=self.repo_type, revision=self.uri.revision
-                )
-            ),
-            f"reading {self.uri}",
-            self.config.tuning,
-        )
-        self.commit = info.sha
-        entries = retry(
-            lambda: self._call(
-                lambda: list(
-                    self.api.list_repo_tree(
-                        self.uri.repo_id,
-                        path_in_repo=self.uri.subpath or None,
-                        recursive=True,
-                        revision=self.commit,
-                        repo_type=self.repo_type,
-                    )
-                )
-            ),
-            f"listing {self.uri}",
-            self.config.tuning,
-        )
-        files = []
-        for e in entries:
-            if not isinstance(e, RepoFile):
-                continue
-            sha256 = e.lfs.sha256 if e.lfs else None
-            files.append(
-                RemoteFile(
-                    path=e.path,  # repo-relative, so dataset configs that name paths keep working
-                    size=e.size,
-                    key=e.path,
-                    version=sha256 or e.blob_id,
-                    sha256=sha256,
-                    git_sha1=None if e.lfs else e.blob_id,
-                )
-            )
-        return files
+        tuning = self.config.tuning
+        sub = self.uri.subpath
+        listing = Listing(self.where, tuning, prefix=f"{sub}/" if sub else "")
+        api = f"{self.config.hf_endpoint}/api/{self.repo_type}s/{self.uri.repo_id}"
+        rev = self.uri.revision
+        # expand=sha: only the commit, not the list of every file (tens of MB for a repo of a million files).
+        info_url = (f"{api}/revision/{quote(rev, safe='')}" if rev else api) + "?expand=sha"
+        listing.page()
+        info = retry(lambda: self._get(info_url, listing), f"reading {self.uri}", tuning)
+        commit = info.get("sha") if isinstance(info, dict) else None
+        if not isinstance(commit, str) or not _COMMIT.match(commit):
+            raise listing.malformed(f"repo info without a commit id: {one_line(str(commit)[:60])!r}")
+        self.commit = commit
+        url: str | None = f"{api}/tree/{commit}" + (f"/{quote(sub)}" if sub else "") + "?recursive=true"
+        read: set[str] = set()
+        while url:
+            listing.page()
+            read.add(url)
+            answer = retry(lambda u=url: self._get(u, listing, answer=True), f"listing {self.uri}", tuning)
+            if not isinstance(answer.data, list):
+                raise listing.malformed(f"the tree is a JSON {type(answer.data).__name__}, not a list")
+            for entry in answer.data:
+                self._add(listing, entry)
+            url = self._next(answer, url, read, listing)
+        return listing.files()
 
-    def _call(self, fn: Any) -> Any:
-        """Run an HfApi call, mapping its errors to TransientError or a one-line InitializerError."""
-        kind = self.repo_type
+    def _add(self, listing: Listing, entry: Any) -> None:
+        """One tree entry: folders are skipped, files checked for the fields verification needs."""
+        if not isinstance(entry, dict):
+            raise listing.malformed(f"a tree entry that is not an object: {one_line(str(entry)[:60])!r}")
+        kind = entry.get("type")
+        if kind == "directory":
+            return
+        path = entry.get("path")
+        if kind != "file":
+            raise listing.malformed(f"an entry of unknown type {one_line(str(kind)[:30])!r}")
+        lfs = entry.get("lfs")
+        oid = entry.get("oid")
+        if lfs is not None:
+            sha256 = lfs.get("oid") if isinstance(lfs, dict) else None
+            if not isinstance(sha256, str) or not _SHA256.match(sha256):
+                raise listing.malformed(f"an LFS entry {one_line(str(path)[:200])!r} without a SHA-256")
+            listing.add(path, entry.get("size"), sha256, path=path, sha256=sha256)
+        elif isinstance(oid, str) and _SHA1.match(oid):
+            listing.add(path, entry.get("size"), oid, path=path, git_sha1=oid)
+        else:
+            raise listing.malformed(f"a file entry {one_line(str(path)[:200])!r} without a git blob id")
+
+    def _next(self, answer: Answer, url: str, read: set[str], listing: Listing) -> str | None:
+        """The next page of the tree from the Link header: only on this host, never one already read."""
+        link = _NEXT.search(answer.headers.get("Link") or "")
+        if not link:
+            return None
+        target = urljoin(url, link.group(1))
+        if _origin(target) != _origin(self.config.hf_endpoint):
+            raise listing.malformed(
+                f"its next page is on another host ({one_line(target.split('?')[0], 120)}); refusing to "
+                "follow it, which would send ACCESS_TOKEN there"
+            )
+        if target in read:
+            raise listing.malformed("its next page is one already read, so it would page forever")
+        return target
+
+    def _get(self, url: str, listing: Listing, answer: bool = False) -> Any:
+        """The JSON at `url` (or its Answer), mapping the Hub's error statuses to one-line errors."""
         try:
-            return fn()
-        except GatedRepoError:
-            raise InitializerError(
+            got = get_json(self.http, url, self.auth, self.where, listing.left())
+        except TransientError:
+            listing.left()  # the listing's own deadline, when that is what passed, says more
+            raise
+        if got.status >= 300:
+            raise self._error(got)
+        return got if answer else got.data
+
+    def _error(self, got: Answer) -> InitializerError:
+        """The Hub's answer for a missing, private, gated or disabled repo or revision, in one line."""
+        kind = self.repo_type
+        code = got.headers.get("X-Error-Code") or ""
+        message = got.headers.get("X-Error-Message") or got.text
+        if code == "GatedRepo":
+            return InitializerError(
                 f"{self.uri} is a gated {kind} repo: accept its terms on the Hub with your account and set "
                 "ACCESS_TOKEN to a token of that account"
-            ) from None
-        except RevisionNotFoundError:
-            raise InitializerError(
+            )
+        if code == "RevisionNotFound":
+            return InitializerError(
                 f"revision {self.uri.revision!r} not found in {kind} repo {self.uri.repo_id}"
-            ) from None
-        except (EntryNotFoundError, RemoteEntryNotFoundError):
-            raise InitializerError(
-                f"path {self.uri.subpath!r} not found in {kind} repo {self.uri.repo_id}"
-            ) from None
-        except RepositoryNotFoundError:
+            )
+        if code == "EntryNotFound":
+            return InitializerError(f"path {self.uri.subpath!r} not found in {kind} repo {self.uri.repo_id}")
+        if code == "RepoNotFound" or (got.status == 404 and not code):
             hint = (
                 "check the name, and that ACCESS_TOKEN may read it"
                 if self.token
                 else "check the name; if it is private or gated, set ACCESS_TOKEN"
             )
-            raise InitializerError(
+            return InitializerError(
                 f"{kind} repo {self.uri.repo_id} not found at {self.config.hf_endpoint}: {hint}"
-            ) from None
-        except DisabledRepoError:
-            raise InitializerError(f"{kind} repo {self.uri.repo_id} is disabled on the Hub") from None
-        except HfHubHTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else 0
-            if status == 429 or status >= 500:
-                retry_after = parse_retry_after(exc.response.headers.get("Retry-After"))
-                raise TransientError(f"HTTP {status} from {self.config.hf_endpoint}", retry_after) from None
-            if status in (401, 403):
-                raise InitializerError(
-                    f"the Hub refused ACCESS_TOKEN for {self.uri.repo_id} (HTTP {status}): set a valid token "
-                    "with read access"
-                ) from None
-            raise InitializerError(f"Hub error for {self.uri}: {one_line(exc, 200)}") from None
-        except httpx2.TransportError as exc:
-            raise untrusted_certificate(exc, self.config.hf_endpoint) or TransientError(
-                f"{type(exc).__name__}: {one_line(exc, 200)}"
-            ) from None
+            )
+        if got.status == 403 and "disabled" in message.lower():
+            return InitializerError(f"{kind} repo {self.uri.repo_id} is disabled on the Hub")
+        if got.status in (401, 403):
+            return InitializerError(
+                f"the Hub refused ACCESS_TOKEN for {self.uri.repo_id} (HTTP {got.status}): set a valid token "
+                "with read access"
+            )
+        return InitializerError(
+            f"Hub error for {self.uri}: HTTP {got.status} {one_line(message, 200)}".rstrip()
+        )
 
     # -- reading --------------------------------------------------------------------------------------------
     def url(self, file: RemoteFile) -> str:
-        return hf_hub_url(
-            self.uri.repo_id,
-            file.key,
-            repo_type=self.repo_type,
-            revision=self.commit,
-            endpoint=self.config.hf_endpoint,
+        """The `resolve` URL of `file` at the listed commit (what huggingface_hub's hf_hub_url builds)."""
+        kind = "datasets/" if self.repo_type == "dataset" else ""
+        return (
+            f"{self.config.hf_endpoint}/{kind}{self.uri.repo_id}/resolve/{quote(self.commit or '', safe='')}"
+            f"/{quote(file.key)}"
         )
 
     def open_range(self, file: RemoteFile, start: int, end: int) -> AbstractContextManager[Iterator[bytes]]:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        return get_range(self.http, self.url(file), file.path, start, end, file.size, headers, self._fatal)
+        return get_range(self.http, self.url(file), file.path, start, end, file.size, self.auth, self._fatal)
 
     def _fatal(self, status: int, _code: str) -> InitializerError | None:
         if status in (401, 403):
@@ -171,4 +195,3 @@ class HfSource(Source):
 
     def close(self) -> None:
         self.http.clear()
-        self.api = None  # type: ignore[assignment]

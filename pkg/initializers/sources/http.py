@@ -87,18 +87,18 @@ class Pool:
         self._tls_context: ssl.SSLContext | None = None
         self._lock = threading.Lock()
 
-    def get(self, url: str, headers: dict[str, str]) -> Reply:
-        """GET `url`, following redirects; the caller must `finish` the reply."""
+    def get(self, url: str, headers: dict[str, str], follow: bool = True) -> Reply:
+        """GET `url`, following redirects unless not to `follow`; the caller must `finish` the reply."""
         for _ in range(MAX_REDIRECTS + 1):
             reply = self._get_once(url, headers)
-            location = reply.headers.get("Location") if reply.status in _REDIRECTS else None
+            location = reply.headers.get("Location") if follow and reply.status in _REDIRECTS else None
             if not location:
                 return reply
             reply.read(64 * 1024)  # a redirect's body is short: read it so the connection can be reused
             reply.finish(True)
             target = urljoin(url, location)
             if _origin(target) != _origin(url):  # never send a credential to another host
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                headers = {k: v for k, v in headers.items() if not _credential(k)}
             url = target
         raise InitializerError(f"more than {MAX_REDIRECTS} redirects from {url.split('?')[0]}")
 
@@ -112,7 +112,14 @@ class Pool:
                 self._untrack(presp)
                 _release(presp, reuse)
 
-            return Reply(presp.status, presp.headers, presp.read, presp.read1, release)
+            # read1 undecoded, as http.client's is: a gzip answer is inflated (within a cap) by the reader.
+            return Reply(
+                presp.status,
+                presp.headers,
+                presp.read,
+                lambda n: presp.read1(n, decode_content=False),
+                release,
+            )
         origin = _origin(url)
         parts = urlsplit(url)
         conn = self._take(origin)
@@ -226,6 +233,13 @@ class _HTTPSConnection(_Timeouts, http.client.HTTPSConnection):
     pass
 
 
+def _credential(name: str) -> bool:
+    """Headers that only the first host may see: credentials, and the signature's parts (a SigV4 session
+    token, the signed Host) that are meaningless, or a leak, anywhere else."""
+    name = name.lower()
+    return name in ("authorization", "host", "cookie") or name.startswith("x-amz-")
+
+
 def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
     """An idle connection is readable only once the server closed it (or broke the protocol)."""
     if conn.sock is None:
@@ -266,6 +280,24 @@ def error_code(body: bytes) -> str:
     return m.group(1).decode(errors="replace") if m else ""
 
 
+def open_reply(pool: Pool, url: str, headers: dict[str, str], what: str, for_botocore: bool = False) -> Reply:
+    """GET `url`, redirects followed. A broken connection, 429 or 5xx raise TransientError (with the
+    server's Retry-After), an untrusted certificate InitializerError; the caller must `finish` the reply.
+    `for_botocore`: redirects and error statuses are left to botocore, which sent the request."""
+    try:
+        reply = pool.get(url, headers, follow=not for_botocore)
+    except _BROKEN as exc:
+        origin = "://".join(_origin(url)[:2])
+        raise untrusted_certificate(exc, origin) or TransientError(
+            f"{what}: {type(exc).__name__}: {one_line(exc, 200)}"
+        ) from None
+    if not for_botocore and (reply.status == 429 or reply.status >= 500):
+        reply.finish(False)
+        retry_after = parse_retry_after(reply.headers.get("Retry-After"))
+        raise TransientError(f"{what}: HTTP {reply.status}", retry_after)
+    return reply
+
+
 @contextmanager
 def get_range(
     pool: Pool,
@@ -293,20 +325,10 @@ def get_range(
         headers = sign(url, headers)
     headers["Accept-Encoding"] = "identity"
     headers.setdefault("User-Agent", USER_AGENT)
-    try:
-        reply = pool.get(url, headers)
-    except _BROKEN as exc:
-        origin = "://".join(_origin(url)[:2])
-        raise untrusted_certificate(exc, origin) or TransientError(
-            f"{what}: {type(exc).__name__}: {one_line(exc, 200)}"
-        ) from None
+    reply = open_reply(pool, url, headers, what)
     complete = False
     try:
         status = reply.status
-        if status == 429 or status >= 500:
-            raise TransientError(
-                f"{what}: HTTP {status}", parse_retry_after(reply.headers.get("Retry-After"))
-            )
         if status >= 300:
             code = error_code(reply.read(4096))
             if code in TRANSIENT_CODES:

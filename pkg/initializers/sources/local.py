@@ -11,6 +11,8 @@ from typing import BinaryIO
 
 from ..config import Config
 from ..errors import InitializerError
+from ..listing import Listing
+from ..progress import log
 from ..uri import LocalUri
 from .base import RemoteFile, Source
 
@@ -21,6 +23,7 @@ class LocalSource(Source):
     def __init__(self, uri: LocalUri, config: Config):
         self.root = Path(uri.path)
         self.uri = uri
+        self.tuning = config.tuning
         out = os.path.realpath(config.output_path)
         if os.path.realpath(self.root) in (out,) or out.startswith(os.path.realpath(self.root) + os.sep):
             raise InitializerError(
@@ -32,26 +35,39 @@ class LocalSource(Source):
             raise InitializerError(
                 f"{self.root} does not exist: check STORAGE_URI and that the volume is mounted"
             )
+        listing = Listing(str(self.uri), self.tuning)
         if self.root.is_file():
-            return [self._file(self.root, self.root.name)]
-        files: list[RemoteFile] = []
-        # Symlinked files are copied as their content; symlinked folders are not followed (loops).
+            self._add(listing, self.root, self.root.name)
+            return listing.files()
+        real_root = os.path.realpath(self.root)
+        outside: list[str] = []
+        # Symlinked files are copied as their content when they stay inside the source; symlinked folders
+        # are not followed (loops). A link out of the source (to a mounted secret, say) is skipped.
         for folder, dirs, names in os.walk(self.root, onerror=self._walk_error):
+            listing.page()
             dirs.sort()
             for name in sorted(names):
                 path = Path(folder, name)
-                if path.is_file():
-                    files.append(self._file(path, path.relative_to(self.root).as_posix()))
-        return files
+                relative = path.relative_to(self.root).as_posix()
+                if path.is_symlink() and not os.path.realpath(path).startswith(real_root + os.sep):
+                    outside.append(relative)
+                elif path.is_file():
+                    self._add(listing, path, relative)
+        if outside:
+            log(
+                f"skipping {len(outside)} symlinks that point outside {self.root} (e.g. {outside[0]!r}): "
+                "only files inside the source are copied"
+            )
+        return listing.files()
 
     @staticmethod
     def _walk_error(exc: OSError) -> None:
         raise InitializerError(f"cannot read {exc.filename}: {exc.strerror}; check the volume permissions")
 
     @staticmethod
-    def _file(path: Path, relative: str) -> RemoteFile:
+    def _add(listing: Listing, path: Path, relative: str) -> None:
         st = path.stat()
-        return RemoteFile(relative, st.st_size, str(path), f"{st.st_size}-{st.st_mtime_ns}")
+        listing.add(str(path), st.st_size, f"{st.st_size}-{st.st_mtime_ns}", path=relative)
 
     @contextmanager
     def open_range(self, file: RemoteFile, start: int, end: int) -> Iterator[Iterator[bytes]]:

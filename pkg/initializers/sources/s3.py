@@ -1,11 +1,13 @@
 """S3 source (AWS and every S3-compatible store through ENDPOINT: MinIO, Ceph, GCS interop).
 
 Credentials: ACCESS_KEY_ID / SECRET_ACCESS_KEY, else the default AWS chain (IRSA, instance profile);
-ROLE_ARN is assumed through STS (refreshed before it expires). Listing goes through botocore. Object bytes go
-through the shared ranged reader (`http.get_range`) with one SigV4 signature per request (`sigv4.py`), about
-a third of the client CPU of a botocore `get_object` call, which matters for many small objects. Ranged
-GETs carry If-Match on the ETag, and every answer's ETag is compared with it, so an object replaced
-mid-download fails instead of mixing versions.
+ROLE_ARN is assumed through STS (refreshed before it expires); whatever the chain resolves is redacted.
+Listing goes through botocore, whose ListObjectsV2 requests are sent through our pool (`_send_listing`) so
+their answers are bounded in time and size; every entry is checked by `Listing`. Object bytes go through
+the shared ranged reader (`http.get_range`) with one SigV4 signature per request (`sigv4.py`), about a third
+of the client CPU of a botocore `get_object` call, which matters for many small objects. Ranged GETs carry
+If-Match on the ETag, and every answer's ETag is compared with it, so an object replaced mid-download fails
+instead of mixing versions.
 Single-part ETags are MD5s and get verified; multipart ETags are checked against the parts' MD5s; except for
 objects encrypted with SSE-KMS or SSE-C (their GETs say so), whose ETags are not MD5s: those are verified
 by size and part structure, with a line saying so.
@@ -25,9 +27,11 @@ from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import botocore.awsrequest
 import botocore.config
 import botocore.credentials
 import botocore.exceptions
+import botocore.parsers
 import botocore.session
 
 from ..config import Config
@@ -39,10 +43,12 @@ from ..errors import (
     register_secret,
     untrusted_certificate,
 )
+from ..listing import Listing
 from ..progress import log
 from ..uri import S3Uri
+from .api import MAX_DOCUMENT, answer_deadline, read_bounded
 from .base import RemoteFile, Source
-from .http import TRANSIENT_CODES, Pool, get_range
+from .http import TRANSIENT_CODES, Pool, get_range, open_reply
 from .sigv4 import sign_get
 
 _REGION_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -77,7 +83,7 @@ class S3Source(Source):
         boto_config = botocore.config.Config(
             region_name=region,
             max_pool_connections=4,  # listing only; objects go through self.http
-            connect_timeout=10,
+            connect_timeout=min(10, config.tuning.read_timeout),
             read_timeout=config.tuning.read_timeout,
             retries={"total_max_attempts": 1},  # the engine retries, with one policy for every source
             user_agent_extra="kubeflow-trainer-initializer",
@@ -91,6 +97,7 @@ class S3Source(Source):
         if credentials is None:
             raise self._translate(botocore.exceptions.NoCredentialsError(), f"reading {uri}")
         self.credentials: botocore.credentials.Credentials = credentials
+        self._secrets(credentials.get_frozen_credentials())
         if config.role_arn:  # list with the role's keys (listing is over long before they expire)
             keys = credentials.get_frozen_credentials()
             session = _session(keys.access_key, keys.secret_key, keys.token)
@@ -110,6 +117,7 @@ class S3Source(Source):
             endpoint_url=self.config.endpoint,
             config=self._boto_config.merge(botocore.config.Config(region_name=region)),
         )
+        self.client.meta.events.register("before-send.s3.ListObjectsV2", self._send_listing)
         self.region = self.client.meta.region_name or region
         self.base_url = _object_url_base(self.client, self.uri.bucket)
 
@@ -166,31 +174,55 @@ class S3Source(Source):
         folder = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         files = retry(lambda: self._list(folder), f"listing {self.uri}", self.tuning)
         if not files and prefix and not prefix.endswith("/"):
-            single = retry(lambda: self._head(prefix), f"reading {self.uri}", self.tuning)
-            files = [single] if single else []
+            files = retry(lambda: self._head(prefix), f"reading {self.uri}", self.tuning)
         return files
 
+    def _listing(self, prefix: str) -> Listing:
+        return Listing(f"S3 bucket {self.uri.bucket} at {self._where()}", self.tuning, prefix)
+
+    def _send_listing(self, request: Any, **_: Any) -> botocore.awsrequest.AWSResponse:
+        """Send a listing request botocore prepared (and signed) through our pool, where its answer is bounded
+        like the Hub's: INIT_READ_TIMEOUTs in all (a trickling server fails as a stalled one) and 64 MiB,
+        decompressed. botocore still parses it and handles redirects and errors."""
+        where = f"S3 at {self._where()}"
+        headers = {k: v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
+        listing = self._listing_now
+        deadline = answer_deadline(self.http, listing.left())
+        reply = open_reply(self.http, request.url, headers, where, for_botocore=True)
+        complete = False
+        try:
+            body = read_bounded(reply, where, MAX_DOCUMENT, deadline, truncate=reply.status >= 300)
+            complete = True
+        except TransientError:
+            listing.left()  # the listing's own deadline, when that is what passed, says more
+            raise
+        finally:
+            reply.finish(complete)
+        answer = {k: v for k, v in reply.headers.items() if k.lower() != "content-encoding"}  # inflated
+        return botocore.awsrequest.AWSResponse(request.url, reply.status, answer, _Body(body))
+
     def _list(self, folder: str) -> list[RemoteFile]:
-        files = []
+        listing = self._listing_now = self._listing(folder)
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.uri.bucket, Prefix=folder
             )
             bucket_region = None
             for page in pages:
+                listing.page()
                 headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
                 bucket_region = headers.get("x-amz-bucket-region", bucket_region)
                 for obj in page.get("Contents", []):
-                    key = obj["Key"]
-                    if key.endswith("/") and obj["Size"] == 0:
+                    key, size = obj.get("Key"), obj.get("Size")
+                    if isinstance(key, str) and key.endswith("/") and size == 0:
                         continue  # folder marker
-                    files.append(self._file(key, key[len(folder) :], obj["Size"], obj.get("ETag", "")))
+                    self._add(listing, key, size, obj.get("ETag"))
             if bucket_region is None and not self.config.endpoint:  # AWS names it there; ask once more
                 bucket_region = self._head_bucket_region()
             self._follow_bucket_region(bucket_region)
         except Exception as exc:
             raise self._translate(exc, f"listing {self.uri}") from None
-        return files
+        return listing.files()
 
     def _head_bucket_region(self) -> str | None:
         """The bucket's region from HeadBucket, whose answer is documented to carry it."""
@@ -201,25 +233,26 @@ class S3Source(Source):
         headers = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {})
         return answer.get("BucketRegion") or headers.get("x-amz-bucket-region")
 
-    def _head(self, key: str) -> RemoteFile | None:
+    def _head(self, key: str) -> list[RemoteFile]:
         try:
             head = self.client.head_object(Bucket=self.uri.bucket, Key=key)
         except botocore.exceptions.ClientError as exc:
             if _code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return None
+                return []
             raise self._translate(exc, f"reading {self.uri}") from None
         except Exception as exc:
             raise self._translate(exc, f"reading {self.uri}") from None
-        return self._file(key, key.rsplit("/", 1)[-1], head["ContentLength"], head.get("ETag", ""))
+        listing = self._listing(key)
+        self._add(listing, key, head.get("ContentLength"), head.get("ETag"), key.rsplit("/", 1)[-1])
+        return listing.files()
 
     @staticmethod
-    def _file(key: str, path: str, size: int, etag: str) -> RemoteFile:
-        etag = etag.strip('"')
+    def _add(listing: Listing, key: object, size: object, etag: object, path: str | None = None) -> None:
+        etag = etag.strip('"') if isinstance(etag, str) else ""
         md5 = etag if _MD5_ETAG.match(etag) else None
         of_parts = etag if _MULTIPART_ETAG.match(etag) else None
-        return RemoteFile(
-            path=path, size=size, key=key, version=etag or str(size), md5=md5, md5_of_parts=of_parts
-        )
+        version = etag or str(size)
+        listing.add(key, size, version, path=path, md5=md5, md5_of_parts=of_parts)
 
     def part_sizes(self, file: RemoteFile, exact: bool = False) -> list[int] | None:
         """From HEAD ?partNumber=N: part 1 only, or with `exact` every part."""
@@ -292,7 +325,16 @@ class S3Source(Source):
     def _sign(self, url: str, headers: dict[str, str]) -> dict[str, str]:
         """SigV4 headers for a GET of `url` (the credentials refresh themselves when they are temporary)."""
         keys = self.credentials.get_frozen_credentials()
+        if keys.token != self._token:  # refreshed (IRSA, container and instance credentials expire)
+            self._secrets(keys)
         return sign_get(url, headers, keys.access_key, keys.secret_key, keys.token, self.region)
+
+    def _secrets(self, keys: botocore.credentials.ReadOnlyCredentials) -> None:
+        """Redact what the credential chain resolved (environment, profile, IRSA web identity, container or
+        instance endpoint) from everything printed, as the keys given in the environment are."""
+        register_secret(keys.secret_key)
+        register_secret(keys.token)
+        self._token = keys.token
 
     def _fatal(self, status: int, code: str, what: str) -> InitializerError:
         """The same one-line messages as for botocore's errors, for an error answer to a GET."""
@@ -315,6 +357,12 @@ class S3Source(Source):
         if isinstance(exc, botocore.exceptions.NoCredentialsError):
             return InitializerError(
                 "no S3 credentials found: set ACCESS_KEY_ID and SECRET_ACCESS_KEY, or ROLE_ARN"
+            )
+        # Not XML, or XML that is not S3's (botocore's parser lets a ValueError out for <Size>abc</Size>).
+        if isinstance(exc, (botocore.parsers.ResponseParserError, ValueError)):
+            return InitializerError(
+                f"S3 at {self._where()} answered {what} with something that is not an S3 answer "
+                f"({one_line(exc, 120)}): a proxy or captive portal in the way, or not an S3 endpoint"
             )
         if isinstance(exc, botocore.exceptions.ParamValidationError):
             return InitializerError(f"invalid S3 request for {what}: {one_line(exc, 200)}")
@@ -356,6 +404,16 @@ class S3Source(Source):
     def close(self) -> None:
         self.client.close()
         self.http.clear()
+
+
+class _Body:
+    """A read answer, as botocore's AWSResponse reads its `raw`."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self._data
 
 
 class _Prepared(Exception):
