@@ -42,7 +42,7 @@ CHUNK = 1024 * 1024
 # 60 s): the socket timeout alone is reset by every byte, so a body trickling 1 byte/s would never end.
 MIN_PROGRESS = 64 * 1024
 USER_AGENT = "kubeflow-trainer-initializer/2.0.0"
-CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0  # or INIT_READ_TIMEOUT when shorter: a connect never waits longer than a read may
 MAX_REDIRECTS = 10
 # S3-style error codes worth retrying even when the status is a 4xx (e.g. 400 RequestTimeout).
 TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError"}
@@ -76,7 +76,7 @@ class Pool:
         self._ca_bundle = ca_bundle
         self._options: dict[str, Any] = {
             "maxsize": concurrency + 4,
-            "timeout": urllib3.Timeout(connect=CONNECT_TIMEOUT, read=read_timeout),
+            "timeout": urllib3.Timeout(connect=min(CONNECT_TIMEOUT, read_timeout), read=read_timeout),
             "retries": False,  # the engine retries; redirects are followed in `get`
             "headers": {"User-Agent": USER_AGENT},
         }
@@ -178,9 +178,10 @@ class Pool:
                 return conn
             conn.close()  # the server ended this idle connection (keep-alive timeout)
         scheme, host, port = origin
+        connect = min(CONNECT_TIMEOUT, self.read_timeout)
         if scheme == "https":
-            return _HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT, context=self._tls(), pool=self)
-        return _HTTPConnection(host, port, timeout=CONNECT_TIMEOUT, pool=self)
+            return _HTTPSConnection(host, port, timeout=connect, context=self._tls(), pool=self)
+        return _HTTPConnection(host, port, timeout=connect, pool=self)
 
     def _proxy_for(self, url: str) -> urllib3.ProxyManager | None:
         """The proxy's pool for `url`, or None to connect directly."""
@@ -214,7 +215,7 @@ class Pool:
 
 
 class _Timeouts:
-    """Connect within CONNECT_TIMEOUT, then let each read wait up to the pool's read timeout."""
+    """Connect within CONNECT_TIMEOUT (or the read timeout), then let each read wait the read timeout."""
 
     def __init__(self, *args: Any, pool: Pool, **kwargs: Any):
         super().__init__(*args, **kwargs)
