@@ -100,13 +100,14 @@ class Listing:
             if not self._state:
                 self._state.append(path)
             return
-        first = self._seen.setdefault(path, key)
-        if first is not key:
+        first = self._seen.get(path)
+        if first is not None:
             if first != key:
                 raise InitializerError(f"refusing {key!r}: it lands on the same path as {first!r}")
             raise InitializerError(
                 f"{self.where} listed {key!r} twice: a server repeating its pages; check the endpoint"
             )
+        self._seen[path] = key
         self._files.append(
             RemoteFile(path, size, key, version, md5, md5_of_parts, sha256=sha256, git_sha1=git_sha1)
         )

@@ -12,8 +12,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pkg.initializers.config import load_tuning
+from pkg.initializers.config import Tuning, load_tuning
 from pkg.initializers.errors import InitializerError
+from pkg.initializers.listing import Listing
 from pkg.initializers.uri import parse_uri
 from tests.initializers.conftest import HUB_TOKEN, Runner, one_error_line, tree
 from tests.support.fault_proxy import FaultProxy, FaultRule
@@ -426,6 +427,16 @@ def test_malformed_s3_listings(
 ) -> None:
     server = serve(lambda seen: s3_listing(objects, prefix="p/"))
     failed(run("dataset", **s3_env(server, tmp_path / "out")), message)
+
+
+@pytest.mark.parametrize("key", ["a", "weights/model.safetensors"])
+def test_listing_refuses_an_entry_listed_twice(key: str) -> None:
+    """Names as a JSON answer gives them: a one-character name is one shared string object there."""
+    first, again = json.loads(json.dumps([key, key]))
+    listing = Listing("the server", Tuning())
+    listing.add(first, 1, "v1")
+    with pytest.raises(InitializerError, match=r"listed .* twice"):
+        listing.add(again, 1, "v1")
 
 
 @pytest.mark.parametrize(
