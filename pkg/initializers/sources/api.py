@@ -1,4 +1,5 @@
-"""Small JSON documents from an HTTP API (the Hub's repo info and tree pages), read within bounds.
+"""Listing answers read within bounds: the Hub's repo info and tree pages (JSON, `get_json`), and the S3
+listing pages botocore prepares (`read_bounded`, called from `s3.S3Source._send_listing`).
 
 Each request gets the pool's connect and read timeouts, and the whole answer a deadline derived from
 INIT_READ_TIMEOUT (and never past the listing's): a server trickling a byte a second cannot hold the run,
