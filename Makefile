@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-REQS := requirements/dev.txt pkg/initializers/requirements.txt pkg/trainer/requirements.txt
+REQS := requirements/dev.txt requirements/torch.txt pkg/initializers/requirements.txt pkg/trainer/requirements.txt
 PYTEST_ARGS ?=
 
 .PHONY: help install test test-initializers test-trainer test-images test-images-full test-manifests \

@@ -2,8 +2,8 @@
 //   docker buildx bake                                   # all three, local platform
 //   REGISTRY=ghcr.io/me TAG=v2.0.1 docker buildx bake --push
 //   make images-local                                    # same targets with buildah (reads this file)
-// Keep this file plain (one attribute per line, string values, no functions): scripts/build_local_images.py
-// parses it for the buildah path.
+// scripts/build_local_images.py reads this file with an HCL parser and evaluates variables, interpolation,
+// inherits, contexts and the usual bake functions (scripts/bakefile.py lists them) for the buildah path.
 
 variable "REGISTRY" {
   default = "ghcr.io/kubeflow/trainer"
@@ -31,10 +31,15 @@ group "default" {
   targets = ["dataset-initializer", "model-initializer", "llm-trainer"]
 }
 
-// Shared by every image: build context, OCI labels, platforms.
+// Build context and platforms of every target.
 target "_common" {
   context   = "."
   platforms = split(",", PLATFORMS)
+}
+
+// What every published image carries: OCI labels and the build args its Dockerfile turns into labels.
+target "_image" {
+  inherits = ["_common"]
   args = {
     VERSION  = "${TAG}"
     SOURCE   = "${SOURCE}"
@@ -49,33 +54,43 @@ target "_common" {
   }
 }
 
-target "dataset-initializer" {
+// The layers both initializers share (Python, the pinned venv, the user). Never pushed: each initializer
+// names it as its build context `base`, so bake builds it once for both.
+target "initializer-base" {
   inherits   = ["_common"]
-  dockerfile = "images/initializer/Dockerfile"
-  target     = "dataset-initializer"
+  dockerfile = "images/initializer_base/Dockerfile"
   args = {
     BASE_IMAGE = "python:3.11-slim-bookworm"
+  }
+  output = ["type=cacheonly"]
+}
+
+target "dataset-initializer" {
+  inherits   = ["_image"]
+  dockerfile = "images/dataset_initializer/Dockerfile"
+  contexts = {
+    base = "target:initializer-base"
   }
   tags = ["${REGISTRY}/dataset-initializer:${TAG}", "${REGISTRY}/dataset-initializer:latest"]
 }
 
 target "model-initializer" {
-  inherits   = ["_common"]
-  dockerfile = "images/initializer/Dockerfile"
-  target     = "model-initializer"
-  args = {
-    BASE_IMAGE = "python:3.11-slim-bookworm"
+  inherits   = ["_image"]
+  dockerfile = "images/model_initializer/Dockerfile"
+  contexts = {
+    base = "target:initializer-base"
   }
   tags = ["${REGISTRY}/model-initializer:${TAG}", "${REGISTRY}/model-initializer:latest"]
 }
 
-// CUDA image with bitsandbytes for QLoRA. pytorch/pytorch publishes linux/amd64 only.
+// CUDA image: torch==<requirements/torch.txt> from PyPI (a CUDA build, with its nvidia-* libraries) and
+// bitsandbytes for QLoRA, on the same Python base as the initializers. amd64 only for now.
 target "llm-trainer" {
-  inherits   = ["_common"]
+  inherits   = ["_image"]
   dockerfile = "images/llm_trainer/Dockerfile"
   platforms  = ["linux/amd64"]
   args = {
-    BASE_IMAGE         = "pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime"
+    BASE_IMAGE         = "python:3.11-slim-bookworm"
     INSTALL_GPU_EXTRAS = "true"
   }
   tags = ["${REGISTRY}/llm-trainer:${TAG}", "${REGISTRY}/llm-trainer:latest"]

@@ -11,9 +11,13 @@ and `docker buildx bake` cannot drift apart. What differs, and why:
 
 - Base images. Registry images cannot be pulled here, so BASE_IMAGE is replaced by local stand-ins:
   `localhost/kft-base-python:bookworm` (Debian bookworm minbase + python3 + python3-venv, made with
-  debootstrap and cached as a tarball) for the initializers, and `localhost/kft-base-torch-cpu:<torch>`
-  (the same + a venv with the CPU torch wheel) for llm-trainer, which is then built without the GPU extras
-  and tagged `<tag>-cpu` so it is never mistaken for the CUDA release image.
+  debootstrap and cached as a tarball) for initializer-base, and `localhost/kft-base-torch-cpu:<torch>`
+  (the same + a venv with the CPU wheel of the torch pinned in requirements/torch.txt) for llm-trainer,
+  which is then built without the GPU extras and tagged `<tag>-cpu` so it is never mistaken for the CUDA
+  release image.
+- A context `target:NAME` (bake builds NAME and hands it to the Dockerfile as a named context) becomes
+  `--build-context KEY=container-image://TAG` of NAME built first; a target without tags is tagged
+  `localhost/kft-NAME:latest`.
 - pip inside the build gets the host CA bundle as the `cacert` build secret (TLS-intercepting networks).
 - An image whose inputs (Dockerfile, the files it COPYs, resolved args, labels, tags, base image id) are
   unchanged is not rebuilt: their digest is kept in the label org.kubeflow.trainer.build-inputs.
@@ -40,21 +44,52 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bakefile
+
 ROOT = Path(__file__).resolve().parent.parent
 BAKE_FILE = ROOT / "docker-bake.hcl"
+TORCH_PIN = ROOT / "requirements" / "torch.txt"
 CACHE = Path(os.environ.get("KFT_IMAGE_CACHE", "/var/tmp/kft-images"))
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 STORAGE = ["--storage-driver", "vfs"]
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_PACKAGES = "python3,python3-venv,ca-certificates"
-PYTHON_BASE = f"localhost/kft-base-python:{DEBIAN_SUITE}"
-TORCH_VERSION = "2.13.0"
+PYTHON_BASE = f"localhost/kft-base-python:{DEBIAN_SUITE}-slim"
+# What Debian's own -slim images leave out (docs but their copyright files, man pages, translations), here
+# and in whatever apt installs later: about 50 MB of the minbase + python3 rootfs.
+SLIM_ROOTFS = r"""
+cat > /etc/dpkg/dpkg.cfg.d/slim <<'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+EOF
+find /usr/share/doc -mindepth 1 ! -type d ! -name copyright -delete
+find /usr/share/man /usr/share/info -mindepth 1 -delete
+find /usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
+find /usr/share/doc -mindepth 1 -type d -empty -delete
+"""
+
+
+def torch_version(pin: Path = TORCH_PIN) -> str:
+    """The one torch pin (`torch==X`) that the CPU install, the tests and the llm-trainer image all use."""
+    try:
+        pins = re.findall(r"^torch==(\S+)", pin.read_text(), re.M)
+    except OSError as error:
+        raise SystemExit(f"error: cannot read {pin}: {error.strerror}") from None
+    if len(pins) != 1:
+        raise SystemExit(f"error: {pin} must pin torch exactly once (torch==VERSION), found {pins}")
+    return pins[0]
+
+
+TORCH_VERSION = torch_version()
 TORCH_BASE = f"localhost/kft-base-torch-cpu:{TORCH_VERSION}"
 # The bake targets whose BASE_IMAGE gets a local stand-in, and the extra args of that variant.
 LOCAL_VARIANTS: dict[str, dict[str, Any]] = {
-    "dataset-initializer": {"base": PYTHON_BASE, "args": {}, "tag_suffix": ""},
-    "model-initializer": {"base": PYTHON_BASE, "args": {}, "tag_suffix": ""},
+    "initializer-base": {"base": PYTHON_BASE, "args": {}, "tag_suffix": ""},
     "llm-trainer": {"base": TORCH_BASE, "args": {"INSTALL_GPU_EXTRAS": "false"}, "tag_suffix": "-cpu"},
 }
 REQUIRED_TOOLS = ("buildah", "podman", "runc", "debootstrap")
@@ -65,122 +100,6 @@ class BuildError(Exception):
 
 
 # --- docker-bake.hcl ----------------------------------------------------------------------------------
-# A small parser for the subset of HCL that docker-bake.hcl uses: blocks with string labels, attributes
-# whose values are strings with ${VAR} interpolation, lists, maps and split(",", VAR).
-
-_TOKEN = re.compile(
-    r'\s*(?:(?P<comment>//[^\n]*|#[^\n]*|/\*.*?\*/)|(?P<string>"(?:[^"\\]|\\.)*")|(?P<ident>[A-Za-z_][\w-]*)'
-    r"|(?P<punct>[{}\[\]()=,:]))",
-    re.S,
-)
-
-
-def _tokens(text: str) -> list[tuple[str, str]]:
-    tokens, pos = [], 0
-    while pos < len(text):
-        if text[pos:].strip() == "":
-            break
-        match = _TOKEN.match(text, pos)
-        if not match:
-            line = text.count("\n", 0, pos) + 1
-            raise BuildError(f"docker-bake.hcl line {line}: cannot parse {text[pos : pos + 20]!r}")
-        pos = match.end()
-        kind = match.lastgroup
-        if kind != "comment":
-            tokens.append((kind, match.group(kind)))
-    return tokens
-
-
-class _Parser:
-    def __init__(self, text: str) -> None:
-        self.tokens = _tokens(text)
-        self.i = 0
-
-    def peek(self) -> tuple[str, str] | None:
-        return self.tokens[self.i] if self.i < len(self.tokens) else None
-
-    def take(self, value: str | None = None) -> tuple[str, str]:
-        token = self.peek()
-        if token is None or (value is not None and token[1] != value):
-            raise BuildError(
-                f"docker-bake.hcl: expected {value or 'more input'}, found {token and token[1]!r}"
-            )
-        self.i += 1
-        return token
-
-    def blocks(self) -> list[tuple[str, list[str], dict[str, Any]]]:
-        blocks = []
-        while self.peek():
-            kind = self.take()[1]
-            labels = []
-            while self.peek() and self.peek()[0] == "string":
-                labels.append(json.loads(self.take()[1]))
-            blocks.append((kind, labels, self.body()))
-        return blocks
-
-    def body(self) -> dict[str, Any]:
-        self.take("{")
-        attrs: dict[str, Any] = {}
-        while self.peek() and self.peek()[1] != "}":
-            kind, key = self.take()
-            self.take("=") if self.peek()[1] == "=" else self.take(":")
-            attrs[json.loads(key) if kind == "string" else key] = self.value()
-            if self.peek() and self.peek()[1] == ",":
-                self.take(",")
-        self.take("}")
-        return attrs
-
-    def value(self) -> Any:
-        kind, text = self.peek()
-        if kind == "string":
-            self.take()
-            return ("str", json.loads(text))
-        if text == "[":
-            self.take("[")
-            items = []
-            while self.peek()[1] != "]":
-                items.append(self.value())
-                if self.peek()[1] == ",":
-                    self.take(",")
-            self.take("]")
-            return ("list", items)
-        if text == "{":
-            return ("map", self.body())
-        if kind == "ident":
-            self.take()
-            if self.peek() and self.peek()[1] == "(":
-                self.take("(")
-                args = []
-                while self.peek()[1] != ")":
-                    args.append(self.value())
-                    if self.peek()[1] == ",":
-                        self.take(",")
-                self.take(")")
-                return ("call", text, args)
-            return ("var", text)
-        raise BuildError(f"docker-bake.hcl: unexpected {text!r}")
-
-
-def _evaluate(node: Any, variables: dict[str, str]) -> Any:
-    kind = node[0]
-    if kind == "str":
-        return re.sub(r"\$\{(\w+)\}", lambda m: _variable(m.group(1), variables), node[1])
-    if kind == "var":
-        return _variable(node[1], variables)
-    if kind == "list":
-        return [_evaluate(item, variables) for item in node[1]]
-    if kind == "map":
-        return {key: _evaluate(value, variables) for key, value in node[1].items()}
-    if kind == "call" and node[1] == "split" and len(node[2]) == 2:
-        separator, value = (_evaluate(arg, variables) for arg in node[2])
-        return [part for part in value.split(separator) if part]
-    raise BuildError(f"docker-bake.hcl: unsupported expression {node!r}; keep the file plain")
-
-
-def _variable(name: str, variables: dict[str, str]) -> str:
-    if name not in variables:
-        raise BuildError(f"docker-bake.hcl: undefined variable {name}")
-    return variables[name]
 
 
 def load_bake(path: Path = BAKE_FILE, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -188,39 +107,10 @@ def load_bake(path: Path = BAKE_FILE, env: dict[str, str] | None = None) -> dict
 
     Variables take their value from the environment when set there, as with buildx.
     """
-    env = os.environ if env is None else env
-    blocks = _Parser(path.read_text()).blocks()
-    variables = {}
-    for kind, labels, attrs in blocks:
-        if kind == "variable":
-            default = _evaluate(attrs.get("default", ("str", "")), {})
-            variables[labels[0]] = env.get(labels[0], default)
-    raw_targets = {labels[0]: attrs for kind, labels, attrs in blocks if kind == "target"}
-    groups = {
-        labels[0]: {"targets": _evaluate(attrs["targets"], variables)}
-        for kind, labels, attrs in blocks
-        if kind == "group"
-    }
-
-    def resolve(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-        if name not in raw_targets:
-            raise BuildError(f"docker-bake.hcl: unknown target {name!r}")
-        if name in seen:
-            raise BuildError(f"docker-bake.hcl: inheritance cycle through {name!r}")
-        attrs = raw_targets[name]
-        merged: dict[str, Any] = {}
-        for parent in _evaluate(attrs.get("inherits", ("list", [])), variables):
-            for key, value in resolve(parent, (*seen, name)).items():
-                merged[key] = {**merged[key], **value} if isinstance(value, dict) and key in merged else value
-        for key, node in attrs.items():
-            if key == "inherits":
-                continue
-            value = _evaluate(node, variables)
-            merged[key] = {**merged[key], **value} if isinstance(value, dict) and key in merged else value
-        return merged
-
-    targets = {name: resolve(name) for name in raw_targets if not name.startswith("_")}
-    return {"group": groups, "target": targets}
+    try:
+        return bakefile.load(path, os.environ if env is None else env)
+    except bakefile.BakeError as error:
+        raise BuildError(str(error)) from None
 
 
 # --- system tools and base images ----------------------------------------------------------------------
@@ -293,7 +183,8 @@ def ensure_python_base() -> None:
     container = run(["buildah", *STORAGE, "from", "scratch"], capture_output=True, text=True).stdout.strip()
     try:
         run(["buildah", *STORAGE, "add", container, str(tarball), "/"])
-        description = f"org.opencontainers.image.description=Debian {DEBIAN_SUITE} minbase with python3"
+        run(["buildah", *STORAGE, "run", "--isolation", "chroot", container, "--", "sh", "-ec", SLIM_ROOTFS])
+        description = f"org.opencontainers.image.description=Debian {DEBIAN_SUITE} slim minbase + python3"
         config = ["--env", "LANG=C.UTF-8", "--cmd", "/bin/bash", "--label", description]
         run(["buildah", *STORAGE, "config", *config, container])
         run(["buildah", *STORAGE, "commit", "--quiet", container, PYTHON_BASE], stdout=subprocess.DEVNULL)
@@ -356,17 +247,52 @@ def ensure_torch_base() -> None:
 # --- building the bake targets --------------------------------------------------------------------------
 
 
-def local_plan(target: dict[str, Any], name: str, registry_base: bool) -> dict[str, Any]:
-    """The bake target as this script builds it: local base image and tags for the CPU variant."""
+CONTEXT_TARGET = "target:"
+
+
+def build_order(targets: dict[str, dict[str, Any]], requested: list[str]) -> list[str]:
+    """The requested targets and the targets their contexts name (`target:NAME`), each after those."""
+    order: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name not in targets:
+            raise BuildError(f"unknown target {name!r}; docker-bake.hcl has {sorted(targets)}")
+        if name in path:
+            raise BuildError(f"docker-bake.hcl: contexts form a cycle {' -> '.join((*path, name))}")
+        if name in order:
+            return
+        for value in targets[name].get("contexts", {}).values():
+            if value.startswith(CONTEXT_TARGET):
+                visit(value.removeprefix(CONTEXT_TARGET), (*path, name))
+        order.append(name)
+
+    for name in requested:
+        visit(name, ())
+    return order
+
+
+def local_plan(
+    target: dict[str, Any], name: str, registry_base: bool, built: dict[str, str]
+) -> dict[str, Any]:
+    """The bake target as this script builds it: local base image, tags for the CPU variant, and the
+    images already built (`built`: target name -> local tag) for its `target:` contexts."""
     variant = LOCAL_VARIANTS.get(name, {"base": None, "args": {}, "tag_suffix": ""})
     args = dict(target.get("args", {}))
+    tags = list(target.get("tags", [])) or [f"localhost/kft-{name}:latest"]
     if not registry_base and variant["base"]:
         args["BASE_IMAGE"] = variant["base"]
         args.update(variant["args"])
-        tags = [tag + variant["tag_suffix"] for tag in target.get("tags", [])]
-    else:
-        tags = list(target.get("tags", []))
-    return {**target, "args": args, "tags": tags}
+        tags = [tag + variant["tag_suffix"] for tag in tags]
+    contexts = {
+        key: f"container-image://{built[value.removeprefix(CONTEXT_TARGET)]}"
+        if value.startswith(CONTEXT_TARGET)
+        else value
+        for key, value in target.get("contexts", {}).items()
+    }
+    plan = {**target, "args": args, "tags": tags}
+    if contexts:
+        plan["contexts"] = contexts
+    return plan
 
 
 DIGEST_LABEL = "org.kubeflow.trainer.build-inputs"
@@ -382,11 +308,15 @@ def inputs_digest(context: Path, dockerfile: Path, plan: dict[str, Any]) -> str:
         "labels": {k: v for k, v in plan.get("labels", {}).items() if not k.endswith(".revision")},
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    # A rebuilt local base (new debootstrap, new torch) makes the images on it stale too.
-    base = plan.get("args", {}).get("BASE_IMAGE")
-    if base and image_exists(base):
-        listing = ["buildah", *STORAGE, "images", "--quiet", "--no-trunc", base]
-        digest.update(subprocess.run(listing, capture_output=True, text=True, check=False).stdout.encode())
+    # A rebuilt local base (new debootstrap, new torch, new initializer-base) makes the images on it stale.
+    images = [plan.get("args", {}).get("BASE_IMAGE")]
+    images += [v.removeprefix("container-image://") for v in plan.get("contexts", {}).values()]
+    for image in images:
+        if image and image_exists(image):
+            listing = ["buildah", *STORAGE, "images", "--quiet", "--no-trunc", image]
+            digest.update(
+                subprocess.run(listing, capture_output=True, text=True, check=False).stdout.encode()
+            )
     for line in dockerfile.read_text().splitlines():
         parts = line.split()
         if not parts or parts[0] != "COPY" or any(p.startswith("--from") for p in parts):
@@ -422,6 +352,9 @@ def build(name: str, plan: dict[str, Any], layers: bool = False, force: bool = F
     cmd += ["--secret", f"id=cacert,src={CA_BUNDLE}", "--file", str(dockerfile)]
     for key, value in plan.get("args", {}).items():
         cmd += ["--build-arg", f"{key}={value}"]
+    for key, value in plan.get("contexts", {}).items():
+        # An image (scheme://...) as it is; a folder relative to the repository, as bake reads it.
+        cmd += ["--build-context", f"{key}={value if '://' in value else ROOT / value}"]
     for key, value in {**plan.get("labels", {}), DIGEST_LABEL: digest}.items():
         cmd += ["--label", f"{key}={value}"]
     if plan.get("target"):
@@ -450,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("targets", nargs="*", help="bake targets or groups (default: the 'default' group)")
     parser.add_argument(
+        "--file", "-f", type=Path, default=BAKE_FILE, help="the bake file (default: docker-bake.hcl)"
+    )
+    parser.add_argument(
         "--print",
         action="store_true",
         help="print the targets resolved from docker-bake.hcl as JSON and exit",
@@ -468,20 +404,22 @@ def main(argv: list[str] | None = None) -> int:
             git = ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]
             revision = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
             env["REVISION"] = revision or "unknown"
-        bake = load_bake(env=env)
-        names: list[str] = []
-        for requested in args.targets or ["default"]:
-            expanded = bake["group"].get(requested, {}).get("targets", [requested])
-            for name in expanded:
-                if name not in bake["target"]:
-                    raise BuildError(f"unknown target {name!r}; docker-bake.hcl has {sorted(bake['target'])}")
-                if name not in names:
-                    names.append(name)
-        if args.print:
-            targets = {name: bake["target"][name] for name in names}
+        bake = load_bake(args.file, env=env)
+        requested: list[str] = []
+        for wanted in args.targets or ["default"]:
+            for name in bake["group"].get(wanted, {}).get("targets", [wanted]):
+                if name not in requested:
+                    requested.append(name)
+        names = build_order(bake["target"], requested)
+        if args.print:  # the requested targets, then those only named as contexts, as bake prints them
+            order = requested + [name for name in names if name not in requested]
+            targets = {name: bake["target"][name] for name in order}
             print(json.dumps({"group": bake["group"], "target": targets}, indent=2))
             return 0
-        plans = {name: local_plan(bake["target"][name], name, args.registry_base) for name in names}
+        plans: dict[str, dict[str, Any]] = {}
+        for name in names:
+            built = {dep: plan["tags"][0] for dep, plan in plans.items()}
+            plans[name] = local_plan(bake["target"][name], name, args.registry_base, built)
         ensure_tools()
         if not args.registry_base:
             bases = {plan["args"].get("BASE_IMAGE") for plan in plans.values()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,11 @@ def require_container_tools() -> None:
         result = subprocess.run(["bash", str(ROOT / "scripts" / "install_system_deps.sh")], check=False)
         if result.returncode != 0:
             raise ContainerSetupError("could not install buildah, podman, runc, debootstrap with apt-get")
+
+
+def torch_version() -> str:
+    """The torch pinned in requirements/torch.txt (the tests' torch, and the llm-trainer image's)."""
+    return re.search(r"^torch==(\S+)$", (ROOT / "requirements" / "torch.txt").read_text(), re.M).group(1)
 
 
 def bake_targets() -> dict[str, dict]:

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.images.containers import PODMAN, RUN_FLAGS, build_images, image_config, image_size, run_container
+from tests.images.containers import (
+    PODMAN,
+    RUN_FLAGS,
+    build_images,
+    image_config,
+    image_size,
+    run_container,
+    torch_version,
+)
 from tests.trainer.tiny import make_dataset, make_tiny_model
 
 ARGS = [
@@ -81,14 +89,20 @@ def test_image_contract(image):
         "for tool in gcc cc make; do command -v $tool && exit 3; done; "
         'mkdir -p "$HF_HOME" "$MPLCONFIGDIR"; touch "$HF_HOME/p" "$MPLCONFIGDIR/p" /workspace/p; '
         "python -c 'import importlib.util as u; assert u.find_spec(\"pkg.initializers\") is None'; "
+        # `tune` (the SDK's torchtune runtimes run `tune run ...`) is the wrapper that execs the trainer's
+        # module: run it with a stand-in python first on PATH that prints what it was given.
+        'test "$(command -v tune)" = /usr/local/bin/tune; mkdir -p /tmp/shim; '
+        "printf '#!/bin/sh\\necho \"$*\"\\n' > /tmp/shim/python; chmod +x /tmp/shim/python; "
+        "PATH=/tmp/shim:$PATH tune run lora_finetune_distributed --config llama3_2/1B_lora; "
         "python -c 'import torch, transformers, peft, datasets; print(torch.__version__)'"
     )
     cmd = [*PODMAN, "run", *RUN_FLAGS, "--entrypoint", "bash", image, "-c", probe]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    listing, version = out.stdout.strip().splitlines()[0], out.stdout.strip().splitlines()[-1]
+    listing, tune, version = out.stdout.strip().splitlines()
     assert listing.split() == ["__init__.py", "trainer"]
-    assert version.endswith("+cpu")
+    assert tune == "-m pkg.trainer.tune run lora_finetune_distributed --config llama3_2/1B_lora"
+    assert version == f"{torch_version()}+cpu", "the image's torch is the pin the tests run"
     print(f"llm-trainer (CPU) image size: {image_size(image) / 1e6:.0f} MB")
 
 

@@ -3,6 +3,8 @@ variables from the environment, inheritance, and agreement with the Dockerfiles.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -26,15 +28,19 @@ PACKAGE = {
 }
 
 
-def bake_print(**env: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--print"],
+def bake_print(*args: str, **env: str) -> dict:
+    return json.loads(_bake_print(args, tuple(sorted(env.items()))))
+
+
+@functools.cache
+def _bake_print(args: tuple[str, ...], env: tuple[tuple[str, str], ...]) -> str:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--print", *args],
         capture_output=True,
         text=True,
         check=True,
-        env={"PATH": "/usr/bin:/bin", **env},
+        env={"PATH": "/usr/bin:/bin", **dict(env)},
     ).stdout
-    return json.loads(out)
 
 
 def test_default_group_and_tags():
@@ -65,14 +71,38 @@ def test_variables_come_from_the_environment_like_buildx():
     assert bake["target"]["llm-trainer"]["platforms"] == ["linux/amd64"], "its CUDA base is amd64 only"
 
 
+def test_one_folder_per_image():
+    """The layout the design names: images/<image>/Dockerfile, which the bake targets point at."""
+    bake = bake_print()["target"]
+    for name in TARGETS:
+        assert bake[name]["dockerfile"] == f"images/{name.replace('-', '_')}/Dockerfile"
+    assert not (ROOT / "images" / "initializer").exists()
+
+
+def stage_of(dockerfile: str, target: dict) -> str:
+    """The stage bake builds: the one named by `target`, else the last."""
+    stages = re.split(r"^FROM ", dockerfile, flags=re.M)[1:]
+    names = [stage.split("\n", 1)[0].split()[-1] for stage in stages]  # "BASE AS NAME" -> NAME
+    return stages[names.index(target["target"])] if "target" in target else stages[-1]
+
+
 @pytest.mark.parametrize("name", TARGETS)
 def test_dockerfile_agrees_with_bake(name):
-    target = bake_print()["target"][name]
+    bake = bake_print()["target"]
+    target = bake[name]
     dockerfile = (ROOT / target["dockerfile"]).read_text()
-    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M).group(1)
-    assert base == target["args"]["BASE_IMAGE"], "the Dockerfile default and bake must name the same base"
     for arg in target["args"]:
         assert re.search(rf"^ARG {arg}\b", dockerfile, re.M), f"bake passes {arg}, the Dockerfile lacks it"
+    # The base image: BASE_IMAGE, or a named context that bake builds from another target.
+    base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
+    if base == "${BASE_IMAGE}":
+        default = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M).group(1)
+        assert default == target["args"]["BASE_IMAGE"], "the Dockerfile default and bake name the same base"
+    else:
+        assert target["contexts"][base].startswith("target:"), f"FROM {base} needs a bake context"
+        provider = bake[target["contexts"][base].removeprefix("target:")]
+        assert provider["output"] == ["type=cacheonly"], "a shared base is built, never pushed"
+        assert re.search(r"^ARG BASE_IMAGE=", (ROOT / provider["dockerfile"]).read_text(), re.M)
     # Each image ships only pkg/__init__.py and its own package.
     sources = re.findall(r"^COPY (?!--from)(\S+)", dockerfile, re.M)
     assert {s for s in sources if s.startswith("pkg/") and not s.endswith(".txt")} == {
@@ -81,17 +111,60 @@ def test_dockerfile_agrees_with_bake(name):
     }
     assert re.search(r"^USER 1000:1000$", dockerfile, re.M)
     assert re.search(r"^WORKDIR /app$", dockerfile, re.M)
-    # The stage bake builds (named by `target`, else the last) runs the image's own entry point.
-    stages = re.split(r"^FROM ", dockerfile, flags=re.M)[1:]
-    names = [stage.split("\n", 1)[0].split()[-1] for stage in stages]  # "BASE AS NAME" -> NAME
-    stage = stages[names.index(target["target"])] if "target" in target else stages[-1]
+    stage = stage_of(dockerfile, target)
     assert ENTRY_POINT[name] in stage and f'image.title="{name}"' in stage
+
+
+def test_shared_initializer_base_is_built_once_for_both():
+    bake = bake_print()
+    contexts = {bake["target"][name].get("contexts", {}).get("base") for name in TARGETS[:2]}
+    assert contexts == {"target:initializer-base"}
+    assert "initializer-base" in bake["target"], "--print lists the targets named as contexts, like bake"
+    assert "initializer-base" not in bake["group"]["default"]["targets"]
+
+
+def test_one_torch_pin_for_tests_and_image():
+    """requirements/torch.txt is the pin: dev.txt (the tests' install) includes it, the llm-trainer
+    Dockerfile installs it, the local CPU variant reads it, and it is the torch this venv runs."""
+    pins = re.findall(r"^torch==(\S+)$", (ROOT / "requirements" / "torch.txt").read_text(), re.M)
+    assert len(pins) == 1
+    dev = (ROOT / "requirements" / "dev.txt").read_text()
+    assert re.search(r"^-r torch\.txt$", dev, re.M)
+    assert not re.search(r"^torch\b", dev, re.M), "no second torch pin"
+    dockerfile = (ROOT / "images" / "llm_trainer" / "Dockerfile").read_text()
+    assert re.search(r"^COPY requirements/torch\.txt ", dockerfile, re.M)
+    assert "pip install --no-cache-dir -r /tmp/requirements/torch.txt" in dockerfile
+    script = subprocess.run(
+        [sys.executable, "-c", "import build_local_images as b; print(b.TORCH_VERSION, b.TORCH_BASE)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT / "scripts",
+    ).stdout.split()
+    assert script == [pins[0], f"localhost/kft-base-torch-cpu:{pins[0]}"]
+    assert importlib.metadata.version("torch").split("+")[0] == pins[0], "the tests run another torch"
+
+
+def test_tune_wrapper_execs_the_trainer_module(tmp_path):
+    """images/llm_trainer/tune (on PATH in the image) runs `python -m pkg.trainer.tune ARGS...` unchanged."""
+    (tmp_path / "python").write_text('#!/bin/sh\nfor a in "$@"; do printf "%s|" "$a"; done\n')
+    (tmp_path / "python").chmod(0o755)
+    wrapper = ROOT / "images" / "llm_trainer" / "tune"
+    assert wrapper.stat().st_mode & 0o111, "COPY keeps the mode: the file must be executable"
+    args = ["run", "lora_finetune_distributed", "--config", "llama3_2/1B_lora", "dataset.new_system_prompt=a b"]
+    out = subprocess.run(
+        [str(wrapper), *args], capture_output=True, text=True, check=True, env={"PATH": f"{tmp_path}:/bin"}
+    ).stdout
+    assert out == "|".join(["-m", "pkg.trainer.tune", *args]) + "|"
+    dockerfile = (ROOT / "images" / "llm_trainer" / "Dockerfile").read_text()
+    assert re.search(r"^COPY images/llm_trainer/tune /usr/local/bin/tune$", dockerfile, re.M)
 
 
 def test_dockerignore_keeps_the_context_small():
     lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert lines[0] == "*", "ignore everything, then allow what the Dockerfiles copy"
     assert {"!pkg/__init__.py", "!pkg/initializers/", "!pkg/trainer/"} <= set(lines)
+    assert {"!requirements/torch.txt", "!images/llm_trainer/tune"} <= set(lines)
 
 
 def test_unknown_target_is_one_clear_line():
@@ -101,3 +174,92 @@ def test_unknown_target_is_one_clear_line():
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: unknown target 'no-such-image'")
     assert "Traceback" not in result.stderr
+
+
+# A bake file as people write them: comments of all three kinds, blocks and attributes in any order (the
+# parent after its child, variables after their use), a variable built from another, bake functions, a
+# conditional, quoted keys, an escaped interpolation, a named context, and one-line blocks.
+ORDINARY_BAKE = """
+/* Release images.
+   REGISTRY=... docker buildx bake */
+target "app" {
+  tags      = ["${REGISTRY}/app:${TAG}", lower("${REGISTRY}/APP:latest"), format("%s/app:%s-%d", REGISTRY, TAG, 1)]
+  inherits  = ["_base"]   # the parent comes later in the file
+  platforms = split(",", PLATFORMS)
+  contexts  = { base = "target:base" }
+  args = {
+    CHANNEL        = notequal("", SUFFIX) ? "pre" : "stable"
+    "WITH.DOTS"    = "$${NOT_INTERPOLATED}"
+    JOINED         = join("+", ["a", trimprefix(TAG, "v")])
+    PYTHON_VERSION = "3.${MINOR}"
+  }
+}
+
+target "base" { dockerfile = "base.Dockerfile" }
+
+// Defaults for every target.
+target "_base" {
+  context = "."
+  args    = { CHANNEL = "overridden by the child", FROM_PARENT = "yes" }
+}
+
+group "default" { targets = ["app"] }
+
+variable "PLATFORMS" { default = "linux/amd64,linux/arm64" }
+variable "TAG" { default = "v${MAJOR}.0${SUFFIX}" }
+variable "MAJOR" { default = 2 }
+variable "MINOR" { default = 11 }
+variable "SUFFIX" { default = "" }
+variable "REGISTRY" {
+  # hash comment inside a block
+  default = "ghcr.io/acme"
+}
+"""
+
+
+def test_ordinary_bake_file(tmp_path):
+    path = tmp_path / "docker-bake.hcl"
+    path.write_text(ORDINARY_BAKE)
+    bake = bake_print("--file", str(path))
+    assert bake["group"]["default"]["targets"] == ["app"]
+    assert list(bake["target"]) == ["app", "base"], "requested targets, then those named as contexts"
+    app = bake["target"]["app"]
+    assert app["context"] == "."
+    assert app["tags"] == ["ghcr.io/acme/app:v2.0", "ghcr.io/acme/app:latest", "ghcr.io/acme/app:v2.0-1"]
+    assert app["platforms"] == ["linux/amd64", "linux/arm64"]
+    assert app["contexts"] == {"base": "target:base"}
+    assert app["args"] == {
+        "CHANNEL": "stable",
+        "FROM_PARENT": "yes",
+        "WITH.DOTS": "${NOT_INTERPOLATED}",
+        "JOINED": "a+2.0",
+        "PYTHON_VERSION": "3.11",
+    }
+    assert bake["target"]["base"] == {"dockerfile": "base.Dockerfile"}
+
+    # The environment overrides variables, typed like their default; derived values follow.
+    bake = bake_print("--file", str(path), MAJOR="3", SUFFIX="-rc1", REGISTRY="registry.example.com")
+    app = bake["target"]["app"]
+    assert app["tags"][0] == "registry.example.com/app:v3.0-rc1"
+    assert app["args"]["CHANNEL"] == "pre"
+    assert app["args"]["JOINED"] == "a+3.0-rc1"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('target "t" {\n  tags = [sha1("x")]\n}\n', "line 2: function sha1() is not supported"),
+        ('target "t" {\n  tags = ["${NOPE}"]\n}\n', "undefined variable NOPE"),
+        ('target "t" {\n  inherits = ["_missing"]\n}\n', "unknown target '_missing'"),
+        ('target "t" {\n  tags = [\n}\n', "line 3, column 1: not valid HCL"),
+    ],
+)
+def test_bake_file_errors_are_one_clear_line(tmp_path, text, message):
+    path = tmp_path / "docker-bake.hcl"
+    path.write_text(text)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--print", "--file", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: docker-bake.hcl: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
