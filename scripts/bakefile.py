@@ -133,6 +133,8 @@ class _Evaluator:
         if isinstance(node, StringRule):
             return "".join(self.string_part(part.content) for part in node.string_parts)
         if isinstance(node, IdentifierRule):
+            if str(node.token.value) not in self.definitions:
+                raise BakeError(f"{_line(node)}undefined variable {node.token.value}")
             return self.variable(str(node.token.value))
         if isinstance(node, IntLitRule | FloatLitRule):
             return node.serialize()
@@ -158,11 +160,14 @@ class _Evaluator:
     def string_part(self, content: Any) -> str:
         if isinstance(content, InterpolationRule):
             return _to_string(self.eval(content.expression))
-        if isinstance(content, LarkToken) and content.lark_name() == "ESCAPED_INTERPOLATION":
-            return str(content.value)[1:]  # $${ is a literal ${
+        if isinstance(content, LarkToken) and content.lark_name() in (
+            "ESCAPED_INTERPOLATION",
+            "ESCAPED_DIRECTIVE",
+        ):
+            return str(content.value)[1:]  # $${ is a literal ${, %%{ a literal %{
         if isinstance(content, LarkToken) and content.lark_name() == "STRING_CHARS":
             return process_escape_sequences(str(content.value))
-        raise BakeError(f"{_line(content)}templates directives (%{{...}}) are not supported")
+        raise BakeError(f"{_line(content)}template directives (%{{...}}) are not supported")
 
     def key(self, key: Any) -> str:
         # An object key is a bare name, a string, or a parenthesised expression.

@@ -151,7 +151,13 @@ def test_tune_wrapper_execs_the_trainer_module(tmp_path):
     (tmp_path / "python").chmod(0o755)
     wrapper = ROOT / "images" / "llm_trainer" / "tune"
     assert wrapper.stat().st_mode & 0o111, "COPY keeps the mode: the file must be executable"
-    args = ["run", "lora_finetune_distributed", "--config", "llama3_2/1B_lora", "dataset.new_system_prompt=a b"]
+    args = [
+        "run",
+        "lora_finetune_distributed",
+        "--config",
+        "llama3_2/1B_lora",
+        "dataset.new_system_prompt=a b",
+    ]
     out = subprocess.run(
         [str(wrapper), *args], capture_output=True, text=True, check=True, env={"PATH": f"{tmp_path}:/bin"}
     ).stdout
@@ -183,13 +189,16 @@ ORDINARY_BAKE = """
 /* Release images.
    REGISTRY=... docker buildx bake */
 target "app" {
-  tags      = ["${REGISTRY}/app:${TAG}", lower("${REGISTRY}/APP:latest"), format("%s/app:%s-%d", REGISTRY, TAG, 1)]
+  tags = [
+    "${REGISTRY}/app:${TAG}", lower("${REGISTRY}/APP:latest"),
+    format("%s/app:%s-%d", REGISTRY, TAG, 1),  # a trailing comma, as HCL allows
+  ]
   inherits  = ["_base"]   # the parent comes later in the file
   platforms = split(",", PLATFORMS)
   contexts  = { base = "target:base" }
   args = {
     CHANNEL        = notequal("", SUFFIX) ? "pre" : "stable"
-    "WITH.DOTS"    = "$${NOT_INTERPOLATED}"
+    "WITH.DOTS"    = "$${NOT_INTERPOLATED} %%{literal}"
     JOINED         = join("+", ["a", trimprefix(TAG, "v")])
     PYTHON_VERSION = "3.${MINOR}"
   }
@@ -231,7 +240,7 @@ def test_ordinary_bake_file(tmp_path):
     assert app["args"] == {
         "CHANNEL": "stable",
         "FROM_PARENT": "yes",
-        "WITH.DOTS": "${NOT_INTERPOLATED}",
+        "WITH.DOTS": "${NOT_INTERPOLATED} %{literal}",
         "JOINED": "a+2.0",
         "PYTHON_VERSION": "3.11",
     }
@@ -249,7 +258,8 @@ def test_ordinary_bake_file(tmp_path):
     ("text", "message"),
     [
         ('target "t" {\n  tags = [sha1("x")]\n}\n', "line 2: function sha1() is not supported"),
-        ('target "t" {\n  tags = ["${NOPE}"]\n}\n', "undefined variable NOPE"),
+        ('target "t" {\n  tags = ["${NOPE}"]\n}\n', "line 2: undefined variable NOPE"),
+        ('target "t" {\n  tags = [for t in ["a"] : t]\n}\n', "line 2: unsupported expression"),
         ('target "t" {\n  inherits = ["_missing"]\n}\n', "unknown target '_missing'"),
         ('target "t" {\n  tags = [\n}\n', "line 3, column 1: not valid HCL"),
     ],

@@ -27,7 +27,7 @@ from tests.support.s3_server import S3Server, start_s3_server
 HUB_TOKEN = "hf_ImageTestTokenNeverPrinted"
 TARGETS = ["dataset-initializer", "model-initializer"]
 MODULES = {"dataset-initializer": "pkg.initializers.dataset", "model-initializer": "pkg.initializers.model"}
-# The design's limit for an initializer image (docs/images.md has the measured sizes and what keeps them there).
+# The design's limit for an initializer image (docs/images.md: the sizes measured and what keeps them under).
 MAX_IMAGE_BYTES = 200_000_000
 
 DATASET_FILES = {
