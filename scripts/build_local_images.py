@@ -10,11 +10,11 @@ Targets, Dockerfiles, contexts, build args, labels and tags all come from docker
 and `docker buildx bake` cannot drift apart. What differs, and why:
 
 - Base images. Registry images cannot be pulled here, so BASE_IMAGE is replaced by local stand-ins:
-  `localhost/kft-base-python:bookworm` (Debian bookworm minbase + python3 + python3-venv, made with
-  debootstrap and cached as a tarball) for initializer-base, and `localhost/kft-base-torch-cpu:<torch>`
-  (the same + a venv with the CPU wheel of the torch pinned in requirements/torch.txt) for llm-trainer,
-  which is then built without the GPU extras and tagged `<tag>-cpu` so it is never mistaken for the CUDA
-  release image.
+  `localhost/kft-base-python:bookworm-slim` (Debian bookworm minbase + python3 + python3-venv, made with
+  debootstrap, cached as a tarball, trimmed like Debian's -slim images) for initializer-base, and
+  `localhost/kft-base-torch-cpu:<torch>` (the same + a venv with the CPU wheel of the torch pinned in
+  requirements/torch.txt) for llm-trainer, which is then built without the GPU extras and tagged
+  `<tag>-cpu` so it is never mistaken for the CUDA release image.
 - A context `target:NAME` (bake builds NAME and hands it to the Dockerfile as a named context) becomes
   `--build-context KEY=container-image://TAG` of NAME built first; a target without tags is tagged
   `localhost/kft-NAME:latest`.
