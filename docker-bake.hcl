@@ -37,14 +37,10 @@ target "_common" {
   platforms = split(",", PLATFORMS)
 }
 
-// What every published image carries: OCI labels and the build args its Dockerfile turns into labels.
-target "_image" {
+// The OCI labels of every image. Each Dockerfile also sets them from the build args in `_image`, so a
+// plain `docker build` labels its image too.
+target "_labels" {
   inherits = ["_common"]
-  args = {
-    VERSION  = "${TAG}"
-    SOURCE   = "${SOURCE}"
-    REVISION = "${REVISION}"
-  }
   labels = {
     "org.opencontainers.image.source"   = "${SOURCE}"
     "org.opencontainers.image.version"  = "${TAG}"
@@ -54,10 +50,19 @@ target "_image" {
   }
 }
 
-// The layers both initializers share (Python, the pinned venv, the user). Never pushed: each initializer
-// names it as its build context `base`, so bake builds it once for both.
+target "_image" {
+  inherits = ["_labels"]
+  args = {
+    VERSION  = "${TAG}"
+    SOURCE   = "${SOURCE}"
+    REVISION = "${REVISION}"
+  }
+}
+
+// What both initializers share (Python, the pinned venv, the user, the labels). Never pushed on its own:
+// each initializer names it as its build context `base`, so bake builds it once for both.
 target "initializer-base" {
-  inherits   = ["_common"]
+  inherits   = ["_image"]
   dockerfile = "images/initializer_base/Dockerfile"
   args = {
     BASE_IMAGE = "python:3.11-slim-bookworm"
@@ -65,8 +70,9 @@ target "initializer-base" {
   output = ["type=cacheonly"]
 }
 
+// The two initializers add their package, title and command to initializer-base.
 target "dataset-initializer" {
-  inherits   = ["_image"]
+  inherits   = ["_labels"]
   dockerfile = "images/dataset_initializer/Dockerfile"
   contexts = {
     base = "target:initializer-base"
@@ -75,7 +81,7 @@ target "dataset-initializer" {
 }
 
 target "model-initializer" {
-  inherits   = ["_image"]
+  inherits   = ["_labels"]
   dockerfile = "images/model_initializer/Dockerfile"
   contexts = {
     base = "target:initializer-base"

@@ -53,11 +53,13 @@ def test_default_group_and_tags():
             f"ghcr.io/kubeflow/trainer/{name}:latest",
         ]
         assert target["context"] == "."
-        # Shared labels and args come from the inherited _common target.
+        # Shared labels come from the inherited _labels target; the args that set them in the
+        # Dockerfile (from _image) go to the target whose Dockerfile has the LABEL instruction.
         assert target["labels"]["org.opencontainers.image.licenses"] == "Apache-2.0"
         assert target["labels"]["org.opencontainers.image.version"] == "v2.0.0"
-        assert target["args"]["VERSION"] == "v2.0.0"
-    assert "_common" not in bake["target"]
+    for name in ("initializer-base", "llm-trainer"):
+        assert bake["target"][name]["args"]["VERSION"] == "v2.0.0"
+    assert not any(name.startswith("_") for name in bake["target"])
 
 
 def test_variables_come_from_the_environment_like_buildx():
@@ -86,32 +88,45 @@ def stage_of(dockerfile: str, target: dict) -> str:
     return stages[names.index(target["target"])] if "target" in target else stages[-1]
 
 
+def dockerfile_chain(bake: dict, name: str) -> list[tuple[dict, str]]:
+    """(target, Dockerfile text) of `name` and of the targets it is built FROM through bake contexts."""
+    target = bake[name]
+    dockerfile = (ROOT / target["dockerfile"]).read_text()
+    base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
+    if base in target.get("contexts", {}):
+        assert target["contexts"][base].startswith("target:"), f"FROM {base}: a context built by bake"
+        return [
+            (target, dockerfile),
+            *dockerfile_chain(bake, target["contexts"][base].removeprefix("target:")),
+        ]
+    return [(target, dockerfile)]
+
+
 @pytest.mark.parametrize("name", TARGETS)
 def test_dockerfile_agrees_with_bake(name):
     bake = bake_print()["target"]
-    target = bake[name]
-    dockerfile = (ROOT / target["dockerfile"]).read_text()
-    for arg in target["args"]:
-        assert re.search(rf"^ARG {arg}\b", dockerfile, re.M), f"bake passes {arg}, the Dockerfile lacks it"
-    # The base image: BASE_IMAGE, or a named context that bake builds from another target.
-    base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
-    if base == "${BASE_IMAGE}":
-        default = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M).group(1)
-        assert default == target["args"]["BASE_IMAGE"], "the Dockerfile default and bake name the same base"
-    else:
-        assert target["contexts"][base].startswith("target:"), f"FROM {base} needs a bake context"
-        provider = bake[target["contexts"][base].removeprefix("target:")]
-        assert provider["output"] == ["type=cacheonly"], "a shared base is built, never pushed"
-        assert re.search(r"^ARG BASE_IMAGE=", (ROOT / provider["dockerfile"]).read_text(), re.M)
+    chain = dockerfile_chain(bake, name)
+    for target, dockerfile in chain:
+        for arg in target.get("args", {}):
+            assert re.search(rf"^ARG {arg}\b", dockerfile, re.M), (
+                f"bake passes {arg}, its Dockerfile lacks it"
+            )
+    for provider, _ in chain[1:]:
+        assert provider["output"] == ["type=cacheonly"], "a shared base is built, never pushed on its own"
+    # At the bottom, the registry base: the Dockerfile default and bake name the same one.
+    bottom, dockerfile = chain[-1]
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.M)
+    assert re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M).group(1) == bottom["args"]["BASE_IMAGE"]
+    text = "\n".join(dockerfile for _, dockerfile in chain)
     # Each image ships only pkg/__init__.py and its own package.
-    sources = re.findall(r"^COPY (?!--from)(\S+)", dockerfile, re.M)
+    sources = re.findall(r"^COPY (?!--from)(\S+)", text, re.M)
     assert {s for s in sources if s.startswith("pkg/") and not s.endswith(".txt")} == {
         "pkg/__init__.py",
         f"pkg/{PACKAGE[name]}",
     }
-    assert re.search(r"^USER 1000:1000$", dockerfile, re.M)
-    assert re.search(r"^WORKDIR /app$", dockerfile, re.M)
-    stage = stage_of(dockerfile, target)
+    assert re.search(r"^USER 1000:1000$", text, re.M)
+    assert re.search(r"^WORKDIR /app$", text, re.M)
+    stage = stage_of(chain[0][1], chain[0][0])
     assert ENTRY_POINT[name] in stage and f'image.title="{name}"' in stage
 
 
