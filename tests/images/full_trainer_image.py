@@ -29,6 +29,11 @@ from tests.images.containers import (
 )
 from tests.trainer.tiny import make_dataset, make_tiny_model
 
+# The first test builds the image (fixture): from cold about 8 min on two idle cores (CPU torch base, then
+# the pinned trainer requirements, with vfs copying whole root filesystems), and much longer when the
+# machine is shared, which the suite's 600 s default does not cover. Nothing here is timed.
+pytestmark = pytest.mark.timeout(2400)
+
 ARGS = [
     "--max-steps=6",
     "--global-batch-size=4",
