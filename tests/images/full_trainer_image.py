@@ -95,8 +95,10 @@ def test_image_contract(image):
         'mkdir -p "$HF_HOME" "$MPLCONFIGDIR"; touch "$HF_HOME/p" "$MPLCONFIGDIR/p" /workspace/p; '
         "python -c 'import importlib.util as u; assert u.find_spec(\"pkg.initializers\") is None'; "
         # `tune` (the SDK's torchtune runtimes run `tune run ...`) is the wrapper that execs the trainer's
-        # module: run it with a stand-in python first on PATH that prints what it was given.
-        'test "$(command -v tune)" = /usr/local/bin/tune; mkdir -p /tmp/shim; '
+        # module: it answers --help, and with a stand-in python first on PATH, which prints what it was
+        # given, it is seen passing its arguments on unchanged.
+        'test "$(command -v tune)" = /usr/local/bin/tune; tune --help | grep -q "tune run"; '
+        "mkdir -p /tmp/shim; "
         "printf '#!/bin/sh\\necho \"$*\"\\n' > /tmp/shim/python; chmod +x /tmp/shim/python; "
         "PATH=/tmp/shim:$PATH tune run lora_finetune_distributed --config llama3_2/1B_lora; "
         "python -c 'import torch, transformers, peft, datasets; print(torch.__version__)'"
