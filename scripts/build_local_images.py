@@ -211,7 +211,7 @@ def cpu_torch_wheel(download_dir: Path) -> Path:
 
 
 def ensure_torch_base() -> None:
-    """Debian python base + /opt/venv with the CPU torch, first on PATH (like pytorch/pytorch's conda)."""
+    """Debian python base + /opt/venv (the venv the Dockerfile uses) with the CPU torch of the pin."""
     if image_exists(TORCH_BASE):
         return
     ensure_python_base()
