@@ -13,7 +13,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
+from pkg.trainer import data
 from tests.trainer.tiny import make_dataset, make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +34,31 @@ BASE_ARGS = {
     "save_every": 0,
     "log_every": 1,
 }
+
+
+# Tolerances of the equivalence tests (1 process vs 2 vs 2 nodes; a resumed run vs an uninterrupted one), from
+# `bench/measure_equivalence.py --seeds 5 --threads 1,2`: the largest gap over those 10 runs of the tiny LoRA
+# job, times a margin for other CPUs' kernels and summation orders. Each stays far below what a bug moves (a
+# mis-scaled loss, a wrong shard or a lost step shifts losses and adapters by 1e-2 or more).
+LOSS_TOL = {"rtol": 2e-5, "atol": 2e-5}  # losses step by step: measured <= 1e-6 abs, 2e-7 rel (20x)
+# Adapters: Adam divides each gradient by its running RMS, so an element whose gradient is ~0 turns summation
+# noise into a step of up to lr (1e-2): single elements differed by up to 1e-4 (0.07% of their tensor's
+# largest). The tensor as a whole is what the model sees: ||got - want|| / ||want|| per tensor, measured
+# <= 5.8e-5 (17x).
+ADAPTER_REL_NORM = 1e-3
+# A run's final val_loss re-computed from its exported adapter or model: measured <= 6e-8 relative; 1e-4
+# stands for another summation order (1000x) and is still 100x below a wrong or stale export.
+VAL_LOSS_REL = 1e-4
+# Merged model vs base + adapter through peft, logits: measured <= 4e-7 abs; 1e-4 (250x).
+LOGITS_TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def assert_same_adapter(got: dict, want: dict) -> None:
+    """Same tensors (names and shapes), each within ADAPTER_REL_NORM of the reference by norm."""
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    for key, tensor in got.items():
+        gap = float((tensor - want[key]).norm() / want[key].norm().clamp_min(1e-12))
+        assert gap <= ADAPTER_REL_NORM, f"{key}: relative gap {gap:.3g} > {ADAPTER_REL_NORM}"
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +82,7 @@ def trainer_env(**extra: str) -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("PET_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))
     }
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
+    env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra})
     return env
 
 
@@ -128,3 +155,20 @@ def run_trainer(args: dict, nproc: int = 0, timeout: int = 240, **env: str) -> s
 def losses(output_dir: Path) -> list[float]:
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r]
+
+
+def val_loss(model, output_dir: Path, packing: bool = False) -> float:
+    """Token-weighted loss of `model` on the run's cached validation records."""
+    [cache] = (output_dir / "cache").glob("tokenized-*")
+    val = data.read_cache(cache)["val"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for rec in val:
+            batch = data.collate([rec], pad_id=0, packing=packing)
+            labels = batch.pop("labels")[0, 1:]
+            logits = model(**batch, use_cache=False).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(
+                logits, labels, ignore_index=-100, reduction="sum"
+            ).item()
+            count += int((labels != -100).sum())
+    return total / count

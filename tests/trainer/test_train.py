@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-from pkg.trainer import data
 from tests.trainer.conftest import (
     BASE_ARGS,
+    LOGITS_TOL,
+    LOSS_TOL,
     PYTHON,
+    VAL_LOSS_REL,
+    assert_same_adapter,
     cli,
     finish,
     free_port,
@@ -21,11 +23,12 @@ from tests.trainer.conftest import (
     run_trainer,
     start,
     trainer_env,
+    val_loss,
 )
 from tests.trainer.tiny import make_dataset
 
 
-def run_two_nodes(args: dict) -> list[subprocess.CompletedProcess]:
+def run_two_nodes(args: dict, **extra_env: str) -> list[subprocess.CompletedProcess]:
     """Two `torchrun -m pkg.trainer` launches configured only through PET_* variables, like a TrainJob."""
     port = str(free_port())
     procs = []
@@ -36,27 +39,11 @@ def run_two_nodes(args: dict) -> list[subprocess.CompletedProcess]:
             PET_NODE_RANK=str(node_rank),
             PET_MASTER_ADDR="127.0.0.1",
             PET_MASTER_PORT=port,
+            **extra_env,
         )
         cmd = [PYTHON, "-m", "torch.distributed.run", "-m", "pkg.trainer", *cli(args)]
         procs.append(start(cmd, env))
     return [finish(p, timeout=240) for p in procs]
-
-
-def val_loss(model, output_dir: Path, packing: bool = False) -> float:
-    """Token-weighted loss of `model` on the run's cached validation records."""
-    [cache] = (output_dir / "cache").glob("tokenized-*")
-    val = data.read_cache(cache)["val"]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for rec in val:
-            batch = data.collate([rec], pad_id=0, packing=packing)
-            labels = batch.pop("labels")[0, 1:]
-            logits = model(**batch, use_cache=False).logits[0, :-1]
-            total += torch.nn.functional.cross_entropy(
-                logits, labels, ignore_index=-100, reduction="sum"
-            ).item()
-            count += int((labels != -100).sum())
-    return total / count
 
 
 def assert_ok(result) -> None:
@@ -83,8 +70,8 @@ def test_lora_one_process_two_processes_and_two_nodes_agree(tmp_path, tiny_model
     # Same global batches and a token-weighted global loss: the world size does not change the numbers.
     reference = losses(one)
     assert len(reference) == 8
-    torch.testing.assert_close(losses(two), reference, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(losses(nodes), reference, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(losses(two), reference, **LOSS_TOL)
+    torch.testing.assert_close(losses(nodes), reference, **LOSS_TOL)
     assert reference[-1] < reference[0] - 0.3, reference  # it learns
 
     # Outputs.
@@ -107,20 +94,20 @@ def test_lora_one_process_two_processes_and_two_nodes_agree(tmp_path, tiny_model
     assert len(expected) == 2 * 7 * 2  # 2 layers x 7 linear modules x (A, B)
     assert {k: v.shape for k, v in weights.items()} == expected
     reference_weights = load_file(str(one / "adapter" / "adapter_model.safetensors"))
-    for key, tensor in weights.items():
-        torch.testing.assert_close(tensor, reference_weights[key], rtol=1e-4, atol=1e-5)
+    assert_same_adapter(weights, reference_weights)
+    assert_same_adapter(load_file(str(nodes / "adapter" / "adapter_model.safetensors")), reference_weights)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
 
     # Loaded with peft, the adapter reproduces the trained model's final validation loss.
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
     tuned = PeftModel.from_pretrained(base, str(two / "adapter")).eval()
-    assert val_loss(tuned, two) == pytest.approx(summary["final_val_loss"], rel=1e-4)
+    assert val_loss(tuned, two) == pytest.approx(summary["final_val_loss"], rel=VAL_LOSS_REL)
 
     # The merged model, loaded by transformers alone, equals base + adapter.
     merged = AutoModelForCausalLM.from_pretrained(str(two / "model"), dtype=torch.float32).eval()
     ids = torch.tensor([[0, 5, 17, 99, 200, 31, 7]])
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, **LOGITS_TOL)
     assert (two / "model" / "tokenizer.json").exists()
 
 
@@ -154,6 +141,6 @@ def test_full_finetuning_packed_chat_two_processes_with_activation_checkpointing
     model = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
     assert json.loads((out / "model" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert AutoTokenizer.from_pretrained(str(out / "model")).chat_template
-    assert val_loss(model, out, packing=True) == pytest.approx(summary["final_val_loss"], rel=1e-4)
+    assert val_loss(model, out, packing=True) == pytest.approx(summary["final_val_loss"], rel=VAL_LOSS_REL)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
     assert val_loss(base, out, packing=True) > summary["final_val_loss"] + 0.3
