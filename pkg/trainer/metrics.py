@@ -56,27 +56,30 @@ class Metrics:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def train_step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> None:
+    def train_step(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        tokens_per_s: float,
+        aux_loss: float | None = None,
+    ) -> None:
+        """`aux_loss`: an MoE router's load-balancing loss (before its coefficient), if the model has one."""
         elapsed = self.elapsed()
-        self.log(
-            {
-                "step": step,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s,
-                "elapsed": elapsed,
-            }
-        )
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+        aux = {} if aux_loss is None else {"aux_loss": aux_loss}
+        self.log({**record, **aux, "elapsed": elapsed})
         if self.enabled:
             done = step - self.start_step
             eta = elapsed / done * (self.total_steps - step) if done else float("inf")
             # name=value pairs: the form Katib's StdOut metrics collector reads (one metric per pair).
             log.info(
-                "step %d/%d | loss=%.4f lr=%.3g grad_norm=%.3f tokens_per_s=%.0f | elapsed %s | eta %s",
+                "step %d/%d | loss=%.4f%s lr=%.3g grad_norm=%.3f tokens_per_s=%.0f | elapsed %s | eta %s",
                 step,
                 self.total_steps,
                 loss,
+                f" aux_loss={aux_loss:.4f}" if aux else "",
                 lr,
                 grad_norm,
                 tokens_per_s,

@@ -1,7 +1,15 @@
-"""Tokenizer and model from `model_dir`: LoRA (peft), QLoRA (4-bit base, CUDA) or all weights trainable."""
+"""Tokenizer and model from `model_dir`: LoRA (peft), QLoRA (4-bit base, CUDA) or all weights trainable.
+
+What an architecture needs is decided here, from the model itself rather than from a list of names:
+- whether transformers can build it as a causal LM at all (`check_architecture`, one clear line if not);
+- what `all-linear` adapts (`lora_targets`): every linear layer but the output head and, on a
+  mixture-of-experts model, the fused expert stacks and the routers through peft's parameter targeting;
+- the router's load-balancing loss of an MoE model (`router_aux_coef`), which the recipe adds to its loss.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -26,10 +34,59 @@ def check_model_dir(model_dir: str) -> Path:
     return root
 
 
+def check_architecture(model_dir: str) -> str:
+    """The model type of `model_dir` if transformers builds it as a causal LM; one clear line otherwise.
+
+    Code shipped with a model (config.json `auto_map`) is never run: only architectures built into
+    transformers are trained.
+    """
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    root = check_model_dir(model_dir)
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainerError(f"model_dir {root}: config.json is not valid JSON: {exc}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    names = ", ".join(config.get("architectures") or []) if isinstance(config, dict) else ""
+    if model_type not in CONFIG_MAPPING_NAMES:
+        auto_map = config.get("auto_map") if isinstance(config, dict) else None
+        if auto_map:
+            files = sorted({f"{ref.split('--')[-1].rsplit('.', 1)[0]}.py" for ref in _refs(auto_map)})
+            missing = [f for f in files if not (root / f).exists()]
+            where = f"{', '.join(missing)} not in {root}" if missing else f"{', '.join(files)} in {root}"
+            raise TrainerError(
+                f"model_dir {root}: model type {model_type!r} ({names or 'no architectures'}) is not built "
+                f"into transformers {transformers.__version__}; it needs its own code ({where}), which the "
+                "llm-trainer does not run: use a model whose architecture transformers includes"
+            )
+        raise TrainerError(
+            f"model_dir {root}: config.json names model type {model_type!r}, which transformers "
+            f"{transformers.__version__} does not know: upgrade transformers or use a supported model"
+        )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise TrainerError(
+            f"model_dir {root}: a {model_type} model ({names or 'no architectures'}) has no causal language-"
+            "model head in transformers: the llm-trainer fine-tunes decoder language models "
+            "(AutoModelForCausalLM)"
+        )
+    return model_type
+
+
+def _refs(auto_map: dict) -> list[str]:
+    """The 'module.Class' references of a config.json `auto_map` (values may be lists for tokenizers)."""
+    refs = []
+    for value in auto_map.values():
+        refs += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+    return refs
+
+
 def load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
-    check_model_dir(model_dir)
+    check_architecture(model_dir)  # before any tokenizing: a model that cannot train stops the run here
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:
@@ -54,7 +111,7 @@ def load_model(cfg: TrainConfig, device: torch.device, weights: bool = True) -> 
     world size > 1 and receive rank 0's weights after sharding (distributed.shard_from_rank0), so a node
     holds one full copy of the model in host memory instead of one per process.
     """
-    check_model_dir(cfg.model_dir)
+    check_architecture(cfg.model_dir)
     model = _read_pretrained(cfg, device) if weights else _build_on_meta(cfg)
     model.config.use_cache = False
     if cfg.activation_checkpointing:
@@ -108,6 +165,62 @@ def _build_on_meta(cfg: TrainConfig) -> nn.Module:
         ) from None
 
 
+def expert_parameters(model: nn.Module) -> list[str]:
+    """Names of the fused expert stacks of an MoE model: 3-D weights, one [out, in] matrix per expert."""
+    return [name for name, p in model.named_parameters() if p.ndim == 3]
+
+
+def router_parameters(model: nn.Module) -> list[str]:
+    """Names of the router weights that are plain parameters of a router module (not an `nn.Linear`)."""
+    return [
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if "router" in type(module).__name__.lower()
+        and not isinstance(module, nn.Linear)
+        and isinstance(getattr(module, "weight", None), nn.Parameter)
+    ]
+
+
+def _linear_names(model: nn.Module) -> set[str]:
+    """Leaf names of every linear layer but the output head (what peft's `all-linear` means)."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | Conv1D) and module is not head
+    }
+
+
+def _suffix(name: str) -> str:
+    """`model.layers.0.mlp.experts.down_proj` -> `experts.down_proj`: the owner and the parameter."""
+    return ".".join(name.split(".")[-2:])
+
+
+def lora_targets(model: nn.Module, requested: list[str]) -> tuple[list[str], list[str]]:
+    """(module names, parameter names) for peft: `all-linear` resolved, expert parameters told apart.
+
+    On a mixture-of-experts model `all-linear` is every linear layer but the head plus the fused expert
+    stacks and the routers, which are parameters rather than `nn.Linear` modules in transformers 5 (peft
+    adapts them with `target_parameters`, one rank-r update per expert). A requested name that is the end
+    of a parameter's name rather than a module's (`experts.gate_up_proj`, `gate.weight`) is a parameter
+    target; anything else is a module name.
+    """
+    params = [name for name, _ in model.named_parameters()]
+    if requested == ["all-linear"]:
+        modules = sorted(_linear_names(model))
+        parameters = sorted({_suffix(n) for n in expert_parameters(model) + router_parameters(model)})
+        return modules, parameters
+    module_names = {name for name, _ in model.named_modules()}
+    modules, parameters = [], []
+    for target in requested:
+        is_module = any(n == target or n.endswith(f".{target}") for n in module_names)
+        is_param = any(n == target or n.endswith(f".{target}") for n in params)
+        (parameters if is_param and not is_module else modules).append(target)
+    return modules, parameters
+
+
 def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -116,20 +229,85 @@ def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
             model, use_gradient_checkpointing=cfg.activation_checkpointing
         )
     targets = cfg.lora_target_modules
+    modules, parameters = lora_targets(model, targets)
+    if parameters and cfg.use_dora:  # peft's DoRA applies to layers only, not to parameters
+        if targets != ["all-linear"]:
+            raise TrainerError(
+                f"lora_target_modules {targets}: {', '.join(parameters)} are parameters (MoE experts or "
+                "routers), which peft cannot adapt with DoRA: leave them out or set use_dora: false"
+            )
+        log.info("use_dora: the experts and routers stay frozen (DoRA applies to linear layers only)")
+        parameters = []
+    if parameters:
+        log.info(
+            "mixture-of-experts: LoRA on the linear layers %s and on the parameters %s (each expert gets its "
+            "own rank-%d update); lora_dropout applies to the linear layers only, since peft cannot drop out "
+            "inside a fused expert stack",
+            ", ".join(modules) or "(none)", ", ".join(parameters), cfg.lora_rank,
+        )  # fmt: skip
     lora = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        # peft refuses dropout on parameter targets: it is installed on the linear layers afterwards.
+        lora_dropout=0.0 if parameters else cfg.lora_dropout,
+        target_modules=modules,
+        target_parameters=parameters or None,
         use_dora=cfg.use_dora,
         task_type="CAUSAL_LM",
     )
     try:
         model = get_peft_model(model, lora)
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:
         raise TrainerError(f"lora_target_modules {targets}: {exc}") from None
+    if parameters and cfg.lora_dropout:
+        _linear_dropout(model, cfg.lora_dropout)
+    _report_remapped(model, modules)
     fused_lora.install(model)
     return model
+
+
+def _report_remapped(model: nn.Module, modules: list[str]) -> None:
+    """Say which requested module names got no adapter.
+
+    For MoE families whose experts were linear layers in transformers 4 (Qwen-MoE, DeepSeek, GLM-MoE, ...),
+    peft reads `gate_proj`, `up_proj`, `down_proj` (or `w1`, `w2`, `w3`) as the experts, so linear layers
+    of those names (shared experts, dense layers) stay frozen; an adapter that adapted them could not be
+    loaded back faithfully by peft anyway.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+    frozen = sorted(set(modules) - adapted)
+    if frozen:
+        log.warning(
+            "peft reads %s as this architecture's expert weights (its transformers 4 names): the linear "
+            "layers of those names (shared experts, dense layers) get no adapter",
+            ", ".join(frozen),
+        )
+
+
+def _linear_dropout(model: nn.Module, p: float) -> None:
+    """Dropout on the input of every LoRA linear layer (those peft built without it; see add_lora)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = nn.Dropout(p)
+
+
+def router_aux_coef(model: nn.Module) -> float:
+    """The weight of an MoE model's router load-balancing loss in its own training loss; 0 for others.
+
+    transformers computes that loss only when asked (`output_router_logits`, off in most config.json files
+    because inference does not need it) and adds `router_aux_loss_coef` times it when given labels. The
+    recipe asks for it in every training forward and adds it with that coefficient, as the model was
+    pre-trained; `router_aux_loss_coef: 0` in config.json turns it off.
+    """
+    config = getattr(model, "config", None)
+    if not hasattr(config, "output_router_logits"):
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

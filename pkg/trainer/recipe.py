@@ -245,6 +245,11 @@ class Recipe:
         elif cfg.method != "qlora":  # a 4-bit base is not sharded; its small adapter is all-reduced instead
             net = distributed.shard(net, self.dist.device, self.bf16)
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per rank
+        self.aux_coef, self.aux_loss = model.router_aux_coef(net), None
+        if self.aux_coef:
+            log.info(
+                "mixture-of-experts: router load-balancing loss added with coefficient %g", self.aux_coef
+            )
         return net
 
     # ------------------------------------------------------------ train
@@ -258,7 +263,11 @@ class Recipe:
         batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
         targets = batch.pop("labels")[:, 1:]
         keep = (targets != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-        logits = self.model(**batch, use_cache=False, logits_to_keep=keep).logits.float()
+        # An MoE model also returns its router load-balancing loss while training (see model.router_aux_coef).
+        moe = {"output_router_logits": True} if self.aux_coef and self.model.training else {}
+        out = self.model(**batch, use_cache=False, logits_to_keep=keep, **moe)
+        self.aux_loss = out.aux_loss if moe else None
+        logits = out.logits.float()
         return F.cross_entropy(
             logits.reshape(-1, logits.size(-1)), targets[:, keep].reshape(-1),
             ignore_index=data.IGNORE_INDEX, reduction="sum",
@@ -277,12 +286,16 @@ class Recipe:
         # last micro-batch, instead of one reduce-scatter per micro-batch. Full fine-tuning keeps syncing:
         # unsharded gradients of every weight would cost a whole model's memory per rank.
         defer_sync = self.cfg.method == "lora" and hasattr(self.model, "set_requires_gradient_sync")
-        loss_total = 0.0
+        loss_total, aux_total = 0.0, 0.0
         for i, recs in enumerate(micro):
             if defer_sync:
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
             loss = self.loss_sum(data.collate(recs, self.tokenizer.pad_token_id, self.cfg.packing))
-            (loss * scale).backward()
+            objective = loss * scale
+            if self.aux_loss is not None:  # a mean per micro-batch: averaged over all of them, then weighted
+                objective = objective + self.aux_loss * (self.aux_coef / len(micro))
+                aux_total += self.aux_loss.item()
+            objective.backward()
             loss_total += loss.item()
         if self.cfg.method == "qlora":
             self.all_reduce_grads()
@@ -294,8 +307,16 @@ class Recipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        (loss_global,) = distributed.all_reduce_sum([loss_total], self.dist.device)
-        return {"loss": loss_global / n_targets, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
+        loss_global, aux_global = distributed.all_reduce_sum([loss_total, aux_total], self.dist.device)
+        result = {
+            "loss": loss_global / n_targets,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": n_tokens,
+        }
+        if self.aux_coef:
+            result["aux_loss"] = aux_global / (len(micro) * self.dist.world_size)
+        return result
 
     def all_reduce_grads(self) -> None:
         if self.dist.world_size == 1:
@@ -332,7 +353,14 @@ class Recipe:
             last = state.step == self.total_steps
             if state.step % cfg.log_every == 0 or last:
                 rate = result["tokens"] / max(time.monotonic() - started, 1e-9)
-                self.metrics.train_step(state.step, result["loss"], result["lr"], result["grad_norm"], rate)
+                self.metrics.train_step(
+                    state.step,
+                    result["loss"],
+                    result["lr"],
+                    result["grad_norm"],
+                    rate,
+                    result.get("aux_loss"),
+                )
             if len(self.val_data) and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
                 self.metrics.val_step(state.step, self.evaluate())
             saved = bool(cfg.save_every) and (state.step % cfg.save_every == 0 or last)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,35 @@ def test_errors_under_torchrun_are_printed_once_and_no_rank_hangs(tmp_path, tiny
     result = run_trainer({**args, "output_dir": tmp_path / "out2"}, nproc=2, timeout=120)
     assert result.returncode != 0
     assert "multiple of micro_batch_size (2) x world size (2)" in one_line_error(result.stderr, torchrun=True)
+
+
+def test_architectures_that_cannot_be_trained(in_process, tmp_path, tiny_model, alpaca_data, capsys):
+    """No causal-LM head, a model type transformers lacks, code shipped with the model: one line each."""
+    import shutil
+
+    def model_dir(name: str, config: dict, code: bool = False) -> Path:
+        path = tmp_path / name
+        shutil.copytree(tiny_model, path)
+        (path / "config.json").write_text(json.dumps(config))
+        if code:
+            (path / "modeling_mine.py").write_text("raise SystemExit('model code must never run')\n")
+        return path
+
+    def error(path: Path) -> str:
+        assert (
+            in_process({"model_dir": path, "dataset_dir": alpaca_data, "output_dir": tmp_path / path.name})
+            == 1
+        )
+        return one_line_error(capsys.readouterr().err)
+
+    t5 = model_dir("t5", {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]})
+    assert "a t5 model (T5ForConditionalGeneration) has no causal language-model head" in error(t5)
+    auto_map = {"AutoConfig": "configuration_mine.MineConfig", "AutoModelForCausalLM": "modeling_mine.MineLM"}
+    remote = model_dir("remote", {"model_type": "mine", "architectures": ["MineLM"], "auto_map": auto_map})
+    err = error(remote)
+    assert "model type 'mine' (MineLM) is not built into transformers" in err
+    assert "configuration_mine.py, modeling_mine.py not in" in err
+    shipped = model_dir("shipped", {"model_type": "mine", "auto_map": auto_map}, code=True)
+    assert "which the llm-trainer does not run" in error(shipped)
+    unknown = model_dir("unknown", {"model_type": "nonesuch"})
+    assert "names model type 'nonesuch', which transformers" in error(unknown)

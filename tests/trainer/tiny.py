@@ -85,3 +85,51 @@ def make_dataset(path: str | Path, fmt: str = "alpaca", file_type: str = "jsonl"
         else:
             raise ValueError(file_type)
     return path
+
+
+# Tiny configs of architectures other than Llama, from transformers' own config classes: two layers, four
+# heads (two key/value heads where the architecture has GQA), four experts with two active in MoE ones. Each
+# brings its quirks: biases (Qwen2), q/k norms (Qwen3, OLMo 2), sliding windows and soft-capping (Mistral,
+# Gemma 2/3), fused QKV and gate/up projections (Phi-3, GPT-NeoX, GPT-2 Conv1D), tied embeddings (GPT-2),
+# routers, fused expert stacks and shared experts (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE).
+DENSE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+GQA = {**DENSE, "num_key_value_heads": 2}
+MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+ARCHS: dict[str, dict] = {
+    "qwen2": GQA,
+    "qwen3": {**GQA, "head_dim": 16},
+    "qwen3_moe": {**GQA, **MOE, "head_dim": 16},
+    "qwen2_moe": {**GQA, **MOE, "shared_expert_intermediate_size": 64},
+    "mixtral": {**GQA, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "olmoe": {**GQA, "num_experts": 4, "num_experts_per_tok": 2},
+    "mistral": {**GQA, "sliding_window": 16},
+    "gemma2": {**GQA, "head_dim": 16, "sliding_window": 16},
+    "gemma3_text": {**GQA, "head_dim": 16, "sliding_window": 16},
+    "phi3": GQA,
+    "gpt_neox": DENSE,
+    "olmo2": GQA,
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4},
+}
+MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+
+
+def make_arch_model(path: str | Path, model_type: str, seed: int = 0, **overrides) -> Path:
+    """A tiny random causal LM of `model_type` (a key of ARCHS) with the tokenizer of make_tiny_model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(path)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**ARCHS[model_type], **overrides},
+    )
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(path), safe_serialization=True)
+    return path
