@@ -185,3 +185,47 @@ def test_router_loss_enters_the_gradient_with_the_models_coefficient(one_process
     assert "aux_loss" not in step[0.0] and step[1.0]["aux_loss"] > 1.0  # ~top_k for a balanced router
     assert step[0.0]["loss"] == pytest.approx(step[1.0]["loss"], rel=1e-6)  # same weights, same tokens
     assert abs(step[1.0]["grad_norm"] / step[0.0]["grad_norm"] - 1) > 1e-3  # the router loss's gradient
+
+
+def tiny_in_memory(model_type: str, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=320, **{**ARCHS.get(model_type, {}), **overrides})
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_lora_targets_of_dense_and_moe_models():
+    from pkg.trainer.model import lora_targets
+
+    attention = ["k_proj", "o_proj", "q_proj", "v_proj"]
+    mlp = ["down_proj", "gate_proj", "up_proj"]
+    assert lora_targets(tiny_in_memory("qwen2"), ["all-linear"]) == (sorted(attention + mlp), [])
+    moe = tiny_in_memory("qwen3_moe")
+    experts = ["experts.down_proj", "experts.gate_up_proj"]
+    assert lora_targets(moe, ["all-linear"]) == (attention, [*experts, "gate.weight"])
+    assert lora_targets(moe, ["q_proj", "experts.down_proj"]) == (["q_proj"], ["experts.down_proj"])
+    gpt2 = tiny_in_memory("gpt2")  # Conv1D layers; the tied output head is left out
+    assert lora_targets(gpt2, ["all-linear"]) == (["c_attn", "c_fc", "c_proj"], [])
+
+
+def test_linear_layers_peft_reads_as_experts_are_named(caplog):
+    """DeepSeek-V3's dense and shared-expert MLPs are linear layers named like the transformers-4 experts,
+    which peft maps onto the fused experts: the trainer says those layers get no adapter."""
+    import logging
+
+    from pkg.trainer.config import TrainConfig
+    from pkg.trainer.model import add_lora
+
+    model = tiny_in_memory(
+        "deepseek_v3", hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="pkg.trainer.model"):
+        add_lora(model, TrainConfig(lora_rank=4))
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(
+        "peft reads down_proj, gate_proj, up_proj as this architecture's expert weights"
+    )
+    assert any("lora_dropout applies to the linear layers only" in r.getMessage() for r in caplog.records)
