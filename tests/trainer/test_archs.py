@@ -137,7 +137,9 @@ def test_moe_expert_parameters_named_checkpointed_and_resumed(matrix):
     root, results = matrix
     assert results["qwen3_moe-experts"]["code"] == results["qwen3_moe-experts-longer"]["code"] == 0, results
     out = root / "qwen3_moe-experts"
-    assert f"resuming from step 4 of 6 ({out}/checkpoints/step-4)" in (root / "launch.log").read_text()
+    log = (root / "launch.log").read_text()
+    assert f"resuming from step 4 of 6 ({out}/checkpoints/step-4)" in log
+    assert any("step 6/6 | loss=" in line and " aux_loss=" in line for line in log.splitlines())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     # Only what was named is adapted: q_proj, v_proj and both expert stacks (not k/o_proj, not the router).
@@ -229,3 +231,18 @@ def test_linear_layers_peft_reads_as_experts_are_named(caplog):
         "peft reads down_proj, gate_proj, up_proj as this architecture's expert weights"
     )
     assert any("lora_dropout applies to the linear layers only" in r.getMessage() for r in caplog.records)
+
+
+def test_dora_on_moe_leaves_experts_frozen_or_says_why():
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from pkg.trainer.config import TrainConfig
+    from pkg.trainer.errors import TrainerError
+    from pkg.trainer.model import add_lora
+
+    model = add_lora(tiny_in_memory("qwen3_moe"), TrainConfig(use_dora=True))
+    assert not any(isinstance(m, ParamWrapper) for m in model.modules())
+    assert any("lora_magnitude_vector" in name for name, _ in model.named_parameters())
+    named = TrainConfig(use_dora=True, lora_target_modules=["q_proj", "experts.down_proj"])
+    with pytest.raises(TrainerError, match=r"experts.down_proj are parameters .* cannot adapt with DoRA"):
+        add_lora(tiny_in_memory("qwen3_moe"), named)
