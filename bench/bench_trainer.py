@@ -1,13 +1,17 @@
-"""llm-trainer against TRL's SFTTrainer, and FSDP per-rank memory, on CPU.
+"""llm-trainer against TRL's SFTTrainer and DPOTrainer, and FSDP per-rank memory, on CPU.
 
     .venv/bin/pip install -r requirements/bench.txt          # trl==1.16.0
-    .venv/bin/python bench/bench_trainer.py --out .bench/trainer.json [--quick]
+    .venv/bin/python bench/bench_trainer.py --out .bench/trainer.json [--quick] [--part sft|dpo|all]
 
 1. Throughput: the same tiny Llama-style model, prompt/completion data, sequence length, global and micro
    batch, LoRA rank/targets, learning rate and steps, one process each: `python -m pkg.trainer` and TRL's
    SFTTrainer (completion-only loss, no packing). Reports non-padding tokens/s over the training loop, peak
    RSS and the final training loss (mean of the last 5 steps) so the speed is compared at equal loss.
-2. FSDP memory: full fine-tuning, bytes of parameters + optimizer state held by each rank after two steps, at
+2. DPO: the same model, LoRA settings, batch shape and steps on preference pairs (prompt/chosen/rejected
+   strings; the chosen response follows the prompt, the rejected one does not), sigmoid loss, beta 0.1, the
+   reference being the model with its adapter disabled in both: `--objective dpo` against TRL's DPOTrainer.
+   Reports the time per optimizer step, peak RSS and the loss trajectory (first, last-5 mean).
+3. FSDP memory: full fine-tuning, bytes of parameters + optimizer state held by each rank after two steps, at
    world size 2 (torchrun, gloo) against one process.
 
 Markdown on stdout, logs on stderr, JSON with --out.
@@ -65,6 +69,43 @@ def prepare(work: Path, size: dict) -> tuple[Path, Path]:
     return model, data
 
 
+def prepare_pairs(work: Path, size: dict) -> Path:
+    """Pairs of about 60-110 tokens per sequence: chosen repeats the prompt's words, rejected does not."""
+    from tests.trainer.tiny import WORDS
+
+    rng = random.Random(1)
+    rows = []
+    for _ in range(size["rows"]):
+        words = rng.choices(WORDS, k=rng.randint(20, 60))
+        n = rng.randint(10, 30)
+        rows.append(
+            {
+                "prompt": "Repeat these words: " + " ".join(words) + ".",
+                "chosen": " " + " ".join(words[:n]),
+                "rejected": " " + " ".join(rng.choices(WORDS, k=n)),
+            }
+        )
+    data = work / "pairs"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ordered = work / "pairs-ordered"  # for TRL, read in order: the pairs of each of our global batches
+    ordered.mkdir(parents=True, exist_ok=True)
+    in_order = [rows[i] for i in our_order(len(rows), size["steps"])]
+    (ordered / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in in_order))
+    return data
+
+
+def our_order(num_rows: int, steps: int) -> list[int]:
+    """The rows the llm-trainer trains on, step by step (no row dropped, no validation split)."""
+    from pkg.trainer import data
+    from pkg.trainer.config import TrainConfig
+
+    cfg = TrainConfig(seed=COMMON["seed"], val_fraction=0.0)
+    train, _ = data.split_train_val(list(range(num_rows)), cfg)
+    plan = data.BatchPlan(len(train), COMMON["global_batch_size"], COMMON["micro_batch_size"], 1, 0, cfg.seed)
+    return [train[i] for step in range(steps) for i in plan.global_batch(step)]
+
+
 def env() -> dict[str, str]:
     e = {
         k: v for k, v in os.environ.items() if not k.startswith(("PET_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -76,9 +117,9 @@ def env() -> dict[str, str]:
 # ---------------------------------------------------------------- throughput
 
 
-def run_ours(model: Path, data: Path, out: Path, steps: int) -> dict:
+def run_ours(model: Path, data: Path, out: Path, steps: int, **extra) -> dict:
     args = {**COMMON, "model_dir": model, "dataset_dir": data, "output_dir": out, "max_steps": steps}
-    args.update(save_every=0, lr_scheduler="constant", max_grad_norm=1.0)
+    args.update(save_every=0, lr_scheduler="constant", max_grad_norm=1.0, **extra)
     cmd = [sys.executable, "-m", "pkg.trainer"]
     for k, v in args.items():
         cmd += [f"--{k}", str(v)]
@@ -89,20 +130,23 @@ def run_ours(model: Path, data: Path, out: Path, steps: int) -> dict:
     return {
         "tokens_per_s": summary["tokens_seen"] / summary["train_time_s"],
         "train_time_s": summary["train_time_s"],
+        "step_s": summary["train_time_s"] / steps,
+        "step_cpu_s": summary["train_cpu_s"] / steps,
         "tokens": summary["tokens_seen"],
         "peak_rss_mb": summary["peak_memory_mb"],
         "final_loss": sum(loss[-5:]) / len(loss[-5:]),
         "first_loss": loss[0],
+        "losses": loss,
     }
 
 
-def trl_worker(model: str, data: str, out: str, steps: int) -> None:
-    """Runs in its own process: TRL SFTTrainer with the same settings; prints a JSON line."""
+def trl_worker(kind: str, model: str, data: str, out: str, steps: int) -> None:
+    """Runs in its own process: TRL's SFTTrainer or DPOTrainer with the same settings; prints a JSON line."""
     import datasets
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     torch.manual_seed(COMMON["seed"])
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -115,7 +159,7 @@ def trl_worker(model: str, data: str, out: str, steps: int) -> None:
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    config = SFTConfig(
+    settings = dict(
         output_dir=out,
         max_steps=steps,
         per_device_train_batch_size=COMMON["micro_batch_size"],
@@ -124,7 +168,6 @@ def trl_worker(model: str, data: str, out: str, steps: int) -> None:
         lr_scheduler_type="constant",
         max_grad_norm=1.0,
         max_length=COMMON["max_seq_length"],
-        packing=False,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -137,10 +180,16 @@ def trl_worker(model: str, data: str, out: str, steps: int) -> None:
         gradient_checkpointing=False,
         bf16=False,
     )
+    if kind == "dpo":  # the reference is the model with the adapter disabled, as in the llm-trainer
+        # The rows come in the llm-trainer's batch order (pairs_in_our_order): the same pairs at every step.
+        settings["train_sampling_strategy"] = "sequential"
+        config, trainer_class = DPOConfig(**settings, beta=0.1, loss_type="sigmoid"), DPOTrainer
+    else:
+        config, trainer_class = SFTConfig(**settings, packing=False), SFTTrainer
     peft = LoraConfig(
         r=COMMON["lora_rank"], lora_alpha=COMMON["lora_alpha"], lora_dropout=0.0, target_modules="all-linear"
     )
-    trainer = SFTTrainer(
+    trainer = trainer_class(
         model=net,
         args=config,
         train_dataset=ds,
@@ -148,23 +197,26 @@ def trl_worker(model: str, data: str, out: str, steps: int) -> None:
         peft_config=peft,
         callbacks=[Losses()],
     )
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     trainer.train()
-    elapsed = time.monotonic() - started
+    elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
     tokens = int(trainer.state.num_input_tokens_seen)
     result = {
         "tokens_per_s": tokens / elapsed,
         "train_time_s": elapsed,
+        "step_s": elapsed / steps,
+        "step_cpu_s": cpu / steps,
         "tokens": tokens,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final_loss": sum(losses[-5:]) / len(losses[-5:]),
         "first_loss": losses[0],
+        "losses": losses,
     }
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_trl(model: Path, data: Path, out: Path, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--trl-worker", str(model), str(data), str(out), str(steps)]
+def run_trl(model: Path, data: Path, out: Path, steps: int, kind: str = "sft") -> dict:
+    cmd = [sys.executable, __file__, "--trl-worker", kind, str(model), str(data), str(out), str(steps)]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), check=True, capture_output=True, text=True)
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
@@ -236,12 +288,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller model and fewer steps")
     parser.add_argument("--workdir", type=Path, help="keep the models and outputs here")
     parser.add_argument("--repeat", type=int, default=3, help="turns per tool; the fastest is kept")
-    parser.add_argument("--trl-worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--part", choices=("all", "sft", "dpo"), default="all", help="which comparisons to run"
+    )
+    parser.add_argument("--trl-worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--fsdp-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_worker:
-        m, d, o, s = args.trl_worker
-        trl_worker(m, d, o, int(s))
+        kind, m, d, o, s = args.trl_worker
+        trl_worker(kind, m, d, o, int(s))
         return 0
     if args.fsdp_worker:
         from pkg.trainer.distributed import exit_process
@@ -253,39 +308,59 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-trainer-"))
     model, data = prepare(work, size)
     log(f"model hidden={size['hidden']} layers={size['layers']}, {size['rows']} rows, {size['steps']} steps")
-    # The tools take turns --repeat times and each keeps its fastest turn: shared machines are noisy.
+    results: dict = {"settings": {**COMMON, **size}}
+    report = ""
+    if args.part in ("all", "sft"):
+        report += sft_section(args, work, model, data, size, results)
+    if args.part in ("all", "dpo"):
+        report += dpo_section(args, work, model, prepare_pairs(work, size), size, results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(report)
+    return 0
+
+
+def take_turns(args, work: Path, name: str, ours_fn, trl_fn, key: str) -> tuple[dict, dict]:
+    """The tools take turns --repeat times, each keeps its best turn by `key`: shared machines are noisy."""
     ours_runs, trl_runs = [], []
     for turn in range(args.repeat):
-        log(f"turn {turn + 1}/{args.repeat}: llm-trainer ...")
-        ours_runs.append(run_ours(model, data, work / f"ours-{turn}", size["steps"]))
-        log(f"llm-trainer: {ours_runs[-1]}")
-        log("TRL SFTTrainer ...")
-        trl_runs.append(run_trl(model, data, work / f"trl-{turn}", size["steps"]))
-        log(f"TRL: {trl_runs[-1]}")
-    ours = max(ours_runs, key=lambda r: r["tokens_per_s"])
-    trl = max(trl_runs, key=lambda r: r["tokens_per_s"])
+        log(f"{name} turn {turn + 1}/{args.repeat}: llm-trainer ...")
+        ours_runs.append(ours_fn(work / f"{name}-ours-{turn}"))
+        log(f"llm-trainer: { {k: v for k, v in ours_runs[-1].items() if k != 'losses'} }")
+        log(f"TRL {name} ...")
+        trl_runs.append(trl_fn(work / f"{name}-trl-{turn}"))
+        log(f"TRL: { {k: v for k, v in trl_runs[-1].items() if k != 'losses'} }")
+    best = min if key.startswith("step_") else max
+    return best(ours_runs, key=lambda r: r[key]), best(trl_runs, key=lambda r: r[key])
+
+
+def sft_section(args, work: Path, model: Path, data: Path, size: dict, results: dict) -> str:
+    ours, trl = take_turns(
+        args, work, "sft",
+        lambda out: run_ours(model, data, out, size["steps"]),
+        lambda out: run_trl(model, data, out, size["steps"]),
+        "tokens_per_s",
+    )  # fmt: skip
     log("FSDP memory at world size 1 and 2 ...")
     mem = {world: run_fsdp(model, data, work, world) for world in (1, 2)}
     per_rank = {w: m["params_bytes"] + m["optimizer_bytes"] for w, m in mem.items()}
 
     speedup = ours["tokens_per_s"] / trl["tokens_per_s"]
     mem_ratio = per_rank[2] / per_rank[1]
-    results = {
-        "settings": {**COMMON, **size},
-        "llm_trainer": ours,
-        "trl": trl,
-        "tokens_per_s_ratio": speedup,
-        "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
-        "fsdp_memory": {str(w): m for w, m in mem.items()},
-        "fsdp_per_rank_ratio_2_vs_1": mem_ratio,
-        "targets": {"tokens_per_s_ratio": ">= 1.3", "fsdp_per_rank_ratio_2_vs_1": "<= 0.65"},
-    }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-
+    results.update(
+        {
+            "llm_trainer": ours,
+            "trl": trl,
+            "tokens_per_s_ratio": speedup,
+            "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
+            "fsdp_memory": {str(w): m for w, m in mem.items()},
+            "fsdp_per_rank_ratio_2_vs_1": mem_ratio,
+            "targets": {"tokens_per_s_ratio": ">= 1.3", "fsdp_per_rank_ratio_2_vs_1": "<= 0.65"},
+        }
+    )
     mib = 2**20
-    print(
+    return (
         f"### llm-trainer vs TRL SFTTrainer (LoRA r={COMMON['lora_rank']}, CPU, one process)\n\n"
         f"Tiny Llama (hidden {size['hidden']}, {size['layers']} layers), {size['steps']} steps, global batch "
         f"{COMMON['global_batch_size']}, micro batch {COMMON['micro_batch_size']}, max length "
@@ -303,9 +378,50 @@ def main() -> int:
             f"| {per_rank[w] / mib:.2f} |\n"
             for w, m in mem.items()
         )
-        + f"| **2 vs 1** | | | **{mem_ratio:.2f}x** (target <= 0.65x) |\n"
+        + f"| **2 vs 1** | | | **{mem_ratio:.2f}x** (target <= 0.65x) |\n\n"
     )
-    return 0
+
+
+def dpo_section(args, work: Path, model: Path, pairs: Path, size: dict, results: dict) -> str:
+    ours, trl = take_turns(
+        args, work, "dpo",
+        lambda out: run_ours(model, pairs, out, size["steps"], objective="dpo", dpo_beta=0.1),
+        lambda out: run_trl(model, pairs.with_name("pairs-ordered"), out, size["steps"], kind="dpo"),
+        "step_cpu_s",
+    )  # fmt: skip
+    speed = {k: trl[k] / ours[k] for k in ("step_s", "step_cpu_s")}
+    gap = max(abs(a - b) for a, b in zip(ours["losses"], trl["losses"], strict=False))
+    results["dpo"] = {
+        "llm_trainer": ours,
+        "trl": trl,
+        "speed_ratio_wall": speed["step_s"],
+        "speed_ratio_cpu": speed["step_cpu_s"],
+        "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
+        "max_loss_gap": gap,
+        "targets": {"speed_ratio": ">= 1.5", "peak_rss_ratio": "<= 1.0"},
+    }
+    return (
+        f"### DPO: llm-trainer vs TRL DPOTrainer (LoRA r={COMMON['lora_rank']}, CPU, one process)\n\n"
+        f"The same tiny Llama, {size['steps']} steps, global batch {COMMON['global_batch_size']} pairs, "
+        f"micro batch {COMMON['micro_batch_size']} pairs, max length {COMMON['max_seq_length']}, sigmoid "
+        "loss, beta 0.1, prompt/chosen/rejected strings of ~60-110 tokens per sequence, the same pairs at "
+        "every step (TRL reads them in the llm-trainer's batch order); the reference is the model with its "
+        f"adapter disabled in both; best of {args.repeat} alternating turns by CPU time. CPU time per step "
+        "is the process's CPU time over the training loop divided by the steps: unlike wall time it does "
+        "not grow when other jobs share the cores.\n\n"
+        "| | time per step (s) | CPU time per step (s) | peak RSS (MiB) | first loss "
+        "| final loss (last 5) |\n"
+        "|---|---|---|---|---|---|\n"
+        + "".join(
+            f"| {name} | {r['step_s']:.3f} | {r['step_cpu_s']:.3f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['first_loss']:.4f} | {r['final_loss']:.4f} |\n"
+            for name, r in (("llm-trainer", ours), (f"TRL {trl_version()}", trl))
+        )
+        + f"| **ratio** | **{speed['step_s']:.2f}x faster** "
+        f"| **{speed['step_cpu_s']:.2f}x** (target >= 1.5x) "
+        f"| {results['dpo']['peak_rss_ratio']:.2f}x (target <= 1) | | |\n\n"
+        f"Largest step-by-step difference between the two loss curves: {gap:.4f}.\n"
+    )
 
 
 def row(name: str, r: dict) -> str:

@@ -123,7 +123,7 @@ def run_fingerprint(cfg: Any) -> dict[str, str]:
                               ("system_prompt", ""), ("max_steps_per_epoch", 0))
         if getattr(cfg, name) != default
     )  # fmt: skip
-    return {
+    fingerprint = {
         "model": f"{Path(cfg.model_dir).name} (content digest {dir_digest(cfg.model_dir)})",
         "method": method,
         "dataset": (
@@ -136,6 +136,12 @@ def run_fingerprint(cfg: Any) -> dict[str, str]:
             f"packing={cfg.packing}"
         ),
     }
+    if getattr(cfg, "objective", "sft") != "sft":  # SFT fingerprints stay as they were
+        fingerprint["objective"] = (
+            f"{cfg.objective} (dpo_beta={cfg.dpo_beta}, dpo_loss={cfg.dpo_loss}, "
+            f"dpo_label_smoothing={cfg.dpo_label_smoothing})"
+        )
+    return fingerprint
 
 
 def fingerprint_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:

@@ -73,6 +73,25 @@ class TrainConfig:
         False, "LoRA: also write the base model with the adapter merged into output_dir/model/."
     )
 
+    # Objective
+    objective: str = opt(
+        "sft",
+        "Training objective: supervised fine-tuning on responses, or DPO on preference pairs "
+        "(prompt/chosen/rejected rows).",
+        ("sft", "dpo"),
+    )
+    dpo_beta: float = opt(
+        0.1, "DPO: strength of the pull towards the reference model (IPO: the regularization tau)."
+    )
+    dpo_loss: str = opt(
+        "sigmoid",
+        "DPO loss: the DPO paper's sigmoid, or IPO (squared, on per-token mean log-ratios; noisy labels).",
+        ("sigmoid", "ipo"),
+    )
+    dpo_label_smoothing: float = opt(
+        0.0, "DPO sigmoid: assumed fraction of flipped preference labels (conservative DPO), in [0, 0.5)."
+    )
+
     # Schedule
     max_steps: int = opt(0, "Optimizer steps to run; 0 means num_epochs full passes over the data.")
     num_epochs: int = opt(1, "Passes over the training data when max_steps is 0.")
@@ -192,11 +211,33 @@ class TrainConfig:
         split_spec(self.dataset_split)
         if self.use_dora and self.method == "full":
             raise ConfigError("use_dora applies to lora and qlora only; method full trains every weight")
+        self._validate_dpo()
         if self.merge_adapter and self.method == "full":
             raise ConfigError(
                 "merge_adapter applies to lora and qlora only; method full writes the model itself"
             )
         return self
+
+    def _validate_dpo(self) -> None:
+        if self.dpo_beta <= 0:
+            raise ConfigError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+        if not 0.0 <= self.dpo_label_smoothing < 0.5:
+            raise ConfigError(f"dpo_label_smoothing must be in [0, 0.5), got {self.dpo_label_smoothing}")
+        if self.dpo_label_smoothing and self.dpo_loss != "sigmoid":
+            raise ConfigError("dpo_label_smoothing applies to dpo_loss: sigmoid only; set it to 0 for ipo")
+        if self.objective != "dpo":
+            return
+        for name, why in (
+            ("packing", "a preference pair is a chosen and a rejected sequence, never packed"),
+            ("train_on_prompt", "only response tokens count in DPO's log-probabilities"),
+        ):
+            if getattr(self, name):
+                raise ConfigError(f"{name} applies to objective sft only ({why}): set it to false")
+        if self.dataset_format != "auto":
+            raise ConfigError(
+                f"dataset_format {self.dataset_format} applies to objective sft; objective dpo reads "
+                "prompt/chosen/rejected rows (leave dataset_format: auto)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -383,16 +383,20 @@ def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[
             len(samples) - len(kept),
             len(samples),
         )
-    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_val = round(cfg.val_fraction * len(kept)) if cfg.val_fraction else 0
-    n_val = min(max(n_val, 1 if cfg.val_fraction else 0), len(kept) - 1)
-    val = [kept[i] for i in order[:n_val]]
-    train = [kept[i] for i in order[n_val:]]
+    train, val = split_train_val(kept, cfg)
     log.info("format %s: %d rows -> %d train, %d val samples", fmt, len(ds), len(train), len(val))
     return {
         "train": _records(train, cfg.packing, cfg.max_seq_length),
         "val": _records(val, cfg.packing, cfg.max_seq_length),
     }
+
+
+def split_train_val(samples: list, cfg: TrainConfig) -> tuple[list, list]:
+    """A seeded shuffle, then `val_fraction` of the samples (at least one, never all) held out."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_val = round(cfg.val_fraction * len(samples)) if cfg.val_fraction else 0
+    n_val = min(max(n_val, 1 if cfg.val_fraction else 0), len(samples) - 1)
+    return [samples[i] for i in order[n_val:]], [samples[i] for i in order[:n_val]]
 
 
 def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
@@ -405,6 +409,7 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
                 h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     settings = ("dataset_format", "max_seq_length", "packing", "train_on_prompt", "val_fraction", "seed")
     settings += ("dataset_split", "dataset_source", "column_map", "system_prompt")
+    settings += ("objective",)
     h.update(json.dumps({k: getattr(cfg, k) for k in settings}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -419,7 +424,7 @@ def write_cache(splits: dict[str, list[dict[str, list[int]]]], path: Path) -> No
         for name, records in splits.items():
             if not records:  # an empty split is an absent folder
                 continue
-            columns = {k: [r[k] for r in records] for k in ("input_ids", "labels", "seq_lens")}
+            columns = {k: [r[k] for r in records] for k in records[0]}  # SFT or preference records
             datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / name))
         try:
             os.rename(tmp, path)

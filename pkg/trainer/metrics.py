@@ -12,6 +12,10 @@ from typing import Any
 
 log = logging.getLogger("pkg.trainer")
 
+# Reported by DPO next to the loss: summary.json keeps their final values, loss.png plots the accuracy.
+ACCURACY = ("reward_accuracy", "reward_margin")
+VAL_ACCURACY = tuple(f"val_{k}" for k in ACCURACY)
+
 
 def hms(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -64,12 +68,15 @@ class Metrics:
         grad_norm: float,
         tokens_per_s: float,
         aux_loss: float | None = None,
+        extra: dict[str, float] | None = None,
     ) -> None:
-        """`aux_loss`: an MoE router's load-balancing loss (before its coefficient), if the model has one."""
+        """`aux_loss`: an MoE router's load-balancing loss (before its coefficient), if the model has one;
+        `extra`: the objective's own metrics (DPO's rewards), in the record and the progress line."""
         elapsed = self.elapsed()
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+        extra = extra or {}
+        record = {"step": step, "loss": loss, **extra, "lr": lr, "grad_norm": grad_norm}
         aux = {} if aux_loss is None else {"aux_loss": aux_loss}
-        self.log({**record, **aux, "elapsed": elapsed})
+        self.log({**record, "tokens_per_s": tokens_per_s, **aux, "elapsed": elapsed})
         if self.enabled:
             done = step - self.start_step
             eta = elapsed / done * (self.total_steps - step) if done else float("inf")
@@ -79,7 +86,7 @@ class Metrics:
                 step,
                 self.total_steps,
                 loss,
-                f" aux_loss={aux_loss:.4f}" if aux else "",
+                _fields(extra) + (f" aux_loss={aux_loss:.4f}" if aux else ""),
                 lr,
                 grad_norm,
                 tokens_per_s,
@@ -87,10 +94,11 @@ class Metrics:
                 hms(eta),
             )
 
-    def val_step(self, step: int, val_loss: float) -> None:
-        self.log({"step": step, "val_loss": val_loss, "elapsed": self.elapsed()})
+    def val_step(self, step: int, val_loss: float, extra: dict[str, float] | None = None) -> None:
+        extra = extra or {}
+        self.log({"step": step, "val_loss": val_loss, **extra, "elapsed": self.elapsed()})
         if self.enabled:
-            log.info("step %d/%d | val_loss=%.4f", step, self.total_steps, val_loss)
+            log.info("step %d/%d | val_loss=%.4f%s", step, self.total_steps, val_loss, _fields(extra))
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Write summary.json and loss.png; returns the summary."""
@@ -102,6 +110,8 @@ class Metrics:
             "final_loss": train[-1]["loss"] if train else None,
             "final_val_loss": val[-1]["val_loss"] if val else None,
             "mean_tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train) if train else None,
+            **{f"final_{k}": train[-1][k] for k in ACCURACY if train and k in train[-1]},
+            **{f"final_{k}": val[-1][k] for k in VAL_ACCURACY if val and k in val[-1]},
             **extra,
         }
         if self.enabled:
@@ -110,6 +120,10 @@ class Metrics:
             os.replace(tmp, self.output_dir / "summary.json")
             plot_loss(train, val, self.output_dir / "loss.png")
         return summary
+
+
+def _fields(values: dict[str, float]) -> str:
+    return "".join(f" {k}={v:.4f}" for k, v in values.items())
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -131,7 +145,11 @@ def plot_loss(train: list[dict], val: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    accuracy = [r for r in train if "reward_accuracy" in r]
+    fig, axes = plt.subplots(
+        1, 2 if accuracy else 1, figsize=(12 if accuracy else 7, 4), dpi=100, squeeze=False
+    )
+    ax = axes[0][0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
@@ -139,6 +157,19 @@ def plot_loss(train: list[dict], val: list[dict], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if accuracy:  # DPO: how often the chosen response out-scores the rejected one
+        acc = axes[0][1]
+        acc.plot([r["step"] for r in accuracy], [r["reward_accuracy"] for r in accuracy], label="train")
+        scored = [r for r in val if "val_reward_accuracy" in r]
+        if scored:
+            acc.plot(
+                [r["step"] for r in scored], [r["val_reward_accuracy"] for r in scored], "o-", label="val"
+            )
+        acc.set_xlabel("step")
+        acc.set_ylabel("reward accuracy")
+        acc.set_ylim(-0.05, 1.05)
+        acc.grid(alpha=0.3)
+        acc.legend()
     fig.tight_layout()
     tmp = path.with_name(".loss.png.tmp.png")
     fig.savefig(tmp)

@@ -16,6 +16,9 @@ Features and their flags (pkg/trainer/config.py documents every key):
 - Data: formats, prompt masking (`train_on_prompt`), `packing`, `max_seq_length`, a tokenized cache (data.py).
 - Schedule: `max_steps` or `num_epochs`, AdamW (`learning_rate`, `weight_decay`), `warmup_steps` then
   `lr_scheduler` (cosine, linear, constant), gradient clipping (`max_grad_norm`).
+- DPO (`objective: dpo`, dpo.py and preference.py): preference pairs, chosen and rejected in one forward
+  pass, the loss the mean over the pairs of the global batch; the reference is the model with its adapter
+  disabled (LoRA/QLoRA) or log-probs cached before the first update (full).
 - Validation: `val_fraction` held out, evaluated every `eval_every` steps and at the end.
 - Outputs: adapter/ or model/ (export.py), metrics.jsonl, summary.json, loss.png (metrics.py), config.yaml.
 - Checkpoints (checkpoint.py): sharded and atomic every `save_every` steps and at the end, `keep_last` kept;
@@ -41,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pkg.trainer import checkpoint, data, distributed, export, model, resilience
+from pkg.trainer import checkpoint, data, distributed, dpo, export, model, preference, resilience
 from pkg.trainer.config import TrainConfig, save_config
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.metrics import Metrics
@@ -108,6 +111,8 @@ class Recipe:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        self.dpo: dpo.DPO | None = None
+        self.reference: dict[str, torch.Tensor] = {}  # full-FT DPO: cached reference log-probs per split
 
     # ------------------------------------------------------------ setup
 
@@ -151,6 +156,10 @@ class Recipe:
             cfg.precision == "auto" and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
         self.model = self.build_model()
+        if cfg.objective == "dpo":
+            self.dpo = dpo.DPO(cfg, self.dist.device, dpo.shares_prompt(self.model))
+            if cfg.method == "full":  # before resume(): the freshly loaded model is the reference
+                self.reference = self.reference_cache()
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -210,18 +219,62 @@ class Recipe:
         """Tokenize on rank 0 (and on each node's first rank if output_dir is not shared); read everywhere."""
         cfg = self.cfg
         path = self.out / "cache" / f"tokenized-{data.cache_key(cfg, cfg.model_dir)}"
+        build = preference.build_splits if cfg.objective == "dpo" else data.build_splits
         datasets_cache = str(self.out / "cache" / "datasets")
         for builder in (self.dist.is_main, self.dist.local_rank == 0):
             error = None
             if builder and not path.exists():
                 try:
                     log.info("tokenizing %s into %s", cfg.dataset_dir, path)
-                    data.write_cache(data.build_splits(cfg, self.tokenizer, datasets_cache), path)
+                    data.write_cache(build(cfg, self.tokenizer, datasets_cache), path)
                 except TrainerError as exc:
                     error = str(exc)
             agree(error)
         splits = data.read_cache(path)
         return splits["train"], splits["val"]
+
+    def reference_cache(self) -> dict[str, torch.Tensor]:
+        """Full-FT DPO: the reference log-probs of every pair, computed once and kept with the tokenized data.
+
+        Keyed by the data cache and the model's content digest. All ranks compute together when any rank
+        lacks the file; each node's first rank writes it (atomically), as for the tokenized data.
+        """
+        cfg = self.cfg
+        key = f"{data.cache_key(cfg, cfg.model_dir)}-{checkpoint.dir_digest(cfg.model_dir)}"
+        path = self.out / "cache" / f"reference-{key}.pt"
+        (missing,) = distributed.all_reduce_sum([0.0 if path.exists() else 1.0], self.dist.device)
+        if not missing:
+            return torch.load(path, weights_only=True)
+        started, cpu = time.monotonic(), time.process_time()
+        splits = {}
+        for name, records in (("train", self.train_data), ("val", self.val_data)):
+            # Pairs of similar length together (less padding); -1 pads so every rank runs as many passes.
+            lengths = [sum(lens) for lens in records["seq_lens"]] if len(records) else []
+            order = sorted(range(len(records)), key=lengths.__getitem__)
+            batches = [[order[i] if i >= 0 else -1 for i in mb] for mb in self.plan.val_batches(len(records))]
+            splits[name] = dpo.reference_logps(
+                self.model, records, batches, self.dist.device, self.dpo.shared_prompt
+            )
+        log.info(
+            "reference log-probs of %d pairs computed in %.1f s, %.1f s CPU (cached in %s)",
+            len(self.train_data) + len(self.val_data), time.monotonic() - started,
+            time.process_time() - cpu, path,
+        )  # fmt: skip
+        if self.dist.local_rank == 0:
+            tmp = path.with_name(f".{path.name}.tmp-{self.dist.rank}")
+            torch.save(splits, tmp)
+            tmp.replace(path)
+        return splits
+
+    def micro_loss(self, records: list[dict], indices: list[int], split: str, weights=None):
+        """(summed loss of a micro-batch, sums of the objective's metrics: [loss] for SFT, dpo.METRICS)."""
+        if self.dpo is not None:
+            cached = None
+            if split in self.reference:
+                cached = self.reference[split][[max(i, 0) for i in indices]]
+            return self.dpo.micro(self.model, records, cached, weights)
+        loss = self.loss_sum(data.collate(records, self.tokenizer.pad_token_id, self.cfg.packing))
+        return loss, [loss.item()]
 
     def build_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -275,28 +328,35 @@ class Recipe:
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step on the global batch of `step`; returns the global-batch loss and counts."""
-        micro = [[self.train_data[i] for i in mb] for mb in self.plan.micro_batches(step)]
-        local_targets = sum(data.count_targets(recs) for recs in micro)
-        local_tokens = sum(len(r["input_ids"]) for recs in micro for r in recs)
-        n_targets, n_tokens = distributed.all_reduce_sum([local_targets, local_tokens], self.dist.device)
-        # FSDP averages gradients over ranks; scaling by the world size turns that into the global token mean.
+        indices = self.plan.micro_batches(step)
+        micro = [[self.train_data[i] for i in mb] for mb in indices]
+        if self.dpo is not None:  # the loss is the mean over the pairs of the global batch
+            local_tokens = sum(preference.count_tokens(recs) for recs in micro)
+            (n_tokens,) = distributed.all_reduce_sum([local_tokens], self.dist.device)
+            n_targets = float(self.cfg.global_batch_size)
+        else:
+            local_targets = sum(data.count_targets(recs) for recs in micro)
+            local_tokens = sum(len(r["input_ids"]) for recs in micro for r in recs)
+            n_targets, n_tokens = distributed.all_reduce_sum([local_targets, local_tokens], self.dist.device)
+        # FSDP averages gradients over ranks; scaling by the world size turns that into the global mean.
         scale = self.dist.world_size / n_targets
         self.model.train()
         # LoRA under FSDP: gradients (a small adapter) accumulate locally and are reduced once, after the
         # last micro-batch, instead of one reduce-scatter per micro-batch. Full fine-tuning keeps syncing:
         # unsharded gradients of every weight would cost a whole model's memory per rank.
         defer_sync = self.cfg.method == "lora" and hasattr(self.model, "set_requires_gradient_sync")
-        loss_total, aux_total = 0.0, 0.0
+        totals: list[float] = []
+        aux_total = 0.0
         for i, recs in enumerate(micro):
             if defer_sync:
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            loss = self.loss_sum(data.collate(recs, self.tokenizer.pad_token_id, self.cfg.packing))
+            loss, stats = self.micro_loss(recs, indices[i], "train")
             objective = loss * scale
             if self.aux_loss is not None:  # a mean per micro-batch: averaged over all of them, then weighted
                 objective = objective + self.aux_loss * (self.aux_coef / len(micro))
                 aux_total += self.aux_loss.item()
             objective.backward()
-            loss_total += loss.item()
+            totals = [a + b for a, b in zip(totals, stats, strict=True)] if totals else stats
         if self.cfg.method == "qlora":
             self.all_reduce_grads()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -307,14 +367,10 @@ class Recipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_global, aux_global = distributed.all_reduce_sum([loss_total, aux_total], self.dist.device)
-        result = {
-            "loss": loss_global / n_targets,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "tokens": n_tokens,
-        }
-        if self.aux_coef:
+        *sums, aux_global = distributed.all_reduce_sum([*totals, aux_total], self.dist.device)
+        means = dpo.metrics(sums, n_targets) if self.dpo is not None else {"loss": sums[0] / n_targets}
+        result = {**means, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
+        if self.aux_coef and self.dpo is None:  # DPO does not add the router loss (docs: known limits)
             result["aux_loss"] = aux_global / (len(micro) * self.dist.world_size)
         return result
 
@@ -327,9 +383,11 @@ class Recipe:
                 p.grad /= self.dist.world_size
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Token-weighted validation loss over the whole held-out set, shared across ranks."""
+    def evaluate(self) -> dict[str, float]:
+        """Validation over the whole held-out set, shared across ranks: val_loss (and DPO's val_ metrics)."""
         self.model.eval()
+        if self.dpo is not None:
+            return self.evaluate_pairs()
         blank = dict(self.val_data[0], labels=[data.IGNORE_INDEX] * len(self.val_data[0]["labels"]))
         loss_total, n_targets = 0.0, 0
         for mb in self.plan.val_batches(len(self.val_data)):
@@ -339,11 +397,22 @@ class Recipe:
             ).item()
             n_targets += data.count_targets(recs)
         loss_total, n_targets = distributed.all_reduce_sum([loss_total, n_targets], self.dist.device)
-        return loss_total / max(n_targets, 1)
+        return {"val_loss": loss_total / max(n_targets, 1)}
+
+    def evaluate_pairs(self) -> dict[str, float]:
+        """DPO validation: the means of dpo.METRICS over the held-out pairs (padding pairs weigh 0)."""
+        totals = [0.0] * len(dpo.METRICS)
+        for mb in self.plan.val_batches(len(self.val_data)):
+            recs = [self.val_data[max(i, 0)] for i in mb]
+            weights = torch.tensor([float(i >= 0) for i in mb])
+            stats = self.micro_loss(recs, mb, "val", weights)[1]
+            totals = [a + b for a, b in zip(totals, stats, strict=True)]
+        return dpo.metrics(distributed.all_reduce_sum(totals, self.dist.device), len(self.val_data), "val_")
 
     def train(self) -> None:
         cfg, state = self.cfg, self.state
         self.train_start = time.monotonic()
+        cpu_start = time.process_time()
         stop = resilience.StopRequest().install()  # SIGTERM: checkpoint at the next step boundary, exit 143
         while state.step < self.total_steps:
             started = time.monotonic()
@@ -353,6 +422,7 @@ class Recipe:
             last = state.step == self.total_steps
             if state.step % cfg.log_every == 0 or last:
                 rate = result["tokens"] / max(time.monotonic() - started, 1e-9)
+                extra = {k: result[k] for k in dpo.METRICS[1:] if k in result}
                 self.metrics.train_step(
                     state.step,
                     result["loss"],
@@ -360,9 +430,11 @@ class Recipe:
                     result["grad_norm"],
                     rate,
                     result.get("aux_loss"),
+                    extra,
                 )
             if len(self.val_data) and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
-                self.metrics.val_step(state.step, self.evaluate())
+                scores = self.evaluate()
+                self.metrics.val_step(state.step, scores.pop("val_loss"), scores)
             saved = bool(cfg.save_every) and (state.step % cfg.save_every == 0 or last)
             if saved:
                 self.save_checkpoint()
@@ -376,6 +448,7 @@ class Recipe:
                 )
         stop.uninstall()
         self.train_time = time.monotonic() - self.train_start
+        self.train_cpu = time.process_time() - cpu_start  # what the steps cost, however loaded the machine
 
     # ------------------------------------------------------------ save
 
@@ -384,6 +457,7 @@ class Recipe:
         summary = self.metrics.finish(
             {
                 "method": self.cfg.method,
+                "objective": self.cfg.objective,
                 "world_size": self.dist.world_size,
                 "total_steps": self.total_steps,
                 "max_steps": self.cfg.max_steps,
@@ -391,6 +465,7 @@ class Recipe:
                 "fingerprint": self.fingerprint,
                 "tokens_seen": self.state.tokens_seen,
                 "train_time_s": round(getattr(self, "train_time", 0.0), 3),
+                "train_cpu_s": round(getattr(self, "train_cpu", 0.0), 3),
                 "peak_memory_mb": round(peak_memory_mb(self.dist.device), 1),
                 **self.param_counts,
                 "outputs": [str(p) for p in written],

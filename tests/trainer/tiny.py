@@ -133,3 +133,37 @@ def make_arch_model(path: str | Path, model_type: str, seed: int = 0, **override
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def preference_rows(form: str = "strings", n: int = 64) -> list[dict]:
+    """n preference pairs with a rule: the chosen answer repeats the prompt's word, the rejected another word.
+
+    form: "strings" (prompt/chosen/rejected) or "chat" (chosen/rejected message lists sharing the user turn).
+    """
+    out = []
+    for i in range(n):
+        w, other = WORDS[i % len(WORDS)], WORDS[(i * 7 + 3) % len(WORDS)]
+        if other == w:
+            other = WORDS[(i + 1) % len(WORDS)]
+        prompt, good, bad = f"Repeat the word {w} three times.", f"{w} {w} {w}", f"{other} {other} {other}"
+        if form == "strings":
+            out.append({"prompt": prompt + " ", "chosen": good, "rejected": bad})
+        elif form == "chat":
+            user = {"role": "user", "content": prompt}
+            out.append(
+                {
+                    "chosen": [user, {"role": "assistant", "content": good}],
+                    "rejected": [user, {"role": "assistant", "content": bad}],
+                }
+            )
+        else:
+            raise ValueError(form)
+    return out
+
+
+def make_preference_dataset(path: str | Path, form: str = "strings", n: int = 64) -> Path:
+    """preference_rows as a train.jsonl, as the dataset initializer could leave it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_rows(form, n)))
+    return path

@@ -1,0 +1,262 @@
+"""Preference pairs for DPO (`objective: dpo`): read, tokenize and batch prompt/chosen/rejected rows.
+
+- Row forms, detected from the columns and the first row:
+  strings: `prompt`, `chosen`, `rejected` (the prompt gets the tokenizer's special tokens, each response
+  an end-of-sequence token, as in SFT's prompt/completion rows);
+  conversational: `chosen` and `rejected` are message lists (the form of most Hub preference sets); the
+  prompt is their shared leading turns, or a `prompt` message list when the set has one. Rendered with the
+  model's chat template; a set in this form for a tokenizer without a template is refused.
+- A record keeps the prompt once: `prompt_ids`, `chosen_ids`, `rejected_ids` (the response tokens, end marks
+  included) and `seq_lens` (the lengths of the chosen and rejected sequences, for the batch plan).
+- Truncation: when prompt + the longer response exceed `max_seq_length`, the prompt loses its beginning (the
+  responses, which the loss is about, stay whole); a pair whose response alone does not fit is dropped, and
+  both counts are logged.
+- Batches: `collate_pairs` puts the chosen sequences then the rejected ones into one padded batch, so a
+  micro-batch needs one forward pass; labels are -100 but on response tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pkg.trainer import data
+from pkg.trainer.config import TrainConfig
+from pkg.trainer.errors import TrainerError
+
+log = logging.getLogger(__name__)
+
+RESPONSES = ("chosen", "rejected")
+EXPECTED = (
+    "prompt/chosen/rejected strings, or chosen/rejected message lists (with an optional prompt message list)"
+)
+
+
+def check_columns(columns: list[str]) -> None:
+    missing = [c for c in RESPONSES if c not in columns]
+    if missing:
+        raise TrainerError(
+            f"objective dpo needs preference columns but the dataset has no {' or '.join(missing)} "
+            f"(columns: {', '.join(columns)}); expected {EXPECTED}"
+        )
+
+
+def is_chat(row: dict) -> bool:
+    return isinstance(row.get("chosen"), list)
+
+
+# ---------------------------------------------------------------- rows -> (prompt, chosen, rejected) text
+
+
+def _string(row: dict, key: str, i: int) -> str:
+    value = row.get(key)
+    if value is None:
+        raise TrainerError(f"row {i} has no '{key}' (preference rows need {EXPECTED})")
+    if not isinstance(value, str):
+        raise TrainerError(
+            f"row {i}: '{key}' must be a string like the other rows', got {type(value).__name__}"
+        )
+    if key in RESPONSES and not value.strip():
+        raise TrainerError(f"row {i}: the '{key}' response is empty")
+    return value
+
+
+def _message_list(row: dict, key: str, i: int) -> list[dict]:
+    msgs = row.get(key)
+    if msgs is None:
+        raise TrainerError(f"row {i} has no '{key}' (preference rows need {EXPECTED})")
+    if isinstance(msgs, str) and key == "prompt":  # a plain-text prompt before conversational responses
+        return [{"role": "user", "content": msgs}]
+    if not isinstance(msgs, list):
+        raise TrainerError(f"row {i}: '{key}' must be a list of messages like the other rows'")
+    for m in msgs:
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise TrainerError(f"row {i}: every message of '{key}' needs a string 'role' and 'content'")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def chat_turns(row: dict, i: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt turns, chosen turns, rejected turns) of a conversational row."""
+    chosen, rejected = _message_list(row, "chosen", i), _message_list(row, "rejected", i)
+    if row.get("prompt") is not None:
+        prompt = _message_list(row, "prompt", i)
+        if chosen[: len(prompt)] == prompt and rejected[: len(prompt)] == prompt:  # full conversations
+            chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
+    else:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    if not prompt:
+        raise TrainerError(f"row {i}: chosen and rejected share no prompt turn (and there is no 'prompt')")
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not turns or not any(m["content"].strip() for m in turns):
+            raise TrainerError(f"row {i}: the '{key}' response is empty")
+    return prompt, chosen, rejected
+
+
+def render_chat(tokenizer, prompt: list[dict], response: list[dict], i: int) -> tuple[str, str]:
+    """(prompt text, response text): the conversation rendered once, split where the response starts."""
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    for generation_prompt in (True, False):
+        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=generation_prompt)
+        if full.startswith(head) and len(full) > len(head):
+            return head, full[len(head) :]
+    raise TrainerError(
+        f"row {i}: the model's chat template renders the prompt turns differently once a response follows, "
+        "so the response tokens cannot be told apart; give prompt/chosen/rejected as strings"
+    )
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, int]:
+    """Records of every row (see the module doc); returns (records, truncated prompts, dropped rows)."""
+    check_columns(list(ds.column_names))
+    chat = is_chat(ds[0])
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise TrainerError(
+            f"the dataset's chosen/rejected are message lists but the tokenizer in {cfg.model_dir} has no "
+            "chat template: add chat_template to its tokenizer_config.json, or give prompt/chosen/rejected "
+            "as strings"
+        )
+    if not chat and "prompt" not in ds.column_names:
+        raise TrainerError(
+            f"objective dpo: chosen/rejected are strings, so a 'prompt' column is needed "
+            f"(columns: {', '.join(ds.column_names)})"
+        )
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and not chat else []
+    records, truncated, dropped = [], 0, 0
+    for lo in range(0, len(ds), 1000):
+        chunk = ds[lo : lo + 1000]
+        rows = [{k: chunk[k][j] for k in chunk} for j in range(len(chunk["chosen"]))]
+        texts = []
+        for j, row in enumerate(rows):
+            if is_chat(row) != chat:
+                raise TrainerError(f"row {lo + j}: mixes string and message-list rows; use one form")
+            if chat:
+                prompt, chosen, rejected = chat_turns(row, lo + j)
+                head, c = render_chat(tokenizer, prompt, chosen, lo + j)
+                head_r, r = render_chat(tokenizer, prompt, rejected, lo + j)
+                if head_r != head:
+                    raise TrainerError(
+                        f"row {lo + j}: the chat template renders the prompt of chosen and of rejected "
+                        "differently; give prompt/chosen/rejected as strings"
+                    )
+                texts.append((head, c, r))
+            else:
+                texts.append(tuple(_string(row, k, lo + j) for k in ("prompt", "chosen", "rejected")))
+        prompts = tokenizer([t[0] for t in texts], add_special_tokens=not chat)["input_ids"]
+        chosen = tokenizer([t[1] for t in texts], add_special_tokens=False)["input_ids"]
+        rejected = tokenizer([t[2] for t in texts], add_special_tokens=False)["input_ids"]
+        for p, c, r in zip(prompts, chosen, rejected, strict=True):
+            c, r = c + eos, r + eos
+            budget = cfg.max_seq_length - max(len(c), len(r))
+            if budget < 1 or not c or not r:  # nothing predicts a response's first token without a prompt
+                dropped += 1
+                continue
+            if len(p) > budget:
+                p, truncated = p[-budget:], truncated + 1
+            records.append(
+                {
+                    "prompt_ids": p,
+                    "chosen_ids": c,
+                    "rejected_ids": r,
+                    "seq_lens": [len(p) + len(c), len(p) + len(r)],
+                }
+            )
+    return records, truncated, dropped
+
+
+def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[dict]]:
+    """Tokenized preference records, split into train and val like the SFT samples."""
+    ds = data.load_rows(cfg.dataset_dir, cache_dir, cfg.dataset_split, cfg.dataset_source)
+    ds = data.rename_columns(ds, cfg.column_map)
+    records, truncated, dropped = tokenize_pairs(ds, tokenizer, cfg)
+    if truncated:
+        log.warning(
+            "truncated the prompt of %d of %d pairs to fit max_seq_length=%d (the responses are kept whole)",
+            truncated, len(ds), cfg.max_seq_length,
+        )  # fmt: skip
+    if not records:
+        raise TrainerError(
+            f"no preference pair fits max_seq_length={cfg.max_seq_length} (a response alone is longer): "
+            "raise max_seq_length"
+        )
+    if dropped:
+        log.warning(
+            "dropped %d of %d pairs whose chosen or rejected response alone does not fit max_seq_length=%d",
+            dropped, len(ds), cfg.max_seq_length,
+        )  # fmt: skip
+    train, val = data.split_train_val(records, cfg)
+    log.info("format preference: %d rows -> %d train, %d val pairs", len(ds), len(train), len(val))
+    return {"train": train, "val": val}
+
+
+# ---------------------------------------------------------------- batches
+
+
+def collate_pairs(records: list[dict], shared_prompt: bool = True) -> dict[str, torch.Tensor]:
+    """One model input for the chosen and the rejected response of every pair, and where their targets are.
+
+    shared_prompt (the default where the attention accepts a custom mask, SDPA): one row per pair,
+    `prompt + chosen + rejected`, with the rejected tokens at the positions they would have right after the
+    prompt and a mask that hides the chosen tokens from them. The prompt runs through the model once instead
+    of twice: on pairs whose prompt is as long as the responses, a third fewer tokens.
+    Otherwise: two rows per pair (prompt + chosen, prompt + rejected), right-padded, plain causal attention.
+
+    Returns input_ids [N, L] (plus position_ids and a boolean attention_mask [N, 1, L, L] when shared);
+    `rows`, `positions`, `targets`: for output row r (the B chosen responses, then the B rejected ones),
+    response token j is `targets[r, j]`, predicted at `positions[r, j]` of input row `rows[r]` (-100 pads).
+    Padding tokens repeat the row's last token; they are never targets nor seen by a real token.
+    """
+    b = len(records)
+    starts = []  # per output row: input row, first predictor position, position of the response's tokens
+    seqs = []
+    if shared_prompt:
+        for i, r in enumerate(records):
+            p, c = len(r["prompt_ids"]), len(r["chosen_ids"])
+            seqs.append(r["prompt_ids"] + r["chosen_ids"] + r["rejected_ids"])
+            starts.append((i, p, p))
+        starts += [
+            (i, len(r["prompt_ids"]), len(r["prompt_ids"]) + len(r["chosen_ids"]))
+            for i, r in enumerate(records)
+        ]
+    else:
+        for key in ("chosen_ids", "rejected_ids"):
+            seqs += [r["prompt_ids"] + r[key] for r in records]
+        starts = [(i, len(r["prompt_ids"]), len(r["prompt_ids"])) for i, r in enumerate(records * 2)]
+    responses = [r["chosen_ids"] for r in records] + [r["rejected_ids"] for r in records]
+    width = max(len(x) for x in seqs)
+    longest = max(len(x) for x in responses)
+    ids = torch.tensor([x + [x[-1]] * (width - len(x)) for x in seqs], dtype=torch.long)
+    positions = torch.zeros((2 * b, longest), dtype=torch.long)
+    targets = torch.full((2 * b, longest), data.IGNORE_INDEX, dtype=torch.long)
+    for out, ((_, prompt_len, at), response) in enumerate(zip(starts, responses, strict=True)):
+        n = len(response)
+        targets[out, :n] = torch.tensor(response)
+        # Token 0 follows the last prompt token; token j > 0 follows token j - 1 (at `at + j - 1`).
+        positions[out, 0] = prompt_len - 1
+        positions[out, 1:n] = torch.arange(at, at + n - 1)
+    batch = {"input_ids": ids, "rows": torch.tensor([row for row, _, _ in starts]), "positions": positions}
+    batch["targets"] = targets
+    if shared_prompt:
+        pos = torch.arange(width).repeat(b, 1)
+        mask = torch.ones((b, width, width), dtype=torch.bool).tril()
+        for i, r in enumerate(records):
+            p, c, n = len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])
+            pos[i, p + c : p + c + n] -= c  # the rejected response starts right after the prompt
+            mask[i, p + c :, p : p + c] = False  # ... and never sees the chosen one
+        batch["position_ids"], batch["attention_mask"] = pos, mask.unsqueeze(1)
+    return batch
+
+
+def count_tokens(records: list[dict]) -> int:
+    """Tokens of both sequences of every pair (the prompt twice, whatever the layout); the tokens/s unit."""
+    return sum(sum(r["seq_lens"]) for r in records)

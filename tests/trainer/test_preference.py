@@ -1,0 +1,163 @@
+"""Preference data for DPO: row forms, response-only labels, prompt-first truncation, clear errors."""
+
+from __future__ import annotations
+
+import re
+
+import datasets
+import pytest
+
+from pkg.trainer import data, preference
+from pkg.trainer.config import TrainConfig, load_config
+from pkg.trainer.errors import ConfigError, TrainerError
+from tests.trainer.conftest import run_trainer
+from tests.trainer.tiny import make_dataset, make_tokenizer, preference_rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(objective="dpo", model_dir="/models/tiny", **kw).validate()
+
+
+def pairs(rows: list[dict], tokenizer, **kw):
+    return preference.tokenize_pairs(datasets.Dataset.from_list(rows), tokenizer, cfg(**kw))
+
+
+def test_string_rows_prompt_once_responses_with_eos_and_labels_only_on_responses(tokenizer):
+    records, truncated, dropped = pairs(preference_rows("strings", 4), tokenizer)
+    assert (len(records), truncated, dropped) == (4, 0, 0)
+    rec = records[0]
+    assert tokenizer.decode(rec["prompt_ids"]) == "<s>Repeat the word apple three times. "
+    assert tokenizer.decode(rec["chosen_ids"]) == "apple apple apple</s>"
+    assert tokenizer.decode(rec["rejected_ids"]).endswith("</s>") and rec["rejected_ids"] != rec["chosen_ids"]
+    assert rec["seq_lens"] == [len(rec["prompt_ids"]) + len(rec[k]) for k in ("chosen_ids", "rejected_ids")]
+
+    for shared in (True, False):
+        batch = preference.collate_pairs(records[:2], shared)
+        assert batch["input_ids"].shape[0] == (2 if shared else 4)  # one forward pass for both responses
+        for r, (rec, key) in enumerate([(x, k) for k in ("chosen_ids", "rejected_ids") for x in records[:2]]):
+            n, ids = len(rec[key]), batch["input_ids"][batch["rows"][r]]
+            assert batch["targets"][r, :n].tolist() == rec[key]  # only response tokens count
+            assert (batch["targets"][r, n:] == data.IGNORE_INDEX).all()
+            # Each target is predicted from the last prompt token, then from the previous response token.
+            before = ids[batch["positions"][r, :n]].tolist()
+            assert before == [rec["prompt_ids"][-1], *rec[key][:-1]]
+            if shared:  # rejected: positions restart after the prompt, and the chosen tokens are masked
+                p, c = len(rec["prompt_ids"]), len(rec["chosen_ids"])
+                at = p + (c if key == "rejected_ids" else 0)
+                assert batch["position_ids"][batch["rows"][r], at : at + n].tolist() == list(range(p, p + n))
+                visible = batch["attention_mask"][batch["rows"][r], 0, at + n - 1]
+                assert visible[:p].all() and visible[p : p + c].all() == (key == "chosen_ids")
+
+
+def test_chat_rows_share_the_prompt_turns_and_render_with_the_template(tokenizer):
+    implicit = preference_rows("chat", 2)
+    explicit = [
+        {"prompt": r["chosen"][:1], "chosen": r["chosen"][1:], "rejected": r["rejected"][1:]}
+        for r in implicit
+    ]
+    a, b = pairs(implicit, tokenizer)[0], pairs(explicit, tokenizer)[0]
+    assert a == b
+    assert (
+        tokenizer.decode(a[0]["prompt_ids"])
+        == "<s><|user|>\nRepeat the word apple three times.</s>\n<|assistant|>\n"
+    )
+    assert tokenizer.decode(a[0]["chosen_ids"]) == "apple apple apple</s>\n"
+
+
+def test_max_seq_length_truncates_the_prompt_first_and_drops_pairs_whose_response_cannot_fit(tokenizer):
+    rows = preference_rows("strings", 3)
+    rows[1]["prompt"] = "apple river stone cloud tiger " * 20 + rows[1]["prompt"]
+    rows[2]["rejected"] = "lemon " * 200
+    records, truncated, dropped = pairs(rows, tokenizer, max_seq_length=24)
+    assert (len(records), truncated, dropped) == (2, 1, 1)
+    long = records[1]
+    assert max(long["seq_lens"]) == 24
+    assert tokenizer.decode(long["chosen_ids"]) == "river river river</s>"  # the response stays whole
+    assert tokenizer.decode(long["prompt_ids"]).endswith(
+        "Repeat the word river three times. "
+    )  # the end stays
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (
+            [{"prompt": "p", "chosen": "a"}],
+            "objective dpo needs preference columns but the dataset has no rejected",
+        ),
+        ([{"chosen": "a", "rejected": "b"}], "chosen/rejected are strings, so a 'prompt' column is needed"),
+        ([{"prompt": None, "chosen": "a", "rejected": "b"}], "row 0 has no 'prompt'"),
+        ([{"prompt": "p", "chosen": " ", "rejected": "b"}], "row 0: the 'chosen' response is empty"),
+        (
+            [
+                {
+                    "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                    "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}],
+                }
+            ],
+            "row 0: the 'rejected' response is empty",
+        ),
+        (
+            [
+                {
+                    "chosen": [{"role": "assistant", "content": "a"}],
+                    "rejected": [{"role": "assistant", "content": "b"}],
+                }
+            ],
+            "row 0: chosen and rejected share no prompt turn",
+        ),
+        (
+            [{"chosen": [{"role": "user"}], "rejected": [{"role": "user", "content": "b"}]}],
+            "needs a string 'role'",
+        ),
+    ],
+)
+def test_bad_rows_and_columns_are_one_clear_line(tokenizer, rows, message):
+    with pytest.raises(TrainerError, match=re.escape(message)) as err:
+        pairs(rows, tokenizer)
+    assert "\n" not in str(err.value)
+
+
+def test_chat_pairs_for_a_tokenizer_without_a_chat_template_are_refused(tmp_path):
+    plain = make_tokenizer(tmp_path, chat_template=False)
+    with pytest.raises(
+        TrainerError, match=re.escape("has no chat template: add chat_template to its tokenizer_config.json")
+    ):
+        pairs(preference_rows("chat", 2), plain)
+    assert len(pairs(preference_rows("strings", 2), plain)[0]) == 2  # string pairs need no template
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dpo_beta", "0"], "dpo_beta must be > 0"),
+        (["--dpo_label_smoothing", "0.5"], r"dpo_label_smoothing must be in \[0, 0.5\)"),
+        (["--dpo_loss", "ipo", "--dpo_label_smoothing", "0.1"], "applies to dpo_loss: sigmoid only"),
+        (["--dpo_loss", "hinge"], "dpo_loss: 'hinge' is not one of sigmoid, ipo"),
+        (["--packing", "true"], "packing applies to objective sft only"),
+        (["--dataset_format", "alpaca"], "dataset_format alpaca applies to objective sft"),
+    ],
+)
+def test_config_refuses_dpo_settings_that_cannot_work(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--objective", "dpo", *flags])
+
+
+def test_an_sft_dataset_under_objective_dpo_exits_with_one_line(tmp_path, tiny_model):
+    sft = make_dataset(tmp_path / "sft", "prompt_completion")
+    result = run_trainer(
+        {"model_dir": tiny_model, "dataset_dir": sft, "output_dir": tmp_path / "out", "objective": "dpo"},
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: objective dpo needs preference columns but the dataset has no chosen or rejected "
+        "(columns: prompt, completion); expected prompt/chosen/rejected strings, or chosen/rejected message "
+        "lists (with an optional prompt message list)"
+    ]
