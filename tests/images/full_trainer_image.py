@@ -27,6 +27,7 @@ from tests.images.containers import (
     run_container,
     torch_version,
 )
+from tests.trainer.test_tune import controller_command, sdk, sdk_args
 from tests.trainer.tiny import make_dataset, make_tiny_model
 
 # The first test builds the image (fixture): from cold about 8 min on two idle cores (CPU torch base, then
@@ -146,3 +147,34 @@ def test_two_nodes_like_a_trainjob(image, tmp_path):
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-4000:]
     assert_trained(workspace)
+
+
+def test_sdk_builtin_trainer_command(image, tmp_path):
+    """`tune run` as the SDK's BuiltinTrainer and the controller send it, on the torchtune runtimes' shape:
+    the image's `tune` as the container's command, PET_NNODES/NPROC_PER_NODE/NODE_RANK and nothing else."""
+    workspace = workspace_with_inputs(tmp_path / "workspace")
+    config = sdk.TorchTuneConfig(
+        dtype=sdk.DataType.BF16, batch_size=1, epochs=1,
+        peft_config=sdk.LoraConfig(lora_rank=8, lora_alpha=16, apply_lora_to_mlp=True),
+    )  # fmt: skip
+    args = sdk_args(config, "hf://acme/alpaca-tiny")  # dataset.data_dir=/workspace/dataset/.
+    argv = controller_command("lora_finetune_distributed", "llama3_2/1B_lora", args, model="/workspace/model")
+    env = {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "2", "PET_NODE_RANK": "0"}
+    result = run_container(
+        image, *argv, env=env, workspace=workspace, extra=["--shm-size", "256m", "--entrypoint", "tune"]
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    output = workspace / "output"
+    adapter = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (8, 16)
+    assert {"q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} == set(
+        adapter["target_modules"]
+    )
+    assert (output / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    summary = json.loads((output / "summary.json").read_text())
+    # llama3_2/1B_lora's split train[:95%] of 64 rows = 60, 1 epoch; global batch 1 per device x 2 processes
+    # x that config's gradient accumulation 8 = 16: 3 steps
+    assert (summary["world_size"], summary["total_steps"], summary["steps"]) == (2, 3, 3)
+    assert "precision: bf16" in (output / "config.yaml").read_text()
+    for path in [output, *output.rglob("*")]:
+        assert path.stat().st_uid == 1000, f"{path} owned by uid {path.stat().st_uid}"
