@@ -153,10 +153,6 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(kind: Kind) -> int:
     """Entry point of `python -m pkg.initializers.{dataset,model}`; returns the exit code."""
-    # Never pick up or persist a token through huggingface_hub's own machinery.
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
     signal.signal(signal.SIGTERM, _terminate)  # Kubernetes stops pods with SIGTERM: stop cleanly
     try:
         config = load_config(kind)

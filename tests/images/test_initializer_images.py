@@ -143,13 +143,15 @@ def test_image_contract(images, target):
     assert image_size(image) < MAX_IMAGE_BYTES
 
     # What ships: only pkg/initializers, no compilers, no pip caches; /workspace writable by uid 1000.
+    # No huggingface_hub: the Hub source has its own client, so the image does not carry one unused.
     probe = (
         "set -e; id -u; pwd; ls /app/pkg | tr '\\n' ' '; echo; "
         "for tool in gcc cc c++ make; do command -v $tool && exit 3; done; "
         'test ! -e /root/.cache/pip && test ! -e "$HOME/.cache/pip"; '
         "touch /workspace/probe && rm /workspace/probe; "
         f"python -c 'import {MODULES[target]}.__main__' 2>/dev/null || python -c 'import {MODULES[target]}'; "
-        "python -c 'import importlib.util as u; assert u.find_spec(\"pkg.trainer\") is None'; echo ok"
+        "python -c 'import importlib.util as u; "
+        'assert u.find_spec("pkg.trainer") is None and u.find_spec("huggingface_hub") is None\'; echo ok'
     )
     result = run_container(image, "bash", "-c", probe)
     assert result.returncode == 0, result.stdout
