@@ -15,6 +15,13 @@ then call the device with `carry: [".whl"]` and the command
       && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 \\
       && python3 bench/bench_gpu.py --size 0.5b --out $OUT/gpu.json
 
+The real-vocabulary case of bench_trainer.py (vocabulary 151,936, hidden 512, 4 layers, LoRA,
+prompt/completion rows with 20-160-word prompts, no packing), peak GPU memory with the chunked loss
+(the default loss_chunk_size) and with all target logits at once (one chunk):
+
+      && python3 bench/bench_gpu.py --size vocab --rows prompt_completion --methods lora \\
+           --loss-chunk-sizes 0,1000000000 --seq 2048 --batch 16 --micro 8 --out $OUT/gpu-vocab.json
+
 On a CPU (`--size tiny`, what the test suite runs) it checks the script itself, not the speed.
 
 Each case writes a random model of the real shapes (Qwen2.5-0.5B-like: 24 layers, hidden 896, vocab 151936;
@@ -42,6 +49,7 @@ sys.path.insert(0, str(REPO))
 # name -> (layers, hidden, intermediate, heads, kv heads, vocab)
 SIZES = {
     "tiny": (2, 64, 128, 4, 2, 512),
+    "vocab": (4, 512, 1408, 8, 4, 151936),
     "0.5b": (24, 896, 4864, 14, 2, 151936),
     "1b": (16, 2048, 8192, 32, 8, 128256),
 }
@@ -84,12 +92,24 @@ def make_model(path: Path, size: str) -> Path:
     return path
 
 
-def make_data(path: Path, rows: int) -> Path:
+def make_data(path: Path, rows: int, kind: str = "text") -> Path:
+    """`text` rows to pack, or `prompt_completion` rows with 20-160-word prompts (targets: the completion)."""
+    import random
+
     from tests.trainer.tiny import WORDS
 
     path.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
     lines = []
     for i in range(rows):
+        if kind == "prompt_completion":
+            words = rng.choices(WORDS, k=rng.randint(20, 160))
+            row = {
+                "prompt": "Repeat these words: " + " ".join(words) + ".",
+                "completion": " " + " ".join(words[:30]),
+            }
+            lines.append(json.dumps(row) + "\n")
+            continue
         words = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(40))
         lines.append(json.dumps({"text": f"Repeat these words: {words}. {words}."}) + "\n")
     (path / "train.jsonl").write_text("".join(lines))
@@ -106,13 +126,18 @@ def flops_per_token(size: str, seq: int, method: str) -> float:
     return (6 if method == "full" else 4) * n + attention
 
 
-def run_case(model: Path, data: Path, out: Path, method: str, args: argparse.Namespace) -> dict:
+def run_case(
+    model: Path, data: Path, out: Path, method: str, args: argparse.Namespace, chunk: int = 0
+) -> dict:
+    """One training run; `chunk` is loss_chunk_size (0: the trainer's default)."""
     cmd = [sys.executable, "-m", "pkg.trainer", "--model_dir", str(model), "--dataset_dir", str(data)]
+    if chunk:
+        cmd += ["--loss_chunk_size", str(chunk)]
     settings = {
         "output_dir": out,
         "method": method,
         "max_steps": args.steps,
-        "packing": True,
+        "packing": args.rows == "text",
         "max_seq_length": args.seq,
         "global_batch_size": args.batch,
         "micro_batch_size": args.micro,
@@ -127,6 +152,9 @@ def run_case(model: Path, data: Path, out: Path, method: str, args: argparse.Nam
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
         return {"method": method, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    from pkg.trainer.config import TrainConfig
+
+    chunk = chunk or TrainConfig().loss_chunk_size
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
@@ -134,9 +162,10 @@ def run_case(model: Path, data: Path, out: Path, method: str, args: argparse.Nam
     flops = flops_per_token(args.size, args.seq, method) * steady
     return {
         "method": method,
+        "loss_chunk_size": chunk,
         "tokens_per_s": round(steady, 1),
-        "tflops": round(flops / 1e12, 4),
-        "mfu": round(flops / (args.peak_tflops * 1e12), 6),
+        "tflops": float(f"{flops / 1e12:.4g}"),  # significant digits: a tiny CPU run is not 0
+        "mfu": float(f"{flops / (args.peak_tflops * 1e12):.4g}"),
         "peak_memory_mb": summary["peak_memory_mb"],
         "first_loss": records[0].get("loss"),
         "final_loss": records[-1].get("loss"),
@@ -152,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="global batch (packed sequences)")
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--rows", choices=["text", "prompt_completion"], default="text", help="data kind")
+    parser.add_argument(
+        "--loss-chunk-sizes", default="0", help="comma-separated loss_chunk_size values to run (0: default)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the chip's dense bf16 peak")
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
@@ -163,25 +196,29 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = make_model(work / "model", args.size)
-        data = make_data(work / "data", rows=args.batch * args.steps * args.seq // 64 + 64)  # > 1 epoch
+        data = make_data(work / "data", rows=args.batch * args.steps * args.seq // 64 + 64, kind=args.rows)
         for method in [m for m in args.methods.split(",") if m]:
             if method == "qlora" and not (
                 torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")
             ):
                 rows.append({"method": method, "error": ["needs CUDA and bitsandbytes"]})
                 continue
-            log(f"{args.size} {method}: {args.steps} steps of {args.batch} x {args.seq} tokens on {device}")
-            rows.append(run_case(model, data, work / f"out-{method}", method, args))
-            log(json.dumps(rows[-1]))
+            for chunk in [int(c) for c in args.loss_chunk_sizes.split(",")]:
+                log(f"{args.size} {method}, loss chunk {chunk or 'default'}: {args.steps} steps on {device}")
+                rows.append(run_case(model, data, work / f"out-{method}-{chunk}", method, args, chunk))
+                log(json.dumps(rows[-1]))
     report = {"device": device, "torch": torch.__version__, "size": args.size, "seq": args.seq, "rows": rows}
-    print(f"| {args.size} on {device} | tokens/s | TFLOP/s | MFU | peak MB | loss first -> last |")
-    print("|---|--:|--:|--:|--:|---|")
+    print(
+        f"| {args.size} on {device} | loss chunk | tokens/s | TFLOP/s | MFU | peak MB | loss first -> last |"
+    )
+    print("|---|--:|--:|--:|--:|--:|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['method']} | {'; '.join(r['error'])} | | | | |")
+            print(f"| {r['method']} | | {'; '.join(r['error'])} | | | | |")
         else:
             print(
-                f"| {r['method']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {r['mfu']:.1%} "
+                f"| {r['method']} | {r['loss_chunk_size']:,} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} "
+                f"| {r['mfu']:.1%} "
                 f"| {r['peak_memory_mb']:,.0f} | {r['first_loss']:.3f} -> {r['final_loss']:.3f} |"
             )
     if args.out:

@@ -13,6 +13,11 @@
    Reports the time per optimizer step, peak RSS and the loss trajectory (first, last-5 mean).
 3. FSDP memory: full fine-tuning, bytes of parameters + optimizer state held by each rank after two steps, at
    world size 2 (torchrun, gloo) against one process.
+4. Real vocabulary (`--part vocab`): the SFT comparison with a random model of Qwen2.5's vocabulary (151,936;
+   hidden 512, 4 layers) and prompts of 20-160 words, where the output head and its logits dominate.
+5. Whole-run FSDP memory (`--part fsdp`): full fine-tuning of the real-vocabulary model at world size 2
+   against one process: the peak RSS of the largest rank over load, 2 steps, checkpoint and export, and
+   the phase that set it.
 
 Markdown on stdout, logs on stderr, JSON with --out.
 """
@@ -36,6 +41,9 @@ sys.path.insert(0, str(REPO))
 
 FULL = {"steps": 20, "rows": 320, "hidden": 256, "layers": 4}
 QUICK = {"steps": 6, "rows": 96, "hidden": 128, "layers": 2}
+# Qwen2.5's vocabulary on a small body; prompts of 20-160 words (tens to hundreds of tokens).
+VOCAB = {"steps": 4, "rows": 64, "hidden": 512, "layers": 4, "vocab": 151_936, "prompt_words": (20, 160)}
+VOCAB_QUICK = {**VOCAB, "steps": 3, "rows": 48, "hidden": 256, "layers": 2}
 COMMON = {
     "global_batch_size": 16,
     "micro_batch_size": 4,
@@ -56,11 +64,19 @@ def prepare(work: Path, size: dict) -> tuple[Path, Path]:
     from tests.trainer.tiny import WORDS, make_tiny_model
 
     model = make_tiny_model(work / "model", hidden=size["hidden"], layers=size["layers"], heads=4)
-    # Rows of about 50-110 tokens, so the benchmark measures training rather than per-step overhead.
+    if "vocab" in size:  # the tokenizer stays small; the model's head and embeddings get the full vocabulary
+        import torch
+        from transformers import AutoConfig, LlamaForCausalLM
+
+        config = AutoConfig.from_pretrained(model)
+        config.vocab_size = size["vocab"]
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(str(model), safe_serialization=True)
+    # Rows of about 50-110 tokens by default, so the benchmark measures training, not per-step overhead.
     rng = random.Random(0)
     rows = []
     for _ in range(size["rows"]):
-        words = rng.choices(WORDS, k=rng.randint(20, 60))
+        words = rng.choices(WORDS, k=rng.randint(*size.get("prompt_words", (20, 60))))
         prompt = "Repeat these words: " + " ".join(words) + "."
         rows.append({"prompt": prompt, "completion": " " + " ".join(words[: rng.randint(10, 30)])})
     data = work / "data"
@@ -226,21 +242,29 @@ def run_trl(model: Path, data: Path, out: Path, steps: int, kind: str = "sft") -
 
 
 def fsdp_worker(model: str, data: str, out: str) -> None:
-    """Under torchrun: full fine-tuning for two steps, then the bytes of params + optimizer state per rank."""
+    """Under torchrun: full fine-tuning through every phase of a run (load, 2 steps, checkpoint, export);
+    the peak RSS after each phase and the bytes of params + optimizer state, per rank."""
     import torch
     import torch.distributed as dist
 
     from pkg.trainer.config import TrainConfig
     from pkg.trainer.recipe import Recipe
 
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     cfg = TrainConfig(
-        model_dir=model, dataset_dir=data, output_dir=out, method="full", max_steps=2, save_every=0,
+        model_dir=model, dataset_dir=data, output_dir=out, method="full", max_steps=2, save_every=2,
         global_batch_size=4, micro_batch_size=2, max_seq_length=64,
     ).validate()  # fmt: skip
     recipe = Recipe(cfg)
+    phases = {}
     recipe.setup()
+    phases["load"] = peak_mb()
     for step in range(2):
         recipe.train_step(step)
+        recipe.state.step += 1
+    phases["train"] = peak_mb()
 
     def local_bytes(t: torch.Tensor) -> int:
         t = t.to_local() if hasattr(t, "to_local") else t
@@ -253,12 +277,25 @@ def fsdp_worker(model: str, data: str, out: str) -> None:
         for v in state.values()
         if torch.is_tensor(v)
     )
-    t = torch.tensor([params, optim], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    recipe.save_checkpoint()
+    phases["checkpoint"] = peak_mb()
+    recipe.save()
+    phases["export"] = peak_mb()
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {"phases": phases, "params_bytes": params, "optimizer_bytes": optim})
     if dist.get_rank() == 0:
+        largest = max(everyone, key=lambda r: r["phases"]["export"])
+        peak = largest["phases"]["export"]
         Path(out, "memory.json").write_text(
-            json.dumps({"params_bytes": t[0].item(), "optimizer_bytes": t[1].item()})
-        )
+            json.dumps({
+                "params_bytes": max(r["params_bytes"] for r in everyone),
+                "optimizer_bytes": max(r["optimizer_bytes"] for r in everyone),
+                "peak_rss_mb": peak,
+                "peak_phase": next(name for name, v in largest["phases"].items() if v >= peak),
+                "phases_largest_rank": largest["phases"],
+                "ranks": everyone,
+            })
+        )  # fmt: skip
     dist.destroy_process_group()
 
 
@@ -289,7 +326,10 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keep the models and outputs here")
     parser.add_argument("--repeat", type=int, default=3, help="turns per tool; the fastest is kept")
     parser.add_argument(
-        "--part", choices=("all", "sft", "dpo"), default="all", help="which comparisons to run"
+        "--part",
+        choices=("all", "sft", "dpo", "vocab", "fsdp"),
+        default="all",
+        help="which comparisons to run",
     )
     parser.add_argument("--trl-worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--fsdp-worker", nargs=3, help=argparse.SUPPRESS)
@@ -314,6 +354,11 @@ def main() -> int:
         report += sft_section(args, work, model, data, size, results)
     if args.part in ("all", "dpo"):
         report += dpo_section(args, work, model, prepare_pairs(work, size), size, results)
+    vocab = VOCAB_QUICK if args.quick else VOCAB
+    if args.part in ("all", "vocab"):
+        report += vocab_section(args, work / "vocab", vocab, results)
+    if args.part in ("all", "fsdp"):
+        report += fsdp_section(work / "fsdp", vocab, results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -421,6 +466,72 @@ def dpo_section(args, work: Path, model: Path, pairs: Path, size: dict, results:
         f"| **{speed['step_cpu_s']:.2f}x** (target >= 1.5x) "
         f"| {results['dpo']['peak_rss_ratio']:.2f}x (target <= 1) | | |\n\n"
         f"Largest step-by-step difference between the two loss curves: {gap:.4f}.\n"
+    )
+
+
+def vocab_section(args, work: Path, vocab: dict, results: dict) -> str:
+    model, data = prepare(work, vocab)
+    ours, trl = take_turns(
+        args, work, "vocab",
+        lambda out: run_ours(model, data, out, vocab["steps"]),
+        lambda out: run_trl(model, data, out, vocab["steps"]),
+        "tokens_per_s",
+    )  # fmt: skip
+    speed, rss = ours["tokens_per_s"] / trl["tokens_per_s"], ours["peak_rss_mb"] / trl["peak_rss_mb"]
+    results["vocab"] = {
+        "size": {k: list(v) if isinstance(v, tuple) else v for k, v in vocab.items()},
+        "llm_trainer": ours, "trl": trl, "tokens_per_s_ratio": speed, "peak_rss_ratio": rss,
+        "targets": {"tokens_per_s_ratio": ">= 5", "peak_rss_ratio": "<= 0.6"},
+    }  # fmt: skip
+    words = vocab["prompt_words"]
+    return (
+        "### Real vocabulary: llm-trainer vs TRL SFTTrainer (LoRA, CPU, one process)\n\n"
+        f"Random Llama with a {vocab['vocab']:,} vocabulary (Qwen2.5's), hidden {vocab['hidden']}, "
+        f"{vocab['layers']} layers; prompts of {words[0]}-{words[1]} words, {vocab['steps']} steps, "
+        f"otherwise as above; best of {args.repeat} alternating turns.\n\n"
+        "| | tokens/s | train time (s) | peak RSS (MiB) | first loss | final loss (last 5) |\n"
+        "|---|---|---|---|---|---|\n"
+        + row("llm-trainer", ours)
+        + row(f"TRL {trl_version()}", trl)
+        + f"| **ratio** | **{speed:.2f}x** (target >= 5x) | | {rss:.2f}x (target <= 0.6x) | | |\n\n"
+    )
+
+
+def fsdp_section(work: Path, vocab: dict, results: dict) -> str:
+    model, data = prepare(work, vocab)
+    log("FSDP memory at world size 1 and 2 ...")
+    mem = {world: run_fsdp(model, data, work, world) for world in (1, 2)}
+    per_rank = {w: m["params_bytes"] + m["optimizer_bytes"] for w, m in mem.items()}
+    rss_ratio = mem[2]["peak_rss_mb"] / mem[1]["peak_rss_mb"]
+    results.update(
+        fsdp_whole_run={str(w): m for w, m in mem.items()},
+        fsdp_whole_run_params_ratio_2_vs_1=per_rank[2] / per_rank[1],
+        fsdp_peak_rss_ratio_2_vs_1=rss_ratio,
+    )
+    mib = 2**20
+    phases = list(mem[1]["phases_largest_rank"])
+    return (
+        "### FSDP2 full fine-tuning: peak RSS of the largest rank over a whole run\n\n"
+        f"The real-vocabulary model (hidden {vocab['hidden']}, {vocab['layers']} layers), full "
+        "fine-tuning through load, 2 steps (global batch 4, micro batch 2, max length 64), checkpoint, "
+        "export of model/. "
+        "Peak RSS (ru_maxrss) after each phase on the rank with the highest peak; params + optimizer: "
+        "bytes each rank holds after the steps.\n\n"
+        "| world size | "
+        + " | ".join(f"after {p} (MiB)" for p in phases)
+        + " | peak set by | params + optimizer per rank (MiB) |\n|---"
+        + "|---" * (len(phases) + 2)
+        + "|\n"
+        + "".join(
+            f"| {w} | "
+            + " | ".join(f"{m['phases_largest_rank'][p]:.0f}" for p in phases)
+            + f" | {m['peak_phase']} | {per_rank[w] / mib:.1f} |\n"
+            for w, m in mem.items()
+        )
+        + "| **2 vs 1** | "
+        + " | ".join("" for _ in phases[:-1])
+        + f" | **{rss_ratio:.2f}x** (target <= 0.6x) | | {per_rank[2] / per_rank[1]:.2f}x |\n"
+        + "\n"
     )
 
 

@@ -143,8 +143,27 @@ def shard(model: nn.Module, device: torch.device, bf16: bool) -> nn.Module:
     kwargs = {"mp_policy": mp} if mp else {}
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
+    # With a large vocabulary the input embedding and the output head hold most of the weights (Qwen2.5's
+    # 151,936 x 896 twice in a 0.5B model): in the root unit they would stay gathered, with their gradients,
+    # for the whole forward and backward. As units of their own each is gathered only while it runs (the
+    # head once per loss chunk, loss.py). A tied pair shares one weight and stays in the root.
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embedding is not None and head is not None and getattr(head, "weight", None) is not embedding.weight:
+        fully_shard(embedding, **kwargs)
+        fully_shard(head, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the root unit's gathered weights after a forward with no backward (validation).
+
+    FSDP2 keeps the root's parameters gathered after its forward for the backward to come; without one they
+    stay gathered, and the module then holds other parameter objects than the optimizer and a checkpoint
+    expect until the next backward reshards them.
+    """
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 def shard_from_rank0(model: nn.Module, device: torch.device, bf16: bool) -> nn.Module:

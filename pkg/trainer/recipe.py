@@ -42,11 +42,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pkg.trainer import checkpoint, data, distributed, dpo, export, model, preference, resilience
 from pkg.trainer.config import TrainConfig, save_config
 from pkg.trainer.errors import TrainerError
+from pkg.trainer.loss import check_head, token_logprobs
 from pkg.trainer.metrics import Metrics
 
 log = logging.getLogger("pkg.trainer")
@@ -297,6 +297,7 @@ class Recipe:
             net = distributed.shard_from_rank0(net, self.dist.device, self.bf16)
         elif cfg.method != "qlora":  # a 4-bit base is not sharded; its small adapter is all-reduced instead
             net = distributed.shard(net, self.dist.device, self.bf16)
+        check_head(net, self.dist.device)
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per rank
         self.aux_coef, self.aux_loss = model.router_aux_coef(net), None
         if self.aux_coef:
@@ -308,23 +309,13 @@ class Recipe:
     # ------------------------------------------------------------ train
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed cross-entropy of the target tokens in one micro-batch (fp32 logits).
-
-        The output head runs only at positions whose next token is a target in some row: masked prompts
-        cost no logits, which with a large vocabulary saves much of the head's time and memory.
-        """
+        """Summed cross-entropy of the target tokens in one micro-batch, in chunks (loss.py)."""
         batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
-        targets = batch.pop("labels")[:, 1:]
-        keep = (targets != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
         # An MoE model also returns its router load-balancing loss while training (see model.router_aux_coef).
         moe = {"output_router_logits": True} if self.aux_coef and self.model.training else {}
-        out = self.model(**batch, use_cache=False, logits_to_keep=keep, **moe)
-        self.aux_loss = out.aux_loss if moe else None
-        logits = out.logits.float()
-        return F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), targets[:, keep].reshape(-1),
-            ignore_index=data.IGNORE_INDEX, reduction="sum",
-        )  # fmt: skip
+        scored = token_logprobs(self.model, batch, self.cfg.loss_chunk_size, **moe)
+        self.aux_loss = scored.aux_loss if moe else None
+        return -scored.logprobs.sum()
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step on the global batch of `step`; returns the global-batch loss and counts."""
@@ -396,6 +387,7 @@ class Recipe:
                 data.collate(recs, self.tokenizer.pad_token_id, self.cfg.packing)
             ).item()
             n_targets += data.count_targets(recs)
+        distributed.reshard(self.model)
         loss_total, n_targets = distributed.all_reduce_sum([loss_total, n_targets], self.dist.device)
         return {"val_loss": loss_total / max(n_targets, 1)}
 
@@ -453,6 +445,10 @@ class Recipe:
     # ------------------------------------------------------------ save
 
     def save(self) -> dict:
+        # Training is over: the optimizer state (twice the trainable weights) and the gradients go before the
+        # export gathers weights, so the end of a run never needs more memory than training did.
+        self.optimizer.state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
         written = export.export(self.model, self.cfg, self.dist.is_main)
         summary = self.metrics.finish(
             {

@@ -22,3 +22,17 @@ def test_bench_gpu_runs_at_tiny_size(tmp_path: Path) -> None:
     assert lora["peak_memory_mb"] > 0 and lora["final_loss"] > 0
     assert qlora == {"method": "qlora", "error": ["needs CUDA and bitsandbytes"]}
     assert "| lora |" in proc.stdout
+
+
+def test_bench_gpu_real_vocabulary_case_runs_with_and_without_chunking(tmp_path: Path) -> None:
+    """The real-vocabulary comparison's flags (prompt/completion rows, loss chunk sizes), at tiny size."""
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, "bench/bench_gpu.py", "--size", "tiny", "--methods", "lora", "--steps", "2"]
+    cmd += ["--rows", "prompt_completion", "--loss-chunk-sizes", "0,1000000"]
+    cmd += ["--seq", "256", "--batch", "2", "--micro", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chunked, whole = json.loads(out.read_text())["rows"]
+    assert chunked["loss_chunk_size"] == 512 and whole["loss_chunk_size"] == 1000000
+    # Same data, same seed: the chunking changes memory, not the numbers.
+    assert abs(chunked["first_loss"] - whole["first_loss"]) < 1e-4 * whole["first_loss"]
