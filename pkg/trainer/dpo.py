@@ -25,6 +25,7 @@ prompt where the attention takes a custom mask (preference.collate_pairs).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from pkg.trainer import data, preference
 from pkg.trainer.config import TrainConfig
+from pkg.trainer.loss import token_logprobs
 
 # What train and validation report, each the mean over the pairs of the whole global batch (or val set).
 METRICS = ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
@@ -47,32 +49,25 @@ def shares_prompt(model: torch.nn.Module) -> bool:
     return getattr(config, "_attn_implementation", None) == "sdpa" and not sliding
 
 
-def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probability of each response token, which entries are tokens), both [2B, longest response].
-
-    The output head runs only at the positions that predict a response token (`logits_to_keep`); fp32
-    logits. This is the one place that touches the head, so a chunked target-only computation can replace it.
-    """
-    keep, index = torch.unique(batch["positions"], return_inverse=True)
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    picked = logits[batch["rows"][:, None], index].float()  # [2B, longest response, vocab]
-    targets = batch["targets"]
-    nll = F.cross_entropy(
-        picked.reshape(-1, picked.size(-1)),
-        targets.reshape(-1),
-        ignore_index=data.IGNORE_INDEX,
-        reduction="none",
-    )
-    return -nll.view(targets.shape), targets != data.IGNORE_INDEX
+MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")  # of a collate_pairs batch
 
 
 def sequence_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed response log-probability, response token count) per row of a collate_pairs batch."""
-    logps, mask = token_logps(model, batch)
-    return logps.sum(dim=1), mask.sum(dim=1)
+    """(summed response log-probability, response token count) per output row of a collate_pairs batch.
+
+    The output head runs only at the positions that predict a response token, `chunk_size` of them at a
+    time (loss.token_logprobs: the one place that touches the head), with fp32 logits.
+    """
+    targets = batch["targets"]
+    out, j = (targets != data.IGNORE_INDEX).nonzero(as_tuple=True)  # output row, response token
+    where = (batch["rows"][out], batch["positions"][out, j], targets[out, j])
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    scored = token_logprobs(model, inputs, chunk_size, where)
+    # Summed per output row (chosen and rejected of a shared-prompt pair are one input row).
+    sums = dataclasses.replace(scored, rows=out).per_sequence(targets.size(0))
+    return sums, (targets != data.IGNORE_INDEX).sum(dim=1)
 
 
 def preference_loss(
@@ -103,7 +98,7 @@ class DPO:
     def reference(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Reference log-probs of a batch: the model with its LoRA adapter disabled."""
         with torch.no_grad(), model.disable_adapter():
-            return sequence_logps(model, batch)[0]
+            return sequence_logps(model, batch, self.cfg.loss_chunk_size)[0]
 
     def micro(
         self,
@@ -123,7 +118,7 @@ class DPO:
             ref = self.reference(model, batch)
         else:
             ref = cached.to(self.device, torch.float32).t().reshape(-1)  # chosen column, then rejected
-        policy, counts = sequence_logps(model, batch)
+        policy, counts = sequence_logps(model, batch, self.cfg.loss_chunk_size)
         losses, chosen, rejected = preference_loss(policy, ref, counts, self.cfg)
         if weights is not None:
             weights = weights.to(self.device)
@@ -145,6 +140,7 @@ def reference_logps(
     records: Sequence[dict],
     batches: list[list[int]],
     device: torch.device,
+    chunk_size: int,
     shared_prompt: bool = True,
 ) -> torch.Tensor:
     """[N, 2] float64 (chosen, rejected) log-probs of every record under `model`; collective.
@@ -157,7 +153,7 @@ def reference_logps(
     for mb in batches:
         recs = [records[max(i, 0)] for i in mb]
         batch = {k: v.to(device) for k, v in preference.collate_pairs(recs, shared_prompt).items()}
-        chosen, rejected = sequence_logps(model, batch)[0].double().chunk(2)
+        chosen, rejected = sequence_logps(model, batch, chunk_size)[0].double().chunk(2)
         for j, i in enumerate(mb):
             if i >= 0:
                 out[i, 0], out[i, 1] = chosen[j], rejected[j]

@@ -9,7 +9,8 @@ of logits (and its gradient) is alive at once. Prompt and padding positions cost
 
     lp = token_logprobs(model, batch, chunk_size=1024)   # TokenLogprobs: one entry per target token
     loss = -lp.logprobs.sum()                             # SFT: summed cross-entropy (chunked_loss_sum)
-    seq = lp.per_sequence(batch["input_ids"].size(0))    # DPO: summed log-probability of each row
+    seq = lp.per_sequence(batch["input_ids"].size(0))    # summed log-probability of each row
+    lp = token_logprobs(model, inputs, 1024, where=(rows, positions, tokens))  # explicit targets (DPO)
 
 The head is called as a module (`model.get_output_embeddings()`), so peft's LoRA on it and a tied input
 embedding work unchanged. Under FSDP2 the head lives in the root unit, whose parameters stay unsharded
@@ -96,20 +97,30 @@ def final_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor], **forw
 
 
 def token_logprobs(
-    model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, **forward_kwargs
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    chunk_size: int,
+    where: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    **forward_kwargs,
 ) -> TokenLogprobs:
     """log p of each target token of `batch` (input_ids, labels, optional position_ids), chunk by chunk.
 
     `labels` hold IGNORE_INDEX where a position is not a target; the label of position t+1 is
     predicted from position t. Differentiable: gradients reach the decoder and the head (and their LoRA).
+    `where`: instead of labels, the targets as [N] tensors (row, predicting position, target token), for
+    layouts where a token is not predicted from the position before it (DPO's shared prompt,
+    preference.collate_pairs); `batch` then holds only the model's inputs.
     `forward_kwargs` go to the model's forward (e.g. `output_router_logits=True` for an MoE's aux loss).
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    targets = batch["labels"][:, 1:]
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    if where is None:
+        targets = batch["labels"][:, 1:]
+        rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        wanted = targets[rows, cols]
+    else:
+        rows, cols, wanted = where
     states, output = final_hidden_states(model, inputs, **forward_kwargs)
     hidden = states[rows, cols]  # [N, H]: the predicting positions
-    wanted = targets[rows, cols]
     head = model.get_output_embeddings()
     transform = logit_transform(model.config)
     # One chunk peaks at the same memory with or without recomputation (its logits, their softmax and the

@@ -253,7 +253,7 @@ class Recipe:
             order = sorted(range(len(records)), key=lengths.__getitem__)
             batches = [[order[i] if i >= 0 else -1 for i in mb] for mb in self.plan.val_batches(len(records))]
             splits[name] = dpo.reference_logps(
-                self.model, records, batches, self.dist.device, self.dpo.shared_prompt
+                self.model, records, batches, self.dist.device, cfg.loss_chunk_size, self.dpo.shared_prompt
             )
         log.info(
             "reference log-probs of %d pairs computed in %.1f s, %.1f s CPU (cached in %s)",
