@@ -41,7 +41,7 @@ from pkg.trainer.errors import TrainerError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # bumped when the same settings tokenize differently (2: system_prompt on DPO pairs)
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 # Types read only when `dataset_source` names them: a folder's README.txt is not training data by default.
 SOURCE_ONLY = {".txt": "text", ".text": "text", ".xml": "xml"}
@@ -240,6 +240,11 @@ def with_system(msgs: list[dict], system_prompt: str) -> list[dict]:
     return [{"role": "system", "content": system_prompt}, *(m for m in msgs if m["role"] != "system")]
 
 
+def with_system_text(prompt: str, system_prompt: str) -> str:
+    """A plain-text prompt with `system_prompt` as its first paragraph, if one is set."""
+    return f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
+
+
 def conversation(row: dict, fmt: str, i: int, system_prompt: str = "") -> list[dict]:
     """A chat-format row as messages: `messages` as it is, input_output as a user and an assistant turn."""
     if fmt == "input_output":
@@ -256,15 +261,22 @@ def _messages(row: dict, i: int) -> list[dict]:
     msgs = row.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise TrainerError(f"row {i} has no 'messages' list")
+    msgs = plain_messages(msgs, f"row {i}: every message")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise TrainerError(f"row {i}: no 'assistant' message to train on")
+    return msgs
+
+
+def plain_messages(msgs: list, which: str) -> list[dict]:
+    """`msgs` as {role, content} dicts (extra keys dropped); `which` names them in the error, which says
+    what is wrong with them ("row 3: every message of 'chosen'")."""
     for m in msgs:
         if (
             not isinstance(m, dict)
             or not isinstance(m.get("role"), str)
             or not isinstance(m.get("content"), str)
         ):
-            raise TrainerError(f"row {i}: every message needs a string 'role' and 'content'")
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise TrainerError(f"row {i}: no 'assistant' message to train on")
+            raise TrainerError(f"{which} needs a string 'role' and 'content'")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
@@ -302,8 +314,7 @@ def _pairs(
     """Tokenize a chunk of non-chat rows (batched through the fast tokenizer)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pairs = [prompt_and_completion(row, fmt, lo + j) for j, row in enumerate(chunk)]
-    if cfg.system_prompt:
-        pairs = [(f"{cfg.system_prompt}\n\n{p}", c) for p, c in pairs]
+    pairs = [(with_system_text(p, cfg.system_prompt), c) for p, c in pairs]
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
     completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
     out = []

@@ -6,6 +6,8 @@
   conversational: `chosen` and `rejected` are message lists (the form of most Hub preference sets); the
   prompt is their shared leading turns, or a `prompt` message list when the set has one. Rendered with the
   model's chat template; a set in this form for a tokenizer without a template is refused.
+- `system_prompt`, as in SFT: the system message of a conversational prompt (replacing its own), the first
+  paragraph of a string prompt.
 - A record keeps the prompt once: `prompt_ids`, `chosen_ids`, `rejected_ids` (the response tokens, end marks
   included) and `seq_lens` (the lengths of the chosen and rejected sequences, for the batch plan).
 - Truncation: when prompt + the longer response exceed `max_seq_length`, the prompt loses its beginning (the
@@ -70,14 +72,7 @@ def _message_list(row: dict, key: str, i: int) -> list[dict]:
         return [{"role": "user", "content": msgs}]
     if not isinstance(msgs, list):
         raise TrainerError(f"row {i}: '{key}' must be a list of messages like the other rows'")
-    for m in msgs:
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise TrainerError(f"row {i}: every message of '{key}' needs a string 'role' and 'content'")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return data.plain_messages(msgs, f"row {i}: every message of '{key}'")
 
 
 def chat_turns(row: dict, i: int) -> tuple[list[dict], list[dict], list[dict]]:
@@ -142,6 +137,7 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
                 raise TrainerError(f"row {lo + j}: mixes string and message-list rows; use one form")
             if chat:
                 prompt, chosen, rejected = chat_turns(row, lo + j)
+                prompt = data.with_system(prompt, cfg.system_prompt)
                 head, c = render_chat(tokenizer, prompt, chosen, lo + j)
                 head_r, r = render_chat(tokenizer, prompt, rejected, lo + j)
                 if head_r != head:
@@ -151,7 +147,8 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
                     )
                 texts.append((head, c, r))
             else:
-                texts.append(tuple(_string(row, k, lo + j) for k in ("prompt", "chosen", "rejected")))
+                text = [_string(row, k, lo + j) for k in ("prompt", "chosen", "rejected")]
+                texts.append((data.with_system_text(text[0], cfg.system_prompt), text[1], text[2]))
         prompts = tokenizer([t[0] for t in texts], add_special_tokens=not chat)["input_ids"]
         chosen = tokenizer([t[1] for t in texts], add_special_tokens=False)["input_ids"]
         rejected = tokenizer([t[2] for t in texts], add_special_tokens=False)["input_ids"]

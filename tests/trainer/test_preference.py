@@ -69,6 +69,21 @@ def test_chat_rows_share_the_prompt_turns_and_render_with_the_template(tokenizer
     assert tokenizer.decode(a[0]["chosen_ids"]) == "apple apple apple</s>\n"
 
 
+def test_system_prompt_leads_the_prompt_of_string_and_chat_pairs_as_in_sft(tokenizer):
+    (rec,) = pairs(preference_rows("strings", 1), tokenizer, system_prompt="Be brief.")[0]
+    assert tokenizer.decode(rec["prompt_ids"]) == "<s>Be brief.\n\nRepeat the word apple three times. "
+    assert tokenizer.decode(rec["chosen_ids"]) == "apple apple apple</s>"  # the responses are untouched
+
+    (row,) = preference_rows("chat", 1)
+    own = {"role": "system", "content": "Be verbose."}  # replaced, as in SFT
+    row = {k: [own, *turns] for k, turns in row.items()}
+    (rec,) = pairs([row], tokenizer, system_prompt="Be brief.")[0]
+    assert tokenizer.decode(rec["prompt_ids"]) == (
+        "<s><|system|>\nBe brief.</s>\n<|user|>\nRepeat the word apple three times.</s>\n<|assistant|>\n"
+    )
+    assert tokenizer.decode(rec["chosen_ids"]) == "apple apple apple</s>\n"
+
+
 def test_max_seq_length_truncates_the_prompt_first_and_drops_pairs_whose_response_cannot_fit(tokenizer):
     rows = preference_rows("strings", 3)
     rows[1]["prompt"] = "apple river stone cloud tiger " * 20 + rows[1]["prompt"]
