@@ -174,6 +174,14 @@ class TrainConfig:
         "Target tokens per chunk of the output head and cross-entropy: at most this many tokens' logits "
         "exist at once (recomputed in the backward). Lower it to save memory with a large vocabulary.",
     )
+    vocab_parallel: str = opt(
+        "auto",
+        "At world size > 1: split the input embedding and the output head by vocabulary rows across the "
+        "ranks and exchange activations instead of gathering the two matrices (less memory per rank). auto: "
+        "when world_size x micro_batch_size x max_seq_length <= 2 x the vocabulary (then it also moves fewer "
+        "bytes); always; never (FSDP units).",
+        ("auto", "always", "never"),
+    )
     dist_timeout_minutes: int = opt(
         60, "How long ranks wait for each other (e.g. while rank 0 tokenizes or writes the model)."
     )

@@ -129,29 +129,41 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard(model: nn.Module, device: torch.device, bf16: bool) -> nn.Module:
-    """FSDP2: one `fully_shard` unit per decoder layer, then the root (embeddings, norm, head).
+def shard(model: nn.Module, device: torch.device, bf16: bool, vocab_parallel: bool = False) -> nn.Module:
+    """FSDP2: one `fully_shard` unit per decoder layer, then the root (norm, and what else is left).
 
-    A single fp32 process has nothing to shard and would only pay FSDP's per-layer overhead (~10%).
+    The input embedding and the output head: with `vocab_parallel`, split by vocabulary rows and never
+    gathered (vocab_parallel.py); otherwise, untied, each is a unit of its own. A single fp32 process has
+    nothing to shard and would only pay FSDP's per-layer overhead (~10%).
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from pkg.trainer import vocab_parallel as vp
 
     if dist.get_world_size() == 1 and not bf16:
         return model
 
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs = {"mp_policy": mp} if mp else {}
+    kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
-    # With a large vocabulary the input embedding and the output head hold most of the weights (Qwen2.5's
-    # 151,936 x 896 twice in a 0.5B model): in the root unit they would stay gathered, with their gradients,
-    # for the whole forward and backward. As units of their own each is gathered only while it runs (the
-    # head once per loss chunk, loss.py). A tied pair shares one weight and stays in the root.
+    ignored = (
+        vp.convert(model, mesh, device, torch.bfloat16 if bf16 else torch.float32)
+        if vocab_parallel
+        else set()
+    )
+    # Otherwise, with a large vocabulary, the two hold most of the weights (Qwen2.5's 151,936 x 896 twice in
+    # a 0.5B model): in the root unit they would stay gathered, with their gradients, for the whole forward
+    # and backward. As units of their own each is gathered only while it runs. A tied pair shares one
+    # weight and stays in the root.
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if embedding is not None and head is not None and getattr(head, "weight", None) is not embedding.weight:
-        fully_shard(embedding, **kwargs)
-        fully_shard(head, **kwargs)
-    fully_shard(model, **kwargs)
+        for module in (embedding, head):
+            if not isinstance(module, vp.SPLIT):
+                fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs, ignored_params=ignored or None)
     return model
 
 
@@ -166,7 +178,9 @@ def reshard(model: nn.Module) -> None:
         model.reshard()
 
 
-def shard_from_rank0(model: nn.Module, device: torch.device, bf16: bool) -> nn.Module:
+def shard_from_rank0(
+    model: nn.Module, device: torch.device, bf16: bool, vocab_parallel: bool = False
+) -> nn.Module:
     """Shard a model whose weights only rank 0 read; the other ranks built it on the meta device.
 
     Every rank shards the same architecture identically, then rank 0's full state dict (base weights and
@@ -177,7 +191,7 @@ def shard_from_rank0(model: nn.Module, device: torch.device, bf16: bool) -> nn.M
 
     on_rank0 = dist.get_rank() == 0
     full = model.state_dict() if on_rank0 else {}  # references to rank 0's tensors, not a copy
-    shard(model, device, bf16)
+    shard(model, device, bf16, vocab_parallel)
     if not on_rank0:
         model.to_empty(device=device)  # storage for this rank's shards and buffers; values follow
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)

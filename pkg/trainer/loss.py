@@ -3,31 +3,33 @@
 With a 150k vocabulary the output head's fp32 logits, their softmax and its gradient dominate memory
 (micro batch 4 x 2048 tokens x 152k x 4 bytes is 5 GB per copy). Here the decoder runs once, the hidden
 states of the (row, position) pairs whose next token is a target are gathered, and the output head and
-the softmax run over them `chunk_size` tokens at a time. When there are several chunks each is
-checkpointed: its logits are freed after the forward and recomputed in the backward, so at most one chunk
-of logits (and its gradient) is alive at once. Prompt and padding positions cost no head at all.
+the softmax run over them `chunk_size` tokens at a time. Prompt and padding positions cost no head at all.
 
     lp = token_logprobs(model, batch, chunk_size=1024)   # TokenLogprobs: one entry per target token
     loss = -lp.logprobs.sum()                             # SFT: summed cross-entropy (chunked_loss_sum)
     seq = lp.per_sequence(batch["input_ids"].size(0))    # summed log-probability of each row
     lp = token_logprobs(model, inputs, 1024, where=(rows, positions, tokens))  # explicit targets (DPO)
 
-The head is called as a module (`model.get_output_embeddings()`), so peft's LoRA on it and a tied input
-embedding work unchanged. Under FSDP2 the head lives in the root unit, whose parameters stay unsharded
-from the root's forward until the end of the backward: the chunk calls (and their recomputation in the
-backward) see the full weight, and the root's post-backward reduce-scatters their gradients.
+Two ways through the head:
+- fused (`_HeadLogprobs`), for a plain linear head or a vocabulary-sharded one (vocab_parallel.py): the
+  head's matrix product and the log-softmax in one autograd function that keeps one chunk of fp32 logits
+  alive at a time and, in the backward, recomputes it and turns it into its gradient in place.
+- any other head (LoRA on it, an FSDP unit) is called as a module, each chunk checkpointed when there are
+  several, so its logits are recomputed in the backward. Under FSDP2 a head unit is gathered for each call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pkg.trainer import vocab_parallel
 from pkg.trainer.errors import TrainerError
 
 IGNORE_INDEX = -100  # labels of positions that are not targets (data.IGNORE_INDEX)
@@ -47,31 +49,135 @@ class TokenLogprobs:
         return out.index_add(0, self.rows, self.logprobs)
 
 
-def logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
+@dataclass(frozen=True)
+class LogitTransform:
     """What the model's forward does to the head's output before returning logits (in fp32 here).
 
-    Gemma 2/3 soft-cap (`final_logit_softcapping`), Cohere multiplies by `logit_scale`, Granite divides by
-    `logits_scaling`. `check_head` verifies once per run that nothing else is applied.
+    Cohere multiplies by `logit_scale` and Granite divides by `logits_scaling` (together: `factor`), Gemma
+    2/3 soft-cap (`final_logit_softcapping`). `check_head` verifies once per run that nothing else is applied.
     """
-    cap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-    divide = getattr(config, "logits_scaling", None)
 
-    def transform(logits: torch.Tensor) -> torch.Tensor:
-        if scale is not None:
-            logits = logits * scale
-        if divide is not None:
-            logits = logits / divide
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
+    factor: float = 1.0
+    cap: float | None = None
+
+    @staticmethod
+    def of(config) -> LogitTransform:
+        scale = getattr(config, "logit_scale", None) or 1.0
+        divide = getattr(config, "logits_scaling", None) or 1.0
+        return LogitTransform(scale / divide, getattr(config, "final_logit_softcapping", None))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.factor != 1.0:
+            logits = logits * self.factor
+        if self.cap is not None:
+            logits = torch.tanh(logits / self.cap) * self.cap
         return logits
 
-    return transform
+    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
+        """The same, in place on fp32 logits of the fused head's own making."""
+        if self.factor != 1.0:
+            logits.mul_(self.factor)
+        if self.cap is not None:
+            logits.div_(self.cap).tanh_().mul_(self.cap)
+        return logits
+
+    def slope(self, transformed: torch.Tensor) -> torch.Tensor | float:
+        """d(transformed)/d(logits), from the transformed values: a tensor when soft-capped, else `factor`."""
+        if self.cap is None:
+            return self.factor
+        return (transformed / self.cap).square_().neg_().add_(1).mul_(self.factor)
 
 
 def _chunk_logprobs(head: nn.Module, transform, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = transform(head(hidden).float())
     return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def _pick(logits: torch.Tensor, local_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows whose target this vocabulary slice holds, those targets' columns)."""
+    here = (local_targets >= 0) & (local_targets < logits.size(1))
+    rows = here.nonzero(as_tuple=True)[0]
+    return rows, local_targets[rows]
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """log p(target) through a linear head, `chunk` tokens at a time: one [chunk, rows] block of fp32 logits
+    is alive at once, in the forward and in the backward (which recomputes it and turns it into its own
+    gradient in place), against ~4 blocks for autograd's softmax. With a VocabShard the head holds this
+    rank's vocabulary rows and every rank's target tokens go through them (vocab_parallel.py)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transform: LogitTransform, chunk: int, shard):
+        n = hidden.size(0)
+        m = n
+        if shard is not None:
+            (hidden, targets), m = vocab_parallel.gather_rows([hidden, targets], shard.group)
+        start = shard.start if shard is not None else 0
+        w = weight.to(hidden.dtype)
+        b = None if bias is None else bias.to(hidden.dtype)
+        lse = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+        picked = torch.zeros_like(lse)
+        for s in range(0, hidden.size(0), chunk):
+            logits = transform.apply_(F.linear(hidden[s : s + chunk], w, b).float())
+            rows, cols = _pick(logits, targets[s : s + chunk] - start)
+            picked[s + rows] = logits[rows, cols]
+            top = logits.max(1).values if logits.size(1) else torch.full_like(lse[s : s + chunk], -math.inf)
+            if shard is not None:
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=shard.group)
+            lse[s : s + chunk] = logits.sub_(top[:, None]).exp_().sum(1)
+            if shard is not None:  # sums of exponentials; the target's logit from the rank that holds it
+                both = torch.stack([lse[s : s + chunk], picked[s : s + chunk]])
+                dist.all_reduce(both, group=shard.group)
+                lse[s : s + chunk], picked[s : s + chunk] = both
+            lse[s : s + chunk] = lse[s : s + chunk].log_().add_(top)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.transform, ctx.chunk, ctx.shard, ctx.n, ctx.m = transform, chunk, shard, n, m
+        out = picked.sub_(lse)
+        return out if shard is None else vocab_parallel.own_rows(out, m, n, shard.group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        transform, chunk, shard = ctx.transform, ctx.chunk, ctx.shard
+        if shard is not None:
+            (grad,), _ = vocab_parallel.gather_rows([grad], shard.group)
+        start = shard.start if shard is not None else 0
+        w = weight.to(hidden.dtype)
+        b = None if bias is None else bias.to(hidden.dtype)
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if want_h or shard is not None else None
+        grad_weight = torch.zeros_like(weight) if want_w else None
+        grad_bias = torch.zeros_like(bias) if want_b else None
+        for s in range(0, hidden.size(0), chunk):
+            h = hidden[s : s + chunk]
+            logits = transform.apply_(F.linear(h, w, b).float())
+            slope = transform.slope(logits)
+            d = logits.sub_(lse[s : s + chunk, None]).exp_()  # softmax over the whole vocabulary
+            rows, cols = _pick(d, targets[s : s + chunk] - start)
+            d[rows, cols] -= 1  # d(-log p)/d(logit) = softmax - one-hot
+            d.mul_(grad[s : s + chunk, None].neg()).mul_(slope)
+            d = d.to(w.dtype)
+            if grad_hidden is not None:
+                grad_hidden[s : s + chunk] = d @ w
+            if grad_weight is not None:
+                grad_weight += (d.t() @ h).to(grad_weight.dtype)
+            if grad_bias is not None:
+                grad_bias += d.sum(0).to(grad_bias.dtype)
+        if shard is not None:  # each rank's slice of the vocabulary contributed to every rank's tokens
+            grad_hidden = vocab_parallel.scatter_sum(grad_hidden, ctx.m, ctx.n, shard.group)
+            for g in (grad_weight, grad_bias):  # summed over every rank's tokens: FSDP's mean is wanted
+                if g is not None:
+                    g /= dist.get_world_size(shard.group)
+        return grad_hidden if want_h else None, grad_weight, grad_bias, None, None, None, None
+
+
+def _fused_head(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, object] | None:
+    """(weight, bias, shard) of a head the fused path can take: plain or vocabulary-sharded, no LoRA."""
+    if isinstance(head, vocab_parallel.VocabParallelHead):
+        return (*head.local_weights(), head.shard)
+    if type(head) is nn.Linear:  # not an FSDP unit (it would need its hooks) nor a peft layer
+        return head.weight, head.bias, None
+    return None
 
 
 def final_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor], **forward_kwargs):
@@ -122,7 +228,13 @@ def token_logprobs(
     states, output = final_hidden_states(model, inputs, **forward_kwargs)
     hidden = states[rows, cols]  # [N, H]: the predicting positions
     head = model.get_output_embeddings()
-    transform = logit_transform(model.config)
+    transform = LogitTransform.of(model.config)
+    fused = _fused_head(head)
+    if fused is not None:
+        weight, bias, shard = fused
+        logprobs = _HeadLogprobs.apply(hidden, weight, bias, wanted, transform, chunk_size, shard)
+        return TokenLogprobs(logprobs, rows, getattr(output, "aux_loss", None))
+    # Any other head (LoRA on it, an FSDP unit): called as a module per chunk, each chunk checkpointed.
     # One chunk peaks at the same memory with or without recomputation (its logits, their softmax and the
     # gradient at the start of the backward), so only several chunks pay for recomputing the head.
     recompute = torch.is_grad_enabled() and hidden.size(0) > chunk_size
@@ -144,7 +256,7 @@ def chunked_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_siz
 
 @torch.no_grad()
 def check_head(model: nn.Module, device: torch.device) -> None:
-    """Refuse a model whose forward changes the head's output in a way `logit_transform` does not know.
+    """Refuse a model whose forward changes the head's output in a way `LogitTransform` does not know.
 
     One forward of a 4-token row: the model's own logits of the last position against the chunked path's.
     Every rank must call it (a forward under FSDP is collective).
@@ -155,7 +267,7 @@ def check_head(model: nn.Module, device: torch.device) -> None:
     try:
         reference = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].float()
         hidden = final_hidden_states(model, {"input_ids": ids})[0][0, -1:]
-        ours = logit_transform(model.config)(model.get_output_embeddings()(hidden).float())[0]
+        ours = LogitTransform.of(model.config)(model.get_output_embeddings()(hidden).float())[0]
     finally:
         model.train(was_training)
         if hasattr(model, "reshard"):  # FSDP2's root stays gathered after a forward without a backward

@@ -43,7 +43,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pkg.trainer import checkpoint, data, distributed, dpo, export, model, preference, resilience
+from pkg.trainer import (
+    checkpoint,
+    data,
+    distributed,
+    dpo,
+    export,
+    model,
+    preference,
+    resilience,
+    vocab_parallel,
+)
 from pkg.trainer.config import TrainConfig, save_config
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.loss import check_head, token_logprobs
@@ -292,11 +302,20 @@ class Recipe:
         trainable, total = model.count_parameters(net)
         self.param_counts = {"trainable_params": trainable, "total_params": total}
         log.info("%s: %d trainable of %d parameters", cfg.method, trainable, total)
+        split = vocab_parallel.wanted(
+            cfg.vocab_parallel, self.dist.world_size, cfg.micro_batch_size * cfg.max_seq_length,
+            net.config.vocab_size,
+        )  # fmt: skip
         if from_rank0:
             log.info("rank 0 read the weights; %d ranks receive them by broadcast", self.dist.world_size - 1)
-            net = distributed.shard_from_rank0(net, self.dist.device, self.bf16)
+            net = distributed.shard_from_rank0(net, self.dist.device, self.bf16, split)
         elif cfg.method != "qlora":  # a 4-bit base is not sharded; its small adapter is all-reduced instead
-            net = distributed.shard(net, self.dist.device, self.bf16)
+            net = distributed.shard(net, self.dist.device, self.bf16, split)
+        if split and cfg.method != "qlora":
+            names = [type(m).__name__ for m in net.modules() if isinstance(m, vocab_parallel.SPLIT)]
+            log.info(
+                "vocab_parallel: %s", ", ".join(names) or "nothing split (a tied head with LoRA stays whole)"
+            )
         check_head(net, self.dist.device)
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per rank
         self.aux_coef, self.aux_loss = model.router_aux_coef(net), None

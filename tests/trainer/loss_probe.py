@@ -1,10 +1,13 @@
 """Tiny models and batches for the chunked-loss tests, and a torchrun probe that checks it under FSDP2.
 
-    torchrun --nproc-per-node 2 tests/trainer/loss_probe.py REPORT.json CASE
+    torchrun --nproc-per-node 2 tests/trainer/loss_probe.py REPORT.json CASE [CASE ...]
 
+CASE: one of CASES, `full-` in front for full fine-tuning (no LoRA), `vp-` in front (first) for the input
+embedding and head split by vocabulary rows (vocab_parallel.py) rather than FSDP units.
 Every rank builds the same model; one copy is sharded with the trainer's FSDP2 `shard`, the other stays
-whole. Each rank runs the chunked loss on a batch of its own; the sharded gradients (FSDP averages them over
-ranks) must equal the mean of the full-logits path's gradients over every rank's batch, computed whole.
+whole. Each rank runs the chunked loss on a batch of its own (with its own number of target tokens); the
+sharded gradients (FSDP averages them over ranks) must equal the mean of the full-logits path's gradients
+over every rank's batch, computed whole. One report per case: REPORT-CASE-rankR.json.
 """
 
 from __future__ import annotations
@@ -21,13 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pkg.trainer.loss import IGNORE_INDEX
 
-VOCAB = 300
-CASES = ["untied", "tied", "untied-lora-head", "tied-lora-head", "softcap", "softcap-lora-head"]
+VOCAB = 301  # odd: split over 2 ranks, the vocabulary shards are uneven
+CASES = ["untied", "tied", "untied-lora-head", "tied-lora-head", "softcap", "softcap-lora-head", "bias"]
 
 
 def build(case: str, lora: bool = True) -> torch.nn.Module:
-    """A random 2-layer model: Llama (tied or not) or Gemma 2 (`softcap`, tied, final logit soft-capping)."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+    """A random 2-layer model: Llama (tied or not), Gemma 2 (`softcap`, tied, final logit soft-capping) or
+    Phi (`bias`: a head with a bias)."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PhiConfig,
+        PhiForCausalLM,
+    )
 
     torch.manual_seed(0)
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
@@ -35,6 +46,8 @@ def build(case: str, lora: bool = True) -> torch.nn.Module:
     if case.startswith("softcap"):
         config = Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0, tie_word_embeddings=True)
         net = Gemma2ForCausalLM(config)
+    elif case == "bias":
+        net = PhiForCausalLM(PhiConfig(**common, tie_word_embeddings=False))
     else:
         net = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=case.startswith("tied")))
     net.config.use_cache = False
@@ -54,11 +67,12 @@ def build(case: str, lora: bool = True) -> torch.nn.Module:
 
 
 def batch(seed: int = 1) -> dict[str, torch.Tensor]:
-    """3 rows of different lengths, right-padded, with prompts masked (targets start at different places)."""
+    """3 rows of different lengths, right-padded, with prompts masked (targets start at different places);
+    each seed its own number of targets."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (3, 20), generator=g)
     labels = ids.clone()
-    for row, (prompt, length) in enumerate([(3, 20), (11, 17), (6, 9)]):
+    for row, (prompt, length) in enumerate([(3, 20), (11, 17), (6 + seed % 5, 9 + seed % 7)]):
         labels[row, :prompt] = IGNORE_INDEX
         labels[row, length:] = IGNORE_INDEX
     return {"input_ids": ids, "labels": labels}
@@ -82,17 +96,26 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def main(report: str, case: str) -> None:
-    import torch.distributed as dist
-
+def check(info, case: str) -> dict:
+    """One case: the sharded model's loss and gradients against the whole model's."""
     from pkg.trainer import distributed
-    from pkg.trainer.loss import chunked_loss_sum
+    from pkg.trainer.loss import check_head, chunked_loss_sum
 
-    info = distributed.init(5)
-    method = "full" if case.startswith("full-") else "lora"
-    case = case.removeprefix("full-")
-    reference = build(case, lora=method == "lora")
-    sharded = distributed.shard(copy.deepcopy(reference), info.device, bf16=False)
+    vocab_parallel = case.startswith("vp-")
+    name = case.removeprefix("vp-")
+    method = "full" if name.startswith("full-") else "lora"
+    name = name.removeprefix("full-")
+    reference = build(name, lora=method == "lora")
+    sharded = distributed.shard(
+        copy.deepcopy(reference), info.device, bf16=False, vocab_parallel=vocab_parallel
+    )
+    check_head(sharded, info.device)
+    with torch.no_grad():  # the model's own forward: whole logits, through a vocabulary-sharded head too
+        ids = batch(1 + info.rank)["input_ids"][:, : 8 + info.rank]
+        whole = reference(input_ids=ids, logits_to_keep=3).logits
+        split = sharded(input_ids=ids, logits_to_keep=3).logits
+        distributed.reshard(sharded)
+    logits_error = ((split - whole).abs().max() / whole.abs().max()).item()
     b = batch(1 + info.rank)
     ref_loss = full_logits_loss(reference, b).detach()
     for rank in range(info.world_size):  # FSDP's gradient: the mean over the ranks' batches
@@ -103,22 +126,37 @@ def main(report: str, case: str) -> None:
     assert expected.keys() == got.keys(), (sorted(expected), sorted(got))
     errors = {n: ((got[n] - expected[n]).abs().max() / expected[n].abs().max().clamp_min(1e-12)).item()
               for n in expected}  # fmt: skip
-    result = {
+    split = {type(m).__name__ for m in sharded.modules() if type(m).__name__.startswith("VocabParallel")}
+    return {
         "rank": info.rank,
         "world_size": info.world_size,
         "sharded": any(hasattr(p, "to_local") for p in sharded.parameters()),
+        "vocab_parallel": sorted(split),
         "loss": loss.item(),
         "ref_loss": ref_loss.item(),
         "max_rel_grad_error": max(errors.values()),
+        "logits_error": logits_error,
         "grads": len(errors),
     }
-    Path(report).with_name(f"{Path(report).stem}-rank{info.rank}.json").write_text(json.dumps(result))
+
+
+def main(report: str, cases: list[str]) -> None:
+    import torch.distributed as dist
+
+    from pkg.trainer import distributed
+
+    info = distributed.init(5)
+    for case in cases:
+        result = check(info, case)
+        Path(report).with_name(f"{Path(report).stem}-{case}-rank{info.rank}.json").write_text(
+            json.dumps(result)
+        )
     dist.barrier()
     distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2:])
     from pkg.trainer.distributed import exit_process
 
     exit_process(0)

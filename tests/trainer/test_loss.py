@@ -20,10 +20,10 @@ from tests.trainer.loss_probe import CASES, batch, build, full_logits_loss, grad
 RTOL = 1e-5
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*CASES, "full-untied", "full-tied", "full-softcap", "full-bias"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
 def test_chunked_loss_and_gradients_equal_the_full_logits_path(case, chunk_size):
-    reference = build(case)
+    reference = build(case.removeprefix("full-"), lora=not case.startswith("full-"))
     chunked = copy.deepcopy(reference)
     b = batch()
     expected = full_logits_loss(reference, b)
@@ -32,7 +32,9 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_path(case, chunk_size)
     got.backward()
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=0)
     want, have = grads(reference), grads(chunked)
-    assert want.keys() == have.keys() and any("lm_head" in n for n in want) == case.endswith("lora-head")
+    assert want.keys() == have.keys()
+    if not case.startswith("full-"):  # LoRA: the head trains only with LoRA on it
+        assert any("lm_head" in n for n in want) == case.endswith("lora-head")
     for name in want:
         torch.testing.assert_close(
             have[name], want[name], rtol=RTOL, atol=RTOL * want[name].abs().max().item()
@@ -78,13 +80,33 @@ def test_a_head_transform_the_loss_does_not_know_is_refused():
         check_head(model, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("case", ["tied-lora-head", "full-untied", "full-softcap"])
-def test_under_fsdp2_at_two_processes_gradients_equal_the_full_logits_path(tmp_path, case):
+# FSDP units (the head gathered per chunk), and the embedding and head split by vocabulary rows: with LoRA
+# on a frozen head, full fine-tuning of untied, tied, soft-capped and biased heads, and a tied head with LoRA
+# (which stays whole: one weight cannot be both). All in one launch (a launch costs 10-20 s here).
+FSDP_CASES = ["tied-lora-head", "full-untied", "full-softcap"]
+FSDP_CASES += [
+    "vp-untied",
+    "vp-full-untied",
+    "vp-full-tied",
+    "vp-full-softcap",
+    "vp-full-bias",
+    "vp-tied-lora-head",
+]
+
+
+def test_under_fsdp2_at_two_processes_gradients_equal_the_full_logits_path(tmp_path):
     probe = ROOT / "tests" / "trainer" / "loss_probe.py"
-    result = finish(start([*torchrun(2), str(probe), str(tmp_path / "r.json"), case], trainer_env()), 240)
+    cmd = [*torchrun(2), str(probe), str(tmp_path / "r.json"), *FSDP_CASES]
+    result = finish(start(cmd, trainer_env()), 400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    reports = [json.loads((tmp_path / f"r-rank{r}.json").read_text()) for r in (0, 1)]
-    for r in reports:
-        assert r["world_size"] == 2 and r["sharded"] and r["grads"] > 0
-        assert r["loss"] == pytest.approx(r["ref_loss"], rel=RTOL)
-        assert r["max_rel_grad_error"] < RTOL, r
+    for case in FSDP_CASES:
+        reports = [json.loads((tmp_path / f"r-{case}-rank{r}.json").read_text()) for r in (0, 1)]
+        split = ["VocabParallelEmbedding", "VocabParallelHead"]
+        for r in reports:
+            assert r["world_size"] == 2 and r["sharded"] and r["grads"] > 0, (case, r)
+            assert r["vocab_parallel"] == (
+                split if case.startswith("vp-") and "lora-head" not in case else []
+            ), (case, r)
+            assert r["loss"] == pytest.approx(r["ref_loss"], rel=RTOL), (case, r)
+            assert r["max_rel_grad_error"] < RTOL and r["logits_error"] < RTOL, (case, r)
+        assert reports[0]["loss"] != reports[1]["loss"]  # the ranks' batches differ
