@@ -167,12 +167,13 @@ class TrainConfig:
         ("auto", "bf16", "fp32"),
     )
     activation_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
-    # A chunk holds about 4 fp32 copies of its [tokens, vocabulary] logits in the backward (measured on
-    # CPU: +325 MiB at 128 tokens, +213 MiB at 64, vocabulary 151,936): 512 is ~1.2 GB at that vocabulary.
+    # The fused head (loss.py) keeps one fp32 [tokens, vocabulary] block of a chunk alive (311 MB for 512
+    # tokens at a vocabulary of 151,936); a head called as a module (LoRA on it) about 4 in the backward.
     loss_chunk_size: int = opt(
         512,
         "Target tokens per chunk of the output head and cross-entropy: at most this many tokens' logits "
-        "exist at once (recomputed in the backward). Lower it to save memory with a large vocabulary.",
+        "exist at once (recomputed in the backward). Lower it to save memory with a large vocabulary. "
+        "With vocab_parallel, world size times as many tokens over each rank's 1/world of the vocabulary.",
     )
     vocab_parallel: str = opt(
         "auto",

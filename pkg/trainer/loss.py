@@ -112,6 +112,7 @@ class _HeadLogprobs(torch.autograd.Function):
         m = n
         if shard is not None:
             (hidden, targets), m = vocab_parallel.gather_rows([hidden, targets], shard.group)
+            chunk *= dist.get_world_size(shard.group)  # the same memory: each rank holds 1/world of a row
         start = shard.start if shard is not None else 0
         w = weight.to(hidden.dtype)
         b = None if bias is None else bias.to(hidden.dtype)

@@ -144,3 +144,29 @@ def test_full_finetuning_packed_chat_two_processes_with_activation_checkpointing
     assert val_loss(model, out, packing=True) == pytest.approx(summary["final_val_loss"], rel=VAL_LOSS_REL)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
     assert val_loss(base, out, packing=True) > summary["final_val_loss"] + 0.3
+
+
+def test_full_finetuning_with_the_vocabulary_split_or_not_equals_one_process(
+    tmp_path, tiny_model, alpaca_data
+):
+    """vocab_parallel: the embedding and head split by vocabulary rows (always) or FSDP units (never) give one
+    process's losses and weights, through training, validation and the streamed export."""
+    from safetensors.torch import load_file
+
+    args = {**BASE_ARGS, "model_dir": tiny_model, "dataset_dir": alpaca_data, "method": "full"}
+    args.update(learning_rate=2e-3, max_steps=4)
+    runs = {"one": 1, "always": 2, "never": 2}
+    for name, nproc in runs.items():
+        extra = {"vocab_parallel": name} if nproc == 2 else {}
+        result = run_trainer({**args, **extra, "output_dir": tmp_path / name}, nproc=nproc)
+        assert_ok(result)
+        split = "vocab_parallel: VocabParallelEmbedding, VocabParallelHead" in result.stdout + result.stderr
+        assert split == (name == "always"), name
+    reference = losses(tmp_path / "one")
+    reference_val = json.loads((tmp_path / "one" / "summary.json").read_text())["final_val_loss"]
+    weights = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    for name in ("always", "never"):
+        torch.testing.assert_close(losses(tmp_path / name), reference, **LOSS_TOL)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["final_val_loss"] == pytest.approx(reference_val, rel=VAL_LOSS_REL)
+        assert_same_adapter(load_file(str(tmp_path / name / "model" / "model.safetensors")), weights)
