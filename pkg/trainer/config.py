@@ -177,8 +177,8 @@ class TrainConfig:
     )
     vocab_parallel: str = opt(
         "auto",
-        "At world size > 1: split the input embedding and the output head by vocabulary rows across the "
-        "ranks and exchange activations instead of gathering the two matrices (less memory per rank). auto: "
+        "Under FSDP: split the input embedding and the output head by vocabulary rows across the ranks and "
+        "exchange activations instead of gathering the two matrices (less memory per rank). auto: "
         "when world_size x micro_batch_size x max_seq_length <= 2 x the vocabulary (then it also moves fewer "
         "bytes); always; never (FSDP units).",
         ("auto", "always", "never"),

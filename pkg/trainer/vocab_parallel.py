@@ -48,8 +48,9 @@ class VocabShard:
 
 def wanted(setting: str, world_size: int, tokens_per_rank: int, vocab: int) -> bool:
     """`vocab_parallel`: always, never, or auto = when the exchanged activations (world x tokens) are below
-    twice the vocabulary, i.e. when they move fewer bytes than gathering the two matrices would."""
-    if world_size == 1 or setting == "never":
+    twice the vocabulary, i.e. when they move fewer bytes than gathering the two matrices would. (A single
+    process is sharded only for bf16 mixed precision; split, its head takes loss.py's fused path.)"""
+    if setting == "never":
         return False
     return setting == "always" or world_size * tokens_per_rank <= 2 * vocab
 

@@ -115,7 +115,6 @@ def test_under_fsdp2_at_two_processes_gradients_equal_the_full_logits_path(tmp_p
 def test_vocab_parallel_auto_splits_where_it_moves_fewer_bytes():
     from pkg.trainer.vocab_parallel import wanted
 
-    assert not wanted("auto", 1, 8192, 151_936)  # one process: nothing to split
     assert wanted("auto", 8, 4 * 2048, 151_936)  # 65k exchanged token rows vs 2 x 152k
     assert not wanted("auto", 64, 4 * 2048, 151_936)  # 524k: gathering the matrices moves less
     assert wanted("always", 64, 4 * 2048, 151_936) and not wanted("never", 2, 1, 151_936)
