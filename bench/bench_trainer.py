@@ -29,6 +29,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -307,7 +308,8 @@ def free_port() -> int:
 
 def run_fsdp(model: Path, data: Path, work: Path, world: int) -> dict:
     out = work / f"fsdp-{world}"
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # a finished run there would make the recipe stop at setup
+    out.mkdir(parents=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
     cmd += ["--master-port", str(free_port()), __file__, "--fsdp-worker", str(model), str(data), str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
