@@ -242,7 +242,7 @@ def run_trl(model: Path, data: Path, out: Path, steps: int, kind: str = "sft") -
 # ---------------------------------------------------------------- FSDP memory
 
 
-def fsdp_worker(model: str, data: str, out: str) -> None:
+def fsdp_worker(model: str, data: str, out: str, vocab_parallel: str = "auto") -> None:
     """Under torchrun: full fine-tuning through every phase of a run (load, 2 steps, checkpoint, export);
     the peak RSS after each phase and the bytes of params + optimizer state, per rank."""
     import torch
@@ -256,7 +256,7 @@ def fsdp_worker(model: str, data: str, out: str) -> None:
 
     cfg = TrainConfig(
         model_dir=model, dataset_dir=data, output_dir=out, method="full", max_steps=2, save_every=2,
-        global_batch_size=4, micro_batch_size=2, max_seq_length=64,
+        global_batch_size=4, micro_batch_size=2, max_seq_length=64, vocab_parallel=vocab_parallel,
     ).validate()  # fmt: skip
     recipe = Recipe(cfg)
     phases = {}
@@ -306,12 +306,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_fsdp(model: Path, data: Path, work: Path, world: int) -> dict:
-    out = work / f"fsdp-{world}"
+def run_fsdp(model: Path, data: Path, work: Path, world: int, vocab_parallel: str = "auto") -> dict:
+    out = work / f"fsdp-{world}-{vocab_parallel}"
     shutil.rmtree(out, ignore_errors=True)  # a finished run there would make the recipe stop at setup
     out.mkdir(parents=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
     cmd += ["--master-port", str(free_port()), __file__, "--fsdp-worker", str(model), str(data), str(out)]
+    cmd += [vocab_parallel]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"FSDP memory run at world size {world} failed:\n{proc.stderr[-3000:]}")
@@ -334,7 +335,7 @@ def main() -> int:
         help="which comparisons to run",
     )
     parser.add_argument("--trl-worker", nargs=5, help=argparse.SUPPRESS)
-    parser.add_argument("--fsdp-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--fsdp-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_worker:
         kind, m, d, o, s = args.trl_worker
@@ -501,22 +502,26 @@ def vocab_section(args, work: Path, vocab: dict, results: dict) -> str:
 
 def fsdp_section(work: Path, vocab: dict, results: dict) -> str:
     model, data = prepare(work, vocab)
-    log("FSDP memory at world size 1 and 2 ...")
-    mem = {world: run_fsdp(model, data, work, world) for world in (1, 2)}
+    log("FSDP memory at world size 1 and 2 (vocab_parallel auto, then never) ...")
+    runs = {"1": (1, "auto"), "2": (2, "auto"), "2, vocab_parallel never": (2, "never")}
+    mem = {name: run_fsdp(model, data, work, world, vp) for name, (world, vp) in runs.items()}
     per_rank = {w: m["params_bytes"] + m["optimizer_bytes"] for w, m in mem.items()}
-    rss_ratio = mem[2]["peak_rss_mb"] / mem[1]["peak_rss_mb"]
+    rss_ratio = mem["2"]["peak_rss_mb"] / mem["1"]["peak_rss_mb"]
     results.update(
-        fsdp_whole_run={str(w): m for w, m in mem.items()},
-        fsdp_whole_run_params_ratio_2_vs_1=per_rank[2] / per_rank[1],
+        fsdp_whole_run=mem,
+        fsdp_whole_run_params_ratio_2_vs_1=per_rank["2"] / per_rank["1"],
         fsdp_peak_rss_ratio_2_vs_1=rss_ratio,
+        fsdp_peak_rss_ratio_2_never_vs_1=mem["2, vocab_parallel never"]["peak_rss_mb"]
+        / mem["1"]["peak_rss_mb"],
     )
     mib = 2**20
-    phases = list(mem[1]["phases_largest_rank"])
+    phases = list(mem["1"]["phases_largest_rank"])
     return (
         "### FSDP2 full fine-tuning: peak RSS of the largest rank over a whole run\n\n"
         f"The real-vocabulary model (hidden {vocab['hidden']}, {vocab['layers']} layers), full "
         "fine-tuning through load, 2 steps (global batch 4, micro batch 2, max length 64), checkpoint, "
-        "export of model/. "
+        "export of model/; at world size 2 with the embedding and head split by vocabulary rows "
+        "(`vocab_parallel: auto`) and as FSDP units (`never`). "
         "Peak RSS (ru_maxrss) after each phase on the rank with the highest peak; params + optimizer: "
         "bytes each rank holds after the steps.\n\n"
         "| world size | "
@@ -532,7 +537,7 @@ def fsdp_section(work: Path, vocab: dict, results: dict) -> str:
         )
         + "| **2 vs 1** | "
         + " | ".join("" for _ in phases[:-1])
-        + f" | **{rss_ratio:.2f}x** (target <= 0.6x) | | {per_rank[2] / per_rank[1]:.2f}x |\n"
+        + f" | **{rss_ratio:.2f}x** (target <= 0.6x) | | {per_rank['2'] / per_rank['1']:.2f}x |\n"
         + "\n"
     )
 

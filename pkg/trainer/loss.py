@@ -146,7 +146,8 @@ class _HeadLogprobs(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         b = None if bias is None else bias.to(hidden.dtype)
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if want_h or shard is not None else None
+        # fp32 until the ranks' contributions are summed, then the hidden states' dtype (bf16 under MP)
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if want_h or shard is not None else None
         grad_weight = torch.zeros_like(weight) if want_w else None
         grad_bias = torch.zeros_like(bias) if want_b else None
         for s in range(0, hidden.size(0), chunk):
@@ -157,19 +158,20 @@ class _HeadLogprobs(torch.autograd.Function):
             rows, cols = _pick(d, targets[s : s + chunk] - start)
             d[rows, cols] -= 1  # d(-log p)/d(logit) = softmax - one-hot
             d.mul_(grad[s : s + chunk, None].neg()).mul_(slope)
-            d = d.to(w.dtype)
-            if grad_hidden is not None:
-                grad_hidden[s : s + chunk] = d @ w
-            if grad_weight is not None:
-                grad_weight += (d.t() @ h).to(grad_weight.dtype)
             if grad_bias is not None:
                 grad_bias += d.sum(0).to(grad_bias.dtype)
+            d = d.to(w.dtype)
+            if grad_hidden is not None:
+                grad_hidden[s : s + chunk] = (d @ w).float()
+            if grad_weight is not None:
+                grad_weight += (d.t() @ h).to(grad_weight.dtype)
         if shard is not None:  # each rank's slice of the vocabulary contributed to every rank's tokens
             grad_hidden = vocab_parallel.scatter_sum(grad_hidden, ctx.m, ctx.n, shard.group)
             for g in (grad_weight, grad_bias):  # summed over every rank's tokens: FSDP's mean is wanted
                 if g is not None:
                     g /= dist.get_world_size(shard.group)
-        return grad_hidden if want_h else None, grad_weight, grad_bias, None, None, None, None
+        grad_hidden = grad_hidden.to(hidden.dtype) if want_h else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def _fused_head(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, object] | None:
@@ -184,8 +186,7 @@ def _fused_head(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, obj
 def final_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor], **forward_kwargs):
     """[B, T, H]: the decoder's output (what the head reads), through the model's own forward.
 
-    The root forward runs (FSDP2's root unit unshards the head there) with no logits kept; a hook on the
-    decoder captures its last hidden state. The (empty) logits are tied into the result with a zero
+    The root forward runs with no logits kept; a hook on the decoder captures its last hidden state. The (empty) logits are tied into the result with a zero
     weight, so a gradient reaches the root's output and FSDP2 runs the root's pre-backward hook as it
     does for a model's own logits. Returns (hidden states, the model's output without logits).
     """

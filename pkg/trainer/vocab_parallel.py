@@ -193,6 +193,9 @@ def _shard_parameter(p: nn.Parameter, shard: VocabShard, mesh, device: torch.dev
 
 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    # Hooks go along: e.g. transformers' enable_input_require_grads hooks the input embedding.
+    new._forward_pre_hooks.update(old._forward_pre_hooks)
+    new._forward_hooks.update(old._forward_hooks)
     for name, module in model.named_modules():
         if module is old:
             parent, _, attr = name.rpartition(".")
