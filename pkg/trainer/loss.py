@@ -186,9 +186,10 @@ def _fused_head(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, obj
 def final_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor], **forward_kwargs):
     """[B, T, H]: the decoder's output (what the head reads), through the model's own forward.
 
-    The root forward runs with no logits kept; a hook on the decoder captures its last hidden state. The (empty) logits are tied into the result with a zero
-    weight, so a gradient reaches the root's output and FSDP2 runs the root's pre-backward hook as it
-    does for a model's own logits. Returns (hidden states, the model's output without logits).
+    The root forward runs with no logits kept; a hook on the decoder captures its last hidden state. The
+    (empty) logits are tied into the result with a zero weight, so a gradient reaches the root's output and
+    FSDP2 runs the root's pre-backward hook as it does for a model's own logits. Returns (hidden states, the
+    model's output without logits).
     """
     captured: list[torch.Tensor] = []
 
