@@ -12,6 +12,7 @@ import datetime
 import os
 import socket
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -199,6 +200,76 @@ def shard_from_rank0(
     del full
     broadcast_buffers(model)
     return model
+
+
+def shard_streamed(
+    model: nn.Module,
+    device: torch.device,
+    bf16: bool,
+    read: Callable[[str], torch.Tensor] | None,
+    vocab_parallel: bool = False,
+) -> nn.Module:
+    """Shard a model built on the meta device on every rank, then fill the shards from rank 0's `read`.
+
+    Rank 0 reads one tensor at a time (`read(name)` for each of `state_tensors`; None on the other ranks),
+    broadcasts it, and every rank keeps its own part; the tensor is dropped before the next one. Rank 0 thus
+    holds its shards plus one full tensor, never a whole model next to its shards. Buffers outside the
+    state dict (rotary `inv_freq`) keep the values computed when the model was built, rank 0's for all.
+    """
+    shard(model, device, bf16, vocab_parallel)
+    built = {name: b for name, b in model.named_buffers() if not b.is_meta}  # to_empty replaces them
+    model.to_empty(device=device)  # storage for this rank's shards and buffers
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in built:
+                b.copy_(built[name])
+        del built
+        for name, target in state_tensors(model):
+            if read is not None:
+                full = read(name).to(device=device, dtype=target.dtype)
+            else:
+                full = torch.empty(target.shape, dtype=target.dtype, device=device)
+            dist.broadcast(full, src=0)
+            fill_local(target, full)
+            del full
+    broadcast_buffers(model)
+    return model
+
+
+def fill_local(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of `full` (the whole tensor, on every rank) into `target`.
+
+    A DTensor takes the part its own device mesh and placements give this rank, whichever module or wrapper
+    made it (FSDP2's row shards or any other layout), without communication. Row or column blocks and
+    replicas are copied straight from a view of `full`; other layouts through `distribute_tensor`, which
+    first copies the part out (one more shard-sized tensor).
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(target, DTensor):
+        target.copy_(full)
+        return
+    mesh, placements = target.device_mesh, target.placements
+    if all(isinstance(p, Shard | Replicate) for p in placements):
+        shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
+        part = full[tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))]
+    else:
+        part = distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
+    target.to_local().copy_(part)
+
+
+def state_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter and persistent buffer in module order, a tied tensor once (under
+    its first name). The same on every rank for the same architecture, sharded or not."""
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        skip = module._non_persistent_buffers_set
+        persistent = [(k, b) for k, b in module._buffers.items() if k not in skip]
+        for key, tensor in [*module._parameters.items(), *persistent]:
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield f"{prefix}.{key}" if prefix else key, tensor
 
 
 def broadcast_buffers(model: nn.Module) -> None:

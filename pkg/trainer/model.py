@@ -9,12 +9,15 @@ What an architecture needs is decided here, from the model itself rather than fr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from pkg.trainer import fused_lora
 from pkg.trainer.config import TrainConfig
@@ -103,22 +106,106 @@ def load_tokenizer(model_dir: str):
     return tokenizer
 
 
-def load_model(cfg: TrainConfig, device: torch.device, weights: bool = True) -> nn.Module:
+def load_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """The model with the trainable parameters `cfg.method` asks for, on CPU (FSDP moves the shards).
 
-    With `weights=False` the same architecture (and LoRA layers) is built on the meta device from
-    config.json alone: no weights are read and no host memory is spent. Ranks other than 0 do that at
-    world size > 1 and receive rank 0's weights after sharding (distributed.shard_from_rank0), so a node
-    holds one full copy of the model in host memory instead of one per process.
+    At world size > 1 every rank builds it on the meta device instead (load_model_on_meta).
     """
     check_architecture(cfg.model_dir)
-    model = _read_pretrained(cfg, device) if weights else _build_on_meta(cfg)
+    return _finish(_read_pretrained(cfg, device), cfg)
+
+
+def _finish(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     model.config.use_cache = False
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method == "full":
         return model
     return add_lora(model, cfg)
+
+
+def load_model_on_meta(
+    cfg: TrainConfig, plan: bool
+) -> tuple[nn.Module, dict[str, str | torch.Tensor] | str | None]:
+    """The model of `load_model` with its parameters on the meta device, and (with `plan`) their sources.
+
+    No weight is read and no host memory is spent on parameters; buffers are computed as usual (rotary
+    frequencies: small). At world size > 1 every rank builds this, shards it, and rank 0 then streams the
+    weights into the shards (distributed.shard_streamed) from `sources`: {name: checkpoint key, or the initial
+    value of a tensor the checkpoint lacks (LoRA's, drawn from the same random stream as on a loaded
+    model)} for every parameter and persistent buffer (distributed.state_tensors). Instead of sources, a
+    reason when the checkpoint does not hold the model's tensors one for one under the model's own names
+    (transformers converts them on load: fused MoE experts, renamed keys) or an adapter's initial value
+    depends on the base weights (DoRA): then rank 0 reads the model with `load_model`.
+    """
+    from pkg.trainer.distributed import state_tensors
+
+    check_architecture(cfg.model_dir)
+    base = _build_on_meta(cfg)
+    keys = _checkpoint_keys(base, cfg.model_dir) if plan else None
+    with _initial_values() as initial:
+        net = _finish(base, cfg)
+    if not isinstance(keys, dict):
+        return net, keys
+    sources: dict[str, str | torch.Tensor] = {}
+    for name, tensor in state_tensors(net):
+        source = keys.get(id(tensor), initial.get(id(tensor)))
+        if source is None:
+            return net, f"{name} is neither in the checkpoint nor initialised without the base weights"
+        sources[name] = source
+    return net, sources
+
+
+def _checkpoint_keys(base: nn.Module, model_dir: str) -> dict[int, str] | str:
+    """{id(tensor): checkpoint key} of the base model's weights when the checkpoint holds them one for one,
+    with the shapes of the model; otherwise the reason why not."""
+    from pkg.trainer.export import saved_names
+    from pkg.trainer.safetensors_stream import StreamReader
+
+    try:
+        reader = StreamReader(Path(model_dir))
+    except (OSError, ValueError) as exc:
+        raise TrainerError(f"cannot load the model from {model_dir}: {exc}") from None
+    names = saved_names(base)  # the names save_pretrained writes (tied copies once), None if it converts them
+    if names is None:
+        return f"transformers converts {type(base).__name__}'s weights on load"
+    if set(names) != set(reader.entries):
+        odd = sorted(set(names) ^ set(reader.entries))
+        return f"its checkpoint's tensor names differ from the model's (e.g. {', '.join(odd[:3])})"
+    state = base.state_dict(keep_vars=True)
+    keys = {}
+    for name in names:
+        if list(state[name].shape) != reader.entries[name][2]["shape"]:
+            return f"{name} has shape {reader.entries[name][2]['shape']} in the checkpoint"
+        keys[id(state[name])] = name
+    return keys
+
+
+@contextlib.contextmanager
+def _initial_values() -> Iterator[dict[int, torch.Tensor]]:
+    """{id(tensor): value} of the tensors moved from a real device to the meta device inside the block.
+
+    peft creates and initialises the LoRA matrices on the CPU, drawing from the random stream as it would
+    on a loaded model, then moves them to the device of their base layer: meta here. Their values are kept
+    on the way (swapping the moved tensors in place keeps the parameter objects, hence the ids).
+    """
+    values: dict[int, torch.Tensor] = {}
+
+    class Keep(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            moved = func is torch.Tensor.to and isinstance(out, torch.Tensor) and out.is_meta
+            if moved and not args[0].is_meta:
+                values[id(args[0])] = args[0].detach().clone()
+            return out
+
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with Keep():
+            yield values
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
 
 
 def _read_pretrained(cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -152,17 +239,29 @@ def _read_pretrained(cfg: TrainConfig, device: torch.device) -> nn.Module:
 
 
 def _build_on_meta(cfg: TrainConfig) -> nn.Module:
-    """The fp32 architecture from config.json on the meta device: shapes only, filled in after sharding."""
+    """The fp32 architecture from config.json with its parameters on the meta device (filled in after
+    sharding) and its buffers computed on the CPU.
+
+    Each parameter is moved to meta as it is registered, before its module initialises it, so no weight is
+    initialised (nor the random stream drawn from, as on the meta device).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+        if param is None or param.is_meta:
+            return None
+        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    hook = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
     try:
         config = AutoConfig.from_pretrained(cfg.model_dir)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as exc:
         raise TrainerError(
             f"cannot build the model of {cfg.model_dir}: {type(exc).__name__}: {exc}"
         ) from None
+    finally:
+        hook.remove()
 
 
 def expert_parameters(model: nn.Module) -> list[str]:

@@ -58,6 +58,7 @@ from pkg.trainer.config import TrainConfig, save_config
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.loss import check_head, token_logprobs
 from pkg.trainer.metrics import Metrics
+from pkg.trainer.safetensors_stream import StreamReader
 
 log = logging.getLogger("pkg.trainer")
 
@@ -288,17 +289,12 @@ class Recipe:
 
     def build_model(self) -> torch.nn.Module:
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)  # identical initial adapters on every rank and world size
-        # At world size > 1 only rank 0 reads the weights; the others build the model on the meta device
-        # and receive rank 0's weights once sharded (one full copy per node in host memory, not one per
-        # rank). A 4-bit QLoRA base is neither sharded nor broadcast: every rank loads it onto its GPU.
+        # At world size > 1 every rank builds the model on the meta device and shards it; rank 0 then streams
+        # the weights from model_dir into the shards one tensor at a time, so a node holds one copy of the
+        # weights in host memory (the shards), not one per rank, and rank 0 never holds a whole model next
+        # to its shards. A 4-bit QLoRA base is neither sharded nor broadcast: each rank loads it to its GPU.
         from_rank0 = self.dist.world_size > 1 and cfg.method != "qlora"
-        net, error = None, None
-        try:
-            net = model.load_model(cfg, self.dist.device, weights=self.dist.is_main or not from_rank0)
-        except TrainerError as exc:
-            error = str(exc)
-        agree(error)  # rank 0 failing to read the weights must not leave the others waiting for them
+        net, sources = self.load(from_rank0)
         trainable, total = model.count_parameters(net)
         self.param_counts = {"trainable_params": trainable, "total_params": total}
         log.info("%s: %d trainable of %d parameters", cfg.method, trainable, total)
@@ -306,7 +302,17 @@ class Recipe:
             cfg.vocab_parallel, self.dist.world_size, cfg.micro_batch_size * cfg.max_seq_length,
             net.config.vocab_size,
         )  # fmt: skip
-        if from_rank0:
+        if sources is not None:
+            log.info("rank 0 streams the weights into the shards of %d ranks", self.dist.world_size)
+            reader = StreamReader(Path(cfg.model_dir)) if self.dist.is_main else None
+
+            def read(name: str) -> torch.Tensor:  # each name once: an initial value is let go once sent
+                source = sources.pop(name)
+                return reader.read(source) if isinstance(source, str) else source
+
+            fetch = read if reader else None
+            net = distributed.shard_streamed(net, self.dist.device, self.bf16, fetch, split)
+        elif from_rank0:
             log.info("rank 0 read the weights; %d ranks receive them by broadcast", self.dist.world_size - 1)
             net = distributed.shard_from_rank0(net, self.dist.device, self.bf16, split)
         elif cfg.method != "qlora":  # a 4-bit base is not sharded; its small adapter is all-reduced instead
@@ -324,6 +330,40 @@ class Recipe:
                 "mixture-of-experts: router load-balancing loss added with coefficient %g", self.aux_coef
             )
         return net
+
+    def load(self, from_rank0: bool) -> tuple[torch.nn.Module, dict | None]:
+        """(model, where rank 0 streams its tensors from, or None when rank 0 read them all already).
+
+        With `from_rank0` every rank builds on the meta device and rank 0 works out the sources; when the
+        checkpoint does not map one for one onto the model (model.load_model_on_meta), rank 0 reads the
+        whole model with from_pretrained instead, as it would alone, and broadcasts it after sharding.
+        """
+        cfg, main = self.cfg, self.dist.is_main
+        net, sources, error = None, None, None
+        torch.manual_seed(cfg.seed)  # identical initial adapters on every rank and world size
+        try:
+            if from_rank0:
+                net, sources = model.load_model_on_meta(cfg, plan=main)
+            else:
+                net = model.load_model(cfg, self.dist.device)
+        except TrainerError as exc:
+            error = str(exc)
+        agree(error)  # rank 0 failing to read the weights must not leave the others waiting for them
+        if not from_rank0:
+            return net, None
+        decision = [sources if isinstance(sources, str) else None]
+        dist.broadcast_object_list(decision, src=0)
+        if decision[0] is None:
+            return net, sources if main else {}
+        if main:
+            log.info("streaming the weights is not possible (%s): rank 0 reads the whole model", decision[0])
+            torch.manual_seed(cfg.seed)
+            try:
+                net = model.load_model(cfg, self.dist.device)
+            except TrainerError as exc:
+                error = str(exc)
+        agree(error)
+        return net, None
 
     # ------------------------------------------------------------ train
 

@@ -128,9 +128,17 @@ class StreamReader:
         for name in files:
             path = folder / name
             with path.open("rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
-            header.pop("__metadata__", None)
+                try:
+                    (size,) = struct.unpack("<Q", f.read(8))
+                    if size > path.stat().st_size - 8:  # not a header length: do not try to read that much
+                        raise ValueError("header size")
+                    header = json.loads(f.read(size))
+                    header.pop("__metadata__", None)
+                    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+                except (struct.error, ValueError, TypeError, KeyError, IndexError):
+                    raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+            if 8 + size + end > path.stat().st_size:
+                raise ValueError(f"{path} is truncated")
             for key, entry in header.items():
                 self.entries[key] = (path, 8 + size, entry)
 
