@@ -182,7 +182,9 @@ def reshard(model: nn.Module) -> None:
 def shard_from_rank0(
     model: nn.Module, device: torch.device, bf16: bool, vocab_parallel: bool = False
 ) -> nn.Module:
-    """Shard a model whose weights only rank 0 read; the other ranks built it on the meta device.
+    """Shard a model whose weights only rank 0 read whole; the other ranks built it on the meta device.
+
+    The fallback of shard_streamed, for checkpoints that transformers converts on load (load_model_on_meta).
 
     Every rank shards the same architecture identically, then rank 0's full state dict (base weights and
     its freshly initialised LoRA matrices alike) is broadcast and each rank keeps only its own shards.
