@@ -208,15 +208,18 @@ def shard_streamed(
     model: nn.Module,
     device: torch.device,
     bf16: bool,
-    read: Callable[[str], torch.Tensor] | None,
+    read: Callable[[str, slice | None], torch.Tensor] | None,
     vocab_parallel: bool = False,
 ) -> nn.Module:
     """Shard a model built on the meta device on every rank, then fill the shards from rank 0's `read`.
 
-    Rank 0 reads one tensor at a time (`read(name)` for each of `state_tensors`; None on the other ranks),
-    broadcasts it, and every rank keeps its own part; the tensor is dropped before the next one. Rank 0 thus
-    holds its shards plus one full tensor, never a whole model next to its shards. Buffers outside the
-    state dict (rotary `inv_freq`) keep the values computed when the model was built, rank 0's for all.
+    Rank 0 reads one tensor at a time (`read(name, rows)` for each of `state_tensors`, `rows` a slice of its
+    first dimension or None for all; `read` is None on the other ranks). A tensor whose every part is a block
+    of whole rows (FSDP2's shards, vocabulary rows) is read block by block and each block sent to its rank;
+    any other is broadcast whole and each rank keeps its part (fill_local). Rank 0 thus holds its shards
+    plus one block or tensor, never a whole model next to its shards, and the other ranks their shards plus
+    at most one tensor. Buffers outside the state dict (rotary `inv_freq`) keep the values computed when
+    the model was built, rank 0's for all.
     """
     shard(model, device, bf16, vocab_parallel)
     built = {name: b for name, b in model.named_buffers() if not b.is_meta}  # to_empty replaces them
@@ -227,8 +230,12 @@ def shard_streamed(
                 b.copy_(built[name])
         del built
         for name, target in state_tensors(model):
+            blocks = _row_blocks(target, device)
+            if blocks is not None:
+                _send_rows(target, blocks, read and (lambda rows, name=name: read(name, rows)), device)
+                continue
             if read is not None:
-                full = read(name).to(device=device, dtype=target.dtype)
+                full = read(name, None).to(device=device, dtype=target.dtype)
             else:
                 full = torch.empty(target.shape, dtype=target.dtype, device=device)
             dist.broadcast(full, src=0)
@@ -236,6 +243,46 @@ def shard_streamed(
             del full
     broadcast_buffers(model)
     return model
+
+
+def _row_blocks(target: torch.Tensor, device: torch.device) -> list[slice] | None:
+    """The rows every rank holds of a DTensor split (or replicated) along its first dimension only; None for
+    a plain tensor or any other layout."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(target, DTensor) or target.ndim == 0:
+        return None
+    placements = target.placements
+    if not all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in placements):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, placements)
+    mine = torch.tensor([offset[0], shape[0]], device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [slice(start, start + rows) for start, rows in (t.tolist() for t in every)]
+
+
+def _send_rows(
+    target: torch.Tensor, blocks: list[slice], read: Callable[[slice], torch.Tensor] | None, device
+) -> None:
+    """Rank 0 reads each rank's rows of `target` and sends them to it (its own it copies in)."""
+    local = target.to_local()
+    if read is None:  # another rank: receive its rows straight into its shard
+        if blocks[dist.get_rank()].stop > blocks[dist.get_rank()].start:
+            buffer = local if local.is_contiguous() else torch.empty_like(local)
+            dist.recv(buffer, src=0)
+            if buffer is not local:
+                local.copy_(buffer)
+        return
+    for rank, rows in enumerate(blocks):
+        if rows.stop > rows.start:
+            part = read(rows).to(device=device, dtype=local.dtype)
+            if rank == 0:
+                local.copy_(part)
+            else:
+                dist.send(part.contiguous(), dst=rank)
+            del part
 
 
 def fill_local(target: torch.Tensor, full: torch.Tensor) -> None:

@@ -306,9 +306,11 @@ class Recipe:
             log.info("rank 0 streams the weights into the shards of %d ranks", self.dist.world_size)
             reader = StreamReader(Path(cfg.model_dir)) if self.dist.is_main else None
 
-            def read(name: str) -> torch.Tensor:  # each name once: an initial value is let go once sent
-                source = sources.pop(name)
-                return reader.read(source) if isinstance(source, str) else source
+            def read(name: str, rows: slice | None) -> torch.Tensor:
+                source = sources[name]
+                if isinstance(source, str):
+                    return reader.read(source, rows)
+                return source if rows is None else source[rows]
 
             fetch = read if reader else None
             net = distributed.shard_streamed(net, self.dist.device, self.bf16, fetch, split)

@@ -148,10 +148,17 @@ class StreamReader:
     def read_dtype(self, name: str) -> torch.dtype:
         return _DTYPES[self.entries[name][2]["dtype"]]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor `name`, or only its rows `rows` (a slice of the first dimension, step 1)."""
         path, start, entry = self.entries[name]
         begin, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        shape = list(entry["shape"])
+        if rows is not None and shape:
+            first, stop, _ = rows.indices(shape[0])
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end = begin + first * row_bytes, begin + max(stop, first) * row_bytes
+            shape[0] = max(stop - first, 0)
+        tensor = torch.empty(shape, dtype=_DTYPES[entry["dtype"]])
         view = _as_bytes(tensor) if tensor.numel() else memoryview(b"")
         done = 0
         with path.open("rb", buffering=0) as f:

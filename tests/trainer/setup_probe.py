@@ -28,7 +28,7 @@ from pkg.trainer.safetensors_stream import StreamReader
 
 reads = streamed = live_peak = 0
 _from_pretrained = transformers.AutoModelForCausalLM.from_pretrained.__func__
-_read, _broadcast = StreamReader.read, torch.distributed.broadcast
+_read = StreamReader.read
 
 
 def counting_from_pretrained(cls, *args, **kwargs):
@@ -37,10 +37,10 @@ def counting_from_pretrained(cls, *args, **kwargs):
     return _from_pretrained(cls, *args, **kwargs)
 
 
-def counting_read(self, name):
+def counting_read(self, name, rows=None):
     global streamed
-    streamed += 1
-    return _read(self, name)
+    streamed += rows is None or rows.start == 0  # each tensor once, whole or from its first block
+    return _read(self, name, rows)
 
 
 def live_tensor_bytes() -> int:
@@ -55,18 +55,24 @@ def live_tensor_bytes() -> int:
     return sum(storages.values())
 
 
-def sampling_broadcast(tensor, *args, **kwargs):
-    """A broadcast that first notes the host memory held by tensors: loading peaks during the broadcasts."""
-    global live_peak
-    live_peak = max(live_peak, live_tensor_bytes())
-    return _broadcast(tensor, *args, **kwargs)
+def sampling(collective):
+    """`collective` (a broadcast or a send) noting first the host memory held by tensors: loading peaks
+    while it sends tensors."""
+
+    def sample(*args, **kwargs):
+        global live_peak
+        live_peak = max(live_peak, live_tensor_bytes())
+        return collective(*args, **kwargs)
+
+    return sample
 
 
 def main() -> None:
     report_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     transformers.AutoModelForCausalLM.from_pretrained = classmethod(counting_from_pretrained)
     StreamReader.read = counting_read
-    torch.distributed.broadcast = sampling_broadcast
+    torch.distributed.broadcast = sampling(torch.distributed.broadcast)
+    torch.distributed.send = sampling(torch.distributed.send)
     setup_logging(main=os.environ.get("RANK", "0") == "0")  # rank 0's log: the loading path it took
     recipe = Recipe(load_config(argv))
     recipe.setup()
