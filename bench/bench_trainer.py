@@ -15,7 +15,8 @@
    world size 2 (torchrun, gloo) against one process.
 4. Real vocabulary (`--part vocab`): the SFT comparison with a random model of Qwen2.5's vocabulary (151,936;
    hidden 512, 4 layers) and prompts of 20-160 words, where the output head and its logits dominate.
-5. Whole-run FSDP memory (`--part fsdp`): full fine-tuning of the real-vocabulary model at world size 2
+5. Whole-run FSDP memory (`--part fsdp`, or `--part fsdp-0.5b` for a model of Qwen2.5-0.5B's shape: 10 GB of
+   RAM and disk): full fine-tuning of the real-vocabulary model at world size 2
    against one process: the peak RSS of the largest rank over load, 2 steps, checkpoint and export, and
    the phase that set it.
 
@@ -45,6 +46,11 @@ QUICK = {"steps": 6, "rows": 96, "hidden": 128, "layers": 2}
 # Qwen2.5's vocabulary on a small body; prompts of 20-160 words (tens to hundreds of tokens).
 VOCAB = {"steps": 4, "rows": 64, "hidden": 512, "layers": 4, "vocab": 151_936, "prompt_words": (20, 160)}
 VOCAB_QUICK = {**VOCAB, "steps": 3, "rows": 48, "hidden": 256, "layers": 2}
+# Qwen2.5-0.5B's shape as a (bias-free) Llama: 494M parameters, tied embeddings, 2 GB in fp32.
+QWEN_05B = {**VOCAB, "hidden": 896, "layers": 24, "config": {
+    "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2, "head_dim": 64,
+    "tie_word_embeddings": True,
+}}  # fmt: skip
 COMMON = {
     "global_batch_size": 16,
     "micro_batch_size": 4,
@@ -71,6 +77,10 @@ def prepare(work: Path, size: dict) -> tuple[Path, Path]:
 
         config = AutoConfig.from_pretrained(model)
         config.vocab_size = size["vocab"]
+        for key, value in size.get("config", {}).items():  # a real model's shape
+            setattr(config, key, value)
+        for stale in model.glob("model*.safetensors*"):
+            stale.unlink()
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(str(model), safe_serialization=True)
     # Rows of about 50-110 tokens by default, so the benchmark measures training, not per-step overhead.
@@ -249,7 +259,10 @@ def fsdp_worker(model: str, data: str, out: str, vocab_parallel: str = "auto") -
     import torch.distributed as dist
 
     from pkg.trainer.config import TrainConfig
+    from pkg.trainer.host_memory import return_freed_memory
     from pkg.trainer.recipe import Recipe
+
+    return_freed_memory()  # as `python -m pkg.trainer` does
 
     def peak_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -316,6 +329,8 @@ def run_fsdp(model: Path, data: Path, work: Path, world: int, vocab_parallel: st
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"FSDP memory run at world size {world} failed:\n{proc.stderr[-3000:]}")
+    for written in ("checkpoints", "model"):  # 4x the model's size on disk; only the figures are kept
+        shutil.rmtree(out / written, ignore_errors=True)
     return json.loads((out / "memory.json").read_text())
 
 
@@ -330,7 +345,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="turns per tool; the fastest is kept")
     parser.add_argument(
         "--part",
-        choices=("all", "sft", "dpo", "vocab", "fsdp"),
+        choices=("all", "sft", "dpo", "vocab", "fsdp", "fsdp-0.5b"),
         default="all",
         help="which comparisons to run",
     )
@@ -362,6 +377,8 @@ def main() -> int:
         report += vocab_section(args, work / "vocab", vocab, results)
     if args.part in ("all", "fsdp"):
         report += fsdp_section(work / "fsdp", vocab, results)
+    if args.part == "fsdp-0.5b":  # ~10 GB of RAM and disk, several minutes: not part of "all"
+        report += fsdp_section(work / "fsdp-0.5b", QWEN_05B, results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -501,6 +518,7 @@ def vocab_section(args, work: Path, vocab: dict, results: dict) -> str:
 
 
 def fsdp_section(work: Path, vocab: dict, results: dict) -> str:
+    """Whole-run FSDP memory of the model `vocab` describes (the real-vocabulary one, or QWEN_05B)."""
     model, data = prepare(work, vocab)
     log("FSDP memory at world size 1 and 2 (vocab_parallel auto, then never) ...")
     runs = {"1": (1, "auto"), "2": (2, "auto"), "2, vocab_parallel never": (2, "never")}
@@ -518,7 +536,8 @@ def fsdp_section(work: Path, vocab: dict, results: dict) -> str:
     phases = list(mem["1"]["phases_largest_rank"])
     return (
         "### FSDP2 full fine-tuning: peak RSS of the largest rank over a whole run\n\n"
-        f"The real-vocabulary model (hidden {vocab['hidden']}, {vocab['layers']} layers), full "
+        f"A random model of vocabulary {vocab['vocab']:,}, hidden {vocab['hidden']}, {vocab['layers']} "
+        f"layers ({'tied' if vocab.get('config', {}).get('tie_word_embeddings') else 'untied'}), full "
         "fine-tuning through load, 2 steps (global batch 4, micro batch 2, max length 64), checkpoint, "
         "export of model/; at world size 2 with the embedding and head split by vocabulary rows "
         "(`vocab_parallel: auto`) and as FSDP units (`never`). "

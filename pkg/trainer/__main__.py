@@ -34,6 +34,9 @@ def setup_logging(main: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pkg.trainer.host_memory import return_freed_memory
+
+    return_freed_memory()
     main_rank = os.environ.get("RANK", "0") == "0"
     setup_logging(main_rank)
     from pkg.trainer.config import load_config

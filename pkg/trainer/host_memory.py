@@ -1,0 +1,36 @@
+"""Give the memory of freed tensors back to the system, so a rank's resident memory follows what it holds.
+
+glibc's malloc serves allocations below its mmap threshold from heaps that it rarely returns to the system,
+and raises that threshold (up to 32 MiB) each time a larger block is freed. After the first step most of a
+model's per-layer tensors (FSDP's gathered units and gradients, activations, optimizer temporaries: 1-32 MiB
+each) therefore come from the heap, and what is freed between them stays resident, fragmented. Measured on
+a Qwen2.5-0.5B-shaped model (full fine-tuning, FSDP2, 2 CPU processes): 1.2 GiB more resident per rank than
+the tensors alive, and a whole-run peak of 6.0 GiB instead of 5.1 GiB. A fixed 1 MiB threshold gives each
+larger tensor its own mapping, unmapped when freed; it costs a page fault per 4 KiB of fresh memory (about
+4% more CPU time in a CPU LoRA run, nothing measurable on a GPU, where tensors are not malloc's).
+
+Set MALLOC_MMAP_THRESHOLD_ (glibc's own variable) to choose another value; other C libraries are left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
+THRESHOLD = 1 << 20
+
+
+def return_freed_memory() -> bool:
+    """Fix glibc's mmap and trim thresholds at 1 MiB for this process; False where that does not apply."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return False  # the user chose
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))

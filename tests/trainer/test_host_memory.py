@@ -1,0 +1,58 @@
+"""host_memory.return_freed_memory: memory freed by a worker thread (where autograd runs the backward) goes
+back to the system instead of staying resident in glibc's heaps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.trainer.conftest import ROOT
+
+SCRIPT = """
+import sys, threading
+import torch
+from pkg.trainer.host_memory import return_freed_memory
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+if sys.argv[1] == "set":
+    assert return_freed_memory()
+kept = []
+
+def step():  # like a backward: a large block freed, then ~4 MiB tensors freed around small ones kept
+    torch.ones(40 << 18).sum()
+    freed = []
+    for i in range(100):
+        freed.append(torch.ones((1 << 20) + i * 1024))
+        kept.append(torch.ones(1 << 10))
+    del freed
+
+before = rss_mib()
+for _ in range(3):
+    worker = threading.Thread(target=step)
+    worker.start()
+    worker.join()
+print(round(rss_mib() - before))
+"""
+
+
+def retained_mib(mode: str) -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.split()[-1])
+
+
+def test_freed_tensors_leave_the_resident_memory():
+    # Measured: 844 MiB of the 1.2 GiB freed stays resident by default, 5 MiB with the setting.
+    assert retained_mib("default") > 400  # what the setting is for (glibc's default behaviour)
+    assert retained_mib("set") < 100
+
+
+def test_a_threshold_the_user_chose_is_kept(monkeypatch):
+    from pkg.trainer.host_memory import return_freed_memory
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert return_freed_memory() is False
