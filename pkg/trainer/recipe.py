@@ -298,7 +298,9 @@ class Recipe:
         trainable, total = model.count_parameters(net)
         self.param_counts = {"trainable_params": trainable, "total_params": total}
         log.info("%s: %d trainable of %d parameters", cfg.method, trainable, total)
-        split = vocab_parallel.wanted(
+        # FSDP runs (distributed.shard) at world size > 1, or for bf16 mixed precision; never for a 4-bit base
+        sharded = cfg.method != "qlora" and (self.dist.world_size > 1 or self.bf16)
+        split = sharded and vocab_parallel.wanted(
             cfg.vocab_parallel, self.dist.world_size, cfg.micro_batch_size * cfg.max_seq_length,
             net.config.vocab_size,
         )  # fmt: skip
@@ -319,7 +321,7 @@ class Recipe:
             net = distributed.shard_from_rank0(net, self.dist.device, self.bf16, split)
         elif cfg.method != "qlora":  # a 4-bit base is not sharded; its small adapter is all-reduced instead
             net = distributed.shard(net, self.dist.device, self.bf16, split)
-        if split and cfg.method != "qlora":
+        if split:
             names = [type(m).__name__ for m in net.modules() if isinstance(m, vocab_parallel.SPLIT)]
             log.info(
                 "vocab_parallel: %s", ", ".join(names) or "nothing split (a tied head with LoRA stays whole)"
