@@ -130,6 +130,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def uses_fsdp(bf16: bool) -> bool:
+    """Whether `shard` applies FSDP: at world size > 1, or in one process for bf16 mixed precision."""
+    return dist.get_world_size() > 1 or bf16
+
+
 def shard(model: nn.Module, device: torch.device, bf16: bool, vocab_parallel: bool = False) -> nn.Module:
     """FSDP2: one `fully_shard` unit per decoder layer, then the root (norm, and what else is left).
 
@@ -142,7 +147,7 @@ def shard(model: nn.Module, device: torch.device, bf16: bool, vocab_parallel: bo
 
     from pkg.trainer import vocab_parallel as vp
 
-    if dist.get_world_size() == 1 and not bf16:
+    if not uses_fsdp(bf16):
         return model
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))

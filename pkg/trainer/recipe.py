@@ -298,8 +298,7 @@ class Recipe:
         trainable, total = model.count_parameters(net)
         self.param_counts = {"trainable_params": trainable, "total_params": total}
         log.info("%s: %d trainable of %d parameters", cfg.method, trainable, total)
-        # FSDP runs (distributed.shard) at world size > 1, or for bf16 mixed precision; never for a 4-bit base
-        sharded = cfg.method != "qlora" and (self.dist.world_size > 1 or self.bf16)
+        sharded = cfg.method != "qlora" and distributed.uses_fsdp(self.bf16)  # never a 4-bit base
         split = sharded and vocab_parallel.wanted(
             cfg.vocab_parallel, self.dist.world_size, cfg.micro_batch_size * cfg.max_seq_length,
             net.config.vocab_size,

@@ -9,7 +9,7 @@ checkpoints and the export treat it as one more sharded parameter), and activati
 - embedding: the ranks' token ids are all-gathered, each rank looks up the tokens its rows hold (zero rows
   for the others) and a reduce-scatter sums each rank's tokens back to it. Backward: the output gradients
   are all-gathered and each rank adds those of its own tokens into its rows.
-- head: loss.py's fused head (`head_logprobs`) all-gathers the hidden states of the ranks' target tokens,
+- head: loss.py's fused head (`_HeadLogprobs`) all-gathers the hidden states of the ranks' target tokens,
   each rank computes the logits of its vocabulary slice, and the log-sum-exp and each target's logit are
   all-reduced; its backward reduce-scatters the hidden-state gradients back to their ranks.
 
@@ -32,18 +32,20 @@ from torch import nn
 
 @dataclass(frozen=True)
 class VocabShard:
-    """This rank's rows [start, start + rows) of a vocabulary of `vocab` split over `group`."""
+    """This rank's rows [start, start + rows) of a vocabulary of `vocab` split over `group` in blocks of
+    `per_rank` rows (the last ranks may hold fewer)."""
 
     group: dist.ProcessGroup
     start: int
     rows: int
     vocab: int
+    per_rank: int
 
     @staticmethod
     def of(vocab: int, group: dist.ProcessGroup) -> VocabShard:
         per_rank = math.ceil(vocab / dist.get_world_size(group))  # torch.chunk's split, as DTensor's Shard(0)
         start = min(dist.get_rank(group) * per_rank, vocab)
-        return VocabShard(group, start, min(per_rank, vocab - start), vocab)
+        return VocabShard(group, start, min(per_rank, vocab - start), vocab, per_rank)
 
 
 def wanted(setting: str, world_size: int, tokens_per_rank: int, vocab: int) -> bool:
@@ -140,8 +142,9 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelHead(nn.Module):
-    """The output head's rows of this rank. The loss calls loss.head_logprobs with them; called as a module
-    it returns whole logits, gathered: for the handful of positions check_head looks at, without gradient."""
+    """The output head's rows of this rank. loss.token_logprobs runs its fused head on them; called as a
+    module it returns whole logits, gathered: for the handful of positions check_head looks at, without
+    gradient."""
 
     def __init__(self, original: nn.Linear, weight: nn.Parameter, bias: nn.Parameter | None, shard) -> None:
         super().__init__()
@@ -160,7 +163,7 @@ class VocabParallelHead(nn.Module):
         weight, bias = self.local_weights()
         flat = hidden.reshape(-1, hidden.size(-1))
         (every,), m = gather_rows([flat], self.shard.group)
-        per_rank = math.ceil(self.shard.vocab / dist.get_world_size(self.shard.group))
+        per_rank = self.shard.per_rank
         logits = every.new_zeros((every.size(0), per_rank))
         bias = None if bias is None else bias.to(every.dtype)
         logits[:, : self.shard.rows] = nn.functional.linear(every, weight.to(every.dtype), bias)
