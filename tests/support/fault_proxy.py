@@ -10,7 +10,8 @@ Faults are rules consumed in order: each matching request uses up one of a rule'
 - `corrupt`: forward, flipping the body byte at that offset (checksum verification must catch it);
 - `trickle`: forward, send `stall_after` bytes of the body, then one byte every `trickle` seconds;
 - `headers`: forward, with these response headers set (replacing the server's of the same name);
-- `replace`: forward, with the body's first occurrence of `replace[0]` replaced by `replace[1]`.
+- `replace`: forward, with the body's first occurrence of `replace[0]` replaced by `replace[1]`;
+- `delay`: wait that many seconds before forwarding (a slow upload; the exporter's kill tests use it).
 A rule with `skip=N` lets its first N matching requests through untouched.
 A rule matches when `match` is a substring of the unquoted URL path and the method is `method`
 (default GET; "*" for any). The Host header is passed through unchanged, so S3 signatures stay valid.
@@ -77,6 +78,7 @@ class FaultRule:
     trickle: float | None = None  # after `stall_after` bytes, one byte every this many seconds
     headers: dict[str, str] | None = None  # response headers to set
     replace: tuple[str, str] | None = None  # (old, new): rewrite the body
+    delay: float | None = None  # wait this many seconds before forwarding
     skip: int = 0  # let this many matching requests through first
     times: int = 1
     match: str = ""
@@ -227,6 +229,8 @@ class _Handler(BaseHTTPRequestHandler):
                     status, b"<Error><Code>InjectedFault</Code><Message>injected</Message></Error>", headers
                 )
                 return
+            if rule is not None and rule.delay:
+                time.sleep(rule.delay)
             self._forward(body, rule)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
