@@ -35,6 +35,15 @@ Python:
         hub.add_repo("org/tiny", {"config.json": b"{}"}, repo_type="model", revision="main", private=True)
         hub.endpoint, hub.count("/resolve/"), hub.requests
 
+Uploads (what huggingface_hub's `create_repo`, `create_branch` and `create_commit` call, with Xet off):
+`POST /api/repos/create` (409 when it exists), `POST /api/validate-yaml`, `POST .../branch/B`,
+`POST /api/models/ORG/NAME/preupload/REV` (LFS_SUFFIXES or >= lfs_threshold bytes: "lfs", with the id
+of the file the revision holds, so unchanged files are left out), `POST /ORG/NAME.git/info/lfs/objects/batch`
+(basic transfer; no actions for an object the store has), `PUT /_lfs/OID` (the body's SHA-256 and size are
+checked), `POST /_lfs/verify`, and `POST /api/models/ORG/NAME/commit/REV` (ndjson: header, file, lfsFile),
+applied to the revision's folder all at once, only once every LFS object is in the store. Each write needs
+the token. `commits` lists what was committed; `fail_commits` makes the next N commits answer 500.
+
 `GET /_admin/requests` returns the request log as JSON, `POST /_admin/reset` clears it (other processes).
 For faults (5xx, 429 + Retry-After, dropped connections, stalls) put tests.support.fault_proxy in front.
 """
@@ -42,11 +51,14 @@ For faults (5xx, 429 + Retry-After, dropped connections, stalls) put tests.suppo
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
+import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -71,6 +83,7 @@ DEFAULT_LFS_THRESHOLD = 10 * 1024 * 1024
 PAGE_SIZE = 1000
 _API = re.compile(r"^/api/(models|datasets)/([^/]+)/([^/]+)(?:/(.*))?$")
 _CDN = re.compile(r"^/cdn/(model|dataset)/([^/]+)/([^/]+)/([0-9a-f]{40})/(.+)$")
+_WRITE = re.compile(r"^/api/(models|datasets)/([^/]+)/([^/]+)/(branch|preupload|commit)/(.+)$")
 _RESOLVE = re.compile(r"^/(?:(datasets)/)?([^/]+)/([^/]+)/resolve/([^/]+)/(.+)$")
 
 
@@ -105,6 +118,8 @@ class HubServer(BackgroundServer):
         self.lfs_redirect: str | None = None  # base URL LFS resolves redirect to (see the module doc)
         self.range_mode = "honour"  # or "ignore", "bare", "shift" (see the module doc)
         self._hashes: dict[tuple[str, int, int], tuple[str, str]] = {}
+        self.commits: list[dict[str, Any]] = []  # {"repo", "revision", "oid", "files": [...]}
+        self.fail_commits = 0
         super().__init__(type("Handler", (_Handler,), {"hub": self}), host, port, "hub-server")
 
     # -- content --------------------------------------------------------------------------------------------
@@ -165,6 +180,15 @@ class HubServer(BackgroundServer):
             self._hashes[key] = value
         return value
 
+    def lfs_signature(self, oid: str) -> str:
+        return hashlib.sha256(f"{self.token}:{oid}".encode()).hexdigest()[:32]
+
+    def lfs_dir(self) -> Path:
+        """Where uploaded LFS objects wait for a commit, named by their SHA-256."""
+        folder = self.root / "_lfs"
+        folder.mkdir(exist_ok=True)
+        return folder
+
     def is_lfs(self, path: Path) -> bool:
         return path.suffix in LFS_SUFFIXES or path.stat().st_size >= self.lfs_threshold
 
@@ -197,7 +221,171 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.reset_log()
             self._json(200, {"ok": True})
         else:
-            self._error(_HubError(405, None, "method not allowed"), head=False)
+            self._write()
+
+    def do_PUT(self) -> None:
+        self._write()
+
+    # -- uploads --------------------------------------------------------------------------------------------
+    def _write(self) -> None:
+        url = urlsplit(self.path)
+        path = unquote(url.path)
+        self._authorized = False
+        self._pending = True
+        try:
+            if self.command == "PUT" and (m := re.fullmatch(r"/_lfs/([0-9a-f]{64})", path)):
+                # Signed like a presigned URL (the Hub's LFS hrefs are): no Authorization header needed.
+                if parse_qs(url.query).get("sig") != [self.hub.lfs_signature(m.group(1))]:
+                    raise _HubError(403, None, "bad or missing signature")
+                self._lfs_put(m.group(1))
+                return
+            self._authorized = self._auth()
+            if not self._authorized:
+                raise _HubError(401, None, "Invalid username or password.")
+            body = self._body()
+            if path == "/api/repos/create":
+                self._create_repo(json.loads(body))
+            elif path == "/api/validate-yaml":
+                self._json(200, {"errors": [], "warnings": []})
+            elif path == "/_lfs/verify":
+                info = json.loads(body)
+                stored = self.hub.lfs_dir() / str(info.get("oid"))
+                if not stored.is_file() or stored.stat().st_size != info.get("size"):
+                    raise _HubError(404, None, "object not found")
+                self._json(200, {"ok": True})
+            elif m := re.fullmatch(r"/([^/]+)/([^/]+)\.git/info/lfs/objects/batch", path):
+                self._lfs_batch(json.loads(body))
+            elif m := _WRITE.match(url.path):
+                repo_id = f"{unquote(m.group(2))}/{unquote(m.group(3))}"
+                repo_type, action, revision = m.group(1)[:-1], m.group(4), unquote(m.group(5))
+                if not self.hub.revisions(repo_id, repo_type):
+                    raise _HubError(404, "RepoNotFound", "Repository not found")
+                if action == "branch":
+                    self._create_branch(repo_id, repo_type, revision, json.loads(body or b"{}"))
+                elif action == "preupload":
+                    self._preupload(repo_id, repo_type, revision, json.loads(body))
+                else:
+                    self._commit(repo_id, repo_type, revision, body)
+            else:
+                raise _HubError(405 if self.command == "PUT" else 404, None, "Not Found")
+        except _HubError as exc:
+            self._error(exc, head=False)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            if self._pending:
+                self._log(499)
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _create_repo(self, info: dict[str, Any]) -> None:
+        repo_type = info.get("type") or "model"
+        repo_id = f"{info.get('organization')}/{info.get('name')}"
+        if self.hub.revisions(repo_id, repo_type):  # the Hub's 409 names the repo's URL too
+            url = f"{self.hub.endpoint}/{repo_id}"
+            self._json(409, {"error": "You already created this model repo", "url": url})
+            return
+        (self.hub.repo_dir(repo_id, repo_type) / "main").mkdir(parents=True)
+        self.hub.add_repo(repo_id, {}, repo_type=repo_type, private=info.get("visibility") != "public")
+        self._json(200, {"url": f"{self.hub.endpoint}/{repo_id}", "name": repo_id})
+
+    def _create_branch(self, repo_id: str, repo_type: str, branch: str, info: dict[str, Any]) -> None:
+        base = self.hub.repo_dir(repo_id, repo_type)
+        target = base / quote(branch, safe="")
+        if target.exists():
+            raise _HubError(409, None, f"Reference {branch} already exists")
+        shutil.copytree(base / quote(info.get("startingPoint") or "main", safe=""), target)
+        self._json(200, {})
+
+    def _revision_dir(self, repo_id: str, repo_type: str, revision: str) -> Path:
+        folder = self.hub.repo_dir(repo_id, repo_type) / quote(revision, safe="")
+        if not folder.is_dir():
+            raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        return folder
+
+    def _preupload(self, repo_id: str, repo_type: str, revision: str, info: dict[str, Any]) -> None:
+        folder = self._revision_dir(repo_id, repo_type, revision)
+        files = []
+        for f in info.get("files", []):
+            name = str(f["path"])
+            lfs = Path(name).suffix in LFS_SUFFIXES or int(f["size"]) >= self.hub.lfs_threshold
+            existing = folder / name
+            oid = None
+            if existing.is_file():
+                blob, sha = self.hub.hashes(existing)
+                oid = sha if self.hub.is_lfs(existing) else blob
+            files.append(
+                {"path": name, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
+        self._json(200, {"files": files, "commitOid": commit_id(repo_type, repo_id, revision)})
+
+    def _lfs_batch(self, info: dict[str, Any]) -> None:
+        if info.get("operation") != "upload" or "basic" not in info.get("transfers", ["basic"]):
+            raise _HubError(422, None, "only basic uploads")
+        objects = []
+        for obj in info.get("objects", []):
+            oid, size = str(obj["oid"]), int(obj["size"])
+            entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
+            stored = self.hub.lfs_dir() / oid
+            if not (stored.is_file() and stored.stat().st_size == size):  # else: already there, no actions
+                entry["actions"] = {
+                    "upload": {"href": f"{self.hub.endpoint}/_lfs/{oid}?sig={self.hub.lfs_signature(oid)}"},
+                    "verify": {"href": f"{self.hub.endpoint}/_lfs/verify", "header": {}},
+                }
+            objects.append(entry)
+        self._json(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
+
+    def _lfs_put(self, oid: str) -> None:
+        length = int(self.headers.get("Content-Length") or -1)
+        if length < 0:
+            raise _HubError(411, None, "Content-Length required")
+        store = self.hub.lfs_dir()
+        tmp = store / f".{oid}.{threading.get_ident()}.partial"
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as out:
+            left = length
+            while left > 0 and (block := self.rfile.read(min(left, 1 << 20))):
+                digest.update(block)
+                out.write(block)
+                left -= len(block)
+        if left or digest.hexdigest() != oid:
+            tmp.unlink()
+            raise _HubError(400, None, "the body does not match the object id or size")
+        os.replace(tmp, store / oid)
+        self._json(200, {})
+
+    def _commit(self, repo_id: str, repo_type: str, revision: str, body: bytes) -> None:
+        folder = self._revision_dir(repo_id, repo_type, revision)
+        if self.hub.fail_commits > 0:
+            self.hub.fail_commits -= 1
+            raise _HubError(500, None, "Internal Error (injected)")
+        items = [json.loads(line) for line in body.splitlines() if line.strip()]
+        writes: dict[str, bytes | Path] = {}
+        for item in items:
+            value = item.get("value", {})
+            if item.get("key") == "file":
+                writes[value["path"]] = base64.b64decode(value["content"])
+            elif item.get("key") == "lfsFile":
+                stored = self.hub.lfs_dir() / value["oid"]
+                if not stored.is_file() or stored.stat().st_size != value["size"]:
+                    raise _HubError(
+                        422, None, f"LFS object {value['oid']} of {value['path']} was not uploaded"
+                    )
+                writes[value["path"]] = stored
+            elif item.get("key") != "header":
+                raise _HubError(422, None, f"unsupported commit operation {item.get('key')!r}")
+        for name, content in writes.items():  # every LFS object checked above: the commit applies whole
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                shutil.copyfile(content, target)
+        oid = hashlib.sha1(f"{repo_id}@{revision}#{len(self.hub.commits)}".encode()).hexdigest()
+        self.hub.commits.append({"repo": repo_id, "revision": revision, "oid": oid, "files": sorted(writes)})
+        self._json(200, {"commitUrl": f"{self.hub.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid})
 
     # -- dispatch -------------------------------------------------------------------------------------------
     def _handle(self, head: bool) -> None:
