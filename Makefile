@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-REQS := requirements/dev.txt requirements/torch.txt pkg/initializers/requirements.txt pkg/trainer/requirements.txt
+REQS := requirements/dev.txt requirements/torch.txt requirements/torchtune.txt pkg/initializers/requirements.txt pkg/trainer/requirements.txt
 PYTEST_ARGS ?=
 
 .PHONY: help install test test-initializers test-trainer test-images test-images-full test-manifests \
@@ -17,6 +17,7 @@ install: $(STAMP) ## create .venv with everything needed to run and test on a CP
 $(STAMP): $(REQS)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+	$(PYTHON) -m pip install -q --disable-pip-version-check --no-deps -r requirements/torchtune.txt
 	touch $@
 
 test: install ## run the whole test suite (installs first)

@@ -43,26 +43,30 @@ def initializer_reference() -> str:
 
 
 def tune_reference() -> str:
-    """The `tune run` table: each torchtune key and the TrainConfig key it sets."""
+    """The `tune run` table: every torchtune key, its class (honoured, mapped, refused, cosmetic), the
+    TrainConfig key it sets and what it does; then the dataset builders."""
     from pkg.trainer.config import field_types
-    from pkg.trainer.tune import DPO_RECIPES, IGNORED_GROUPS, KEYS, RECIPES
+    from pkg.trainer.torchtune_configs import VERSION
+    from pkg.trainer.tune import BUILDERS, DPO_RECIPES, KEYS, RECIPES
 
-    rows = ["| torchtune key | llm-trainer key | meaning |", "|---|---|---|"]
+    rows = ["| torchtune key | class | llm-trainer key | what it does here |", "|---|---|---|---|"]
     for key in KEYS:
-        if not key.warn:
-            target = f"`{key.field}`" if key.field else "(accepted)"
-            note = key.note.replace("|", "\\|")
-            rows.append(f"| `{key.name}` | {target} | {note} |")
-    ignored = ", ".join(f"`{k.name}`" for k in KEYS if k.warn)
-    groups = ", ".join(f"`{g}.*`" for g in IGNORED_GROUPS)
-    rows.append(f"| {ignored}; other keys of {groups} | (none) | No meaning here: one warning line each. |")
+        target = f"`{key.field}`" if key.field else ""
+        note = key.note.replace("|", "\\|")
+        rows.append(f"| `{key.name}` | {key.kind} | {target} | {note} |")
+    rows += ["", "| dataset builder (`dataset._component_` or `dataset=`) | format | arguments |", "|---|---|---|"]
+    for name, builder in BUILDERS.items():
+        fixed = ", ".join(f"{k} from `{v}`" for k, v in builder.columns.items())
+        fmt = builder.fmt + (f" ({fixed})" if fixed else "")
+        fmt += "; train_on_input defaults to True" if builder.train_on_input else ""
+        rows.append(f"| `{name}` | {fmt} | {', '.join(f'`{a}`' for a in builder.args)} |")
     recipes = ", ".join(f"`{name}` ({method})" for name, method in RECIPES.items())
     dpo = ", ".join(f"`{name}`" for name in DPO_RECIPES)
     if "objective" in field_types():
         dpo += ": preference training (`objective: dpo`) with the same method"
     else:
         dpo += ": refused, preference training is not in this build"
-    return "\n".join([*rows, "", f"Recipes: {recipes}. {dpo}."])
+    return "\n".join([*rows, "", f"Recipes: {recipes}. {dpo}. Published configs: torchtune {VERSION}'s."])
 
 
 SECTIONS = {

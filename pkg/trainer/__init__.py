@@ -10,5 +10,5 @@ Modules, one job each:
     export      adapter / merged / full model in Hugging Face formats, atomically
     metrics     progress lines, metrics.jsonl, summary.json, loss.png
     tune        `tune run`, torchtune's command line (the SDK's BuiltinTrainer) -> TrainConfig, launch
-    torchtune_configs  torchtune's published defaults per config name
+    torchtune_configs  torchtune 0.6.1's published configs (generated: scripts/gen_torchtune_configs.py)
 """

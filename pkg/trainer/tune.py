@@ -1,17 +1,25 @@
-"""`tune run`: the command line of torchtune, as the Kubeflow SDK and the Trainer controller send it.
+"""`tune run`, `tune ls`, `tune cp`, `tune validate`: torchtune's command line, answered by the llm-trainer.
 
-    tune run [--rdzv_endpoint=HOST:PORT] RECIPE --config CONFIG key=value ...
+    tune run [--rdzv_endpoint=HOST:PORT] RECIPE --config CONFIG key=value ~key ...
+    tune ls                       # the recipes and their published configs
+    tune cp CONFIG FILE           # a published config as a file to edit (our rendering of its settings)
+    tune validate FILE            # check a config file without running anything (no GPU needed)
     python -m pkg.trainer.tune run ...                                  # the same, without the executable
 
 A `BuiltinTrainer(config=TorchTuneConfig(...))` on a runtime labelled `trainer.kubeflow.org/framework:
 torchtune` reaches the container as such a command (with PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK in
-the environment). This module translates all of it into one TrainConfig (the table KEYS below says what each
-torchtune key becomes), refuses a key it does not know before anything starts, and then launches the workers
-of `pkg.trainer` exactly as torchrun would, with the same launcher flags and PET_* variables.
+the environment). CONFIG is a config torchtune publishes (`llama3_2/1B_lora`, its settings in
+torchtune_configs.json) or a YAML file in torchtune's format (`_component_` entries, `${output_dir}`
+interpolation, nested groups). Every key of either, then every key=value (which wins; `~key` removes one),
+goes through the table KEYS below, which says what each key becomes: honoured (same effect), mapped (our
+equivalent), refused (one line naming it and why, exit 2, nothing written) or cosmetic (one warning).
+Then the workers of `pkg.trainer` start exactly as torchrun would, with the same launcher flags and PET_*
+variables.
 
 torchtune semantics kept: `batch_size` is per device, so the global batch is batch_size x world size x
-gradient_accumulation_steps; the recipe and `model.quantize_base` choose lora / qlora / full; the defaults of
-a CONFIG name torchtune ships come from its published file (torchtune_configs.py), other names get ours.
+gradient_accumulation_steps; the recipe, `model._component_` (a qlora_ builder) and `model.quantize_base`
+choose lora / qlora / full; a null `clip_grad_norm` does not clip; a null `tokenizer.max_seq_len` does not
+truncate (the model's context length is the limit).
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ import difflib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +40,7 @@ import yaml
 
 from pkg.trainer.config import TrainConfig, field_types, split_spec
 from pkg.trainer.errors import ConfigError
-from pkg.trainer.torchtune_configs import CONFIGS
+from pkg.trainer.torchtune_configs import CONFIGS, RECIPE_CONFIGS, VERSION
 
 log = logging.getLogger("pkg.trainer.tune")
 
@@ -62,57 +71,65 @@ MODULE_NAMES: dict[str, dict[str, list[str]]] = {
         "mlp": ["dense_h_to_4h", "dense_4h_to_h"],
     },
 }
-LOSSES = (
+CE_LOSSES = (
     "torchtune.modules.loss.CEWithChunkedOutputLoss",
     "torchtune.modules.loss.LinearCrossEntropyLoss",
     "torch.nn.CrossEntropyLoss",
 )
-DATASETS = {  # torchtune dataset builder -> dataset_format (instruct_dataset: see dataset_format())
-    "torchtune.datasets.instruct_dataset": "input_output",
-    "torchtune.datasets.alpaca_dataset": "alpaca",
-    "torchtune.datasets.alpaca_cleaned_dataset": "alpaca",
-    "torchtune.datasets.chat_dataset": "messages",
-    "torchtune.datasets.text_completion_dataset": "text",
-}
+DPO_LOSS = "torchtune.rlhf.loss.DPOLoss"
 NULL = {"null", "none", "~", ""}
+DELETE = object()  # `~key` on the command line: remove the key (and its group) from the config
 
 
-# ---------------------------------------------------------------- value parsers: (key, raw text) -> value
+# ---------------------------------------------------------------- value parsers: (key, value) -> value
+# A value is text from the command line or a YAML value from a config file; both go through the same parser.
 
 
-def text(key: str, raw: str) -> str:
-    return raw
+def text(key: str, raw: Any) -> str:
+    if isinstance(raw, bool | dict | list) or raw is None:
+        raise ConfigError(f"{key}={raw}: expected a string")
+    return str(raw)
 
 
-def _optional(parse: Callable[[str, str], Any]) -> Callable[[str, str], Any]:
-    def parse_optional(key: str, raw: str) -> Any:
-        return None if raw.strip().lower() in NULL else parse(key, raw)
+def _optional(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    def parse_optional(key: str, raw: Any) -> Any:
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in NULL):
+            return None
+        return parse(key, raw)
 
     return parse_optional
 
 
-def integer(key: str, raw: str) -> int:
-    try:
+def integer(key: str, raw: Any) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, float) and raw.is_integer():
         return int(raw)
+    try:
+        return int(str(raw))
     except ValueError:
         raise ConfigError(f"{key}={raw}: expected an integer") from None
 
 
-def number(key: str, raw: str) -> float:
-    try:
+def number(key: str, raw: Any) -> float:
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
         return float(raw)
+    try:
+        return float(str(raw))
     except ValueError:
         raise ConfigError(f"{key}={raw}: expected a number") from None
 
 
-def boolean(key: str, raw: str) -> bool:
-    if raw.strip().lower() in ("true", "false"):
-        return raw.strip().lower() == "true"
+def boolean(key: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if str(raw).strip().lower() in ("true", "false"):
+        return str(raw).strip().lower() == "true"
     raise ConfigError(f"{key}={raw}: expected True or False")
 
 
-def one_of(*values: str) -> Callable[[str, str], str]:
-    def parse_choice(key: str, raw: str) -> str:
+def one_of(*values: str) -> Callable[[str, Any], str]:
+    def parse_choice(key: str, raw: Any) -> str:
         if raw not in values:
             raise ConfigError(f"{key}={raw}: expected one of {', '.join(values)}")
         return raw
@@ -120,12 +137,18 @@ def one_of(*values: str) -> Callable[[str, str], str]:
     return parse_choice
 
 
-def names(key: str, raw: str) -> list[str]:
-    """`[q_proj,v_proj]` as the SDK writes it (or a YAML list, or one bare name)."""
+def _yaml(raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
     try:
-        value = yaml.safe_load(raw)
+        return yaml.safe_load(raw)
     except yaml.YAMLError:
-        value = None
+        return None
+
+
+def names(key: str, raw: Any) -> list[str]:
+    """`[q_proj,v_proj]` as the SDK writes it (or a YAML list, or one bare name)."""
+    value = _yaml(raw)
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -133,23 +156,22 @@ def names(key: str, raw: str) -> list[str]:
     return value
 
 
-def mapping(key: str, raw: str) -> dict[str, str]:
+def mapping(key: str, raw: Any) -> dict[str, str]:
     """`{'input': 'question', 'output': 'answer'}` (a Python dict repr, as the SDK writes it, is YAML)."""
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = None
+    value = _yaml(raw)
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise ConfigError(f"{key}={raw}: expected a mapping like {{'input': 'question', 'output': 'answer'}}")
-    unknown = sorted(set(value) - {"input", "output"})
-    if unknown:
-        raise ConfigError(f"{key}: instruct_dataset columns are input and output, not {', '.join(unknown)}")
     return value
 
 
-def split(key: str, raw: str) -> str:
+def anything(key: str, raw: Any) -> Any:
+    return raw
+
+
+def split(key: str, raw: Any) -> str:
+    raw = text(key, raw)
     try:
         split_spec(raw)
     except ConfigError as exc:
@@ -157,118 +179,281 @@ def split(key: str, raw: str) -> str:
     return raw
 
 
+def checkpoint_files(key: str, raw: Any) -> list[str]:
+    """A list of file names, or torchtune's form {filename_format: model-{}-of-{}.safetensors,
+    max_filename: 00004}."""
+    value = _yaml(raw)
+    if isinstance(value, dict) and set(value) == {"filename_format", "max_filename"}:
+        fmt, last = str(value["filename_format"]), str(value["max_filename"])
+        if fmt.count("{}") != 2 or not last.isdigit():
+            raise ConfigError(f"{key}: filename_format needs two {{}} and max_filename digits, got {value}")
+        return [fmt.format(str(i).zfill(len(last)), last) for i in range(1, int(last) + 1)]
+    return names(key, value)
+
+
 # ---------------------------------------------------------------- the table
 
 
 @dataclass(frozen=True)
 class Key:
-    """One torchtune key: what it becomes here (`field`, a TrainConfig key or a description) and how."""
+    """One torchtune key and what it becomes here.
+
+    kind: honoured (same effect as in torchtune), mapped (our equivalent, described in `note`), refused (never
+    accepted: `note` says why and what to use) or cosmetic (no effect on results or memory: one warning when
+    the user gives it). `accept` lists the values of a key that is honoured only for them (the others are
+    refused with `note`); `field` is the TrainConfig key it sets, for the docs.
+    """
 
     name: str
-    field: str | None  # the TrainConfig key it sets directly; None: see `note`
-    parse: Callable[[str, str], Any]
+    kind: str
+    parse: Callable[[str, Any], Any]
     note: str
-    warn: bool = False  # accepted, but it has no meaning here: one warning line
+    field: str = ""
+    accept: tuple | None = None
 
 
+def _k(name, kind, parse, note, field="", accept=None) -> Key:
+    return Key(name, kind, parse, note, field, accept)
+
+
+FSDP = "the llm-trainer's FSDP2 setup"
+COLLATE = ("sft", "dpo", "packed")
 KEYS: list[Key] = [
     # Paths (the controller adds these from the runtime's command)
-    Key("output_dir", "output_dir", text, "Where adapter/, model/, checkpoints/ and metrics go."),
-    Key("checkpointer.checkpoint_dir", "model_dir", text, "The model: any Hugging Face causal LM."),
-    Key("tokenizer.path", None, text, "Not needed: the tokenizer is read from the model folder."),
-    Key("tokenizer.merges_file", None, text, "Not needed: the tokenizer is read from the model folder."),
-    Key("tokenizer.max_seq_len", "max_seq_length", _optional(integer), "Tokens per sequence (null: ours)."),
-    # Dataset
-    Key("dataset", "dataset_format", one_of(*DATASETS), "instruct_dataset: input/output columns as a user "
-        "and an assistant turn (alpaca columns when there is an instruction column and no column_map); "
-        "alpaca_dataset: alpaca; chat_dataset: messages; text_completion_dataset: text."),
-    Key("dataset.data_dir", "dataset_dir", text, "The dataset folder (or one of its folders)."),
-    Key("dataset.data_files", "dataset_dir", text, "One data file instead of a folder."),
-    Key("dataset.source", "dataset_source", one_of("json", "csv", "parquet", "arrow", "text", "xml"),
-        "Type of the data files."),
-    Key("dataset.split", "dataset_split", split, "Split and slice: train, train[:10%], train[100:500]."),
-    Key("dataset.column_map", "column_map", mapping, "The dataset's names for the input and output columns."),
-    Key("dataset.new_system_prompt", "system_prompt", text, "A system message before every sample."),
-    Key("dataset.train_on_input", "train_on_prompt", boolean, "Also train on the prompt tokens."),
-    Key("dataset.packed", "packing", boolean, "Pack samples into full sequences."),
+    _k("output_dir", "honoured", text, "Where adapter/, model/, epoch_N/, checkpoints/ and metrics go.",
+       "output_dir"),
+    _k("checkpointer.checkpoint_dir", "honoured", text, "The model: any Hugging Face causal LM folder.",
+       "model_dir"),
+    _k("checkpointer.checkpoint_files", "honoured", checkpoint_files, "The model's weight files (a list, or "
+       "filename_format + max_filename); each must exist in checkpoint_dir, and they must be all its weight "
+       "files (the trainer reads the folder)."),
+    _k("checkpointer.output_dir", "honoured", text, "Must be output_dir (torchtune's configs say "
+       "${output_dir}): checkpoints and outputs go to output_dir."),
+    _k("checkpointer._component_", "mapped", text, "Any torchtune checkpointer: the folder is read as a "
+       "Hugging Face model (safetensors or .bin, config.json, tokenizer)."),
+    _k("checkpointer.model_type", "mapped", text, "The architecture is the folder's config.json model_type."),
+    _k("checkpointer.recipe_checkpoint", "honoured", _optional(text), "Only null: resume state lives in "
+       "output_dir/checkpoints (resume_from_checkpoint=True).", accept=(None,)),
+    _k("checkpointer.adapter_checkpoint", "honoured", _optional(text), "Only null: resume state lives in "
+       "output_dir/checkpoints (resume_from_checkpoint=True).", accept=(None,)),
+    _k("checkpointer.safe_serialization", "honoured", boolean, "Only True: outputs are safetensors.",
+       accept=(True,)),
+    _k("ref_checkpointer.checkpoint_dir", "honoured", text, "full_dpo_distributed: the DPO reference model "
+       "(default: the starting model).", "reference_model_dir"),
+    _k("ref_checkpointer.checkpoint_files", "honoured", checkpoint_files, "As checkpointer.checkpoint_files, "
+       "for the reference model."),
+    *(_k(f"ref_checkpointer.{k}", "mapped", text, f"As checkpointer.{k}.")
+      for k in ("_component_", "model_type", "output_dir")),
+    _k("ref_checkpointer.recipe_checkpoint", "honoured", _optional(text), "Only null.", accept=(None,)),
+    _k("tokenizer.max_seq_len", "honoured", _optional(integer), "Tokens per sequence; null: no truncation "
+       "(the model's max_position_embeddings).", "max_seq_length"),
+    *(_k(f"tokenizer.{k}", "mapped", text, "The tokenizer is the model folder's (tokenizer.json and its "
+         "chat template).") for k in ("_component_", "path", "merges_file", "vocab_path", "merges_path",
+                                      "special_tokens_path")),
+    _k("tokenizer.prompt_template", "honoured", _optional(text), "Only null: prompts are rendered with the "
+       "model's chat template.", accept=(None,)),
+    # Dataset: dataset._component_ (or dataset=BUILDER) picks a builder of BUILDERS; its arguments below.
+    _k("dataset._component_", "mapped", text, "The dataset builder (see the builders table): its format, "
+       "columns and defaults, read from the dataset folder.", "dataset_format"),
+    _k("dataset.source", "mapped", text, "json, csv, parquet, arrow or text: the type of the data files. A "
+       "Hub dataset id (tatsu-lab/alpaca): the dataset folder, which the dataset initializer fills.",
+       "dataset_source"),
+    _k("dataset.data_dir", "honoured", text, "The dataset folder (or one of its folders).", "dataset_dir"),
+    _k("dataset.data_files", "honoured", text, "One data file instead of a folder.", "dataset_dir"),
+    _k("dataset.split", "honoured", split, "Split and slice: train, train[:10%], train[100:500].",
+       "dataset_split"),
+    _k("dataset.column_map", "honoured", mapping, "The dataset's names for the builder's columns.",
+       "column_map"),
+    _k("dataset.new_system_prompt", "honoured", _optional(text), "A system message before every sample.",
+       "system_prompt"),
+    _k("dataset.train_on_input", "honoured", boolean, "Also train on the prompt tokens (alpaca builders: "
+       "True unless given).", "train_on_prompt"),
+    _k("dataset.packed", "honoured", boolean, "Pack samples into sequences of tokenizer.max_seq_len.",
+       "packing"),
+    _k("dataset.conversation_column", "honoured", text, "chat_dataset: the column of the conversations.",
+       "column_map"),
+    _k("dataset.conversation_style", "honoured", one_of("sharegpt", "openai"), "chat_dataset: sharegpt "
+       "({from, value}) or openai ({role, content}) messages."),
+    _k("dataset.column", "honoured", text, "text_completion_dataset: the text column.", "column_map"),
+    _k("dataset.add_eos", "honoured", boolean, "text_completion_dataset: only True (an EOS after each text).",
+       accept=(True,)),
+    _k("dataset.split_across_pack", "honoured", boolean, "text_completion_dataset: only False with "
+       "packed=True (samples are never cut across packs); any value without packing."),
+    _k("dataset.filter_fn", "refused", anything, "A Python callable cannot be given to the llm-trainer: "
+       "filter the data before the dataset initializer."),
     # Model and method
-    Key("model.lora_rank", "lora_rank", integer, "LoRA rank."),
-    Key("model.lora_alpha", "lora_alpha", integer, "LoRA alpha."),
-    Key("model.lora_dropout", "lora_dropout", number, "Dropout on the LoRA input."),
-    Key("model.lora_attn_modules", "lora_target_modules", names, "Attention layers with adapters: q_proj, "
-        "k_proj, v_proj, output_proj, named as the model names them (Llama family: q_proj, k_proj, v_proj, "
-        "o_proj)."),
-    Key("model.apply_lora_to_mlp", "lora_target_modules", boolean, "Adds the MLP layers (gate_proj, up_proj, "
-        "down_proj in the Llama family)."),
-    Key("model.apply_lora_to_output", "lora_target_modules", boolean, "Adds the output head (lm_head)."),
-    Key("model.quantize_base", "method", boolean, "True on a LoRA recipe: qlora (a 4-bit base)."),
-    Key("model.use_dora", "use_dora", boolean, "DoRA adapters (peft's use_dora)."),
+    _k("model._component_", "mapped", text, "The architecture is the model folder's; a qlora_ builder means "
+       "QLoRA (a 4-bit base), a lora_ builder LoRA.", "method"),
+    _k("model.lora_rank", "honoured", integer, "LoRA rank.", "lora_rank"),
+    _k("model.lora_alpha", "honoured", integer, "LoRA alpha.", "lora_alpha"),
+    _k("model.lora_dropout", "honoured", number, "Dropout on the LoRA input.", "lora_dropout"),
+    _k("model.lora_attn_modules", "mapped", names, "Attention layers with adapters: q_proj, k_proj, v_proj, "
+       "output_proj, named as the model names them (Llama family: q_proj, k_proj, v_proj, o_proj).",
+       "lora_target_modules"),
+    _k("model.apply_lora_to_mlp", "mapped", boolean, "Adds the MLP layers (gate_proj, up_proj, down_proj in "
+       "the Llama family).", "lora_target_modules"),
+    _k("model.apply_lora_to_output", "mapped", boolean, "Adds the output head (lm_head).",
+       "lora_target_modules"),
+    _k("model.quantize_base", "honoured", boolean, "True on a LoRA recipe: qlora (a 4-bit base).", "method"),
+    _k("model.use_dora", "honoured", boolean, "DoRA adapters (peft's use_dora).", "use_dora"),
     # Training
-    Key("dtype", "precision", one_of("bf16", "fp32"), "Compute precision (not given: bf16 where supported)."),
-    Key("batch_size", "micro_batch_size", integer, "Samples per device per forward pass; global_batch_size = "
-        "batch_size x world size x gradient_accumulation_steps."),
-    Key("gradient_accumulation_steps", "global_batch_size", integer, "See batch_size."),
-    Key("epochs", "num_epochs", integer, "Passes over the data."),
-    Key("max_steps_per_epoch", "max_steps_per_epoch", _optional(integer), "Cap on the steps of an epoch."),
-    Key("optimizer.lr", "learning_rate", number, "Peak learning rate (AdamW)."),
-    Key("optimizer.weight_decay", "weight_decay", number, "AdamW weight decay."),
-    Key("lr_scheduler.num_warmup_steps", "warmup_steps", integer, "Linear warmup steps, then cosine decay."),
-    Key("clip_grad_norm", "max_grad_norm", _optional(number), "Gradient norm clipping (null: off)."),
-    Key("enable_activation_checkpointing", "activation_checkpointing", boolean, "Recompute activations."),
-    Key("seed", "seed", _optional(integer), "Seed of data order and initialization (null: ours)."),
-    Key("resume_from_checkpoint", "resume", boolean, "True: continue from the newest checkpoint (auto); "
-        "False: start over (never)."),
-    Key("log_every_n_steps", "log_every", integer, "Steps between progress lines."),
-    Key("loss", None, one_of(*LOSSES), "Accepted: the loss is the token-mean cross-entropy, computed only "
-        "where a target is (which is what the chunked loss saves memory for)."),
-    # Keys of torchtune's configs with no meaning here: one warning line each
-    *(
-        Key(name, None, text, "No meaning here; ignored with a warning.", warn=True)
-        for name in (
-            "compile", "device", "shuffle", "log_level", "log_peak_memory_stats", "save_adapter_weights_only",
-            "enable_activation_offloading", "activation_offloading_use_streams", "optimizer_in_bwd",
-            "fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers",
-            "run_val_every_n_steps",
-            "batch_size_val", "tensor_parallel_dim", "tensor_parallel_plan", "data_parallel_shard_dim",
-            "data_parallel_replicate_dim", "context_parallel_dim", "cpu_offload", "low_cpu_ram",
-            "optimizer", "optimizer._component_", "optimizer.fused", "optimizer.betas", "optimizer.eps",
-            "lr_scheduler", "lr_scheduler._component_", "model",
-            "tokenizer", "checkpointer", "loss.num_output_chunks",
-        )
-    ),
+    _k("dtype", "honoured", one_of("bf16", "fp32"), "Compute precision.", "precision"),
+    _k("batch_size", "honoured", integer, "Samples per device per forward pass; global_batch_size = "
+       "batch_size x world size x gradient_accumulation_steps.", "micro_batch_size"),
+    _k("gradient_accumulation_steps", "honoured", integer, "See batch_size.", "global_batch_size"),
+    _k("epochs", "honoured", integer, "Passes over the data.", "num_epochs"),
+    _k("max_steps_per_epoch", "honoured", _optional(integer), "Cap on the steps of an epoch (null: none).",
+       "max_steps_per_epoch"),
+    _k("optimizer._component_", "mapped", text, "torch.optim.AdamW; torch.optim.Adam (without weight decay, "
+       "the same update); others (SGD, bitsandbytes 8-bit and paged) onto the trainer's `optimizer` where it "
+       "has the choice, else refused.", "optimizer"),
+    _k("optimizer.lr", "honoured", number, "Peak learning rate.", "learning_rate"),
+    _k("optimizer.weight_decay", "honoured", number, "Weight decay (not given: the optimizer's default, "
+       "AdamW 0.01).", "weight_decay"),
+    _k("optimizer.betas", "honoured", names, "Only [0.9, 0.999].", accept=((0.9, 0.999),)),
+    _k("optimizer.eps", "honoured", number, "Only 1e-8.", accept=(1e-8,)),
+    _k("optimizer.amsgrad", "honoured", boolean, "Only False.", accept=(False,)),
+    *(_k(f"optimizer.{k}", "cosmetic", boolean, "The implementation (same math): the trainer picks it.")
+      for k in ("fused", "foreach")),
+    _k("lr_scheduler._component_", "honoured", one_of(
+        "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"),
+       "Linear warmup then cosine decay to 0; no lr_scheduler: a constant learning rate.", "lr_scheduler"),
+    _k("lr_scheduler.num_warmup_steps", "honoured", integer, "Linear warmup steps.", "warmup_steps"),
+    _k("lr_scheduler.num_cycles", "honoured", number, "Only 0.5 (one half cosine).", accept=(0.5,)),
+    _k("clip_grad_norm", "honoured", _optional(number), "Gradient norm clipping (null or absent: none).",
+       "max_grad_norm"),
+    _k("enable_activation_checkpointing", "honoured", boolean, "Recompute activations.",
+       "activation_checkpointing"),
+    _k("enable_activation_offloading", "honoured", boolean, "Only False: the llm-trainer does not offload "
+       "activations to the CPU; use enable_activation_checkpointing=True (recompute) to save memory.",
+       accept=(False,)),
+    _k("compile", "honoured", boolean, "Only False: the model runs eager (torch.compile is not used).",
+       accept=(False,)),
+    _k("seed", "honoured", _optional(integer), "Seed of data order and initialization (null: the trainer's "
+       "fixed 42 where torchtune draws one at random).", "seed"),
+    _k("shuffle", "honoured", boolean, "Shuffle the data each epoch (False: file order).", "shuffle"),
+    _k("resume_from_checkpoint", "mapped", boolean, "True: continue from the newest checkpoint in "
+       "output_dir (auto); False: start over (never).", "resume"),
+    _k("save_adapter_weights_only", "honoured", boolean, "LoRA: False (torchtune's default) also writes the "
+       "merged model, as torchtune does; True writes only the adapter.", "merge_adapter"),
+    _k("log_every_n_steps", "honoured", integer, "Steps between progress lines.", "log_every"),
+    _k("loss._component_", "honoured", one_of(*CE_LOSSES, DPO_LOSS), "SFT: cross-entropy over the target "
+       "tokens (chunked, as CEWithChunkedOutputLoss); DPO recipes: DPOLoss."),
+    _k("loss.beta", "honoured", number, "DPOLoss beta.", "dpo_beta"),
+    _k("loss.label_smoothing", "honoured", number, "DPOLoss label smoothing.", "dpo_label_smoothing"),
+    _k("loss.num_output_chunks", "cosmetic", integer, "The head runs in chunks of loss_chunk_size tokens.",
+       "loss_chunk_size"),
+    _k("metric_logger._component_", "mapped", text, "DiskLogger and StdoutLogger: progress lines and "
+       "output_dir/metrics.jsonl; TensorBoardLogger, WandBLogger, MLFlowLogger: the trainer's report_to "
+       "where it has it, else refused."),
+    _k("metric_logger.log_dir", "mapped", text, "Metrics go to output_dir/metrics.jsonl."),
+    _k("collate_fn", "honoured", one_of(*(f"torchtune.data.padded_collate_{k}" for k in COLLATE)),
+       "Padding to the longest sample of the micro-batch."),
+    _k("profiler.enabled", "honoured", boolean, "Only False: profiling is not available.", accept=(False,)),
+    _k("profiler.*", "honoured", anything, "The profiler's settings: no effect while it is off."),
+    # Memory and scale
+    _k("fsdp_cpu_offload", "mapped", boolean, "True: the trainer's cpu_offload where it has it, else "
+       "refused.", "cpu_offload"),
+    _k("fsdp.cpu_offload", "honoured", boolean, "An older spelling torchtune 0.6.1 does not read: only "
+       "False.", accept=(False,)),
+    _k("fsdp_reshard_after_forward", "honoured", boolean, f"Only True ({FSDP} reshards after the forward).",
+       accept=(True,)),
+    _k("custom_sharded_layers", "mapped", names, f"{FSDP} makes the input embedding and the output head "
+       "their own units (or splits them by vocabulary, vocab_parallel) always."),
+    _k("tensor_parallel_dim", "honoured", integer, "Only 1: no tensor parallelism (FSDP shards instead).",
+       accept=(1,)),
+    _k("tensor_parallel_plan._component_", "mapped", text, "No tensor parallelism: unused."),
+    _k("context_parallel_dim", "honoured", integer, "Only 1: no context parallelism.", accept=(1,)),
+    _k("data_parallel_shard_dim", "mapped", integer, "-1 (all ranks): FSDP over the world; another size: the "
+       "trainer's hybrid sharding (shard_group_size) where it has it, else refused.", "shard_group_size"),
+    _k("data_parallel_replicate_dim", "mapped", integer, "1: one replica; more: the trainer's hybrid "
+       "sharding where it has it, else refused.", "sharding"),
+    _k("optimizer_in_bwd", "mapped", boolean, "True: the trainer's optimizer_in_backward where it has it, "
+       "else refused.", "optimizer_in_backward"),
+    _k("ac_mode", "honoured", _optional(text), "Only null: activation checkpointing is per layer.",
+       accept=(None,)),
+    _k("ac_option", "honoured", _optional(integer), "Only null.", accept=(None,)),
+    _k("low_cpu_ram", "mapped", boolean, "Rank 0 streams the weights; host memory stays low either way."),
+    _k("dataset_val", "refused", anything, "Validation on a separate dataset is not in this build: give "
+       "val_fraction through a trainer config instead (torchtune 0.6.1's recipes do not read it either)."),
+    _k("run_val_every_n_steps", "refused", anything, "See dataset_val."),
+    _k("batch_size_val", "refused", anything, "See dataset_val."),
+    # No effect on results or memory: one warning when given
+    *(_k(name, "cosmetic", anything, note) for name, note in (
+        ("device", "The trainer uses the GPUs it is given (CPU without one)."),
+        ("log_level", "The trainer logs at INFO."),
+        ("log_peak_memory_stats", "The trainer logs peak memory in its progress lines."),
+        ("cudnn_deterministic_mode", "Not set by the trainer."),
+        ("enable_async_checkpointing", "Checkpoints are written synchronously (same content)."),
+    )),
 ]  # fmt: skip
-# Key groups whose every sub-key has no meaning here (profiler.enabled, metric_logger.log_dir ...).
-IGNORED_GROUPS = (
-    "profiler",
-    "metric_logger",
-    "checkpointer",
-    "dataset_val",
-    "tokenizer",
-    "model",
-    "quantizer",
-)
 BY_NAME = {k.name: k for k in KEYS}
+# Keys copied as they are onto their TrainConfig field (null: the trainer's default).
+DIRECT = ("output_dir", "checkpointer.checkpoint_dir", "epochs", "optimizer.lr", "log_every_n_steps", "dtype",
+          "enable_activation_checkpointing", "seed", "shuffle", "loss.beta",
+          "loss.label_smoothing")  # fmt: skip
 
 
-def known(key: str) -> Key | None:
-    """The table's entry for a key, a warning entry for a sub-key of an ignored group, or None (unknown)."""
+@dataclass(frozen=True)
+class Builder:
+    """A torchtune dataset builder as the trainer reads it: its format, arguments and fixed columns."""
+
+    fmt: str  # dataset_format (preference builders: "preference")
+    args: tuple[str, ...]  # the builder's arguments (keys under dataset.)
+    train_on_input: bool = False
+    columns: dict[str, str] = field(default_factory=dict)  # format column -> the dataset's, unless mapped
+
+
+SFT_ARGS = ("source", "column_map", "train_on_input", "new_system_prompt", "packed", "filter_fn", "split",
+            "data_files", "data_dir")  # fmt: skip
+PREF_ARGS = tuple(a for a in SFT_ARGS if a != "packed")
+ALPACA_ARGS = tuple(a for a in SFT_ARGS if a != "new_system_prompt")
+BUILDERS = {
+    "torchtune.datasets.alpaca_dataset": Builder("alpaca", ALPACA_ARGS, train_on_input=True),
+    "torchtune.datasets.alpaca_cleaned_dataset": Builder("alpaca", ALPACA_ARGS, train_on_input=True),
+    "torchtune.datasets.instruct_dataset": Builder("input_output", SFT_ARGS),
+    "torchtune.datasets.chat_dataset": Builder(
+        "messages", (*(a for a in SFT_ARGS if a != "column_map"), "conversation_column", "conversation_style")
+    ),
+    "torchtune.datasets.slimorca_dataset": Builder(
+        "messages", SFT_ARGS, columns={"messages": "conversations"}
+    ),
+    "torchtune.datasets.text_completion_dataset": Builder(
+        "text", ("source", "column", "add_eos", "packed", "split_across_pack", "split", "filter_fn",
+                 "data_files", "data_dir"),
+    ),
+    "torchtune.datasets.preference_dataset": Builder("preference", PREF_ARGS),
+    "torchtune.datasets.stack_exchange_paired_dataset": Builder(
+        "preference", tuple(a for a in PREF_ARGS if a != "new_system_prompt"),
+        columns={"prompt": "question", "chosen": "response_j", "rejected": "response_k"},
+    ),
+    "torchtune.datasets.hh_rlhf_helpful_dataset": Builder("preference", PREF_ARGS),
+}  # fmt: skip
+FILE_TYPES = ("json", "csv", "parquet", "arrow", "text", "xml")
+
+
+def spec_of(key: str, builder: str | None) -> Key | None:
+    """The table's entry for a key (profiler.* by its group), None if unknown; dataset arguments are
+    checked against the builder's."""
+    arg = key.split(".", 1)[-1]
+    if key.startswith("dataset.") and arg != "_component_" and builder in BUILDERS:
+        return BY_NAME[key] if arg in BUILDERS[builder].args else None
     if key in BY_NAME:
         return BY_NAME[key]
     group = key.split(".", 1)[0]
-    if "." in key and group in IGNORED_GROUPS:
-        # model.* and tokenizer.* keys this table does not list have no effect here (model._component_ ...)
-        # but a near miss of a listed one is a typo, refused below.
-        close = difflib.get_close_matches(
-            key, [k for k in BY_NAME if k.startswith(group + ".")], n=1, cutoff=0.85
+    return BY_NAME.get(f"{group}.*")
+
+
+def unknown(key: str, builder: str | None = None) -> ConfigError:
+    if key.startswith("dataset.") and builder in BUILDERS:
+        args = BUILDERS[builder].args
+        close = difflib.get_close_matches(key.split(".", 1)[1], args, n=1, cutoff=0.5)
+        hint = f"did you mean dataset.{close[0]}? " if close else ""
+        return ConfigError(
+            f"{key}: {hint}{builder.rsplit('.', 1)[-1]} takes {', '.join(args)} (docs/trainer.md)"
         )
-        if not close:
-            return Key(key, None, text, "", warn=True)
-    return None
-
-
-def unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, [k.name for k in KEYS if not k.warn], n=1, cutoff=0.5)
-    close = close or difflib.get_close_matches(key, list(BY_NAME), n=1, cutoff=0.5)
+    candidates = [k.name for k in KEYS if not k.name.endswith("*")]
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     hint = f"did you mean {close[0]}? " if close else ""
     return ConfigError(
         f"unknown torchtune key {key!r}: {hint}(docs/trainer.md lists the keys tune run reads)"
@@ -283,7 +468,7 @@ class Command:
     launcher: list[str]  # torchrun flags given before the recipe
     recipe: str
     config: str
-    overrides: dict[str, str]  # key -> raw value, in order (a later one wins)
+    overrides: dict[str, Any]  # key -> raw value (DELETE for ~key), in order (a later one wins)
 
 
 def _launcher_flags(argv: list[str]) -> tuple[list[str], int]:
@@ -306,12 +491,16 @@ def _launcher_flags(argv: list[str]) -> tuple[list[str], int]:
     return argv[:i], i
 
 
+USAGE = (
+    "usage: tune run [--rdzv_endpoint=HOST:PORT] RECIPE --config CONFIG [key=value ...] "
+    "(or tune ls, tune cp CONFIG FILE, tune validate FILE)"
+)
+
+
 def parse_command(argv: list[str]) -> Command:
     """`run [launcher flags] RECIPE --config CONFIG key=value ...` into its parts (no value parsed yet)."""
     if not argv or argv[0] != "run":
-        raise ConfigError(
-            "usage: tune run [--rdzv_endpoint=HOST:PORT] RECIPE --config CONFIG [key=value ...]"
-        )
+        raise ConfigError(USAGE)
     launcher, i = _launcher_flags(argv[1:])
     rest = argv[1 + i :]
     if not rest:
@@ -323,15 +512,19 @@ def parse_command(argv: list[str]) -> Command:
         arg = rest[j]
         if arg in ("--config", "-c"):
             if j + 1 >= len(rest):
-                raise ConfigError("--config needs a config name (e.g. llama3_2/1B_lora)")
+                raise ConfigError("--config needs a config name (e.g. llama3_2/1B_lora) or a file")
             config, j = rest[j + 1], j + 2
             continue
         if arg.startswith("--config="):
             config, j = arg.split("=", 1)[1], j + 1
             continue
+        if arg.startswith("~") and len(arg) > 1 and "=" not in arg:
+            overrides[arg[1:]] = DELETE
+            j += 1
+            continue
         key, eq, value = arg.partition("=")
         if not eq or not key or key.startswith(("-", "~")):
-            raise ConfigError(f"unexpected argument {arg!r}: torchtune overrides are key=value")
+            raise ConfigError(f"unexpected argument {arg!r}: torchtune overrides are key=value (or ~key)")
         overrides[key] = value
         j += 1
     if config is None:
@@ -339,74 +532,135 @@ def parse_command(argv: list[str]) -> Command:
     return Command(launcher, recipe, config, overrides)
 
 
-# ---------------------------------------------------------------- translation
+# ---------------------------------------------------------------- config files
 
 
-def published_defaults(config: str) -> dict[str, Any]:
-    """The torchtune settings of a config torchtune ships (as parsed values), or {} for another name."""
-    pub = CONFIGS.get(config.removesuffix(".yaml"))
-    if pub is None:
-        return {}
-    out: dict[str, Any] = {
-        "optimizer.lr": pub.learning_rate,
-        "optimizer.weight_decay": pub.weight_decay,
-        "lr_scheduler.num_warmup_steps": pub.warmup_steps or 0,
-        "gradient_accumulation_steps": pub.gradient_accumulation_steps,
-        "batch_size": pub.batch_size,
-        "epochs": pub.epochs,
-        "max_steps_per_epoch": pub.max_steps_per_epoch,
-        "enable_activation_checkpointing": pub.activation_checkpointing,
-        "dataset.split": pub.split,
-    }
-    if pub.lora:
-        out.update(zip(("model.lora_rank", "model.lora_alpha", "model.lora_dropout"), pub.lora, strict=True))
-        out.update({
-            "model.lora_attn_modules": ["q_proj", "v_proj", "output_proj"],
-            "model.apply_lora_to_mlp": pub.lora_mlp,
-            "model.apply_lora_to_output": pub.lora_output,
-            "model.quantize_base": pub.quantize_base,
-            "model.use_dora": pub.use_dora,
-        })  # fmt: skip
+VALUE_MAPPINGS = ("column_map", "checkpoint_files")  # keys whose value is a mapping, not a group of keys
+
+
+def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested groups as dotted keys (`optimizer: {lr: 1}` -> `optimizer.lr`); a dataset list stays a list."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in VALUE_MAPPINGS:
+            out.update(flatten(value, f"{name}."))
+        elif name == "dataset" and isinstance(value, list):
+            out[name] = [flatten(d) if isinstance(d, dict) else d for d in value]
+        else:
+            out[name] = value
     return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: a torchtune config is a mapping of key: value")
+    return flatten(data)
+
+
+def load_config(config: str) -> tuple[dict[str, Any], bool]:
+    """The keys of CONFIG, a published name (with or without .yaml) or a file, and whether it is a file.
+
+    As in torchtune, a published name wins over a file of the same name."""
+    name = config.removesuffix(".yaml")
+    if name in CONFIGS:
+        return dict(CONFIGS[name]), False
+    path = Path(config)
+    if path.is_file():
+        return read_config_file(path), True
+    close = difflib.get_close_matches(name, list(CONFIGS), n=3, cutoff=0.6)
+    hint = f"; nearest: {', '.join(close)}" if close else ""
+    raise ConfigError(
+        f"--config {config}: neither a config of torchtune {VERSION} nor a file{hint} (tune ls lists them)"
+    )
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The config's keys, then the command line's: `group=X` sets `group._component_` when the group has one
+    (torchtune's rule, so `dataset=torchtune.datasets.instruct_dataset` picks a builder); `~key` removes a
+    key and its group."""
+    out = dict(base)
+    for key, raw in overrides.items():
+        if raw is DELETE:
+            dropped = [k for k in out if k == key or k.startswith(f"{key}.")]
+            if not dropped:
+                raise ConfigError(f"~{key}: the config has no key {key} to remove")
+            for k in dropped:
+                del out[k]
+            continue
+        if (f"{key}._component_" in out or key == "dataset") and not isinstance(out.get(key), list):
+            key = f"{key}._component_"
+        out[key] = raw
+    return out
+
+
+INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
+
+
+def interpolate(flat: dict[str, Any]) -> dict[str, Any]:
+    """`${output_dir}` and `${output_dir}/logs` resolved against the merged config (as OmegaConf does)."""
+
+    def value_of(name: str, seen: tuple[str, ...]) -> Any:
+        if ":" in name:
+            raise ConfigError(f"{seen[0]}: ${{{name}}}: resolvers are not supported; give the value itself")
+        if name in seen:
+            raise ConfigError(f"{seen[0]}: ${{{name}}} refers to itself")
+        if name not in flat:
+            raise ConfigError(f"{seen[0]}: ${{{name}}} names no key of the config")
+        return resolve(flat[name], (*seen, name))
+
+    def resolve(value: Any, seen: tuple[str, ...]) -> Any:
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        whole = INTERPOLATION.fullmatch(value)
+        if whole:
+            return value_of(whole.group(1), seen)
+        return INTERPOLATION.sub(lambda m: str(value_of(m.group(1), seen)), value)
+
+    return {k: resolve(v, (k,)) for k, v in flat.items()}
+
+
+# ---------------------------------------------------------------- translation
 
 
 def module_names(model_dir: str | None) -> dict[str, list[str]]:
     """torchtune's layer names -> this model's module names, from its config.json's model_type."""
     names = {**ATTENTION, "mlp": MLP, "output": OUTPUT}
+    return {**names, **MODULE_NAMES.get(model_config(model_dir).get("model_type") or "", {})}
+
+
+def model_config(model_dir: str | None) -> dict:
     try:
-        model_type = json.loads((Path(model_dir or "") / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        model_type = None
-    return {**names, **MODULE_NAMES.get(model_type or "", {})}
+        config = json.loads((Path(model_dir or "") / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def lora_targets(tt: dict[str, Any], model_dir: str | None) -> list[str]:
     """lora_target_modules from model.lora_attn_modules, apply_lora_to_mlp and apply_lora_to_output."""
     attn = tt.get("model.lora_attn_modules")
     mlp, output = tt.get("model.apply_lora_to_mlp", False), tt.get("model.apply_lora_to_output", False)
-    if attn is None and not mlp and not output:
-        return ["all-linear"]  # not a torchtune name: ours
-    bad = [name for name in attn or [] if name not in ATTENTION]
+    if attn is None:
+        raise ConfigError("model.lora_attn_modules is missing: a LoRA recipe needs it (e.g. [q_proj,v_proj])")
+    bad = [name for name in attn if name not in ATTENTION]
     if bad:
         raise ConfigError(f"model.lora_attn_modules: {', '.join(bad)} is not one of {', '.join(ATTENTION)}")
     names = module_names(model_dir)
     targets: list[str] = []
-    for group in [*(attn or []), *(["mlp"] if mlp else []), *(["output"] if output else [])]:
+    for group in [*attn, *(["mlp"] if mlp else []), *(["output"] if output else [])]:
         targets += [n for n in names[group] if n not in targets]
     if not targets:
         raise ConfigError("no LoRA target: give model.lora_attn_modules or set model.apply_lora_to_mlp=True")
     return targets
-
-
-def dataset_format(tt: dict[str, Any]) -> str:
-    builder = tt.get("dataset")
-    if builder is None:
-        return "auto"
-    if builder == "torchtune.datasets.instruct_dataset" and "dataset.column_map" not in tt:
-        # Without a column_map, alpaca-style data (instruction/input/output) keeps its instruction: auto
-        # reads it as alpaca, and data with only input/output columns as input_output.
-        return "auto"
-    return DATASETS[builder]
 
 
 def num_nodes(nnodes: str) -> int:
@@ -436,74 +690,391 @@ def recipe_method(recipe: str) -> str:
     return methods[recipe]
 
 
-def parse_overrides(cmd: Command, method: str) -> tuple[dict[str, Any], list[str]]:
-    """The parsed value of each key=value (unknown keys refused), and a warning per meaningless key."""
-    given, warnings = {}, []
-    for key, raw in cmd.overrides.items():
-        spec = known(key)
-        if spec is None:
-            raise unknown(key)
-        if spec.warn:
-            warnings.append(f"{key}={raw} has no meaning for the llm-trainer; ignored")
-            continue
-        given[key] = spec.parse(key, raw)
-    lora_keys = [k for k, v in given.items() if k.startswith("model.") and v is not False]
-    if method == "full" and lora_keys:
+@dataclass
+class Resolved:
+    """A config after merging, interpolation and parsing: torchtune's keys with parsed values."""
+
+    tt: dict[str, Any]
+    warnings: list[str]
+
+
+def _fmt(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def parse_keys(flat: dict[str, Any], user_keys: set[str], recipe: str) -> Resolved:
+    """Every key through the table: unknown keys and refused values stop here, cosmetic ones the user gave
+    warn once each."""
+    if isinstance(flat.get("dataset"), list):
         raise ConfigError(
-            f"{lora_keys[0]}: the recipe {cmd.recipe} trains all weights; use a lora_* recipe for LoRA"
+            "dataset: a list of datasets is not in this build; give one builder (or concatenate the files "
+            "in one dataset folder with the same columns)"
         )
-    if "dataset.data_dir" in given and "dataset.data_files" in given:
+    builder = flat.get("dataset._component_")
+    if builder is not None and builder not in BUILDERS:
+        close = difflib.get_close_matches(str(builder), list(BUILDERS), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(
+            f"dataset._component_={builder}: {hint}the builders tune run reads are "
+            f"{', '.join(b.rsplit('.', 1)[-1] for b in BUILDERS)}"
+        )
+    tt, warnings = {}, []
+    for key, raw in flat.items():
+        spec = spec_of(key, builder)
+        if spec is None:
+            raise unknown(key, builder)
+        where = f"{key}={_fmt(raw)}"
+        if spec.kind == "refused":
+            raise ConfigError(f"{where}: {spec.note}")
+        value = spec.parse(key, raw)
+        if key == "optimizer.betas":
+            value = tuple(number(key, v) for v in value)
+        if spec.accept is not None and value not in spec.accept:
+            raise ConfigError(f"{where}: {spec.note}")
+        if spec.kind == "cosmetic" and key in user_keys:
+            warnings.append(f"{where} has no effect in the llm-trainer: {spec.note}")
+        tt[key] = value
+    return Resolved(tt, warnings)
+
+
+def optimizer_settings(tt: dict[str, Any]) -> dict[str, Any]:
+    """optimizer._component_ onto TrainConfig: AdamW (and Adam without weight decay) always; the others onto
+    the trainer's `optimizer` choices where this build has them."""
+    component = tt.get("optimizer._component_", "torch.optim.AdamW")
+    decay = tt.get("optimizer.weight_decay")
+    choices = {  # torchtune component -> the trainer's optimizer choice (and the component's default decay)
+        "torch.optim.AdamW": ("adamw", 0.01),
+        "torch.optim.Adam": ("adamw", 0.0),
+        "torch.optim.SGD": ("sgd", 0.0),
+        "bitsandbytes.optim.AdamW8bit": ("adamw_8bit", 0.01),
+        "bitsandbytes.optim.PagedAdamW8bit": ("paged_adamw_8bit", 0.01),
+    }
+    if component not in choices:
+        raise ConfigError(
+            f"optimizer._component_={component}: not available in the llm-trainer; use torch.optim.AdamW"
+            + (
+                " (bitsandbytes.optim.PagedAdamW8bit where the trainer has it)"
+                if "Paged" in component
+                else ""
+            )
+        )
+    choice, default_decay = choices[component]
+    decay = default_decay if decay is None else decay
+    if component == "torch.optim.Adam" and decay:
+        raise ConfigError(
+            f"optimizer._component_=torch.optim.Adam with weight_decay={decay}: Adam's L2 penalty is not "
+            "AdamW's decoupled decay; use torch.optim.AdamW or weight_decay=0"
+        )
+    values: dict[str, Any] = {"weight_decay": decay}
+    if choice != "adamw":
+        options = field_types().get("optimizer")
+        choices_here = _choices("optimizer")
+        if options is None or choice not in choices_here:
+            raise ConfigError(
+                f"optimizer._component_={component}: this build of the llm-trainer has no {choice} "
+                "optimizer; use torch.optim.AdamW"
+            )
+        values["optimizer"] = choice
+    return values
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == name:
+            return f.metadata.get("choices") or ()
+    return ()
+
+
+def scale_settings(tt: dict[str, Any]) -> dict[str, Any]:
+    """The memory and scale keys onto the trainer's own, where this build has them; refused otherwise."""
+    have = field_types()
+    values: dict[str, Any] = {}
+
+    def need(key: str, name: str, what: str) -> None:
+        if name not in have:
+            raise ConfigError(f"{key}={_fmt(tt[key])}: {what} is not in this build of the llm-trainer")
+
+    if tt.get("fsdp_cpu_offload"):
+        need("fsdp_cpu_offload", "cpu_offload", "offloading parameters and optimizer state to the CPU")
+        values["cpu_offload"] = True
+    if tt.get("optimizer_in_bwd"):
+        need("optimizer_in_bwd", "optimizer_in_backward", "stepping the optimizer in the backward pass")
+        values["optimizer_in_backward"] = True
+    shard, replicate = tt.get("data_parallel_shard_dim", -1), tt.get("data_parallel_replicate_dim", 1)
+    if replicate != 1 or shard != -1:
+        key = "data_parallel_replicate_dim" if replicate != 1 else "data_parallel_shard_dim"
+        need(
+            key, "shard_group_size", "hybrid sharding (data_parallel_shard_dim x data_parallel_replicate_dim)"
+        )
+        if shard == -1:
+            raise ConfigError(
+                f"{key}={_fmt(tt[key])}: give data_parallel_shard_dim too (the ranks of one shard)"
+            )
+        values.update(sharding="hybrid", shard_group_size=shard)
+    return values
+
+
+def metric_settings(tt: dict[str, Any]) -> dict[str, Any]:
+    component = tt.get("metric_logger._component_")
+    trackers = {
+        "torchtune.training.metric_logging.TensorBoardLogger": "tensorboard",
+        "torchtune.training.metric_logging.WandBLogger": "wandb",
+        "torchtune.training.metric_logging.MLFlowLogger": "mlflow",
+    }
+    local = ("torchtune.training.metric_logging.DiskLogger", "torchtune.training.metric_logging.StdoutLogger")
+    extra = sorted(k for k in tt if k.startswith("metric_logger.") and k not in
+                   ("metric_logger._component_", "metric_logger.log_dir"))  # fmt: skip
+    if component is None or component in local:
+        if extra:
+            raise ConfigError(f"{extra[0]}: {component or 'the metric logger'} takes only log_dir")
+        return {}
+    if component not in trackers:
+        raise ConfigError(
+            f"metric_logger._component_={component}: expected one of {', '.join([*local, *trackers])}"
+        )
+    if "report_to" not in field_types():
+        raise ConfigError(
+            f"metric_logger._component_={component}: reporting to {trackers[component]} is not in this build "
+            "of the llm-trainer; use torchtune.training.metric_logging.DiskLogger (output_dir/metrics.jsonl)"
+        )
+    if extra:
+        raise ConfigError(f"{extra[0]}: the tracker's settings come from its environment variables here "
+                          "(docs/trainer.md)")  # fmt: skip
+    return {"report_to": [trackers[component]]}
+
+
+def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
+    """The dataset builder and its arguments onto dataset_format, column_map, train_on_prompt ..."""
+    builder_name = tt.get("dataset._component_")
+    values: dict[str, Any] = {}
+    if builder_name is None:
+        builder = None
+    else:
+        builder = BUILDERS[builder_name]
+        if (builder.fmt == "preference") != dpo:
+            kind = "preference pairs" if dpo else "supervised samples"
+            raise ConfigError(f"dataset._component_={builder_name}: this recipe trains on {kind}")
+    columns = dict(builder.columns) if builder else {}
+    user_map = tt.get("dataset.column_map")
+    if user_map is not None:
+        if builder_name and builder_name.endswith("slimorca_dataset"):
+            user_map = {"messages" if k == "conversations" else k: v for k, v in user_map.items()}
+        allowed = {
+            "alpaca": ("instruction", "input", "output"), "input_output": ("input", "output"),
+            "messages": ("messages",), "preference": ("prompt", "chosen", "rejected"),
+        }.get(builder.fmt if builder else "input_output", ())  # fmt: skip
+        bad = sorted(set(user_map) - set(allowed))
+        if bad:
+            what = builder_name.rsplit(".", 1)[-1] if builder_name else "instruct_dataset"
+            raise ConfigError(
+                f"dataset.column_map: {what} columns are {', '.join(allowed)}, not {', '.join(bad)}"
+            )
+        columns.update(user_map)
+    if "dataset.conversation_column" in tt:
+        columns["messages"] = tt["dataset.conversation_column"]
+    if "dataset.column" in tt:
+        columns["text"] = tt["dataset.column"]
+    if builder_name == "torchtune.datasets.chat_dataset":
+        for arg in ("conversation_column", "conversation_style"):
+            if f"dataset.{arg}" not in tt:
+                raise ConfigError(f"dataset.{arg} is missing: chat_dataset needs it")
+    if (
+        tt.get("dataset.packed")
+        and builder
+        and builder.fmt == "text"
+        and tt.get("dataset.split_across_pack", True)
+    ):
+        raise ConfigError(
+            "dataset.split_across_pack=True: the llm-trainer never cuts a sample across packs; "
+            "set dataset.split_across_pack=False (or dataset.packed=False)"
+        )
+    values["column_map"] = {k: v for k, v in columns.items() if k != v}
+    if builder and not dpo:
+        fmt = builder.fmt
+        if fmt == "input_output" and user_map is None:
+            # Without a column_map, alpaca-style data (instruction/input/output) keeps its instruction: auto
+            # reads it as alpaca, and data with only input/output columns as input_output.
+            fmt = "auto"
+        values["dataset_format"] = fmt
+    train_on_input = tt.get("dataset.train_on_input", builder.train_on_input if builder else False)
+    if train_on_input and dpo:
+        raise ConfigError("dataset.train_on_input=True: DPO compares the responses only; set it to False")
+    values["train_on_prompt"] = train_on_input
+    if tt.get("dataset.new_system_prompt"):
+        values["system_prompt"] = tt["dataset.new_system_prompt"]
+    if "dataset.packed" in tt:
+        values["packing"] = tt["dataset.packed"]
+    if "dataset.split" in tt:
+        values["dataset_split"] = tt["dataset.split"]
+    source = tt.get("dataset.source")
+    if source in FILE_TYPES:
+        values["dataset_source"] = source
+    elif source is not None:
+        log.info("dataset.source=%s: reading the dataset folder (the dataset initializer's copy)", source)
+    if "dataset.data_dir" in tt and "dataset.data_files" in tt:
         raise ConfigError("give dataset.data_dir or dataset.data_files, not both")
-    for key in ("batch_size", "gradient_accumulation_steps"):
-        if key in given and given[key] < 1:
-            raise ConfigError(f"{key}={given[key]}: must be >= 1")
-    return given, warnings
+    for key in ("dataset.data_dir", "dataset.data_files"):
+        if key in tt:
+            values["dataset_dir"] = tt[key]
+    return values
+
+
+def check_weight_files(key: str, files: list[str], model_dir: str) -> None:
+    """checkpoint_files: each exists in the folder, and they are all its weight files (the trainer reads the
+    folder). Not checked when the folder is not there yet (tune validate before the initializers ran)."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise ConfigError(f"{key}: {missing[0]} is not in {folder}")
+    weights = {p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")}
+    other = sorted(weights - set(files) - {"training_args.bin"})
+    if other and not weights <= set(files):
+        raise ConfigError(
+            f"{key}: {folder} also holds {other[0]}; the llm-trainer reads every weight file of the folder, "
+            "so list them all (or give a folder with only these)"
+        )
+
+
+def max_seq_length(tt: dict[str, Any], model_dir: str) -> int | None:
+    """tokenizer.max_seq_len; null (torchtune: no truncation) is the model's context length."""
+    if tt.get("tokenizer.max_seq_len") is not None:
+        return tt["tokenizer.max_seq_len"]
+    config = model_config(model_dir)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(name), int) and config[name] > 0:
+            return config[name]
+    return None
+
+
+def to_train_config(tt: dict[str, Any], recipe: str, world: int) -> dict[str, Any]:
+    """TrainConfig values from torchtune's settings (already parsed and checked key by key)."""
+    method = recipe_method(recipe)
+    dpo = recipe in DPO_RECIPES
+    component = str(tt.get("model._component_", ""))
+    lora_keys = [k for k in tt if k.startswith("model.") and k != "model._component_" and tt[k] is not False]
+    is_lora_model = component.rsplit(".", 1)[-1].startswith(("lora_", "qlora_")) or bool(lora_keys)
+    if method == "full" and is_lora_model:
+        first = lora_keys[0] if lora_keys else f"model._component_={component}"
+        raise ConfigError(f"{first}: the recipe {recipe} trains all weights; use a lora_* recipe for LoRA")
+    if method == "lora" and component and not component.rsplit(".", 1)[-1].startswith(("lora_", "qlora_")):
+        raise ConfigError(
+            f"model._component_={component}: the recipe {recipe} trains LoRA adapters; give a lora_ or "
+            "qlora_ model builder (or a full_* recipe)"
+        )
+    defaults = TrainConfig()
+    values: dict[str, Any] = {}
+    for key in DIRECT:
+        if tt.get(key) is not None:
+            values[BY_NAME[key].field] = tt[key]
+    model_dir = values.get("model_dir", defaults.model_dir)
+    output_dir = values.get("output_dir", defaults.output_dir)
+    if "shuffle" in values and "shuffle" not in field_types() and values.pop("shuffle") is False:
+        raise ConfigError("shuffle=False: data in file order is not in this build of the llm-trainer")
+    if tt.get("checkpointer.output_dir") not in (None, output_dir):
+        raise ConfigError(
+            f"checkpointer.output_dir={tt['checkpointer.output_dir']}: outputs and checkpoints go to "
+            f"output_dir ({output_dir}); set it to ${{output_dir}}"
+        )
+    if "checkpointer.checkpoint_files" in tt:
+        check_weight_files("checkpointer.checkpoint_files", tt["checkpointer.checkpoint_files"], model_dir)
+    values["max_steps_per_epoch"] = tt.get("max_steps_per_epoch") or 0
+    values["max_grad_norm"] = tt.get("clip_grad_norm") or 0.0  # torchtune: null or absent does not clip
+    values["resume"] = "auto" if tt.get("resume_from_checkpoint") else "never"
+    if "lr_scheduler._component_" in tt:
+        values["lr_scheduler"] = "cosine"
+        values["warmup_steps"] = tt.get("lr_scheduler.num_warmup_steps", 0)
+    else:
+        if "lr_scheduler.num_warmup_steps" in tt:
+            raise ConfigError("lr_scheduler.num_warmup_steps: give lr_scheduler._component_ too (no "
+                              "lr_scheduler means a constant learning rate)")  # fmt: skip
+        values["lr_scheduler"], values["warmup_steps"] = "constant", 0
+    values.update(optimizer_settings(tt))
+    values.update(scale_settings(tt))
+    values.update(metric_settings(tt))
+    values.update(dataset_settings(tt, dpo))
+    seq = max_seq_length(tt, model_dir)
+    if seq is None and not Path(model_dir).is_dir():
+        # No model yet (tune validate, or a run that stops at loading it): nothing to resolve null against.
+        seq = defaults.max_seq_length
+    elif seq is None:
+        raise ConfigError(
+            f"tokenizer.max_seq_len is null (no truncation) and {model_dir}/config.json names no "
+            "max_position_embeddings: give tokenizer.max_seq_len"
+        )
+    values["max_seq_length"] = seq
+    micro = tt.get("batch_size", 1)
+    accum = tt.get("gradient_accumulation_steps", 1)
+    for key, n in (("batch_size", micro), ("gradient_accumulation_steps", accum)):
+        if n < 1:
+            raise ConfigError(f"{key}={n}: must be >= 1")
+    values["micro_batch_size"], values["global_batch_size"] = micro, micro * world * accum
+    if method == "full":
+        values["method"] = "full"
+    else:
+        qlora = tt.get("model.quantize_base") or component.rsplit(".", 1)[-1].startswith("qlora_")
+        values["method"] = "qlora" if qlora else "lora"
+        for key in ("model.lora_rank", "model.lora_alpha", "model.lora_dropout", "model.use_dora"):
+            if key in tt:
+                values[BY_NAME[key].field] = tt[key]
+        values.setdefault("lora_dropout", 0.0)  # torchtune's builders' default
+        values["lora_target_modules"] = lora_targets(tt, model_dir)
+        values["merge_adapter"] = not tt.get("save_adapter_weights_only", False)
+    if dpo:
+        values["objective"] = "dpo"
+        ref = tt.get("ref_checkpointer.checkpoint_dir")
+        if ref is not None and ref != model_dir:
+            if recipe != "full_dpo_distributed":
+                raise ConfigError(
+                    f"ref_checkpointer.checkpoint_dir={ref}: {recipe}'s reference is the base model with the "
+                    "adapter off; only full_dpo_distributed reads a reference"
+                )
+            if "reference_model_dir" not in field_types():
+                raise ConfigError(
+                    f"ref_checkpointer.checkpoint_dir={ref}: a reference model other than the starting one "
+                    "is not in this build of the llm-trainer"
+                )
+            values["reference_model_dir"] = ref
+            if "ref_checkpointer.checkpoint_files" in tt:
+                key = "ref_checkpointer.checkpoint_files"
+                check_weight_files(key, tt[key], ref)
+        if str(tt.get("loss._component_", DPO_LOSS)) != DPO_LOSS:
+            raise ConfigError(f"loss._component_={tt['loss._component_']}: a DPO recipe needs {DPO_LOSS}")
+    elif tt.get("loss._component_") == DPO_LOSS or "loss.beta" in tt:
+        raise ConfigError(f"loss._component_={DPO_LOSS}: use a *_dpo_* recipe for preference training")
+    return values
+
+
+@dataclass
+class Translation:
+    config: TrainConfig
+    warnings: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)  # torchtune's keys, parsed (for tune cp)
+
+
+def resolve(cmd: Command) -> tuple[Resolved, dict[str, Any]]:
+    """The merged, interpolated and parsed torchtune settings of a command, and its raw merged keys."""
+    base, is_file = load_config(cmd.config)
+    user_keys = set(cmd.overrides) | (set(base) if is_file else set())
+    flat = interpolate(merge(base, cmd.overrides))
+    user_keys |= {f"{k}._component_" for k in cmd.overrides}
+    return parse_keys(flat, user_keys, cmd.recipe), flat
 
 
 def translate(cmd: Command, world: int) -> tuple[TrainConfig, list[str]]:
     """The TrainConfig of a `tune run` command at this world size, and the warning lines to print."""
-    method = recipe_method(cmd.recipe)
-    given, warnings = parse_overrides(cmd, method)
-    tt = {**published_defaults(cmd.config), **given}  # torchtune's settings: its config, then the overrides
-    if method == "full":
-        tt = {k: v for k, v in tt.items() if not k.startswith("model.")}
-    values: dict[str, Any] = {  # the keys that map one to one (null: keep ours)
-        BY_NAME[k].field: v for k, v in tt.items() if BY_NAME[k].field and v is not None and k not in DERIVED
-    }
-    if "clip_grad_norm" in tt and tt["clip_grad_norm"] is None:
-        values["max_grad_norm"] = 0.0  # torchtune: null means no clipping
-    if "resume_from_checkpoint" in tt:
-        values["resume"] = "auto" if tt["resume_from_checkpoint"] else "never"
-    if "dataset" in tt:
-        values["dataset_format"] = dataset_format(tt)
-    published = CONFIGS.get(cmd.config.removesuffix(".yaml"))
-    if published and published.warmup_steps is None and "lr_scheduler.num_warmup_steps" not in given:
-        values["lr_scheduler"] = "constant"  # the config has no scheduler
-    defaults = TrainConfig()
-    micro = tt.get("batch_size", defaults.micro_batch_size)
-    accum = tt.get("gradient_accumulation_steps")
-    if accum is None:  # ours: our global batch where it divides, else one micro-batch per rank
-        accum = max(1, defaults.global_batch_size // (micro * world))
-    values["micro_batch_size"], values["global_batch_size"] = micro, micro * world * accum
-    values["method"] = "full" if method == "full" else "qlora" if tt.get("model.quantize_base") else "lora"
-    if method != "full":
-        values["lora_target_modules"] = lora_targets(tt, tt.get("checkpointer.checkpoint_dir"))
-    if cmd.recipe in DPO_RECIPES:
-        values["objective"] = "dpo"
+    recipe_method(cmd.recipe)
+    resolved, _ = resolve(cmd)
+    values = to_train_config(resolved.tt, cmd.recipe, world)
     try:
-        return TrainConfig(**values).validate(), warnings
+        return TrainConfig(**values).validate(), resolved.warnings
     except ConfigError as exc:
-        # Name the torchtune key the user wrote when the refused setting came from one.
-        source = next((k for k in given if BY_NAME[k].field and str(exc).startswith(BY_NAME[k].field)), None)
-        where = f"{source}={cmd.overrides[source]}" if source else f"{cmd.recipe} --config {cmd.config}"
+        # Name the torchtune key that set the refused value.
+        keys = [k.name for k in KEYS if k.field and str(exc).startswith(k.field) and k.name in resolved.tt]
+        source = keys[0] if keys else None
+        where = f"{source}={_fmt(resolved.tt[source])}" if source else f"{cmd.recipe} --config {cmd.config}"
         raise ConfigError(f"{where}: {exc}") from None
-
-
-# Keys whose TrainConfig value is computed in translate() rather than copied.
-DERIVED = {
-    "gradient_accumulation_steps", "batch_size", "model.lora_attn_modules", "model.apply_lora_to_mlp",
-    "model.apply_lora_to_output", "model.quantize_base", "dataset", "resume_from_checkpoint", "loss",
-}  # fmt: skip
 
 
 def trainer_args(cfg: TrainConfig) -> list[str]:
@@ -522,6 +1093,95 @@ def trainer_args(cfg: TrainConfig) -> list[str]:
             value = str(value).lower()
         out.append(f"--{f.name}={value}")
     return out
+
+
+# ---------------------------------------------------------------- tune ls / cp / validate
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *groups, last = key.split(".")
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[last] = value
+    return out
+
+
+def render_config(name: str) -> str:
+    """Our rendering of a published config: its settings as a torchtune YAML file, paths set to the folders
+    of a TrainJob, keys with no effect here left out. `tune run --config FILE` reads it back unchanged."""
+    flat = {k: v for k, v in CONFIGS[name].items()
+            if k not in ("device", "log_level", "log_peak_memory_stats", "optimizer.fused")
+            and not k.startswith("profiler.")}  # fmt: skip
+    ours = TrainConfig()
+    paths = {"output_dir": ours.output_dir, "checkpointer.checkpoint_dir": ours.model_dir,
+             "checkpointer.output_dir": "${output_dir}", "dataset.data_dir": ours.dataset_dir}  # fmt: skip
+    recipes = [r for r, names in RECIPE_CONFIGS.items() if name in names]
+    header = [
+        f"# {name}: the settings of torchtune {VERSION}'s published config, as the llm-trainer's tune run",
+        f"# reads them (tune run {recipes[0]} --config THIS_FILE). Paths are a TrainJob's folders.",
+        "# Every key is listed in docs/trainer.md with what it does here.",
+    ]
+    body = yaml.safe_dump(unflatten({**paths, **flat}), sort_keys=False, default_flow_style=None)
+    return "\n".join(header) + "\n" + body
+
+
+def list_configs() -> str:
+    width = max(len(r) for r in RECIPE_CONFIGS) + 2
+    lines = [f"{'RECIPE':<{width}}CONFIG   (torchtune {VERSION})"]
+    for recipe in (*RECIPES, *DPO_RECIPES):
+        for i, name in enumerate(RECIPE_CONFIGS.get(recipe, [])):
+            lines.append(f"{recipe if i == 0 else '':<{width}}{name}")
+    return "\n".join(lines)
+
+
+def copy_config(argv: list[str]) -> str:
+    if len(argv) != 2:
+        raise ConfigError("usage: tune cp CONFIG FILE (tune ls lists the configs)")
+    name, dest = argv[0].removesuffix(".yaml"), Path(argv[1])
+    if name not in CONFIGS:
+        close = difflib.get_close_matches(name, list(CONFIGS), n=3, cutoff=0.6)
+        hint = f"; nearest: {', '.join(close)}" if close else ""
+        raise ConfigError(
+            f"tune cp {argv[0]}: not a config of torchtune {VERSION}{hint} (tune ls lists them)"
+        )
+    if dest.suffix == "":
+        dest = dest.with_suffix(".yaml")
+    if dest.exists():
+        raise ConfigError(f"tune cp: {dest} exists; give another file name")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp.write_text(render_config(name))
+        tmp.replace(dest)
+    except OSError as exc:
+        raise ConfigError(f"tune cp: cannot write {dest} ({exc.strerror})") from None
+    return f"Copied {name} to {dest}"
+
+
+def validate_config(argv: list[str]) -> str:
+    """`tune validate FILE [RECIPE]`: every key through the table; the recipe is the config's own when it is
+    a published name, else lora_finetune_distributed or full_finetune_distributed by the model builder."""
+    if len(argv) not in (1, 2):
+        raise ConfigError("usage: tune validate FILE [RECIPE]")
+    config = argv[0]
+    base, _ = load_config(config)
+    recipe = argv[1] if len(argv) == 2 else None
+    if recipe is None:
+        published = [r for r, names in RECIPE_CONFIGS.items() if config.removesuffix(".yaml") in names]
+        component = str(base.get("model._component_", "")).rsplit(".", 1)[-1]
+        dpo = "DPOLoss" in str(base.get("loss._component_", ""))
+        lora = component.startswith(("lora_", "qlora_")) or "model.lora_rank" in base
+        recipe = (
+            published[0]
+            if published
+            else (f"{'lora' if lora else 'full'}_{'dpo' if dpo else 'finetune'}_distributed")
+        )
+    cfg, warnings = translate(Command([], recipe, config, {}), 1)
+    lines = [f"warning: {w}" for w in warnings]
+    return "\n".join([*lines, f"Config is well-formed! ({recipe}, {cfg.method}, as the llm-trainer runs it)"])
 
 
 # ---------------------------------------------------------------- launch
@@ -564,8 +1224,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stdout)  # fmt: skip
     argv = sys.argv[1:] if argv is None else argv
-    if argv in (["-h"], ["--help"], ["run", "--help"], ["run", "-h"]):
+    if argv in ([], ["-h"], ["--help"], ["run", "--help"], ["run", "-h"]):
         print(__doc__)
+        return 0
+    commands = {"ls": lambda args: list_configs(), "cp": copy_config, "validate": validate_config}
+    if argv[0] in commands:
+        try:
+            print(commands[argv[0]](argv[1:]))
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return exc.exit_code
         return 0
     try:
         cmd = parse_command(argv)
