@@ -54,7 +54,8 @@ def tune_reference() -> str:
         target = f"`{key.field}`" if key.field else ""
         note = key.note.replace("|", "\\|")
         rows.append(f"| `{key.name}` | {key.kind} | {target} | {note} |")
-    rows += ["", "| dataset builder (`dataset._component_` or `dataset=`) | format | arguments |", "|---|---|---|"]
+    rows += ["", "| dataset builder (`dataset._component_` or `dataset=`) | format | arguments |"]
+    rows.append("|---|---|---|")
     for name, builder in BUILDERS.items():
         fixed = ", ".join(f"{k} from `{v}`" for k, v in builder.columns.items())
         fmt = builder.fmt + (f" ({fixed})" if fixed else "")
