@@ -101,7 +101,15 @@ class TrainConfig:
     learning_rate: float = opt(2e-4, "Peak learning rate (AdamW).")
     lr_scheduler: str = opt("cosine", "Learning-rate decay after warmup.", ("cosine", "linear", "constant"))
     warmup_steps: int = opt(0, "Steps of linear warmup from 0 to learning_rate.")
+    warmup_from_zero: bool = opt(
+        False,
+        "Warmup: the first step's learning rate is 0 (transformers' and torchtune's schedules); false: "
+        "learning_rate / (warmup_steps + 1).",
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
+    decay_all_parameters: bool = opt(
+        False, "Apply weight_decay to biases and norms too (AdamW over all parameters, as torchtune does)."
+    )
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
     global_batch_size: int = opt(
         16, "Samples (or packed sequences) per optimizer step, whatever the world size."
@@ -110,6 +118,9 @@ class TrainConfig:
         2, "Samples per forward pass on each rank; gradient accumulation = global / (micro * world size)."
     )
     seed: int = opt(42, "Seed of the data order, adapter initialization and dropout.")
+    shuffle: bool = opt(
+        True, "Shuffle the training data each epoch (seeded); false: file order, every epoch."
+    )
 
     # Data
     dataset_format: str = opt(

@@ -267,9 +267,19 @@ def _messages(row: dict, i: int) -> list[dict]:
     return msgs
 
 
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
 def plain_messages(msgs: list, which: str) -> list[dict]:
     """`msgs` as {role, content} dicts (extra keys dropped); `which` names them in the error, which says
-    what is wrong with them ("row 3: every message of 'chosen'")."""
+    what is wrong with them ("row 3: every message of 'chosen'"). ShareGPT's {from: human|gpt|system,
+    value} messages (torchtune's chat_dataset with conversation_style sharegpt) become the same."""
+    msgs = [
+        {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
+        if isinstance(m, dict) and "from" in m and "role" not in m
+        else m
+        for m in msgs
+    ]
     for m in msgs:
         if (
             not isinstance(m, dict)
@@ -505,6 +515,7 @@ class BatchPlan:
     # Token count of each record. When given, each rank's micro-batches group records of similar length,
     # which pads less; the loss is a sum over the whole global batch, so the result does not change.
     lengths: Sequence[int] | None = field(default=None, repr=False, compare=False)
+    shuffle: bool = True  # False: every epoch in file order (torchtune's shuffle: False)
 
     def __post_init__(self) -> None:
         per_rank, rest = divmod(self.global_batch_size, self.micro_batch_size * self.world_size)
@@ -535,7 +546,12 @@ class BatchPlan:
     def global_batch(self, step: int) -> list[int]:
         """Record indices of optimizer step `step` (0-based), identical on every rank and world size."""
         epoch, i = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.num_records, generator=torch.Generator().manual_seed(self.seed + epoch))
+        if self.shuffle:
+            order = torch.randperm(
+                self.num_records, generator=torch.Generator().manual_seed(self.seed + epoch)
+            )
+        else:
+            order = torch.arange(self.num_records)
         return order[i * self.global_batch_size : (i + 1) * self.global_batch_size].tolist()
 
     def micro_batches(self, step: int) -> list[list[int]]:

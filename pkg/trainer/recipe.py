@@ -76,7 +76,7 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
+            return step / cfg.warmup_steps if cfg.warmup_from_zero else (step + 1) / (cfg.warmup_steps + 1)
         progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
         if cfg.lr_scheduler == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
@@ -160,7 +160,7 @@ class Recipe:
         self.plan = data.BatchPlan(
             len(self.train_data), cfg.global_batch_size, cfg.micro_batch_size,
             self.dist.world_size, self.dist.rank, cfg.seed, cfg.max_steps_per_epoch,
-            lengths=[sum(lens) for lens in self.train_data["seq_lens"]],
+            lengths=[sum(lens) for lens in self.train_data["seq_lens"]], shuffle=cfg.shuffle,
         )  # fmt: skip
         self.total_steps = cfg.max_steps or cfg.num_epochs * self.plan.steps_per_epoch
         self.bf16 = cfg.precision == "bf16" or (
@@ -171,8 +171,9 @@ class Recipe:
             self.dpo = dpo.DPO(cfg, self.dist.device, dpo.shares_prompt(self.model))
             if cfg.method == "full":  # before resume(): the freshly loaded model is the reference
                 self.reference = self.reference_cache()
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in trained if p.ndim >= 2 or cfg.decay_all_parameters]
+        no_decay = [p for p in trained if not (p.ndim >= 2 or cfg.decay_all_parameters)]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.learning_rate,

@@ -308,8 +308,8 @@ KEYS: list[Key] = [
        "the same update); others (SGD, bitsandbytes 8-bit and paged) onto the trainer's `optimizer` where it "
        "has the choice, else refused.", "optimizer"),
     _k("optimizer.lr", "honoured", number, "Peak learning rate.", "learning_rate"),
-    _k("optimizer.weight_decay", "honoured", number, "Weight decay (not given: the optimizer's default, "
-       "AdamW 0.01).", "weight_decay"),
+    _k("optimizer.weight_decay", "honoured", number, "Weight decay on every trained parameter, biases and "
+       "norms included (not given: the optimizer's default, AdamW 0.01).", "weight_decay"),
     _k("optimizer.betas", "honoured", names, "Only [0.9, 0.999].", accept=((0.9, 0.999),)),
     _k("optimizer.eps", "honoured", number, "Only 1e-8.", accept=(1e-8,)),
     _k("optimizer.amsgrad", "honoured", boolean, "Only False.", accept=(False,)),
@@ -317,7 +317,8 @@ KEYS: list[Key] = [
       for k in ("fused", "foreach")),
     _k("lr_scheduler._component_", "honoured", one_of(
         "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"),
-       "Linear warmup then cosine decay to 0; no lr_scheduler: a constant learning rate.", "lr_scheduler"),
+       "Linear warmup from 0 then cosine decay to 0; no lr_scheduler: a constant learning rate.",
+       "lr_scheduler"),
     _k("lr_scheduler.num_warmup_steps", "honoured", integer, "Linear warmup steps.", "warmup_steps"),
     _k("lr_scheduler.num_cycles", "honoured", number, "Only 0.5 (one half cosine).", accept=(0.5,)),
     _k("clip_grad_norm", "honoured", _optional(number), "Gradient norm clipping (null or absent: none).",
@@ -970,8 +971,6 @@ def to_train_config(tt: dict[str, Any], recipe: str, world: int) -> dict[str, An
             values[BY_NAME[key].field] = tt[key]
     model_dir = values.get("model_dir", defaults.model_dir)
     output_dir = values.get("output_dir", defaults.output_dir)
-    if "shuffle" in values and "shuffle" not in field_types() and values.pop("shuffle") is False:
-        raise ConfigError("shuffle=False: data in file order is not in this build of the llm-trainer")
     if tt.get("checkpointer.output_dir") not in (None, output_dir):
         raise ConfigError(
             f"checkpointer.output_dir={tt['checkpointer.output_dir']}: outputs and checkpoints go to "
@@ -982,9 +981,11 @@ def to_train_config(tt: dict[str, Any], recipe: str, world: int) -> dict[str, An
     values["max_steps_per_epoch"] = tt.get("max_steps_per_epoch") or 0
     values["max_grad_norm"] = tt.get("clip_grad_norm") or 0.0  # torchtune: null or absent does not clip
     values["resume"] = "auto" if tt.get("resume_from_checkpoint") else "never"
+    values["decay_all_parameters"] = True  # torchtune hands every parameter to the optimizer
     if "lr_scheduler._component_" in tt:
         values["lr_scheduler"] = "cosine"
         values["warmup_steps"] = tt.get("lr_scheduler.num_warmup_steps", 0)
+        values["warmup_from_zero"] = True  # get_cosine_schedule_with_warmup: lr 0 at step 0
     else:
         if "lr_scheduler.num_warmup_steps" in tt:
             raise ConfigError("lr_scheduler.num_warmup_steps: give lr_scheduler._component_ too (no "

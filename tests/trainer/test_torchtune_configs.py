@@ -91,9 +91,10 @@ def expected(raw: dict, recipe: str, world: int, model_dir: str) -> dict:
         "precision": raw["dtype"],
         "model_dir": model_dir,
         "objective": "dpo" if "dpo" in recipe else "sft",
+        "shuffle": raw["shuffle"],
+        "decay_all_parameters": True,  # torch.optim.AdamW(model.parameters()): biases and norms too
+        "warmup_from_zero": "lr_scheduler" in raw,  # get_cosine_schedule_with_warmup: lr 0 at step 0
     }
-    if "shuffle" in TrainConfig.__dataclass_fields__:
-        out["shuffle"] = raw["shuffle"]
     builder = data["_component_"].rsplit(".", 1)[-1]
     if builder in ("alpaca_dataset", "alpaca_cleaned_dataset"):
         out.update(dataset_format="alpaca", column_map={}, train_on_prompt=data.get("train_on_input", True))
@@ -319,3 +320,33 @@ def test_tune_ls_and_validate(tmp_path, capsys, model_dir):
     (tmp_path / "bad.yaml").write_text(text)
     assert tune.main(["validate", str(tmp_path / "bad.yaml")]) == 2
     assert "did you mean model.lora_rank?" in capsys.readouterr().err
+
+
+def test_trainer_settings_torchtune_needs():
+    """shuffle: False, the warmup of get_cosine_schedule_with_warmup, ShareGPT messages."""
+    import math
+
+    from pkg.trainer import data
+    from pkg.trainer.recipe import lr_lambda
+
+    plan = data.BatchPlan(10, 4, 2, 1, 0, seed=5, shuffle=False)
+    assert [plan.global_batch(s) for s in (0, 1, 2)] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
+    assert data.BatchPlan(10, 4, 2, 1, 0, seed=5).global_batch(0) != [0, 1, 2, 3]
+
+    def torchtune_lambda(step: int, warmup: int = 3, total: int = 10) -> float:  # 0.6.1's formula
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+    cfg = TrainConfig(warmup_steps=3, warmup_from_zero=True)
+    factor = lr_lambda(cfg, 10)
+    assert [round(factor(s), 12) for s in range(10)] == [round(torchtune_lambda(s), 12) for s in range(10)]
+
+    sharegpt = [
+        {"from": "system", "value": "S"},
+        {"from": "human", "value": "Q"},
+        {"from": "gpt", "value": "A"},
+    ]
+    roles = [(m["role"], m["content"]) for m in data.plain_messages(sharegpt, "row 0")]
+    assert roles == [("system", "S"), ("user", "Q"), ("assistant", "A")]
