@@ -27,7 +27,7 @@ def test_every_initializer_variable_read_is_documented() -> None:
         for node in ast.walk(tree)
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Name)
-        and node.func.id in {"_get", "_number", "_patterns"}
+        and node.func.id in {"_get", "_number", "_patterns", "_flag"}
         and len(node.args) > 1
         and isinstance(node.args[1], ast.Constant)
     }

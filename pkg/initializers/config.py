@@ -15,7 +15,7 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from .errors import InitializerError, register_secret
-from .uri import StorageUri, parse_uri
+from .uri import S3Uri, StorageUri, parse_uri
 
 Kind = Literal["dataset", "model"]
 
@@ -66,6 +66,12 @@ ENV_VARS = (
         "Required. `hf://ORG/NAME[@REVISION][/SUB/PATH]`, `s3://BUCKET[/PREFIX]`, `file:///PATH` or `/PATH`.",
     ),
     EnvVar("OUTPUT_PATH", "Absolute folder to fill.", "/workspace/dataset or /workspace/model"),
+    EnvVar(
+        "OVERWRITE",
+        "`true`: empty an OUTPUT_PATH that holds another source's download or other files first "
+        "(otherwise refused); symlinks are removed, never followed.",
+        "false",
+    ),
     EnvVar("ACCESS_TOKEN", "Hub token for private or gated repos. Never printed or written to disk."),
     EnvVar("HF_TOKEN", "Accepted in place of ACCESS_TOKEN."),
     EnvVar("ALLOW_PATTERNS", "Comma-separated globs on the path relative to the source root: only these."),
@@ -131,6 +137,7 @@ class Config:
     role_arn: str | None = None
     hf_endpoint: str = "https://huggingface.co"  # without any user:password@ (see hf_login)
     hf_login: tuple[str, str] | None = None  # user and password HF_ENDPOINT carried, sent as Basic auth
+    overwrite: bool = False  # OVERWRITE: empty an OUTPUT_PATH holding another source's files
     tuning: Tuning = field(default_factory=Tuning)
 
     @property
@@ -146,6 +153,13 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
 def _patterns(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     raw = _get(env, name) or ""
     return tuple(p.strip() for p in raw.split(",") if p.strip())
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (_get(env, name) or "false").lower()
+    if raw not in ("true", "false", "1", "0", "yes", "no"):
+        raise InitializerError(f"{name}={raw!r}: expected true or false")
+    return raw in ("true", "1", "yes")
 
 
 def _number(env: Mapping[str, str], name: str, default: float, cast: type, minimum: float) -> float:
@@ -194,6 +208,27 @@ def _endpoint_login(raw: str) -> tuple[str, tuple[str, str] | None]:
     return parts._replace(netloc=host).geturl(), (unquote(user), unquote(password))
 
 
+def _s3_endpoint(endpoint: str, uri: StorageUri) -> str:
+    """ENDPOINT as given, once it has a scheme and no bucket in its path. Without a scheme the store's
+    protocol is a guess (a MinIO on :9000 usually speaks plain HTTP), and a guessed https:// against a plain
+    server can only fail, slowly; the bucket in the path would be sent twice (`/BUCKET/BUCKET/key`)."""
+    parts = urlsplit(endpoint)
+    if "://" not in endpoint or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        address = endpoint.partition("://")[2] or endpoint
+        raise InitializerError(
+            f"ENDPOINT={endpoint!r} needs http:// or https://, e.g. http://{address} "
+            "for a store that speaks plain HTTP (MinIO's default) or https://... for TLS"
+        )
+    path = parts.path.strip("/")
+    if isinstance(uri, S3Uri) and path and path.split("/")[0] == uri.bucket:
+        root = parts._replace(path="", query="", fragment="").geturl()
+        raise InitializerError(
+            f"ENDPOINT={endpoint!r} ends with the bucket {uri.bucket!r}, which STORAGE_URI names already: "
+            f"set ENDPOINT={root} (the store's address, no path)"
+        )
+    return endpoint.rstrip("/")
+
+
 def load_config(kind: Kind, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate the environment; raise InitializerError naming the variable at fault."""
     env = os.environ if env is None else env
@@ -216,11 +251,12 @@ def load_config(kind: Kind, env: Mapping[str, str] | None = None) -> Config:
     hf_endpoint, hf_login = _endpoint_login(
         (_get(env, "HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     )
-    if endpoint and "://" not in endpoint:
-        endpoint = f"https://{endpoint}"
+    uri = parse_uri(storage_uri)
+    if endpoint:
+        endpoint = _s3_endpoint(endpoint, uri)
     return Config(
         kind=kind,
-        uri=parse_uri(storage_uri),
+        uri=uri,
         output_path=output,
         access_token=token,
         allow_patterns=_patterns(env, "ALLOW_PATTERNS"),
@@ -232,5 +268,6 @@ def load_config(kind: Kind, env: Mapping[str, str] | None = None) -> Config:
         role_arn=_get(env, "ROLE_ARN"),
         hf_endpoint=hf_endpoint,
         hf_login=hf_login,
+        overwrite=_flag(env, "OVERWRITE"),
         tuning=load_tuning(env),
     )

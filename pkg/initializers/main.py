@@ -28,7 +28,8 @@ from .manifest import (
 from .progress import Progress, human_bytes, log
 from .sources import RemoteFile, open_source
 from .transfer import Engine
-from .uri import HfUri
+from .uri import HfUri, LocalUri, S3Uri, StorageUri
+from .workspace import check_contents, check_writable
 
 
 def request_of(config: Config) -> dict[str, Any]:
@@ -55,6 +56,39 @@ def no_file_folder_clash(files: list[RemoteFile]) -> None:
             )
 
 
+def model_at_top(uri: StorageUri, files: list[RemoteFile]) -> None:
+    """Refuse a model whose config.json would land one folder down (STORAGE_URI=s3://BUCKET for a bucket
+    holding MODEL/config.json), where the trainer would not find it, naming the STORAGE_URI that puts it at
+    the top. A source with .json or .safetensors files at its top is a model root as it is (diffusers keep
+    config.json files in sub-folders), and a Hub sub-path keeps its repo paths by design."""
+    if isinstance(uri, HfUri) and uri.subpath:
+        return
+    if any("/" not in f.path and f.path.endswith((".json", ".safetensors")) for f in files):
+        return
+    folders = sorted({f.path.rsplit("/", 1)[0] for f in files if f.path.endswith("/config.json")})
+    if not folders:
+        return
+    uris = [str(_below(uri, folder)) for folder in folders]
+    if len(folders) == 1:
+        raise InitializerError(
+            f"{uri} holds the model one folder down ({folders[0]}/config.json), where the trainer would not "
+            f"find it: set STORAGE_URI={uris[0]}"
+        )
+    raise InitializerError(
+        f"{uri} holds {len(folders)} models in sub-folders ({', '.join(f + '/' for f in folders[:4])}"
+        f"{', ...' if len(folders) > 4 else ''}) and none at its top: set STORAGE_URI to one, e.g. {uris[0]}"
+    )
+
+
+def _below(uri: StorageUri, folder: str) -> StorageUri:
+    """`uri` narrowed to its sub-folder `folder`."""
+    if isinstance(uri, S3Uri):
+        return S3Uri(uri.bucket, "/".join(p for p in (uri.prefix.strip("/"), folder) if p))
+    if isinstance(uri, HfUri):
+        return HfUri(uri.repo_id, uri.revision, folder)
+    return LocalUri(f"{uri.path.rstrip('/')}/{folder}")
+
+
 def _parents(path: str) -> list[str]:
     parts = path.split("/")[:-1]
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
@@ -74,6 +108,14 @@ def run(config: Config) -> None:
     source = open_source(config)
     lock: int | None = None
     try:
+        check_writable(root)  # before the listing, which can take minutes
+        check_state_dir(root)
+        lock = exclusive(root)
+        done = complete_manifest(root, request)
+        if done:  # another run finished it while we waited for the lock
+            log(f"{config.kind} completed by another run in {root}: {done['total_files']} files")
+            return
+        check_contents(root, request, config.overwrite)
         log(f"listing {config.uri}")
         listed = source.list_files()
         files, note = apply_filters(config, listed)
@@ -88,18 +130,8 @@ def run(config: Config) -> None:
                 )
             )
         no_file_folder_clash(files)
-        try:
-            state_dir(root).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InitializerError(
-                f"cannot create OUTPUT_PATH={root}: {exc.strerror}; check the volume"
-            ) from None
-        check_state_dir(root)
-        lock = exclusive(root)
-        done = complete_manifest(root, request)
-        if done:  # another run finished it while we waited for the lock
-            log(f"{config.kind} completed by another run in {root}: {done['total_files']} files")
-            return
+        if config.kind == "model":
+            model_at_top(config.uri, files)
         previous = remove_manifest(root, request)
         journal = Journal(root, request, previous)
         engine = Engine(source, root, config.tuning, journal)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import InitializerError
+from .errors import InitializerError, volume_error
 from .sources.base import RemoteFile
 
 STATE_DIR = ".initializer"
@@ -43,7 +43,7 @@ def check_state_dir(root: Path) -> None:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise InitializerError(f"cannot read {path}: {exc.strerror}; check the volume") from None
+            raise volume_error(path, exc, "read") from None
         want_dir = path in (folder, folder / "partial")
         if stat.S_ISLNK(mode) or stat.S_ISDIR(mode) != want_dir:
             what = "a symlink" if stat.S_ISLNK(mode) else ("not a folder" if want_dir else "not a file")

@@ -30,7 +30,10 @@ class S3Uri:
     prefix: str = ""
 
     def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        """Without a trailing '/': the prefix is read as a folder either way, so `s3://b/p` and `s3://b/p/`
+        are one source (one completion marker)."""
+        folder = self.prefix.rstrip("/")
+        return f"s3://{self.bucket}/{folder}" if folder else f"s3://{self.bucket}"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ import dataclasses
 import difflib
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from pkg.trainer import launch
 from pkg.trainer.config import TrainConfig, field_types, split_spec
 from pkg.trainer.errors import ConfigError
 from pkg.trainer.torchtune_configs import CONFIGS, RECIPE_CONFIGS, VERSION
@@ -664,18 +664,6 @@ def lora_targets(tt: dict[str, Any], model_dir: str | None) -> list[str]:
     return targets
 
 
-def num_nodes(nnodes: str) -> int:
-    """torchrun's --nnodes (`2`, or `2:2`; an elastic range such as `1:4` is refused)."""
-    low, _, high = str(nnodes).partition(":")
-    try:
-        n = int(low)
-        if high and int(high) != n:
-            raise ConfigError(f"--nnodes {nnodes}: elastic ranges are not supported; give one number")
-    except ValueError:
-        raise ConfigError(f"--nnodes {nnodes}: expected a number") from None
-    return n
-
-
 def recipe_method(recipe: str) -> str:
     """lora or full, from the recipe name; unknown recipes (and DPO without preference training) refused."""
     if recipe in DPO_RECIPES and "objective" not in field_types():
@@ -1188,37 +1176,9 @@ def validate_config(argv: list[str]) -> str:
 # ---------------------------------------------------------------- launch
 
 
-def local_processes(value: str) -> int:
-    """torchrun's --nproc-per-node; `auto` (and `gpu`) is the GPUs present, else 1 (not the CPU count)."""
-    if value in ("auto", "gpu"):
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 1
-    try:
-        n = int(value)
-    except ValueError:
-        raise ConfigError(f"nproc per node {value!r}: expected a number or auto") from None
-    if n < 1:
-        raise ConfigError(f"nproc per node must be >= 1, got {n}")
-    return n
-
-
 def launch_args(cmd: Command):
     """torchrun's parsed arguments for this command (PET_* variables apply as torchrun applies them)."""
-    from torch.distributed.run import get_args_parser
-
-    args = get_args_parser().parse_args([*cmd.launcher, "-m", "pkg.trainer"])
-    args.nproc_per_node = str(local_processes(str(args.nproc_per_node)))
-    flags = {arg.split("=", 1)[0].replace("_", "-") for arg in cmd.launcher}
-    endpoint = args.rdzv_endpoint or flags & {"--master-addr", "--master-port"}
-    endpoint = endpoint or {"PET_MASTER_ADDR", "PET_MASTER_PORT"} & set(os.environ)
-    if not endpoint and not args.standalone:
-        if num_nodes(args.nnodes) != 1:
-            raise ConfigError(
-                f"{args.nnodes} nodes need --rdzv_endpoint=HOST:PORT (the Trainer controller adds it)"
-            )
-        args.standalone = True  # one node: a free local port, nothing to agree on
-    return args
+    return launch.launch_args(cmd.launcher)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1239,28 +1199,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cmd = parse_command(argv)
         args = launch_args(cmd)
-        world = num_nodes(args.nnodes) * int(args.nproc_per_node)
+        world = launch.num_nodes(args.nnodes) * int(args.nproc_per_node)
         cfg, warnings = translate(cmd, world)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr, flush=True)
-    args.training_script_args = trainer_args(cfg)
-    log.info("tune run %s --config %s -> %s", cmd.recipe, cmd.config, " ".join(args.training_script_args))
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import run
-
-    try:
-        run(args)
-    except ChildFailedError as exc:  # the workers said why (rank 0's one line); pass their exit code on
-        codes = [f.exitcode for f in exc.failures.values()]
-        return next((c for c in codes if c > 0), 1)
-    except SignalException as exc:  # SIGTERM (eviction): the workers checkpointed and stopped
-        print(f"tune run: stopped by {exc.sigval.name}", file=sys.stderr, flush=True)
-        return 128 + int(exc.sigval)
-    return 0
+    log.info("tune run %s --config %s -> %s", cmd.recipe, cmd.config, " ".join(trainer_args(cfg)))
+    return launch.run_workers(args, trainer_args(cfg))
 
 
 if __name__ == "__main__":

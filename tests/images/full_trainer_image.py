@@ -4,7 +4,7 @@ Not collected by `make test` (the file name does not start with test_): building
 transformers, datasets, peft and the rest into a 1.5 GB image with vfs storage, which takes minutes.
 Run it with `make test-images-full` (see docs/images.md for the time it takes).
 
-Like a TrainJob: the image's own entry point (`torchrun -m pkg.trainer`), configured through PET_*
+Like a TrainJob: the image's own entry point (`python -m pkg.trainer.launch`), configured through PET_*
 variables, model and dataset in a host folder mounted at /workspace, output written back there as uid 1000.
 """
 
@@ -86,7 +86,7 @@ def test_image_contract(image):
     config = image_config(image)
     assert config["User"] == "1000:1000"
     assert config["WorkingDir"] == "/app"
-    assert config["Entrypoint"] == ["torchrun", "-m", "pkg.trainer"]
+    assert config["Entrypoint"] == ["python", "-m", "pkg.trainer.launch"]
     assert config["Labels"]["org.opencontainers.image.title"] == "llm-trainer"
     env = dict(item.split("=", 1) for item in config["Env"])
     assert env["HF_HOME"].startswith(env["HOME"])

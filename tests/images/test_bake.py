@@ -19,7 +19,7 @@ TARGETS = ("dataset-initializer", "model-initializer", "llm-trainer")
 ENTRY_POINT = {
     "dataset-initializer": 'CMD ["python", "-m", "pkg.initializers.dataset"]',
     "model-initializer": 'CMD ["python", "-m", "pkg.initializers.model"]',
-    "llm-trainer": 'ENTRYPOINT ["torchrun", "-m", "pkg.trainer"]',
+    "llm-trainer": 'ENTRYPOINT ["python", "-m", "pkg.trainer.launch"]',
 }
 PACKAGE = {
     "dataset-initializer": "initializers",

@@ -62,7 +62,7 @@ def test_sdk_style_environment() -> None:
         "STORAGE_URI": "s3://bucket/data",
         "IGNORE_PATTERNS": "*.bin, *.pt,",
         "ALLOW_PATTERNS": "data/*",
-        "ENDPOINT": "minio.local:9000",
+        "ENDPOINT": "https://minio.local:9000/",
         "ACCESS_KEY_ID": "AKIA",
         "SECRET_ACCESS_KEY": "secret-value-123",
         "REGION": "eu-west-1",

@@ -135,7 +135,8 @@ def test_runtime_structure(file, runtime, bake):
 def test_runtime_trainer_command_is_valid_config(file, runtime):
     load_config = pytest.importorskip("pkg.trainer.config").load_config
     command = container(jobs(runtime)["node"])["command"]
-    assert command[:3] == ["torchrun", "-m", "pkg.trainer"], "torchrun reads the PET_* variables"
+    # torchrun's launch (it reads the PET_* variables), with an expected error as one line
+    assert command[:3] == ["python", "-m", "pkg.trainer.launch"]
     assert "args" not in container(jobs(runtime)["node"]), "TrainJob args are appended to the command"
     config = load_config(command[3:])
     assert (config.model_dir, config.dataset_dir, config.output_dir) == (

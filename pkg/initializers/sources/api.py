@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InitializerError, TransientError, one_line
+from ..errors import InitializerError, TransientError, one_line, tls_answer
 from .http import _BROKEN, USER_AGENT, Pool, Reply, open_reply
 
 MAX_DOCUMENT = 64 * 1024 * 1024  # a Hub tree page of 1000 entries is ~0.3 MB
@@ -44,11 +44,13 @@ def get_json(pool: Pool, url: str, headers: dict[str, str], where: str, left: fl
     try:
         status = reply.status
         limit = MAX_DOCUMENT if status < 300 else 4096
-        body = read_bounded(reply, where, limit, deadline, truncate=status >= 300)
+        body = read_bounded(reply, where, limit, deadline, truncate=status >= 300, via=(pool, url))
         complete = True
     finally:
         reply.finish(complete)
     if status >= 300:
+        if wrong := tls_answer(status, body, url):
+            raise wrong
         return Answer(status, reply.headers, text=body.decode("utf-8", "replace"))
     try:
         return Answer(status, reply.headers, json.loads(body))
@@ -67,8 +69,11 @@ def answer_deadline(pool: Pool, left: float) -> float:
     return time.monotonic() + min(left, DEADLINE_READS * pool.read_timeout)
 
 
-def read_bounded(reply: Reply, where: str, limit: int, deadline: float, truncate: bool) -> bytes:
-    """The body, decompressed, at most `limit` bytes (more: an error, or with `truncate` the first bytes)."""
+def read_bounded(
+    reply: Reply, where: str, limit: int, deadline: float, truncate: bool, via: tuple[Pool, str]
+) -> bytes:
+    """The body, decompressed, at most `limit` bytes (more: an error, or with `truncate` the first bytes).
+    `via`: the pool and URL the reply came from (a TLS server may cut a plain request off mid-answer)."""
     encoding = (reply.headers.get("Content-Encoding") or "identity").strip().lower()
     if encoding not in ("identity", "gzip", "x-gzip", "deflate"):
         raise InitializerError(f"{where} answered with an unknown Content-Encoding {encoding[:40]!r}")
@@ -80,7 +85,9 @@ def read_bounded(reply: Reply, where: str, limit: int, deadline: float, truncate
         try:
             raw = reply.read1(READ_SIZE)
         except _BROKEN as exc:
-            raise TransientError(f"{where}: {type(exc).__name__}: {one_line(exc, 200)}") from None
+            raise via[0].tls_instead(via[1], exc) or TransientError(
+                f"{where}: {type(exc).__name__}: {one_line(exc, 200)}"
+            ) from None
         if not raw:
             break
         try:

@@ -32,9 +32,12 @@ from ..errors import (
     RangeIgnored,
     TransientError,
     one_line,
+    origin_of,
     parse_retry_after,
     register_secret,
-    untrusted_certificate,
+    speaks,
+    tls_answer,
+    tls_failure,
 )
 
 CHUNK = 1024 * 1024
@@ -53,6 +56,8 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _BROKEN = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError)
 
 Origin = tuple[str, str, int]
+# How a TLS server ends a plain-HTTP request it cannot read: a reset, a close, or a TLS alert for a status.
+_CUT_OFF = (ConnectionResetError, http.client.RemoteDisconnected, http.client.BadStatusLine)
 
 
 @dataclass
@@ -85,6 +90,7 @@ class Pool:
         self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
         self._active: set[Any] = set()  # connections (or proxied responses) a reply is being read from
         self._tls_context: ssl.SSLContext | None = None
+        self._speaks_tls: dict[Origin, bool] = {}  # http:// origins probed after they broke a connection
         self._lock = threading.Lock()
 
     def get(self, url: str, headers: dict[str, str], follow: bool = True) -> Reply:
@@ -197,6 +203,20 @@ class Pool:
                 manager = self._via.setdefault(proxy, manager)
         return manager
 
+    def tls_instead(self, url: str, exc: BaseException) -> InitializerError | None:
+        """For a connection to an http:// URL that the server broke off: the fix when the server speaks TLS
+        (it dropped a plain request it could not read). Asked once per origin, with one TLS handshake."""
+        scheme, host, port = origin = _origin(url)
+        if scheme != "http" or self._proxy_for(url) or not isinstance(exc, _CUT_OFF):
+            return None
+        with self._lock:
+            known = self._speaks_tls.get(origin)
+        if known is None:
+            known = _handshakes(host, port, min(CONNECT_TIMEOUT, self.read_timeout))
+            with self._lock:
+                self._speaks_tls[origin] = known
+        return speaks(origin_of(url), "TLS") if known else None
+
     def _tls(self) -> ssl.SSLContext:
         """The TLS settings, made on first use: loading the CA certificates costs 50 ms."""
         with self._lock:
@@ -232,6 +252,22 @@ class _HTTPConnection(_Timeouts, http.client.HTTPConnection):
 
 class _HTTPSConnection(_Timeouts, http.client.HTTPSConnection):
     pass
+
+
+def _handshakes(host: str, port: int, timeout: float) -> bool:
+    """Whether the server at host:port completes a TLS handshake (its certificate is not checked: this only
+    asks which protocol it speaks)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _credential(name: str) -> bool:
@@ -288,9 +324,10 @@ def open_reply(pool: Pool, url: str, headers: dict[str, str], what: str, for_bot
     try:
         reply = pool.get(url, headers, follow=not for_botocore)
     except _BROKEN as exc:
-        origin = "://".join(_origin(url)[:2])
-        raise untrusted_certificate(exc, origin) or TransientError(
-            f"{what}: {type(exc).__name__}: {one_line(exc, 200)}"
+        raise (
+            tls_failure(exc, origin_of(url))
+            or pool.tls_instead(url, exc)
+            or TransientError(f"{what}: {type(exc).__name__}: {one_line(exc, 200)}")
         ) from None
     if not for_botocore and (reply.status == 429 or reply.status >= 500):
         reply.finish(False)
@@ -331,7 +368,10 @@ def get_range(
     try:
         status = reply.status
         if status >= 300:
-            code = error_code(reply.read(4096))
+            body = reply.read(4096)
+            code = error_code(body)
+            if wrong := tls_answer(status, body, url):
+                raise wrong
             if code in TRANSIENT_CODES:
                 raise TransientError(f"{what}: {code} (HTTP {status})")
             raise (fatal and fatal(status, code)) or InitializerError(

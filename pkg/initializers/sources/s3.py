@@ -39,9 +39,11 @@ from ..errors import (
     InitializerError,
     TransientError,
     one_line,
+    origin_of,
     parse_retry_after,
     register_secret,
-    untrusted_certificate,
+    tls_answer,
+    tls_failure,
 )
 from ..listing import Listing
 from ..progress import log
@@ -191,13 +193,22 @@ class S3Source(Source):
         reply = open_reply(self.http, request.url, headers, where, for_botocore=True)
         complete = False
         try:
-            body = read_bounded(reply, where, MAX_DOCUMENT, deadline, truncate=reply.status >= 300)
+            body = read_bounded(
+                reply,
+                where,
+                MAX_DOCUMENT,
+                deadline,
+                truncate=reply.status >= 300,
+                via=(self.http, request.url),
+            )
             complete = True
         except TransientError:
             listing.left()  # the listing's own deadline, when that is what passed, says more
             raise
         finally:
             reply.finish(complete)
+        if wrong := tls_answer(reply.status, body, request.url):
+            raise wrong
         answer = {k: v for k, v in reply.headers.items() if k.lower() != "content-encoding"}  # inflated
         return botocore.awsrequest.AWSResponse(request.url, reply.status, answer, _Body(body))
 
@@ -344,8 +355,8 @@ class S3Source(Source):
         """Map boto errors to TransientError (retry) or a one-line InitializerError saying what to fix."""
         if isinstance(exc, (InitializerError, TransientError)):
             return exc
-        if untrusted := untrusted_certificate(exc, self.config.endpoint or "S3"):
-            return untrusted
+        if tls := tls_failure(exc, origin_of(self.config.endpoint) if self.config.endpoint else "S3"):
+            return tls
         if isinstance(exc, botocore.exceptions.ClientError):
             code = _code(exc)
             meta = exc.response.get("ResponseMetadata", {})
@@ -385,9 +396,18 @@ class S3Source(Source):
                 "ROLE_ARN and that the credentials may read this bucket"
             )
         if code == "NoSuchBucket":
-            return InitializerError(f"bucket {self.uri.bucket!r} does not exist at {self._where()}")
+            path = urlsplit(self.config.endpoint or "").path.strip("/")
+            hint = (
+                f" (ENDPOINT's path /{path} goes before it: give the store's address alone)" if path else ""
+            )
+            return InitializerError(f"bucket {self.uri.bucket!r} does not exist at {self._where()}{hint}")
         if code in ("PreconditionFailed", "412"):
             return InitializerError(f"{what} changed during the download; rerun to fetch the new version")
+        if code in ("NoSuchKey", "404") and what.startswith("listing "):  # a bucket has no such answer
+            return InitializerError(
+                f"S3 at {self._where()} answered {what} with {code}, as if the bucket were an object: "
+                "ENDPOINT should be the store's address alone (any path in it goes before the bucket)"
+            )
         if code in ("NoSuchKey", "404"):
             return InitializerError(f"{what} disappeared during the download; rerun")
         return InitializerError(f"S3 error on {what}: {code} (HTTP {status}): {detail}")
