@@ -72,6 +72,11 @@ class TrainConfig:
     merge_adapter: bool = opt(
         False, "LoRA: also write the base model with the adapter merged into output_dir/model/."
     )
+    torchtune_layout: bool = opt(
+        False,
+        "Also present the outputs where torchtune puts them, output_dir/epoch_{N}/ (N: the last epoch, from "
+        "0): the adapter and model files as hard links to the same files, nothing copied. tune run sets it.",
+    )
 
     # Objective
     objective: str = opt(

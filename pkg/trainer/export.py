@@ -247,6 +247,24 @@ def _save_merged_whole(model_dir: str, adapter_dir: Path, out: Path) -> None:
         _save_tokenizer(model_dir, tmp)
 
 
+def torchtune_layout(out: Path, written: list[Path], epoch: int) -> Path:
+    """torchtune's `output_dir/epoch_{N}/` beside our folders: the adapter's files (peft format) and the
+    model's (safetensors, config, tokenizer) as hard links to the same files, or relative symbolic links
+    where the filesystem has no hard links. Nothing is copied."""
+    final = out / f"epoch_{epoch}"
+    with atomic_dir(final) as tmp:
+        for folder in written:
+            for path in sorted(folder.iterdir()):
+                target = tmp / path.name
+                if not path.is_file() or target.exists():
+                    continue
+                try:
+                    os.link(path, target)
+                except OSError:
+                    os.symlink(os.path.relpath(path, final), target)
+    return final
+
+
 def export(model: nn.Module, cfg: TrainConfig, is_main: bool) -> list[Path]:
     """Write the final outputs; every rank calls this (the gathers are collective). Returns rank 0's paths."""
     out = Path(cfg.output_dir)

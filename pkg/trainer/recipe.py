@@ -513,6 +513,9 @@ class Recipe:
         self.optimizer.state.clear()
         self.optimizer.zero_grad(set_to_none=True)
         written = export.export(self.model, self.cfg, self.dist.is_main)
+        if self.cfg.torchtune_layout and self.dist.is_main and written:
+            last_epoch = (self.total_steps - 1) // self.plan.steps_per_epoch
+            written.append(export.torchtune_layout(Path(self.cfg.output_dir), written, last_epoch))
         summary = self.metrics.finish(
             {
                 "method": self.cfg.method,

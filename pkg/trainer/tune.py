@@ -220,8 +220,8 @@ FSDP = "the llm-trainer's FSDP2 setup"
 COLLATE = ("sft", "dpo", "packed")
 KEYS: list[Key] = [
     # Paths (the controller adds these from the runtime's command)
-    _k("output_dir", "honoured", text, "Where adapter/, model/, epoch_N/, checkpoints/ and metrics go.",
-       "output_dir"),
+    _k("output_dir", "honoured", text, "Where adapter/, model/, checkpoints/ and metrics go, and torchtune's "
+       "epoch_{N}/ (links to the same files).", "output_dir"),
     _k("checkpointer.checkpoint_dir", "honoured", text, "The model: any Hugging Face causal LM folder.",
        "model_dir"),
     _k("checkpointer.checkpoint_files", "honoured", checkpoint_files, "The model's weight files (a list, or "
@@ -970,6 +970,7 @@ def to_train_config(tt: dict[str, Any], recipe: str, world: int) -> dict[str, An
     values["max_grad_norm"] = tt.get("clip_grad_norm") or 0.0  # torchtune: null or absent does not clip
     values["resume"] = "auto" if tt.get("resume_from_checkpoint") else "never"
     values["decay_all_parameters"] = True  # torchtune hands every parameter to the optimizer
+    values["torchtune_layout"] = True  # output_dir/epoch_{N}/ as well
     if "lr_scheduler._component_" in tt:
         values["lr_scheduler"] = "cosine"
         values["warmup_steps"] = tt.get("lr_scheduler.num_warmup_steps", 0)

@@ -92,7 +92,8 @@ def expected(raw: dict, recipe: str, world: int, model_dir: str) -> dict:
         "model_dir": model_dir,
         "objective": "dpo" if "dpo" in recipe else "sft",
         "shuffle": raw["shuffle"],
-        "decay_all_parameters": True,  # torch.optim.AdamW(model.parameters()): biases and norms too
+        "decay_all_parameters": True,
+        "torchtune_layout": True,  # torch.optim.AdamW(model.parameters()): biases and norms too
         "warmup_from_zero": "lr_scheduler" in raw,  # get_cosine_schedule_with_warmup: lr 0 at step 0
     }
     builder = data["_component_"].rsplit(".", 1)[-1]

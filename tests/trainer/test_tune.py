@@ -322,6 +322,12 @@ def test_sdk_lora_runs_on_two_processes_through_pet_only(tmp_path, tiny_model):
     assert (adapter["r"], adapter["lora_alpha"], adapter["use_dora"]) == (4, 8, True)
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"}  # fmt: skip
+    # torchtune's layout too: epoch_1/ (the last of 2 epochs) holds the adapter (peft) and, as
+    # save_adapter_weights_only is False, the merged model, as hard links to the same files.
+    epoch = out / "epoch_1"
+    for name, folder in (("adapter_model.safetensors", "adapter"), ("adapter_config.json", "adapter"),
+                         ("config.json", "model"), ("model.safetensors", "model")):  # fmt: skip
+        assert (epoch / name).stat().st_ino == (out / folder / name).stat().st_ino, name
     summary = json.loads((out / "summary.json").read_text())
     # train[:25%] of 64 rows = 16; global batch 2 per device x 2 processes x 2 = 8; 2 epochs -> 4 steps
     assert (summary["world_size"], summary["total_steps"], summary["steps"]) == (2, 4, 4)
@@ -368,5 +374,7 @@ def test_two_nodes_full_fp32(tmp_path, tiny_model):
     # 32 rows / (2 per device x 2 nodes x accumulation 4)
     assert summary["world_size"] == 2 and summary["method"] == "full"
     assert summary["total_steps"] == 32 // (2 * 2 * 4)
-    assert (out / "model" / "model.safetensors").exists() or list((out / "model").glob("*.safetensors"))
+    weights = sorted(p.name for p in (out / "model").glob("*.safetensors"))
+    assert weights and sorted(p.name for p in (out / "epoch_0").glob("*.safetensors")) == weights
+    assert (out / "epoch_0" / "config.json").stat().st_ino == (out / "model" / "config.json").stat().st_ino
     assert "precision: fp32" in (out / "config.yaml").read_text()
