@@ -448,6 +448,11 @@ def _check_shared_dir(tmp: Path) -> None:
         )
 
 
+def _parts(optimizer: Any) -> Any:
+    """What DCP takes: an optimizer stepped in the backward (optim.InBackward) is one per parameter."""
+    return getattr(optimizer, "optimizers", optimizer)
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -480,7 +485,7 @@ def save_checkpoint(
     _all_ok(_attempt(prepare, f"cannot create {tmp}") if rank == 0 else None)
     _check_shared_dir(tmp)
 
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_SAVE_OPTIONS)
+    model_sd, optim_sd = get_state_dict(model, _parts(optimizer), options=_SAVE_OPTIONS)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")  # raises on every rank
     rng_file = tmp / "rng" / f"rank-{rank:05d}.pt"
     _all_ok(_attempt(lambda: torch.save(rng_state(), rng_file), f"cannot write {rng_file}"))
@@ -549,7 +554,7 @@ def load_checkpoint(
         model_sd = get_state_dict(model, [], options=_SAVE_OPTIONS)[0]
         state: dict[str, Any] = {"model": model_sd}
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=_SAVE_OPTIONS)
+        model_sd, optim_sd = get_state_dict(model, _parts(optimizer), options=_SAVE_OPTIONS)
         state = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state, checkpoint_id=path / "state")
@@ -560,7 +565,7 @@ def load_checkpoint(
         ) from e
     set_state_dict(
         model,
-        optimizer if optimizer is not None else [],
+        _parts(optimizer) if optimizer is not None else [],
         model_state_dict=state["model"],
         optim_state_dict=state.get("optim", {}),
         options=_LOAD_OPTIONS,

@@ -193,11 +193,41 @@ class TrainConfig:
     )
     vocab_parallel: str = opt(
         "auto",
-        "Under FSDP: split the input embedding and the output head by vocabulary rows across the ranks and "
-        "exchange activations instead of gathering the two matrices (less memory per rank). auto: "
-        "when world_size x micro_batch_size x max_seq_length <= 2 x the vocabulary (then it also moves fewer "
-        "bytes); always; never (FSDP units).",
+        "Under FSDP: split the input embedding and the output head by vocabulary rows across the ranks of "
+        "the shard group (every rank; a node's under hybrid sharding) and exchange activations instead of "
+        "gathering the two matrices (less memory per rank). auto: when group size x micro_batch_size x "
+        "max_seq_length <= 2 x the vocabulary (then it also moves fewer bytes); always; never (FSDP units).",
         ("auto", "always", "never"),
+    )
+    sharding: str = opt(
+        "auto",
+        "How FSDP spreads the weights: full shards them over every rank; hybrid shards them within groups of "
+        "shard_group_size ranks (a node) and replicates them across groups, so per-layer gathers stay on "
+        "the node and only gradients cross nodes; auto is hybrid when the job spans several nodes and the "
+        "estimated per-rank memory (pkg.trainer.plan) fits one group, else full.",
+        ("auto", "full", "hybrid"),
+    )
+    shard_group_size: int = opt(
+        0,
+        "Ranks that share one copy of the weights under hybrid sharding; 0: the processes of one node "
+        "(torchrun's local world size). Must divide the world size.",
+    )
+    cpu_offload: bool = opt(
+        False,
+        "Keep the sharded weights, gradients and optimizer state in host memory (FSDP2's CPU offload; "
+        "the optimizer step runs on the CPU). Saves GPU memory for a slower step.",
+    )
+    optimizer: str = opt(
+        "adamw",
+        "adamw (fused where supported); adamw_8bit and paged_adamw_8bit (bitsandbytes, one CUDA GPU: a "
+        "quarter of AdamW's state); sgd (no state, momentum 0).",
+        ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"),
+    )
+    optimizer_in_backward: bool = opt(
+        False,
+        "method full: step each weight as soon as the backward has its gradient and free that gradient, "
+        "so no whole-model gradient is ever held. Needs gradient accumulation 1 and max_grad_norm 0 (the "
+        "global norm is not known before the last weight is stepped).",
     )
     dist_timeout_minutes: int = opt(
         60, "How long ranks wait for each other (e.g. while rank 0 tokenizes or writes the model)."
@@ -219,6 +249,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         non_negative = ("max_steps", "num_epochs", "max_steps_per_epoch", "warmup_steps", "eval_every")
+        non_negative += ("shard_group_size",)
         for name in (*non_negative, "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -244,11 +275,26 @@ class TrainConfig:
         if self.use_dora and self.method == "full":
             raise ConfigError("use_dora applies to lora and qlora only; method full trains every weight")
         self._validate_dpo()
+        self._validate_optimizer()
         if self.merge_adapter and self.method == "full":
             raise ConfigError(
                 "merge_adapter applies to lora and qlora only; method full writes the model itself"
             )
         return self
+
+    def _validate_optimizer(self) -> None:
+        if self.optimizer_in_backward and self.method != "full":
+            raise ConfigError(
+                "optimizer_in_backward applies to method full (an adapter's gradients are small): "
+                "set it to false"
+            )
+        if self.optimizer_in_backward and self.max_grad_norm:
+            raise ConfigError(
+                "optimizer_in_backward steps each weight before the global gradient norm is known: "
+                "set max_grad_norm: 0"
+            )
+        if self.cpu_offload and self.method == "qlora":
+            raise ConfigError("cpu_offload applies to sharded weights; a qlora 4-bit base is not sharded")
 
     def _validate_dpo(self) -> None:
         if self.dpo_beta <= 0:

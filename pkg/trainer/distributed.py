@@ -27,6 +27,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -81,7 +82,8 @@ def init(timeout_minutes: int) -> DistInfo:
             device_id=device if backend == "nccl" else None,
             **_attempt_store(timeout),
         )
-    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, local_world)
 
 
 def shutdown() -> None:
@@ -130,29 +132,99 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def uses_fsdp(bf16: bool) -> bool:
-    """Whether `shard` applies FSDP: at world size > 1, or in one process for bf16 mixed precision."""
-    return dist.get_world_size() > 1 or bf16
+@dataclass(frozen=True)
+class Layout:
+    """How FSDP spreads the weights: `replicas` copies, each sharded over `group_size` ranks.
 
-
-def shard(model: nn.Module, device: torch.device, bf16: bool, vocab_parallel: bool = False) -> nn.Module:
-    """FSDP2: one `fully_shard` unit per decoder layer, then the root (norm, and what else is left).
-
-    The input embedding and the output head: with `vocab_parallel`, split by vocabulary rows and never
-    gathered (vocab_parallel.py); otherwise, untied, each is a unit of its own. A single fp32 process has
-    nothing to shard and would only pay FSDP's per-layer overhead (~10%).
+    Full sharding is one copy over every rank (group_size 0 stands for the world); hybrid (HSDP) shards
+    within groups of consecutive ranks (torchrun numbers a node's processes consecutively, so a group is a
+    node) and replicates across them: each layer's all-gather and reduce-scatter stays inside a group and
+    only the gradient all-reduce between the replicas crosses nodes. `cpu_offload`: FSDP2's CPU offload.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    replicas: int = 1
+    group_size: int = 0
+    cpu_offload: bool = False
+
+    @property
+    def hybrid(self) -> bool:
+        return self.replicas > 1
+
+    def describe(self, world_size: int) -> str:
+        if self.hybrid:
+            return f"hybrid: {self.replicas} replicas x {self.group_size} shards"
+        return f"full: 1 copy sharded over {world_size} ranks"
+
+    def mesh(self, device_type: str):
+        """The device mesh: 1-D (shard) for full sharding, 2-D (replicate, shard) for hybrid."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self.hybrid:
+            return init_device_mesh(
+                device_type, (self.replicas, self.group_size), mesh_dim_names=("replicate", "shard")
+            )
+        return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("shard",))
+
+
+def resolve_layout(
+    sharding: str,
+    shard_group_size: int,
+    world_size: int,
+    local_world_size: int,
+    fits: Callable[[int], bool],
+    cpu_offload: bool = False,
+) -> Layout:
+    """`sharding` (auto | full | hybrid) and `shard_group_size` (0: a node's processes) as a Layout.
+
+    auto is hybrid when the job spans several nodes and `fits(group_size)` says one group can hold the
+    model (then gathers stay on the node at no memory cost that does not fit), else full.
+    """
+    group = shard_group_size or local_world_size
+    if world_size % group:
+        raise ValueError(
+            f"shard_group_size {group} does not divide the world size {world_size}: pick a divisor "
+            "(0 means the processes of one node)"
+        )
+    hybrid = sharding == "hybrid" or (
+        sharding == "auto" and world_size > local_world_size and group < world_size and fits(group)
+    )
+    if hybrid and group < world_size:
+        return Layout(world_size // group, group, cpu_offload)
+    return Layout(cpu_offload=cpu_offload)
+
+
+def uses_fsdp(bf16: bool, cpu_offload: bool = False) -> bool:
+    """Whether `shard` applies FSDP: at world size > 1, or in one process for bf16 mixed precision or CPU
+    offload."""
+    return dist.get_world_size() > 1 or bf16 or cpu_offload
+
+
+def shard(
+    model: nn.Module,
+    device: torch.device,
+    bf16: bool,
+    vocab_parallel: bool = False,
+    layout: Layout = Layout(),
+) -> nn.Module:
+    """FSDP2: one `fully_shard` unit per decoder layer, then the root (norm, and what else is left), over
+    the layout's mesh (full or hybrid).
+
+    The input embedding and the output head: with `vocab_parallel`, split by vocabulary rows within the
+    shard group and never gathered (vocab_parallel.py); otherwise, untied, each is a unit of its own. A
+    single fp32 process has nothing to shard and would only pay FSDP's per-layer overhead (~10%).
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     from pkg.trainer import vocab_parallel as vp
 
-    if not uses_fsdp(bf16):
+    if not uses_fsdp(bf16, layout.cpu_offload):
         return model
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = layout.mesh(device.type)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
+    if layout.cpu_offload:  # pinned host memory only exists beside a GPU
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     ignored = (
@@ -184,8 +256,25 @@ def reshard(model: nn.Module) -> None:
         model.reshard()
 
 
+def materialize(model: nn.Module, device: torch.device, layout: Layout) -> None:
+    """Storage for a meta model's shards and buffers. Under CPU offload FSDP wants its shards in host
+    memory; the buffers (rotary tables) still run on the device."""
+    if not layout.cpu_offload or device.type == "cpu":
+        model.to_empty(device=device)
+        return
+    model.to_empty(device=torch.device("cpu"))
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = buffer.to(device)
+
+
 def shard_from_rank0(
-    model: nn.Module, device: torch.device, bf16: bool, vocab_parallel: bool = False
+    model: nn.Module,
+    device: torch.device,
+    bf16: bool,
+    vocab_parallel: bool = False,
+    layout: Layout = Layout(),
 ) -> nn.Module:
     """Shard a model whose weights only rank 0 read whole; the other ranks built it on the meta device.
 
@@ -199,9 +288,9 @@ def shard_from_rank0(
 
     on_rank0 = dist.get_rank() == 0
     full = model.state_dict() if on_rank0 else {}  # references to rank 0's tensors, not a copy
-    shard(model, device, bf16, vocab_parallel)
+    shard(model, device, bf16, vocab_parallel, layout)
     if not on_rank0:
-        model.to_empty(device=device)  # storage for this rank's shards and buffers; values follow
+        materialize(model, device, layout)  # storage for this rank's shards and buffers; values follow
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full, options=options)
     del full
@@ -215,6 +304,7 @@ def shard_streamed(
     bf16: bool,
     read: Callable[[str, slice | None], torch.Tensor] | None,
     vocab_parallel: bool = False,
+    layout: Layout = Layout(),
 ) -> nn.Module:
     """Shard a model built on the meta device on every rank, then fill the shards from rank 0's `read`.
 
@@ -226,9 +316,9 @@ def shard_streamed(
     at most one tensor. Buffers outside the state dict (rotary `inv_freq`) keep the values computed when
     the model was built, rank 0's for all.
     """
-    shard(model, device, bf16, vocab_parallel)
+    shard(model, device, bf16, vocab_parallel, layout)
     built = {name: b for name, b in model.named_buffers() if not b.is_meta}  # to_empty replaces them
-    model.to_empty(device=device)  # storage for this rank's shards and buffers
+    materialize(model, device, layout)  # storage for this rank's shards and buffers
     with torch.no_grad():
         for name, b in model.named_buffers():
             if name in built:
@@ -275,7 +365,8 @@ def _send_rows(
     local = target.to_local()
     if read is None:  # another rank: receive its rows straight into its shard
         if blocks[dist.get_rank()].stop > blocks[dist.get_rank()].start:
-            buffer = local if local.is_contiguous() else torch.empty_like(local)
+            direct = local.is_contiguous() and local.device == device  # an offloaded shard: via the device
+            buffer = local if direct else torch.empty_like(local, device=device)
             dist.recv(buffer, src=0)
             if buffer is not local:
                 local.copy_(buffer)

@@ -50,6 +50,8 @@ from pkg.trainer import (
     dpo,
     export,
     model,
+    optim,
+    plan,
     preference,
     resilience,
     vocab_parallel,
@@ -171,15 +173,13 @@ class Recipe:
             self.dpo = dpo.DPO(cfg, self.dist.device, dpo.shares_prompt(self.model))
             if cfg.method == "full":  # before resume(): the freshly loaded model is the reference
                 self.reference = self.reference_cache()
-        trained = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in trained if p.ndim >= 2 or cfg.decay_all_parameters]
-        no_decay = [p for p in trained if not (p.ndim >= 2 or cfg.decay_all_parameters)]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.learning_rate,
-            betas=(0.9, 0.999),
-            fused=True,  # one kernel over all parameters (the default loops over them one by one on CPU)
-        )
+        if cfg.optimizer_in_backward and self.plan.grad_accum != 1:
+            raise TrainerError(
+                "optimizer_in_backward steps at the end of each backward: it needs one micro-batch per "
+                f"step, not {self.plan.grad_accum}; set micro_batch_size to global_batch_size / world size "
+                f"({cfg.global_batch_size // self.dist.world_size})"
+            )
+        self.optimizer = optim.build(self.model, cfg, self.dist.device, self.sharded)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.state = TrainState()
         self.resume()
@@ -299,11 +299,17 @@ class Recipe:
         trainable, total = model.count_parameters(net)
         self.param_counts = {"trainable_params": trainable, "total_params": total}
         log.info("%s: %d trainable of %d parameters", cfg.method, trainable, total)
-        sharded = cfg.method != "qlora" and distributed.uses_fsdp(self.bf16)  # never a 4-bit base
-        split = sharded and vocab_parallel.wanted(
-            cfg.vocab_parallel, self.dist.world_size, cfg.micro_batch_size * cfg.max_seq_length,
-            net.config.vocab_size,
+        # never a 4-bit base
+        self.sharded = sharded = cfg.method != "qlora" and distributed.uses_fsdp(self.bf16, cfg.cpu_offload)
+        self.layout = layout = self.choose_layout(net, sharded)
+        # Under hybrid sharding the vocabulary is split within the shard group (a node) only. Under CPU
+        # offload the embedding and head are FSDP units, offloaded like the rest.
+        split = sharded and not cfg.cpu_offload and vocab_parallel.wanted(
+            cfg.vocab_parallel, layout.group_size or self.dist.world_size,
+            cfg.micro_batch_size * cfg.max_seq_length, net.config.vocab_size,
         )  # fmt: skip
+        if cfg.cpu_offload and cfg.vocab_parallel == "always":
+            log.warning("vocab_parallel: always is not applied under cpu_offload (the two are FSDP units)")
         if sources is not None:
             log.info("rank 0 streams the weights into the shards of %d ranks", self.dist.world_size)
             reader = StreamReader(Path(cfg.model_dir)) if self.dist.is_main else None
@@ -315,12 +321,12 @@ class Recipe:
                 return source if rows is None else source[rows]
 
             fetch = read if reader else None
-            net = distributed.shard_streamed(net, self.dist.device, self.bf16, fetch, split)
+            net = distributed.shard_streamed(net, self.dist.device, self.bf16, fetch, split, layout)
         elif from_rank0:
             log.info("rank 0 read the weights; %d ranks receive them by broadcast", self.dist.world_size - 1)
-            net = distributed.shard_from_rank0(net, self.dist.device, self.bf16, split)
+            net = distributed.shard_from_rank0(net, self.dist.device, self.bf16, split, layout)
         elif cfg.method != "qlora":  # a 4-bit base is not sharded; its small adapter is all-reduced instead
-            net = distributed.shard(net, self.dist.device, self.bf16, split)
+            net = distributed.shard(net, self.dist.device, self.bf16, split, layout)
         if split:
             names = [type(m).__name__ for m in net.modules() if isinstance(m, vocab_parallel.SPLIT)]
             log.info(
@@ -334,6 +340,38 @@ class Recipe:
                 "mixture-of-experts: router load-balancing loss added with coefficient %g", self.aux_coef
             )
         return net
+
+    def choose_layout(self, net: torch.nn.Module, sharded: bool) -> distributed.Layout:
+        """`sharding` and `shard_group_size` as a Layout (unsharded: none); logs it with the planner's
+        per-rank estimate."""
+        cfg, info = self.cfg, self.dist
+        shape = plan.Shape.from_config(net.config.to_dict())
+        cluster = plan.Cluster(
+            max(1, info.world_size // info.local_world_size), info.local_world_size,
+            plan.device_memory(info.device) // (1 if info.device.type == "cuda" else info.local_world_size),
+            info.device.type,
+        )  # fmt: skip
+        job = plan.job_from_config(cfg, self.bf16)
+
+        def fits(group: int) -> bool:
+            return plan.estimate(shape, job, cluster, group)["fits"]
+
+        layout = distributed.Layout()
+        if sharded:
+            try:
+                layout = distributed.resolve_layout(
+                    cfg.sharding, cfg.shard_group_size, info.world_size, info.local_world_size, fits,
+                    cfg.cpu_offload,
+                )  # fmt: skip
+            except ValueError as exc:
+                raise TrainerError(str(exc)) from None
+        estimate = plan.estimate(shape, job, cluster, layout.group_size or info.world_size)
+        log.info(
+            "sharding %s (%s%s); plan: %s", cfg.sharding,
+            layout.describe(info.world_size) if sharded else "not sharded",
+            ", cpu_offload" if cfg.cpu_offload else "", plan.summary(estimate),
+        )  # fmt: skip
+        return layout
 
     def load(self, from_rank0: bool) -> tuple[torch.nn.Module, dict | None]:
         """(model, where rank 0 streams its tensors from, or None when rank 0 read them all already).
@@ -413,10 +451,15 @@ class Recipe:
             totals = [a + b for a, b in zip(totals, stats, strict=True)] if totals else stats
         if self.cfg.method == "qlora":
             self.all_reduce_grads()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        if self.layout.hybrid:  # the split rows' gradients, averaged over the replicas as FSDP does its own
+            vocab_parallel.reduce_replicas(self.model)
+        if isinstance(self.optimizer, optim.InBackward):  # stepped already; the norm of what it consumed
+            grad_norm = self.optimizer.grad_norm(self.dist.device)
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -510,7 +553,8 @@ class Recipe:
     def save(self) -> dict:
         # Training is over: the optimizer state (twice the trainable weights) and the gradients go before the
         # export gathers weights, so the end of a run never needs more memory than training did.
-        self.optimizer.state.clear()
+        for part in optim.parts(self.optimizer):
+            part.state.clear()
         self.optimizer.zero_grad(set_to_none=True)
         written = export.export(self.model, self.cfg, self.dist.is_main)
         if self.cfg.torchtune_layout and self.dist.is_main and written:

@@ -18,6 +18,11 @@ matrices in the forward and again in the backward and reduce-scatters their grad
 hidden): `wanted` turns this on where it moves less. Every logit is still computed once, by the rank that
 holds its row. Only plain modules are converted (nn.Embedding, Gemma 3's scaled one, nn.Linear); a head
 with LoRA stays an FSDP unit.
+
+Under hybrid sharding (distributed.Layout) the split runs over the shard group (a node) only: its
+collectives stay on the node, each node holds a whole copy of the two matrices split over its ranks
+(placements Replicate() on the mesh's replicate dimension, Shard(0) on its shard dimension), and
+`reduce_replicas` averages their gradients across the nodes once per step, as FSDP does for its units.
 """
 
 from __future__ import annotations
@@ -180,6 +185,35 @@ class VocabParallelHead(nn.Module):
 SPLIT = (VocabParallelEmbedding, VocabParallelHead)
 
 
+def shard_group(mesh) -> dist.ProcessGroup:
+    """The ranks a vocabulary is split over: the mesh's shard dimension (all of a 1-D mesh)."""
+    return mesh.get_group("shard") if mesh.ndim > 1 else mesh.get_group()
+
+
+def split_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the model's vocabulary-split modules."""
+    return [p for m in model.modules() if isinstance(m, SPLIT) for p in m.parameters(recurse=False)]
+
+
+@torch.no_grad()
+def reduce_replica_grad(p: nn.Parameter) -> None:
+    """Average a split parameter's gradient over the replicas of a hybrid mesh (no-op on a 1-D mesh): each
+    replica's gradient is already the mean over its own shard group's tokens."""
+    mesh = p.device_mesh
+    if p.grad is None or mesh.ndim == 1:
+        return
+    group = mesh.get_group("replicate")
+    local = p.grad.to_local()  # under no_grad: the gradient's own storage
+    dist.all_reduce(local, group=group)
+    local /= dist.get_world_size(group)
+
+
+def reduce_replicas(model: nn.Module) -> None:
+    """After the backward: what FSDP's HSDP all-reduce does for its units, for the split rows."""
+    for p in split_parameters(model):
+        reduce_replica_grad(p)
+
+
 def _is_plain_embedding(module: nn.Module | None) -> bool:
     if not isinstance(module, nn.Embedding) or module.max_norm is not None or module.sparse:
         return False
@@ -187,11 +221,12 @@ def _is_plain_embedding(module: nn.Module | None) -> bool:
 
 
 def _shard_parameter(p: nn.Parameter, shard: VocabShard, mesh, device: torch.device) -> nn.Parameter:
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     rows = p.detach()[shard.start : shard.start + shard.rows]
     local = torch.empty_like(rows, device="meta") if p.is_meta else rows.to(device).clone()
-    dt = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
+    placements = [Replicate()] * (mesh.ndim - 1) + [Shard(0)]  # hybrid: a copy per replica, split within
+    dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
     return nn.Parameter(dt, requires_grad=p.requires_grad)
 
 
@@ -214,7 +249,7 @@ def convert(model: nn.Module, mesh, device: torch.device, dtype: torch.dtype) ->
     use_embedding, use_head = _is_plain_embedding(embedding), type(head) is nn.Linear
     if tied and not (use_embedding and use_head):
         return set()  # one weight serves both; it cannot be sharded for one and whole for the other
-    group = mesh.get_group()
+    group = shard_group(mesh)
     converted: set[nn.Parameter] = set()
     if use_embedding:
         shard = VocabShard.of(embedding.num_embeddings, group)

@@ -1,0 +1,377 @@
+"""Will the job fit? Per-rank memory and traffic of a fine-tuning job, before a GPU is booked.
+
+    python -m pkg.trainer.plan --config job.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB
+    python -m pkg.trainer.plan --config job.yaml --nodes 1 --gpus-per-node 2 --device cpu --json
+
+The model's shape comes from `model_dir/config.json` (or `--model-config FILE`); the job's settings from the
+trainer's own config (the same YAML, the same `--key value` overrides). Per rank it estimates the sharded
+weights, the trainable weights, gradients and optimizer state, the largest gathered layer, the activations of
+one micro-batch, the loss chunk and the vocabulary split; their total against the device's memory; whether it
+fits and, if not, the smallest change that does; and the bytes a step moves within and across nodes.
+`--device cpu` predicts a rank's peak resident memory on a CPU host instead (the interpreter and its
+libraries included): the same model as on a GPU, checked against measured peaks in tests/trainer/test_plan.py.
+The trainer logs the same estimate at start.
+
+The model of memory (bytes, per rank, g = ranks that share one copy of the weights, W = the world):
+- weights: fp32 master weights / g (FSDP; QLoRA: a 4-bit base, whole, ~0.56 byte per weight, + adapters);
+- gradients: fp32, / g (LoRA: whole, they accumulate unsharded until the last micro-batch);
+  with optimizer_in_backward: one layer's;
+- optimizer state: AdamW 8 bytes, 8-bit AdamW 2, SGD 0 per trainable weight, / g;
+- gathered: FSDP holds the layer it runs and the next one it prefetches, in the compute dtype, and for full
+  fine-tuning one layer's unsharded fp32 gradient before its reduce-scatter;
+- activations: per token and layer, what the backward keeps of a decoder layer (~ 8 hidden + 4 intermediate
+  values, SDPA attention); with activation checkpointing only each layer's input plus one layer's whole set;
+- loss chunk: `loss_chunk_size` tokens x the vocabulary in fp32, twice (a block and its gradient);
+- cpu_offload moves weights, gradients and optimizer state to host memory (the step runs there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+GiB = 1 << 30
+ADAM_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# --device cpu: the resident memory of a trainer process before the model (Python, torch, transformers,
+# datasets, tokenizers, the tokenized data), and per process of a gloo group; measured on this project's CPU
+# test machine (tests/trainer/test_plan.py checks the whole prediction against measured peaks).
+CPU_BASE = 520 * 2**20
+# What the backward keeps per token of a decoder layer, in values of the compute dtype (SDPA attention: no
+# sequence-squared term): the norms' outputs, q/k/v, the attention output, the MLP's four intermediates.
+ACT_HIDDEN, ACT_INTER = 8, 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder-only transformer, from its config.json."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = False
+
+    @staticmethod
+    def from_config(config: dict) -> Shape:
+        text = config.get("text_config") or config  # multimodal wrappers keep the LM's shape inside
+        try:
+            heads = int(text["num_attention_heads"])
+            return Shape(
+                layers=int(text["num_hidden_layers"]),
+                hidden=int(text["hidden_size"]),
+                intermediate=int(text.get("intermediate_size") or 4 * text["hidden_size"]),
+                heads=heads,
+                kv_heads=int(text.get("num_key_value_heads") or heads),
+                vocab=int(text["vocab_size"]),
+                tied=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+                qkv_bias=bool(text.get("attention_bias")) or text.get("model_type", "").startswith("qwen2"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"config.json lacks a decoder's shape ({exc}): pass --model-config") from None
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.hidden // self.heads)
+
+    def layer_params(self) -> int:
+        h, kv = self.hidden, self.kv_dim
+        attention = 2 * h * h + 2 * h * kv + ((h + 2 * kv) if self.qkv_bias else 0)
+        return attention + 3 * h * self.intermediate + 2 * h
+
+    def vocab_params(self) -> int:
+        """Embedding and head together (one matrix when tied)."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def params(self) -> int:
+        return self.layers * self.layer_params() + self.vocab_params() + self.hidden
+
+    def lora_params(self, rank: int, targets: list[str]) -> int:
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        sizes = {
+            "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        }  # fmt: skip
+        names = ALL_LINEAR if "all-linear" in targets else [t for t in targets if t in sizes]
+        per_layer = sum(rank * (a + b) for a, b in (sizes[n] for n in names))
+        head = rank * (h + self.vocab) if "lm_head" in targets else 0
+        return self.layers * per_layer + head
+
+
+@dataclass(frozen=True)
+class Job:
+    """The settings of a TrainConfig that move memory (plan_for builds it from one)."""
+
+    method: str = "lora"
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    bf16: bool = True
+    optimizer: str = "adamw"
+    optimizer_in_backward: bool = False
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+    micro_batch_size: int = 2
+    max_seq_length: int = 1024
+    loss_chunk_size: int = 512
+    vocab_parallel: str = "auto"
+    sharding: str = "auto"
+    shard_group_size: int = 0
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int = 1
+    per_node: int = 1
+    memory: int = 80 * GiB  # per rank: a GPU's memory, or a CPU host's memory / processes per node
+    device: str = "cuda"
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.per_node
+
+
+def group_size(job: Job, cluster: Cluster, fits_group=None) -> int:
+    """Ranks sharing one copy of the weights (the recipe's distributed.resolve_layout rule)."""
+    group = job.shard_group_size or cluster.per_node
+    if job.sharding == "full" or group >= cluster.world:
+        return cluster.world
+    if job.sharding == "hybrid":
+        return group
+    spans = cluster.world > cluster.per_node
+    return group if spans and (fits_group is None or fits_group(group)) else cluster.world
+
+
+def estimate(shape: Shape, job: Job, cluster: Cluster, group: int | None = None) -> dict:
+    """Per-rank bytes of each part, their total, and the bytes a step moves; see the module docstring."""
+    if group is None:
+        group = group_size(job, cluster, lambda g: estimate(shape, job, cluster, g)["fits"])
+    world, replicas = cluster.world, cluster.world // group
+    cb = 2 if job.bf16 else 4  # compute dtype
+    full, qlora = job.method == "full", job.method == "qlora"
+    lora = 0 if full else shape.lora_params(job.lora_rank, list(job.lora_targets))
+    total = shape.params() + lora
+    trainable = total if full else lora
+    fsdp = not qlora and (world > 1 or job.bf16 or job.cpu_offload)
+    shards = group if fsdp else 1
+    tokens = job.micro_batch_size * job.max_seq_length
+    split = (
+        fsdp and world > 1 and not job.cpu_offload and job.vocab_parallel != "never"
+        and (job.vocab_parallel == "always" or group * tokens <= 2 * shape.vocab)
+    )  # fmt: skip
+
+    # QLoRA: 4-bit blocks with their scales, and the adapters
+    weights = int(shape.params() * 0.5625) + 4 * lora if qlora else 4 * total // shards
+    grads = 4 * trainable // (shards if full else 1)
+    if job.optimizer_in_backward and full:
+        grads = 4 * shape.layer_params() // shards
+    optimizer = ADAM_BYTES[job.optimizer] * trainable // shards
+    layer = shape.layer_params() + (0 if full else lora // max(shape.layers, 1))
+    gathered = 0
+    if fsdp and shards > 1:
+        biggest = layer if split or shape.tied else max(layer, shape.vocab * shape.hidden)
+        gathered = 2 * biggest * cb + (4 * biggest if full else 0)
+    per_layer_token = (ACT_HIDDEN * shape.hidden + ACT_INTER * shape.intermediate) * cb
+    activations = shape.layers * tokens * per_layer_token
+    checkpointed = shape.layers * tokens * shape.hidden * cb + tokens * per_layer_token
+    act = checkpointed if job.activation_checkpointing else activations
+    loss_chunk = 2 * 4 * job.loss_chunk_size * shape.vocab
+    vocab_split = 4 * shape.vocab_params() // group if split else 0
+    host = 0
+    if job.cpu_offload:
+        host, weights, grads, optimizer = weights + grads + optimizer, 0, 0, 0
+    parts = {
+        "weights": weights,
+        "trainable_weights": 4 * trainable // (shards if (full or fsdp) else 1),
+        "gradients": grads,
+        "optimizer_state": optimizer,
+        "gathered_layer": gathered,
+        "activations": act,
+        "activations_no_checkpointing": activations,
+        "activations_checkpointing": checkpointed,
+        "loss_chunk": loss_chunk,
+        "vocab_split": vocab_split,
+        "host_offload": host,
+    }
+    peak = weights + grads + optimizer + gathered + act + loss_chunk
+    if cluster.device == "cpu":  # host memory is the device: offloaded state and the interpreter count
+        peak += host + CPU_BASE
+    parts["total"] = peak
+    steps_bytes = traffic(shape, job, cluster, group, trainable, cb, split, tokens)
+    return {
+        "per_rank": parts,
+        "group_size": group,
+        "replicas": replicas,
+        "vocab_parallel": split,
+        "memory": cluster.memory,
+        "fits": peak <= cluster.memory,
+        "traffic_per_step": steps_bytes,
+    }
+
+
+def traffic(shape, job, cluster, group, trainable, cb, split, tokens) -> dict:
+    """Bytes one rank sends per micro-batch and per optimizer step, within a node and across nodes."""
+    if job.method == "qlora" or cluster.world == 1:
+        reduce = 2 * 4 * trainable if cluster.world > 1 else 0
+        across = reduce if cluster.nodes > 1 else 0
+        return {"within_node": reduce - across, "across_nodes": across}
+    ring = (group - 1) / group
+    params = shape.layers * shape.layer_params() + (0 if split else shape.vocab_params())
+    gathers = 2 * params * cb * ring  # forward and backward all-gathers
+    reduce_scatter = 4 * trainable * ring
+    vocab = 4 * group * tokens * shape.hidden * cb * ring if split else 0
+    sharded = int(gathers + reduce_scatter + vocab)
+    replicas = cluster.world // group
+    all_reduce = int(2 * 4 * trainable / group * (replicas - 1) / replicas) if replicas > 1 else 0
+    if group <= cluster.per_node:  # hybrid: the shard group is one node
+        return {"within_node": sharded, "across_nodes": all_reduce}
+    return {"within_node": 0, "across_nodes": sharded + all_reduce}
+
+
+def suggest(shape: Shape, job: Job, cluster: Cluster) -> str | None:
+    """The smallest change that makes a job fit, or None when nothing tried does."""
+    tries = [
+        ("sharding: full", replace(job, sharding="full")),
+        ("activation_checkpointing: true", replace(job, activation_checkpointing=True)),
+        ("micro_batch_size: 1", replace(job, micro_batch_size=1, activation_checkpointing=True)),
+        ("optimizer: adamw_8bit", replace(job, optimizer="adamw_8bit")) if cluster.world == 1 else None,
+        ("cpu_offload: true", replace(job, cpu_offload=True, activation_checkpointing=True)),
+        ("method: qlora", replace(job, method="qlora", activation_checkpointing=True))
+        if job.method == "lora"
+        else None,
+    ]
+    for name, candidate in filter(None, tries):
+        if estimate(shape, candidate, cluster)["fits"]:
+            return name
+    return None
+
+
+def job_from_config(cfg, bf16: bool) -> Job:
+    return Job(
+        method=cfg.method, lora_rank=cfg.lora_rank, lora_targets=tuple(cfg.lora_target_modules), bf16=bf16,
+        optimizer=cfg.optimizer, optimizer_in_backward=cfg.optimizer_in_backward, cpu_offload=cfg.cpu_offload,
+        activation_checkpointing=cfg.activation_checkpointing, micro_batch_size=cfg.micro_batch_size,
+        max_seq_length=cfg.max_seq_length, loss_chunk_size=cfg.loss_chunk_size,
+        vocab_parallel=cfg.vocab_parallel, sharding=cfg.sharding, shard_group_size=cfg.shard_group_size,
+    )  # fmt: skip
+
+
+def host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_memory(device) -> int:
+    """Memory of one rank's device: the GPU's, or for a CPU process the host's."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return host_memory()
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n < 10 * GiB else f"{n / GiB:,.1f} GiB"
+
+
+def summary(result: dict) -> str:
+    """One line of the estimate, as the trainer logs it."""
+    parts = result["per_rank"]
+    shown = ("weights", "gradients", "optimizer_state", "gathered_layer", "activations", "loss_chunk")
+    body = ", ".join(f"{k} {mib(parts[k])}" for k in shown if parts[k])
+    verdict = "fits" if result["fits"] else "does NOT fit"
+    return f"{mib(parts['total'])} per rank ({body}) of {mib(result['memory'])}: {verdict}"
+
+
+def report(shape: Shape, job: Job, cluster: Cluster) -> str:
+    result = estimate(shape, job, cluster)
+    parts = result["per_rank"]
+    layout = (
+        f"hybrid: {result['replicas']} replicas x {result['group_size']} shards"
+        if result["replicas"] > 1
+        else f"full: one copy over {cluster.world} ranks"
+    )
+    lines = [
+        f"{cluster.nodes} node(s) x {cluster.per_node} {cluster.device} rank(s), {job.method}, "
+        f"{'bf16' if job.bf16 else 'fp32'}, sharding {layout}, vocabulary split: "
+        f"{'yes, over ' + str(result['group_size']) + ' ranks' if result['vocab_parallel'] else 'no'}",
+        "per rank:",
+    ]
+    lines += [f"  {k:<30} {mib(v):>12}" for k, v in parts.items() if k != "total"]
+    lines.append(f"  {'total':<30} {mib(parts['total']):>12}   of {mib(cluster.memory)}")
+    traffic_ = result["traffic_per_step"]
+    lines.append(
+        f"per micro-batch and rank: {mib(traffic_['within_node'])} within the node, "
+        f"{mib(traffic_['across_nodes'])} across nodes"
+    )
+    if result["fits"]:
+        lines.append("fits")
+    else:
+        change = suggest(shape, job, cluster)
+        lines.append(f"does NOT fit; smallest change that fits: {change or 'more nodes'}")
+    return "\n".join(lines)
+
+
+SIZE = re.compile(r"^\s*([\d.]+)\s*(GiB|GB|MiB|MB|G|M)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    match = SIZE.match(text)
+    if not match:
+        raise ValueError(f"--gpu-memory {text!r}: expected a size like 80GiB or 24GB")
+    unit = (match.group(2) or "GiB").lower()
+    scale = {"gib": GiB, "g": GiB, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pkg.trainer.config import load_config
+    from pkg.trainer.errors import TrainerError
+
+    parser = argparse.ArgumentParser(prog="python -m pkg.trainer.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=1, help="ranks per node")
+    parser.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU (ignored with --device cpu)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--model-config", help="a config.json instead of model_dir/config.json")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(rest)
+        path = Path(args.model_config or Path(cfg.model_dir) / "config.json")
+        try:
+            shape = Shape.from_config(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TrainerError(f"cannot read the model's config {path}: {exc}") from None
+        if args.nodes < 1 or args.gpus_per_node < 1:
+            raise TrainerError("--nodes and --gpus-per-node must be >= 1")
+        if args.device == "cpu":
+            memory = host_memory() // args.gpus_per_node
+            bf16 = cfg.precision == "bf16"
+        else:
+            memory = parse_size(args.gpu_memory)
+            bf16 = cfg.precision != "fp32"
+        cluster = Cluster(args.nodes, args.gpus_per_node, memory, args.device)
+        job = job_from_config(cfg, bf16)
+        if (cluster.world % (job.shard_group_size or cluster.per_node)) != 0:
+            raise TrainerError("shard_group_size must divide nodes x gpus-per-node")
+    except (TrainerError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        result = estimate(shape, job, cluster)
+        result.update(shape=asdict(shape), job=asdict(job), suggestion=suggest(shape, job, cluster))
+        print(json.dumps(result))
+    else:
+        print(report(shape, job, cluster))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
