@@ -22,6 +22,12 @@ prompt/completion rows with 20-160-word prompts, no packing), peak GPU memory wi
       && python3 bench/bench_gpu.py --size vocab --rows prompt_completion --methods lora \\
            --loss-chunk-sizes 0,1000000000 --seq 2048 --batch 16 --micro 8 --out $OUT/gpu-vocab.json
 
+The memory options of a large job (`--variants`, each a separate run beside `base`): FSDP2's CPU offload,
+the optimizer stepped in the backward, the 8-bit optimizers, full fine-tuning at 0.5B:
+
+      && python3 bench/bench_gpu.py --size 0.5b --methods full \\
+           --variants base,cpu_offload,in_backward,adamw_8bit,paged_adamw_8bit --out $OUT/gpu-memory.json
+
 On a CPU (`--size tiny`, what the test suite runs) it checks the script itself, not the speed.
 
 Each case writes a random model of the real shapes (Qwen2.5-0.5B-like: 24 layers, hidden 896, vocab 151936;
@@ -126,10 +132,27 @@ def flops_per_token(size: str, seq: int, method: str) -> float:
     return (6 if method == "full" else 4) * n + attention
 
 
+# --variants: trainer settings on top of a case (optimizer_in_backward: one micro-batch per step, no clipping)
+VARIANTS = {
+    "base": {},
+    "cpu_offload": {"cpu_offload": True},
+    "in_backward": {"optimizer_in_backward": True, "max_grad_norm": 0},
+    "adamw_8bit": {"optimizer": "adamw_8bit"},
+    "paged_adamw_8bit": {"optimizer": "paged_adamw_8bit"},
+    "sgd": {"optimizer": "sgd"},
+}
+
+
 def run_case(
-    model: Path, data: Path, out: Path, method: str, args: argparse.Namespace, chunk: int = 0
+    model: Path,
+    data: Path,
+    out: Path,
+    method: str,
+    args: argparse.Namespace,
+    chunk: int = 0,
+    variant: str = "base",
 ) -> dict:
-    """One training run; `chunk` is loss_chunk_size (0: the trainer's default)."""
+    """One training run; `chunk` is loss_chunk_size (0: the trainer's default), `variant` one of VARIANTS."""
     cmd = [sys.executable, "-m", "pkg.trainer", "--model_dir", str(model), "--dataset_dir", str(data)]
     if chunk:
         cmd += ["--loss_chunk_size", str(chunk)]
@@ -146,12 +169,16 @@ def run_case(
         "learning_rate": 1e-4 if method == "full" else 2e-4,
         "save_every": 0,
         "log_every": 1,
+        **VARIANTS[variant],
     }
+    if variant == "in_backward":
+        settings["micro_batch_size"] = args.batch
     for key, value in settings.items():
         cmd += [f"--{key}", str(value)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
-        return {"method": method, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+        error = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        return {"method": method, "variant": variant, "error": error}
     from pkg.trainer.config import TrainConfig
 
     chunk = chunk or TrainConfig().loss_chunk_size
@@ -162,6 +189,7 @@ def run_case(
     flops = flops_per_token(args.size, args.seq, method) * steady
     return {
         "method": method,
+        "variant": variant,
         "loss_chunk_size": chunk,
         "tokens_per_s": round(steady, 1),
         "tflops": float(f"{flops / 1e12:.4g}"),  # significant digits: a tiny CPU run is not 0
@@ -185,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loss-chunk-sizes", default="0", help="comma-separated loss_chunk_size values to run (0: default)"
     )
+    parser.add_argument(
+        "--variants", default="base", help=f"comma-separated memory settings to run: {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the chip's dense bf16 peak")
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
@@ -204,20 +235,25 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"method": method, "error": ["needs CUDA and bitsandbytes"]})
                 continue
             for chunk in [int(c) for c in args.loss_chunk_sizes.split(",")]:
-                log(f"{args.size} {method}, loss chunk {chunk or 'default'}: {args.steps} steps on {device}")
-                rows.append(run_case(model, data, work / f"out-{method}-{chunk}", method, args, chunk))
-                log(json.dumps(rows[-1]))
+                for variant in args.variants.split(","):
+                    log(
+                        f"{args.size} {method} {variant}, loss chunk {chunk or 'default'}: {args.steps} steps"
+                    )
+                    out = work / f"out-{method}-{chunk}-{variant}"
+                    rows.append(run_case(model, data, out, method, args, chunk, variant))
+                    log(json.dumps(rows[-1]))
     report = {"device": device, "torch": torch.__version__, "size": args.size, "seq": args.seq, "rows": rows}
     print(
         f"| {args.size} on {device} | loss chunk | tokens/s | TFLOP/s | MFU | peak MB | loss first -> last |"
     )
     print("|---|--:|--:|--:|--:|--:|---|")
     for r in rows:
+        name = r["method"] + (f" {r['variant']}" if r.get("variant", "base") != "base" else "")
         if "error" in r:
-            print(f"| {r['method']} | | {'; '.join(r['error'])} | | | | |")
+            print(f"| {name} | | {'; '.join(r['error'])} | | | | |")
         else:
             print(
-                f"| {r['method']} | {r['loss_chunk_size']:,} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} "
+                f"| {name} | {r['loss_chunk_size']:,} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} "
                 f"| {r['mfu']:.1%} "
                 f"| {r['peak_memory_mb']:,.0f} | {r['first_loss']:.3f} -> {r['final_loss']:.3f} |"
             )

@@ -304,9 +304,10 @@ KEYS: list[Key] = [
     _k("epochs", "honoured", integer, "Passes over the data.", "num_epochs"),
     _k("max_steps_per_epoch", "honoured", _optional(integer), "Cap on the steps of an epoch (null: none).",
        "max_steps_per_epoch"),
-    _k("optimizer._component_", "mapped", text, "torch.optim.AdamW; torch.optim.Adam (without weight decay, "
-       "the same update); others (SGD, bitsandbytes 8-bit and paged) onto the trainer's `optimizer` where it "
-       "has the choice, else refused.", "optimizer"),
+    _k("optimizer._component_", "mapped", text, "torch.optim.AdamW (fused); torch.optim.Adam (without weight "
+       "decay, the same update); torch.optim.SGD (momentum 0); bitsandbytes.optim.AdamW8bit and "
+       "PagedAdamW8bit (one CUDA GPU, unsharded: refused in one line elsewhere); others refused.",
+       "optimizer"),
     _k("optimizer.lr", "honoured", number, "Peak learning rate.", "learning_rate"),
     _k("optimizer.weight_decay", "honoured", number, "Weight decay on every trained parameter, biases and "
        "norms included (not given: the optimizer's default, AdamW 0.01).", "weight_decay"),
@@ -353,8 +354,8 @@ KEYS: list[Key] = [
     _k("profiler.enabled", "honoured", boolean, "Only False: profiling is not available.", accept=(False,)),
     _k("profiler.*", "honoured", anything, "The profiler's settings: no effect while it is off."),
     # Memory and scale
-    _k("fsdp_cpu_offload", "mapped", boolean, "True: the trainer's cpu_offload where it has it, else "
-       "refused.", "cpu_offload"),
+    _k("fsdp_cpu_offload", "honoured", boolean, "True: FSDP2's CPU offload of the sharded parameters, "
+       "gradients and optimizer state; the optimizer step runs on the CPU.", "cpu_offload"),
     _k("fsdp.cpu_offload", "honoured", boolean, "An older spelling torchtune 0.6.1 does not read: only "
        "False.", accept=(False,)),
     _k("fsdp_reshard_after_forward", "honoured", boolean, f"Only True ({FSDP} reshards after the forward).",
@@ -365,12 +366,14 @@ KEYS: list[Key] = [
        accept=(1,)),
     _k("tensor_parallel_plan._component_", "mapped", text, "No tensor parallelism: unused."),
     _k("context_parallel_dim", "honoured", integer, "Only 1: no context parallelism.", accept=(1,)),
-    _k("data_parallel_shard_dim", "mapped", integer, "-1 (all ranks): FSDP over the world; another size: the "
-       "trainer's hybrid sharding (shard_group_size) where it has it, else refused.", "shard_group_size"),
-    _k("data_parallel_replicate_dim", "mapped", integer, "1: one replica; more: the trainer's hybrid "
-       "sharding where it has it, else refused.", "sharding"),
-    _k("optimizer_in_bwd", "mapped", boolean, "True: the trainer's optimizer_in_backward where it has it, "
-       "else refused.", "optimizer_in_backward"),
+    _k("data_parallel_shard_dim", "honoured", integer, "Ranks that share one copy of the weights: -1 all "
+       "(world / data_parallel_replicate_dim); N < world: hybrid sharding (HSDP) in groups of N, replicated "
+       "across groups; shard x replicate must equal the world size.", "shard_group_size"),
+    _k("data_parallel_replicate_dim", "honoured", integer, "Copies of the weights: 1 (full sharding) or R "
+       "(hybrid sharding, R groups).", "sharding"),
+    _k("optimizer_in_bwd", "honoured", boolean, "True: each weight stepped as the backward reaches it, its "
+       "gradient freed (full recipes; needs clip_grad_norm null and gradient_accumulation_steps 1, as in "
+       "torchtune).", "optimizer_in_backward"),
     _k("ac_mode", "honoured", _optional(text), "Only null: activation checkpointing is per layer.",
        accept=(None,)),
     _k("ac_option", "honoured", _optional(integer), "Only null.", accept=(None,)),
@@ -774,7 +777,7 @@ def _choices(name: str) -> tuple[str, ...]:
     return ()
 
 
-def scale_settings(tt: dict[str, Any]) -> dict[str, Any]:
+def scale_settings(tt: dict[str, Any], world: int) -> dict[str, Any]:
     """The memory and scale keys onto the trainer's own, where this build has them; refused otherwise."""
     have = field_types()
     values: dict[str, Any] = {}
@@ -795,11 +798,19 @@ def scale_settings(tt: dict[str, Any]) -> dict[str, Any]:
         need(
             key, "shard_group_size", "hybrid sharding (data_parallel_shard_dim x data_parallel_replicate_dim)"
         )
-        if shard == -1:
+        if replicate < 1 or shard == 0 or shard < -1:
+            raise ConfigError(f"{key}={_fmt(tt[key])}: expected a positive size (shard: -1 for all ranks)")
+        if shard == -1 and world % replicate:
             raise ConfigError(
-                f"{key}={_fmt(tt[key])}: give data_parallel_shard_dim too (the ranks of one shard)"
+                f"data_parallel_replicate_dim={replicate} does not divide the world size {world}"
             )
-        values.update(sharding="hybrid", shard_group_size=shard)
+        shard = world // replicate if shard == -1 else shard
+        if shard * replicate != world:  # torchtune's ParallelDims refuses the same
+            raise ConfigError(
+                f"data_parallel_shard_dim x data_parallel_replicate_dim = {shard} x {replicate}, not the "
+                f"world size {world}"
+            )
+        values.update(sharding="hybrid" if replicate > 1 else "full", shard_group_size=shard)
     return values
 
 
@@ -981,7 +992,7 @@ def to_train_config(tt: dict[str, Any], recipe: str, world: int) -> dict[str, An
                               "lr_scheduler means a constant learning rate)")  # fmt: skip
         values["lr_scheduler"], values["warmup_steps"] = "constant", 0
     values.update(optimizer_settings(tt))
-    values.update(scale_settings(tt))
+    values.update(scale_settings(tt, world))
     values.update(metric_settings(tt))
     values.update(dataset_settings(tt, dpo))
     seq = max_seq_length(tt, model_dir)

@@ -36,3 +36,17 @@ def test_bench_gpu_real_vocabulary_case_runs_with_and_without_chunking(tmp_path:
     assert chunked["loss_chunk_size"] == 512 and whole["loss_chunk_size"] == 1000000
     # Same data, same seed: the chunking changes memory, not the numbers.
     assert abs(chunked["first_loss"] - whole["first_loss"]) < 1e-4 * whole["first_loss"]
+
+
+def test_bench_gpu_memory_variants_run(tmp_path: Path) -> None:
+    """--variants at tiny size on the CPU: cpu_offload trains (its GPU figures need a lent GPU); an 8-bit
+    optimizer is reported as refused, in its one line. (The variants' training: test_optimizers.py.)"""
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, "bench/bench_gpu.py", "--size", "tiny", "--methods", "full", "--steps", "2"]
+    cmd += ["--variants", "cpu_offload,adamw_8bit", "--seq", "64", "--batch", "2", "--micro", "1"]
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    offload, eight_bit = json.loads(out.read_text())["rows"]
+    assert offload["variant"] == "cpu_offload" and offload["final_loss"] > 0, proc.stderr[-3000:]
+    assert eight_bit["error"] == ["error: optimizer adamw_8bit is bitsandbytes' 8-bit AdamW and runs on a "
+                                  "CUDA GPU only; use optimizer: adamw here"]  # fmt: skip
+    assert proc.returncode == 1  # a run that did not train is reported as a failure

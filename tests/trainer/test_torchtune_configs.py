@@ -67,7 +67,11 @@ DEFAULT_DECAY = {"torch.optim.AdamW": 0.01, "bitsandbytes.optim.PagedAdamW": 0.0
                  "bitsandbytes.optim.PagedAdamW8bit": 0.01}  # fmt: skip
 # Keys whose value the trainer cannot have today: set to what it can, and the refusal checked.
 ACCEPTABLE = {"optimizer._component_": "torch.optim.AdamW", "enable_activation_offloading": "False",
-              "fsdp_cpu_offload": "False", "compile": "False", "optimizer_in_bwd": "False"}  # fmt: skip
+              "compile": "False"}  # fmt: skip
+# The optimizers the trainer has (others are blocked above).
+OPTIMIZERS = {"torch.optim.AdamW": "adamw", "torch.optim.Adam": "adamw", "torch.optim.SGD": "sgd",
+              "bitsandbytes.optim.AdamW8bit": "adamw_8bit",
+              "bitsandbytes.optim.PagedAdamW8bit": "paged_adamw_8bit"}  # fmt: skip
 
 
 def expected(raw: dict, recipe: str, world: int, model_dir: str) -> dict:
@@ -95,6 +99,9 @@ def expected(raw: dict, recipe: str, world: int, model_dir: str) -> dict:
         "decay_all_parameters": True,
         "torchtune_layout": True,  # torch.optim.AdamW(model.parameters()): biases and norms too
         "warmup_from_zero": "lr_scheduler" in raw,  # get_cosine_schedule_with_warmup: lr 0 at step 0
+        "optimizer": OPTIMIZERS.get(opt["_component_"], "adamw"),
+        "optimizer_in_backward": raw.get("optimizer_in_bwd", False),
+        "cpu_offload": raw.get("fsdp_cpu_offload", False),
     }
     builder = data["_component_"].rsplit(".", 1)[-1]
     if builder in ("alpaca_dataset", "alpaca_cleaned_dataset"):
@@ -135,6 +142,8 @@ def test_every_published_config_runs_its_own_settings(recipe, name, model_dir):
     cmd = tune.Command([], recipe, name, overrides)
     flat = tune.flatten(raw)
     blocked = {k: v for k, v in ACCEPTABLE.items() if k in flat and str(flat[k]) != v}
+    if flat.get("optimizer._component_") in OPTIMIZERS:
+        blocked.pop("optimizer._component_", None)
     if blocked:  # refused as a whole, by the key's name, until the trainer has it (#24)
         with pytest.raises(ConfigError) as exc:
             tune.translate(cmd, world)
@@ -260,6 +269,13 @@ SHARDS = "model-{}-of-{}.safetensors"
          lambda c: (c.max_grad_norm, c.seed, c.max_seq_length) == (2.5, 3, 64)),
         ([f"checkpointer.checkpoint_files={{filename_format: '{SHARDS}', max_filename: '02'}}"],
          lambda c: True),
+        # the memory and scale keys (world 2 here)
+        (["optimizer._component_=torch.optim.SGD"], lambda c: c.optimizer == "sgd"),
+        (["optimizer._component_=bitsandbytes.optim.PagedAdamW8bit"],
+         lambda c: c.optimizer == "paged_adamw_8bit"),
+        (["fsdp_cpu_offload=True"], lambda c: c.cpu_offload is True),
+        (["data_parallel_replicate_dim=2"], lambda c: (c.sharding, c.shard_group_size) == ("hybrid", 1)),
+        (["data_parallel_shard_dim=2"], lambda c: (c.sharding, c.shard_group_size) == ("full", 2)),
     ],
 )  # fmt: skip
 def test_torchtune_spellings_of_datasets_and_overrides(model_dir, args, check):
@@ -281,14 +297,15 @@ LOGGING = "torchtune.training.metric_logging"
         (["llama3_2/1B_lora", "dataset.conversation_column=x"], "alpaca_cleaned_dataset takes source, "),
         (["llama3_2/1B_lora", "dataset=torchtune.datasets.alpaca_datset"],
          "did you mean torchtune.datasets.alpaca_dataset?"),
-        (["llama3_2/1B_lora", "optimizer._component_=torch.optim.SGD"], "no sgd optimizer"),
+        (["llama3_2/1B_lora", "data_parallel_replicate_dim=3"],
+         "data_parallel_replicate_dim=3 does not divide the world size"),
         (["llama3_2/1B_lora", "optimizer._component_=bitsandbytes.optim.PagedAdamW"],
          "optimizer._component_=bitsandbytes.optim.PagedAdamW: not available"),
         (["llama3_2/1B_lora", f"metric_logger._component_={LOGGING}.WandBLogger"],
          "reporting to wandb is not in this build"),
         (["llama3_2/1B_lora", "enable_activation_offloading=True"], "does not offload activations"),
         (["llama3_2/1B_lora", "compile=True"], "compile=True: Only False"),
-        (["llama3_2/1B_lora", "optimizer_in_bwd=True"], "optimizer_in_bwd=True: stepping the optimizer"),
+        (["llama3_2/1B_lora", "optimizer_in_bwd=True"], "optimizer_in_backward applies to method full"),
         (["llama3_2/1B_lora", "dataset_val._component_=torchtune.datasets.alpaca_dataset"],
          "dataset_val._component_"),
         (["llama3_2/1B_lora", "dataset.filter_fn=my.fn"], "dataset.filter_fn=my.fn: A Python callable"),
