@@ -277,6 +277,8 @@ def device_memory(device) -> int:
 
 
 def mib(n: int) -> str:
+    if n < 10 * 2**20:
+        return f"{n / 2**20:.1f} MiB"
     return f"{n / 2**20:,.0f} MiB" if n < 10 * GiB else f"{n / GiB:,.1f} GiB"
 
 
