@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pkg.initializers.config import ENV_VARS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,3 +36,19 @@ def test_every_initializer_variable_read_is_documented() -> None:
     read = {name for name in read if not name.startswith("AWS_")}  # read only to redact them
     # The proxy variables are read by the HTTP stacks themselves (urllib, botocore, huggingface_hub).
     assert read == {var.name for var in ENV_VARS if not var.name.endswith("_PROXY")}
+
+
+@pytest.mark.fast
+def test_readme_and_images_doc_give_one_set_of_commands() -> None:
+    """The `docker run` and `kubectl` commands of README.md are those of docs/images.md, and every command of
+    both files' bash blocks is run by a named test or says why it is not (tests/images/docs_commands.py)."""
+    from tests.images.docs_commands import DOCS, ROOT, bash_commands, podman_flags, who_runs
+
+    shared = [
+        [c for c in bash_commands(ROOT / doc) if c.startswith(("docker run", "kubectl "))] for doc in DOCS
+    ]
+    assert shared[0] == shared[1]
+    assert len([c for c in shared[0] if c.startswith("docker run")]) == 4
+    unclassified = [c for doc in DOCS for c in bash_commands(ROOT / doc) if who_runs(c) is None]
+    assert unclassified == [], "classify these in tests/images/docs_commands.py WHO_RUNS"
+    assert podman_flags() == ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]

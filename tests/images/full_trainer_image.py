@@ -178,3 +178,26 @@ def test_sdk_builtin_trainer_command(image, tmp_path):
     assert "precision: bf16" in (output / "config.yaml").read_text()
     for path in [output, *output.rglob("*")]:
         assert path.stat().st_uid == 1000, f"{path} owned by uid {path.stat().st_uid}"
+
+
+def test_documented_trainer_command_on_a_machine_without_gpu(image, tmp_path):
+    """docs/images.md's (and README.md's) `docker run ... llm-trainer` as written, on this GPU-less machine
+    (tests/images/docs_commands.py: `--gpus all` left out, the local CPU build's tag): the image's launcher
+    answers PET_NPROC_PER_NODE=gpu with one line, not torchrun's `ValueError: Cuda is not available`."""
+    from tests.images.docs_commands import ROOT, as_podman, docker_runs
+
+    workspace_with_inputs(tmp_path / "workspace")
+    [command] = [c for c in docker_runs(ROOT / "docs/images.md") if "llm-trainer" in c]
+    local = {"ghcr.io/kubeflow/trainer/llm-trainer:v2.0.0": image}
+    result = subprocess.run(
+        ["bash", "-c", as_podman(command, PODMAN, {}, [], local)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: PET_NPROC_PER_NODE=gpu"), result.stdout[-3000:]
+    assert "no GPU" in lines[0]
