@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 REQS := requirements/dev.txt requirements/torch.txt requirements/torchtune.txt pkg/initializers/requirements.txt pkg/trainer/requirements.txt
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-initializers test-trainer test-images test-images-full test-manifests \
+.PHONY: help install test test-fast test-initializers test-trainer test-images test-images-full test-manifests \
         lint images push images-local bench demo clean
 
 help: ## show this help
@@ -23,6 +23,9 @@ $(STAMP): $(REQS)
 test: install ## run the whole test suite (installs first)
 	$(MAKE) lint
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: install ## the fast tier: in-process unit tests marked `fast` (under a minute); run it on every edit
+	$(PYTHON) -m pytest tests -m fast -q $(PYTEST_ARGS)
 
 test-initializers: install ## dataset and model initializer tests only
 	$(PYTHON) -m pytest tests/initializers $(PYTEST_ARGS)

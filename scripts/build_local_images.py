@@ -5,6 +5,7 @@
     python3 scripts/build_local_images.py dataset-initializer     # chosen targets
     python3 scripts/build_local_images.py --print                 # resolved targets, like `bake --print`
     python3 scripts/build_local_images.py --registry-base ...     # FROM the real bases (needs a registry)
+    python3 scripts/build_local_images.py --cuda llm-trainer      # the CUDA llm-trainer, as released
 
 Targets, Dockerfiles, contexts, build args, labels and tags all come from docker-bake.hcl, so this path
 and `docker buildx bake` cannot drift apart. What differs, and why:
@@ -14,7 +15,10 @@ and `docker buildx bake` cannot drift apart. What differs, and why:
   debootstrap, cached as a tarball, trimmed like Debian's -slim images) for initializer-base, and
   `localhost/kft-base-torch-cpu:<torch>` (the same + a venv with the CPU wheel of the torch pinned in
   requirements/torch.txt) for llm-trainer, which is then built without the GPU extras and tagged
-  `<tag>-cpu` so it is never mistaken for the CUDA release image.
+  `<tag>-cpu` so it is never mistaken for the CUDA release image. `--cuda` builds llm-trainer as released
+  instead (CUDA torch and bitsandbytes from PyPI, the release tags) on the Python stand-in: the only
+  difference from the release build is then the Python base (Debian's python3 3.11 for
+  python:3.11-slim-bookworm).
 - A context `target:NAME` (bake builds NAME and hands it to the Dockerfile as a named context) becomes
   `--build-context KEY=container-image://TAG` of NAME built first; a target without tags is tagged
   `localhost/kft-NAME:latest`.
@@ -92,6 +96,8 @@ LOCAL_VARIANTS: dict[str, dict[str, Any]] = {
     "initializer-base": {"base": PYTHON_BASE, "args": {}, "tag_suffix": ""},
     "llm-trainer": {"base": TORCH_BASE, "args": {"INSTALL_GPU_EXTRAS": "false"}, "tag_suffix": "-cpu"},
 }
+# --cuda: llm-trainer exactly as docker-bake.hcl releases it, on the Python stand-in.
+CUDA_VARIANT: dict[str, Any] = {"base": PYTHON_BASE, "args": {}, "tag_suffix": ""}
 REQUIRED_TOOLS = ("buildah", "podman", "runc", "debootstrap")
 
 
@@ -272,11 +278,13 @@ def build_order(targets: dict[str, dict[str, Any]], requested: list[str]) -> lis
 
 
 def local_plan(
-    target: dict[str, Any], name: str, registry_base: bool, built: dict[str, str]
+    target: dict[str, Any], name: str, registry_base: bool, built: dict[str, str], cuda: bool = False
 ) -> dict[str, Any]:
-    """The bake target as this script builds it: local base image, tags for the CPU variant, and the
-    images already built (`built`: target name -> local tag) for its `target:` contexts."""
+    """The bake target as this script builds it: local base image, tags for the CPU variant (unless
+    `cuda`), and the images already built (`built`: target name -> local tag) for its `target:` contexts."""
     variant = LOCAL_VARIANTS.get(name, {"base": None, "args": {}, "tag_suffix": ""})
+    if cuda and name == "llm-trainer":
+        variant = CUDA_VARIANT
     args = dict(target.get("args", {}))
     tags = list(target.get("tags", [])) or [f"localhost/kft-{name}:latest"]
     if not registry_base and variant["base"]:
@@ -397,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         "--layers", action="store_true", help="cache each instruction as a layer (faster edits, more disk)"
     )
     parser.add_argument("--force", action="store_true", help="rebuild even when the inputs did not change")
+    parser.add_argument(
+        "--cuda",
+        action="store_true",
+        help="build llm-trainer as released (CUDA torch + bitsandbytes, release tags), not the CPU variant",
+    )
     args = parser.parse_args(argv)
     try:
         env = dict(os.environ)
@@ -419,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         plans: dict[str, dict[str, Any]] = {}
         for name in names:
             built = {dep: plan["tags"][0] for dep, plan in plans.items()}
-            plans[name] = local_plan(bake["target"][name], name, args.registry_base, built)
+            plans[name] = local_plan(bake["target"][name], name, args.registry_base, built, args.cuda)
         ensure_tools()
         if not args.registry_base:
             bases = {plan["args"].get("BASE_IMAGE") for plan in plans.values()}

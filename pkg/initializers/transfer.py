@@ -5,9 +5,9 @@ memory does not grow with the number of files. A file larger than the part size 
 file filled by parallel ranged requests written with `os.pwrite`; smaller files stream in one request.
 A server that ignores Range (HTTP 200 with the whole file) gets that file, and every later large file, in
 one stream each. Memory stays bounded (one chunk per worker) whatever the object size. Every request is
-retried with exponential backoff and jitter, honouring Retry-After, on TransientError (connection errors,
-stalled or trickling reads, 429, 5xx). Each file is verified (size always; MD5, SHA-256 or git blob SHA-1
-when the source gives one) and only then renamed into place and recorded in the journal, so a rerun skips it.
+retried (retry.py) on TransientError (connection errors, stalled or trickling reads, 429, 5xx). Each file
+is verified (size always; MD5, SHA-256 or git blob SHA-1 when the source gives one) and only then renamed
+into place and recorded in the journal, so a rerun skips it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import errno
 import hashlib
 import os
 import queue
-import random
 import shutil
 import threading
 import time
@@ -25,23 +24,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 from .config import DEFAULT_PART_SIZE, MAX_AUTO_PART_SIZE, MiB, Tuning
-from .errors import InitializerError, RangeIgnored, TransientError, one_line
+from .errors import InitializerError, RangeIgnored, TransientError
 from .manifest import Journal, start_writeback, state_dir
 from .progress import Progress, human_bytes, log
+from .retry import Cancelled, retry
 from .safety import target_path
 from .sources.base import RemoteFile, Source
 
-T = TypeVar("T")
 HASH_CHUNK = 4 * 1024 * 1024
 QUEUE_PER_WORKER = 2  # tasks waiting per worker: enough to keep them busy, few enough to cost no memory
 STOP_GRACE = 10.0  # seconds a stop waits for the workers (their reads are aborted, so they return at once)
-
-
-class _Cancelled(Exception):
-    """Another task failed; stop quietly."""
 
 
 @dataclass
@@ -60,41 +54,6 @@ class Plan:
     def tasks(self, part_size: int) -> int:
         """How many requests the plan needs at most (one per whole file, one per part)."""
         return len(self.whole) + sum(-(-f.size // part_size) for f in self.multipart)
-
-
-def retry(
-    fn: Callable[[], T],
-    what: str,
-    tuning: Tuning,
-    on_retry: Callable[[], None] | None = None,
-    cancel: threading.Event | None = None,
-) -> T:
-    """Call `fn`, retrying TransientError with capped exponential backoff and jitter (or Retry-After)."""
-    for attempt in range(1, tuning.max_attempts + 1):
-        try:
-            return fn()
-        except TransientError as exc:
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled() from None  # the run is stopping (its reads were aborted): no retry
-            if attempt == tuning.max_attempts:
-                raise InitializerError(
-                    f"{what}: still failing after {attempt} attempts ({one_line(exc)}); "
-                    "check the endpoint and network, then rerun (finished files are kept)"
-                ) from None
-            if exc.retry_after is not None:
-                delay = min(exc.retry_after, tuning.retry_cap)
-            else:
-                delay = min(tuning.retry_base * 2 ** (attempt - 1), tuning.retry_cap) * random.uniform(
-                    0.5, 1.0
-                )
-            log(f"retry {attempt}/{tuning.max_attempts - 1} of {what} in {delay:.1f}s: {one_line(exc, 200)}")
-            if on_retry:
-                on_retry()
-            if cancel is not None and cancel.wait(delay):
-                raise _Cancelled() from None
-            if cancel is None:
-                time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def choose_part_size(files: list[RemoteFile], tuning: Tuning) -> int:
@@ -240,7 +199,7 @@ class Engine:
             _join(todo, threads, self._cancel)
             raise
         if errors:
-            raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+            raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
 
     def _tasks(self, plan: Plan) -> Iterator[Callable[[], None]]:
         """The plan's requests, made as the queue takes them (a large file's temporary file is created when
@@ -264,7 +223,7 @@ class Engine:
             with self.source.open_range(f, start, end) as chunks:
                 for chunk in chunks:
                     if self._cancel.is_set():
-                        raise _Cancelled()
+                        raise Cancelled()
                     if offset + len(chunk) > end:
                         raise TransientError(f"{f.path}: server sent more bytes than requested")
                     sink(chunk, offset)
@@ -280,7 +239,7 @@ class Engine:
 
     def _fetch_whole(self, f: RemoteFile) -> None:
         if self._cancel.is_set():
-            raise _Cancelled()
+            raise Cancelled()
         tmp = self._temp(f)
 
         def attempt() -> None:
@@ -333,7 +292,7 @@ class Engine:
 
     def _fetch_part(self, f: RemoteFile, tmp: Path, index: int, start: int, end: int) -> None:
         if self._cancel.is_set():
-            raise _Cancelled()
+            raise Cancelled()
         if f.path in self._streamed or self.source.host(f) in self._no_ranges:
             self._stream_instead(f)
             return

@@ -1,14 +1,26 @@
 """llm-trainer: distributed LoRA, QLoRA and full fine-tuning with FSDP2 (`torchrun -m pkg.trainer`).
 
 Modules, one job each:
-    config      the TrainConfig dataclass: YAML schema, command line, validation
-    data        load, detect format, tokenize + mask, pack, cache; the batch plan
-    model       tokenizer and model, LoRA / QLoRA / full
-    distributed process group and FSDP2 sharding
-    recipe      the training recipe: setup, train, save
-    checkpoint  sharded, atomic checkpoints and resume; resilience: SIGTERM handling
-    export      adapter / merged / full model in Hugging Face formats, atomically
-    metrics     progress lines, metrics.jsonl, summary.json, loss.png
-    tune        `tune run`, torchtune's command line (the SDK's BuiltinTrainer) -> TrainConfig, launch
-    torchtune_configs  torchtune 0.6.1's published configs (generated: scripts/gen_torchtune_configs.py)
+    __main__          the entry point: one line and an exit code for an expected failure
+    launch            torchrun's run() (the image's ENTRYPOINT, shared with tune): expected errors in one line
+    config            the TrainConfig dataclass: YAML schema, command line, validation
+    errors            TrainerError / ConfigError: expected failures and their exit codes
+    recipe            the training recipe: setup, train, save
+    data              load, detect format, tokenize + mask, pack, cache; the batch plan
+    preference        DPO's data: prompt/chosen/rejected pairs, tokenized and collated
+    model             tokenizer and model, LoRA / QLoRA / full; MoE router loss coefficient
+    fused_lora        one fused forward/backward per LoRA linear
+    loss              token log-probs and the chunked cross-entropy, without full logits
+    vocab_parallel    the output head and embedding split along the vocabulary across ranks
+    dpo               the DPO objective: sequence log-probs, losses, metrics, reference log-probs
+    distributed       process group, all-ranks decisions (agree, any_rank), FSDP2 sharding
+    safetensors_stream  reading and writing safetensors one tensor at a time
+    host_memory       glibc's mmap threshold, so memory freed in the backward is returned
+    checkpoint        sharded checkpoints, resume, finished-run detection, the run fingerprint
+    resilience        SIGTERM: checkpoint at the next step boundary, then exit 143
+    files             atomic files and folders; the folder digest
+    export            adapter / merged / full model in Hugging Face formats, atomically
+    metrics           progress lines, metrics.jsonl, summary.json, loss.png
+    tune              `tune run`, torchtune's command line (the SDK's BuiltinTrainer) -> TrainConfig, launch
+    torchtune_configs torchtune 0.6.1's published configs (generated: scripts/gen_torchtune_configs.py)
 """

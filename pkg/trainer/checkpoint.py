@@ -21,7 +21,7 @@ Typical use in a training loop (every call is collective: all ranks, same order)
     if ckpt := find_resume(output_dir, cfg.resume):  # auto / never / a path; cleans .tmp-* leftovers
         resumed = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint=fp)
         start_step, data_state = resumed.step, resumed.data_state
-        truncate_metrics(output_dir / "metrics.jsonl", start_step)   # rank 0
+        Metrics(...).rewind(start_step)                               # metrics.py: one history
     ...
     save_checkpoint(output_dir, step, model, optimizer, scheduler,
                     fingerprint=fp, data_state={...}, keep_last=cfg.keep_last)
@@ -32,7 +32,6 @@ the same one-line :class:`CheckpointError` on every rank, so no rank is left wai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,17 +40,18 @@ import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from pkg.trainer import distributed
 from pkg.trainer.errors import TrainerError
+from pkg.trainer.files import dir_digest, remove_tree, replace_dir, write_atomic
 
 log = logging.getLogger("pkg.trainer")
 
@@ -73,35 +73,11 @@ class CheckpointError(TrainerError):
 class Resumed:
     """What :func:`load_checkpoint` restored besides the tensors."""
 
-    path: Path
     step: int
     data_state: dict[str, Any]
-    meta: dict[str, Any] = field(repr=False)
 
 
-# --------------------------------------------------------------------------- fingerprint
-
-
-def dir_digest(path: str | os.PathLike, small_file_bytes: int = 1 << 20) -> str:
-    """A short digest of a model or dataset folder: names and sizes of every file, content of small ones.
-
-    Cheap on multi-GB folders (weights are not read) yet changes when the files differ; paths
-    are relative, so the same data mounted elsewhere (``/workspace/...``) digests the same.
-    """
-    root = Path(path)
-    h = hashlib.sha256()
-    if not root.exists():
-        return "missing"
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    for p in files:
-        rel = p.name if p == root else p.relative_to(root).as_posix()
-        if rel.startswith(".cache/") or "/.cache/" in rel:  # huggingface_hub download metadata
-            continue
-        size = p.stat().st_size
-        h.update(f"{rel}\0{size}\0".encode())
-        if size <= small_file_bytes:
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+# --------------------------------------------------------------------------- fingerprint (files.dir_digest)
 
 
 def run_fingerprint(cfg: Any) -> dict[str, str]:
@@ -153,38 +129,6 @@ def fingerprint_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -
     return "; ".join(diffs) or None
 
 
-# --------------------------------------------------------------------------- distributed helpers
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _agree(ok: bool) -> bool:
-    """True only if ``ok`` holds on every rank (so all ranks raise, or none: no rank is left waiting)."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=_collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0
-
-
-def _collective_device() -> torch.device:
-    backend = dist.get_backend()
-    if backend == "nccl" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _attempt(fn: Any, what: str) -> str | None:
     """Run ``fn``; a failure becomes a one-line message instead of an exception on this rank only."""
     try:
@@ -194,59 +138,7 @@ def _attempt(fn: Any, what: str) -> str | None:
     return None
 
 
-def _all_ok(error: str | None) -> None:
-    """Raise the first rank's error on every rank (none is left waiting in a collective); a barrier."""
-    if dist.is_initialized():
-        errors: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise CheckpointError(error)
-
-
-def _broadcast_object(obj: Any) -> Any:
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # --------------------------------------------------------------------------- files
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write a file so that readers see the old content or the new, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _remove_tree(path: Path) -> None:
-    """Delete a folder so that it never looks complete half-way: rename it aside first."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
@@ -323,16 +215,16 @@ def find_resume(output_dir: str | os.PathLike, resume: str | bool | None) -> Pat
     """
     cleanup_incomplete(output_dir)
     decision: tuple[str | None, str | None] = (None, None)
-    if _rank() == 0:
+    if distributed.rank() == 0:
         try:
             path = resolve_resume(output_dir, resume)
             decision = (str(path) if path else None, None)
             if path is None and list_checkpoints(output_dir):
                 log.info("resume: %s: deleting the checkpoints of the previous run in %s", resume, output_dir)
-                _remove_tree(checkpoints_dir(output_dir))
+                remove_tree(checkpoints_dir(output_dir))
         except CheckpointError as e:
             decision = (None, str(e))
-    path, error = _broadcast_object(decision)
+    path, error = distributed.broadcast_object(decision)
     if error:
         raise CheckpointError(error)
     return Path(path) if path else None
@@ -352,7 +244,7 @@ def finished_run(
     not finished: it resumes from the final checkpoint and writes it). Collective: rank 0 decides.
     """
     summary = None
-    if _rank() == 0:
+    if distributed.rank() == 0:
         try:
             found = json.loads((Path(output_dir) / "summary.json").read_text())
         except (OSError, ValueError):
@@ -364,7 +256,7 @@ def finished_run(
             and all(Path(p).exists() for p in outputs)
         ):
             summary = found
-    return _broadcast_object(summary)
+    return distributed.broadcast_object(summary)
 
 
 def cleanup_incomplete(output_dir: str | os.PathLike) -> list[Path]:
@@ -374,13 +266,13 @@ def cleanup_incomplete(output_dir: str | os.PathLike) -> list[Path]:
     """
     removed = []
     root = checkpoints_dir(output_dir)
-    if _rank() == 0 and root.is_dir():
+    if distributed.rank() == 0 and root.is_dir():
         for p in root.iterdir():
             incomplete_step = _STEP_DIR.match(p.name) and read_meta(p) is None
             if p.name.startswith((".tmp-", ".trash-")) or incomplete_step:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
-    _barrier()
+    distributed.barrier()
     return removed
 
 
@@ -424,28 +316,30 @@ def shared_by_all_ranks(output_dir: str | os.PathLike) -> bool:
     Sharded checkpoints need it: each rank writes its own shard into one folder. Node-local
     volumes would scatter a checkpoint across nodes.
     """
-    if _world_size() == 1:
+    if distributed.world_size() == 1:
         return True
-    token = _broadcast_object(f".shared-check-{os.getpid()}-{time.time_ns()}")
+    token = distributed.broadcast_object(f".shared-check-{os.getpid()}-{time.time_ns()}")
     probe = Path(output_dir) / token
-    if _rank() == 0:
+    if distributed.rank() == 0:
         probe.parent.mkdir(parents=True, exist_ok=True)
         probe.touch()
-    _barrier()
-    shared = _agree(probe.exists())
-    _barrier()
-    if _rank() == 0:
+    distributed.barrier()
+    shared = not distributed.any_rank(not probe.exists())
+    distributed.barrier()
+    if distributed.rank() == 0:
         probe.unlink(missing_ok=True)
     return shared
 
 
 def _check_shared_dir(tmp: Path) -> None:
     """Every rank must see the folder rank 0 created, or per-rank shards would scatter across nodes."""
-    if not _agree(tmp.is_dir()):
-        raise CheckpointError(
+    error = None
+    if not tmp.is_dir():
+        error = (
             f"checkpoint folder {tmp.parent} is not shared by all ranks: put output_dir on a volume "
             "every node mounts (ReadWriteMany), or set save_every: 0 to disable checkpoints"
         )
+    distributed.agree(error, CheckpointError)
 
 
 def _parts(optimizer: Any) -> Any:
@@ -463,18 +357,17 @@ def save_checkpoint(
     fingerprint: Mapping[str, Any],
     data_state: Mapping[str, Any] | None = None,
     keep_last: int = 2,
-    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save a checkpoint of ``step`` atomically; collective (every rank calls it).
 
     All ranks write their shards into ``.tmp-step-N``; after a barrier rank 0 writes ``meta.json``
     (the completeness marker) and renames the folder to ``step-N``; then the oldest complete
     checkpoints beyond ``keep_last`` (>= 1) are deleted. Returns the final path.
-    ``data_state`` (data position) and ``extra`` must be JSON-serialisable.
+    ``data_state`` (data position) must be JSON-serialisable.
     """
     root = checkpoints_dir(output_dir)
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
-    rank, world = _rank(), _world_size()
+    rank, world = distributed.rank(), distributed.world_size()
     started = time.perf_counter()
 
     def prepare() -> None:
@@ -482,13 +375,15 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         (tmp / "rng").mkdir(parents=True)
 
-    _all_ok(_attempt(prepare, f"cannot create {tmp}") if rank == 0 else None)
+    distributed.agree(_attempt(prepare, f"cannot create {tmp}") if rank == 0 else None, CheckpointError)
     _check_shared_dir(tmp)
 
     model_sd, optim_sd = get_state_dict(model, _parts(optimizer), options=_SAVE_OPTIONS)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")  # raises on every rank
     rng_file = tmp / "rng" / f"rank-{rank:05d}.pt"
-    _all_ok(_attempt(lambda: torch.save(rng_state(), rng_file), f"cannot write {rng_file}"))
+    distributed.agree(
+        _attempt(lambda: torch.save(rng_state(), rng_file), f"cannot write {rng_file}"), CheckpointError
+    )
 
     def finalize() -> None:
         meta = {
@@ -498,25 +393,21 @@ def save_checkpoint(
             "fingerprint": dict(fingerprint),
             "data_state": dict(data_state or {}),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "extra": dict(extra or {}),
             "torch_version": torch.__version__,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "save_seconds": round(time.perf_counter() - started, 3),
             "complete": True,
         }
         write_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        old = root / f".trash-{final.name}-{os.getpid()}"
-        if final.exists():  # re-saving a step (after a resume): the older copy goes only once replaced
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)  # re-saving a step (after a resume): the older copy goes once replaced
         for _, stale in list_checkpoints(output_dir)[: -max(1, keep_last)]:
-            _remove_tree(stale)
+            remove_tree(stale)
         log.info("checkpoint %s saved in %.1fs", final, time.perf_counter() - started)
 
     # Every shard is on disk (DCP and the check above are collective); then the marker, then the rename.
-    _all_ok(_attempt(finalize, f"cannot complete checkpoint {final}") if rank == 0 else None)
+    distributed.agree(
+        _attempt(finalize, f"cannot complete checkpoint {final}") if rank == 0 else None, CheckpointError
+    )
     return final
 
 
@@ -527,7 +418,6 @@ def load_checkpoint(
     scheduler: Any | None = None,
     *,
     fingerprint: Mapping[str, Any] | None = None,
-    restore_rng: bool = True,
 ) -> Resumed:
     """Load a complete checkpoint into an already built (and sharded) model and optimizer; collective.
 
@@ -537,8 +427,8 @@ def load_checkpoint(
     """
     path = Path(path)
     meta = read_meta(path)
-    if not _agree(meta is not None):
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {META} with complete: true)")
+    missing = f"{path} is not a complete checkpoint (no {META} with complete: true)" if meta is None else None
+    distributed.agree(missing, CheckpointError)
     assert meta is not None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
@@ -572,36 +462,7 @@ def load_checkpoint(
     )
     if scheduler is not None and meta.get("scheduler") is not None:
         scheduler.load_state_dict(meta["scheduler"])
-    rng_file = path / "rng" / f"rank-{_rank():05d}.pt"
-    if restore_rng and meta.get("world_size") == _world_size() and rng_file.exists():
+    rng_file = path / "rng" / f"rank-{distributed.rank():05d}.pt"
+    if meta.get("world_size") == distributed.world_size() and rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
-    return Resumed(
-        path=path, step=int(meta["step"]), data_state=dict(meta.get("data_state") or {}), meta=meta
-    )
-
-
-# --------------------------------------------------------------------------- metrics history
-
-
-def truncate_metrics(path: str | os.PathLike, step: int) -> int:
-    """Keep the records of ``metrics.jsonl`` up to ``step`` (inclusive), drop later ones; atomic.
-
-    Called by rank 0 when resuming from a checkpoint of ``step``: the steps after it will be
-    trained (and logged) again, so the file keeps exactly one history. A torn last line left by a
-    crash is dropped too. Returns the number of records kept.
-    """
-    path = Path(path)
-    if not path.exists():
-        return 0
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        if not isinstance(record.get("step"), int) or record["step"] <= step:
-            kept.append(line)
-    write_atomic(path, "".join(f"{line}\n" for line in kept))
-    return len(kept)
+    return Resumed(step=int(meta["step"]), data_state=dict(meta.get("data_state") or {}))

@@ -21,10 +21,8 @@ from typing import Any
 
 import yaml
 
+from pkg.trainer import values
 from pkg.trainer.errors import ConfigError
-
-TRUE = {"true", "yes", "1", "on"}
-FALSE = {"false", "no", "0", "off"}
 
 
 def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -334,57 +332,24 @@ def _unknown(key: str) -> ConfigError:
 
 
 def coerce(key: str, value: Any) -> Any:
-    """Convert a YAML or command-line value to the field's type, or refuse it."""
+    """Convert a YAML or command-line value to the field's type (values.py), or refuse it."""
     kind = field_types()[key]
     if typing.get_origin(kind) is dict:
-        return _mapping(key, value)
-    if isinstance(kind, types.GenericAlias) or typing.get_origin(kind) is list:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}: expected a list of names or a comma-separated string, got {value!r}")
-        return value
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in TRUE | FALSE:
-            return value.lower() in TRUE
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        parse = values.mapping
+    elif isinstance(kind, types.GenericAlias) or typing.get_origin(kind) is list:
+        parse = values.names
+    else:
+        parse = {bool: values.boolean, int: values.integer, float: values.number}.get(kind, _text)
+    try:
+        return parse(value)
+    except values.BadValue as why:
+        raise ConfigError(f"{key}: expected {why}, got {value!r}") from None
+
+
+def _text(value: Any) -> str:
     if isinstance(value, bool | int | float | str):
         return str(value)
-    raise ConfigError(f"{key}: expected a string, got {value!r}")
-
-
-def _mapping(key: str, value: Any) -> dict[str, str]:
-    """A {name: name} mapping from YAML, or from a string holding one (`{a: b}`, a Python dict repr, JSON)."""
-    if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value) if value.strip() else {}
-        except yaml.YAMLError:
-            raise ConfigError(f"{key}: expected a mapping like {{input: question}}, got {value!r}") from None
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()
-    ):
-        raise ConfigError(f"{key}: expected a mapping of names like {{input: question}}, got {value!r}")
-    return dict(value)
+    raise values.BadValue("a string")
 
 
 SPLIT = re.compile(r"^(?P<name>[A-Za-z_][\w.-]*)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")

@@ -11,8 +11,9 @@
   target, so packed samples never predict across their boundary.
 - Packing: samples are concatenated into sequences of at most `max_seq_length` tokens, each with its own
   position ids (0, 1, ... per sample); transformers turns restarting position ids into a block-diagonal mask.
-- Cache: rank 0 tokenizes into `output_dir/cache/tokenized-<key>/` (a temporary folder, then renamed); the
-  other ranks wait and read it.
+- Cache: rank 0 tokenizes into `output_dir/cache/tokenized-<key>/` (a temporary folder, then renamed), and
+  so does each node's first rank where output_dir is not shared across nodes; the other ranks wait and
+  read it.
 - Batch plan: the samples of optimizer step k are a pure function of (seed, k), whatever the world size;
   each rank takes its contiguous slice and splits it into micro-batches.
 """
@@ -23,10 +24,7 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,10 +35,11 @@ import torch
 
 from pkg.trainer.config import TrainConfig, split_spec
 from pkg.trainer.errors import TrainerError
+from pkg.trainer.files import atomic_dir, dir_digest
+from pkg.trainer.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 CACHE_VERSION = "2"  # bumped when the same settings tokenize differently (2: system_prompt on DPO pairs)
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 # Types read only when `dataset_source` names them: a folder's README.txt is not training data by default.
@@ -365,7 +364,8 @@ def tokenize_rows(ds, fmt: str, tokenizer, cfg: TrainConfig) -> list[tuple[list[
 
 
 def pack(samples: list[tuple[list[int], list[int]]], max_len: int) -> list[dict[str, list[int]]]:
-    """Greedy first-fit in order: concatenate samples into sequences of at most max_len tokens."""
+    """Greedy next-fit in order: append each sample to the current sequence, or start a new one when it
+    would pass max_len tokens (earlier sequences are not revisited)."""
     packed: list[dict[str, list[int]]] = []
     cur: dict[str, list[int]] = {"input_ids": [], "labels": [], "seq_lens": []}
     for ids, labels in samples:
@@ -421,13 +421,12 @@ def split_train_val(samples: list, cfg: TrainConfig) -> tuple[list, list]:
 
 
 def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
-    """Changes when the data files, the tokenizer or a setting that shapes the tokens changes."""
+    """Changes when the data files, the tokenizer or a setting that shapes the tokens changes (the files
+    by files.dir_digest's rule; the weights, which do not shape the tokens, are left out)."""
     h = hashlib.sha256(CACHE_VERSION.encode())
-    for root in (Path(cfg.dataset_dir), Path(tokenizer_dir)):
-        for p in sorted(root.rglob("*")) if root.is_dir() else [root]:
-            if p.is_file() and not p.name.endswith(".safetensors") and ".cache" not in p.parts:
-                st = p.stat()
-                h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    h.update(
+        f"{dir_digest(cfg.dataset_dir)}:{dir_digest(tokenizer_dir, skip_suffixes=('.safetensors',))}".encode()
+    )
     settings = ("dataset_format", "max_seq_length", "packing", "train_on_prompt", "val_fraction", "seed")
     settings += ("dataset_split", "dataset_source", "column_map", "system_prompt")
     settings += ("objective",)
@@ -438,22 +437,12 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
 def write_cache(splits: dict[str, list[dict[str, list[int]]]], path: Path) -> None:
     import datasets
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(path, keep_existing=True) as tmp:  # another node may write the same cache first
         for name, records in splits.items():
             if not records:  # an empty split is an absent folder
                 continue
             columns = {k: [r[k] for r in records] for k in records[0]}  # SFT or preference records
             datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / name))
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another node wrote the same cache first
-            if not path.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_cache(path: Path) -> dict[str, Any]:
@@ -539,9 +528,6 @@ class BatchPlan:
     @property
     def grad_accum(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.world_size)
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
 
     def global_batch(self, step: int) -> list[int]:
         """Record indices of optimizer step `step` (0-based), identical on every rank and world size."""

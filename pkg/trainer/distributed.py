@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pkg.trainer.errors import TrainerError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -107,9 +109,54 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
+# ---------------------------------------------------------------- decisions every rank takes together
+# A rank that fails alone and raises would leave the others waiting in their next collective until the
+# timeout; so a failure is shared first, and every rank raises it (or none does).
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def agree(error: str | None, kind: type[Exception] = TrainerError) -> None:
+    """Raise `kind(first error)` on every rank if any rank passes an error; collective, and a barrier."""
+    if dist.is_initialized():
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise kind(error)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` holds on any rank; collective. One small all_reduce: cheap enough for
+    every step (the stop signal), where `agree`'s object gather is not."""
+    if not dist.is_initialized():
+        return flag
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl" and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every rank (a decision rank 0 took alone); collective."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

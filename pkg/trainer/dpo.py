@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pkg.trainer import data, preference
+from pkg.trainer import preference
 from pkg.trainer.config import TrainConfig
-from pkg.trainer.loss import token_logprobs
+from pkg.trainer.loss import IGNORE_INDEX, token_logprobs
 
 # What train and validation report, each the mean over the pairs of the whole global batch (or val set).
 METRICS = ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
@@ -61,13 +61,13 @@ def sequence_logps(
     time (loss.token_logprobs: the one place that touches the head), with fp32 logits.
     """
     targets = batch["targets"]
-    out, j = (targets != data.IGNORE_INDEX).nonzero(as_tuple=True)  # output row, response token
+    out, j = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # output row, response token
     where = (batch["rows"][out], batch["positions"][out, j], targets[out, j])
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     scored = token_logprobs(model, inputs, chunk_size, where)
     # Summed per output row (chosen and rejected of a shared-prompt pair are one input row).
     sums = dataclasses.replace(scored, rows=out).per_sequence(targets.size(0))
-    return sums, (targets != data.IGNORE_INDEX).sum(dim=1)
+    return sums, (targets != IGNORE_INDEX).sum(dim=1)
 
 
 def preference_loss(

@@ -21,10 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,26 +28,10 @@ from torch import nn
 
 from pkg.trainer import distributed
 from pkg.trainer.config import TrainConfig
+from pkg.trainer.files import atomic_dir
 from pkg.trainer.safetensors_stream import StreamReader, StreamWriter
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder next to `final`; on success it replaces `final` in one rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def gather_state_dict(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from pkg.trainer.files import atomic_file, write_atomic
 
 log = logging.getLogger("pkg.trainer")
 
@@ -39,15 +40,14 @@ class Metrics:
             self.records = read_records(self.path)
 
     def rewind(self, step: int) -> None:
-        """Keep only the records up to `step` (a resumed run continues after it)."""
+        """Keep only the records up to `step` (a resumed run continues after it), in memory and in
+        metrics.jsonl (atomically; a torn last line left by a crash goes too): one history per run."""
         self.start_step = step
         self.start = time.monotonic()
         if not self.enabled:
             return
         self.records = [r for r in self.records if r["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -115,9 +115,7 @@ class Metrics:
             **extra,
         }
         if self.enabled:
-            tmp = self.output_dir / ".summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, self.output_dir / "summary.json")
+            write_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             plot_loss(train, val, self.output_dir / "loss.png")
         return summary
 
@@ -171,7 +169,6 @@ def plot_loss(train: list[dict], val: list[dict], path: Path) -> None:
         acc.grid(alpha=0.3)
         acc.legend()
     fig.tight_layout()
-    tmp = path.with_name(".loss.png.tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

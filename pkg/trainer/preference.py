@@ -26,6 +26,7 @@ import torch
 from pkg.trainer import data
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.errors import TrainerError
+from pkg.trainer.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def collate_pairs(records: list[dict], shared_prompt: bool = True) -> dict[str, 
     longest = max(len(x) for x in responses)
     ids = torch.tensor([x + [x[-1]] * (width - len(x)) for x in seqs], dtype=torch.long)
     positions = torch.zeros((2 * b, longest), dtype=torch.long)
-    targets = torch.full((2 * b, longest), data.IGNORE_INDEX, dtype=torch.long)
+    targets = torch.full((2 * b, longest), IGNORE_INDEX, dtype=torch.long)
     for out, ((_, prompt_len, at), response) in enumerate(zip(starts, responses, strict=True)):
         n = len(response)
         targets[out, :n] = torch.tensor(response)

@@ -58,7 +58,8 @@ from pkg.trainer import (
 )
 from pkg.trainer.config import TrainConfig, save_config
 from pkg.trainer.errors import TrainerError
-from pkg.trainer.loss import check_head, token_logprobs
+from pkg.trainer.files import atomic_file, dir_digest
+from pkg.trainer.loss import IGNORE_INDEX, check_head, token_logprobs
 from pkg.trainer.metrics import Metrics
 from pkg.trainer.safetensors_stream import StreamReader
 
@@ -103,15 +104,6 @@ def rebase_schedule(scheduler, learning_rate: float, step: int) -> tuple[float, 
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
     return before, scheduler.get_last_lr()[0]
-
-
-def agree(error: str | None) -> None:
-    """Raise on every rank if any rank failed (so no rank waits forever for one that gave up)."""
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
-    if first:
-        raise TrainerError(first)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -183,10 +175,8 @@ class Recipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.state = TrainState()
         self.resume()
-        if self.dist.is_main:  # one history: drop records after the resumed step (and a torn last line)
-            checkpoint.truncate_metrics(self.out / "metrics.jsonl", self.state.step)
         self.metrics = Metrics(self.out, self.total_steps, enabled=self.dist.is_main)
-        self.metrics.rewind(self.state.step)
+        self.metrics.rewind(self.state.step)  # one history: the records after the resumed step go
         log.info(
             "world size %d, %d train / %d val sequences, %d steps (%d per epoch), gradient accumulation %d",
             self.dist.world_size, len(self.train_data), len(self.val_data), self.total_steps,
@@ -241,7 +231,7 @@ class Recipe:
                     data.write_cache(build(cfg, self.tokenizer, datasets_cache), path)
                 except TrainerError as exc:
                     error = str(exc)
-            agree(error)
+            distributed.agree(error)
         splits = data.read_cache(path)
         return splits["train"], splits["val"]
 
@@ -252,7 +242,7 @@ class Recipe:
         lacks the file; each node's first rank writes it (atomically), as for the tokenized data.
         """
         cfg = self.cfg
-        key = f"{data.cache_key(cfg, cfg.model_dir)}-{checkpoint.dir_digest(cfg.model_dir)}"
+        key = f"{data.cache_key(cfg, cfg.model_dir)}-{dir_digest(cfg.model_dir)}"
         path = self.out / "cache" / f"reference-{key}.pt"
         (missing,) = distributed.all_reduce_sum([0.0 if path.exists() else 1.0], self.dist.device)
         if not missing:
@@ -273,9 +263,8 @@ class Recipe:
             time.process_time() - cpu, path,
         )  # fmt: skip
         if self.dist.local_rank == 0:
-            tmp = path.with_name(f".{path.name}.tmp-{self.dist.rank}")
-            torch.save(splits, tmp)
-            tmp.replace(path)
+            with atomic_file(path) as tmp:
+                torch.save(splits, tmp)
         return splits
 
     def micro_loss(self, records: list[dict], indices: list[int], split: str, weights=None):
@@ -390,21 +379,20 @@ class Recipe:
                 net = model.load_model(cfg, self.dist.device)
         except TrainerError as exc:
             error = str(exc)
-        agree(error)  # rank 0 failing to read the weights must not leave the others waiting for them
+        distributed.agree(error)  # rank 0 failing to read the weights must not leave the others waiting
         if not from_rank0:
             return net, None
-        decision = [sources if isinstance(sources, str) else None]
-        dist.broadcast_object_list(decision, src=0)
-        if decision[0] is None:
+        why_not = distributed.broadcast_object(sources if isinstance(sources, str) else None)
+        if why_not is None:
             return net, sources if main else {}
         if main:
-            log.info("streaming the weights is not possible (%s): rank 0 reads the whole model", decision[0])
+            log.info("streaming the weights is not possible (%s): rank 0 reads the whole model", why_not)
             torch.manual_seed(cfg.seed)
             try:
                 net = model.load_model(cfg, self.dist.device)
             except TrainerError as exc:
                 error = str(exc)
-        agree(error)
+        distributed.agree(error)
         return net, None
 
     # ------------------------------------------------------------ train
@@ -485,7 +473,7 @@ class Recipe:
         self.model.eval()
         if self.dpo is not None:
             return self.evaluate_pairs()
-        blank = dict(self.val_data[0], labels=[data.IGNORE_INDEX] * len(self.val_data[0]["labels"]))
+        blank = dict(self.val_data[0], labels=[IGNORE_INDEX] * len(self.val_data[0]["labels"]))
         loss_total, n_targets = 0.0, 0
         for mb in self.plan.val_batches(len(self.val_data)):
             recs = [self.val_data[i] if i >= 0 else blank for i in mb]
@@ -536,7 +524,6 @@ class Recipe:
             saved = bool(cfg.save_every) and (state.step % cfg.save_every == 0 or last)
             if saved:
                 self.save_checkpoint()
-            resilience.inject_test_fault(state.step)
             if stop.should_stop():
                 if cfg.save_every and not saved:
                     self.save_checkpoint()

@@ -13,14 +13,10 @@ the whole group, which resumes from the newest complete checkpoint.
 
 from __future__ import annotations
 
-import os
 import signal
-import time
 from types import FrameType
 
-import torch
-import torch.distributed as dist
-
+from pkg.trainer import distributed
 from pkg.trainer.errors import TrainerError
 
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM'd process
@@ -38,7 +34,6 @@ class StopRequest:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
         self.signals = signals
         self.received: int | None = None
-        self.received_at: float | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> StopRequest:
@@ -54,7 +49,7 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
-            self.received, self.received_at = signum, time.monotonic()
+            self.received = signum
 
     def describe(self) -> str:
         """The signal's name, for the log line ("SIGTERM"), or who asked when it came to another rank."""
@@ -67,28 +62,4 @@ class StopRequest:
 
     def should_stop(self) -> bool:
         """True on every rank if any rank got a signal; collective (all ranks call it at the same point)."""
-        if not dist.is_initialized():
-            return self.requested
-        device = torch.device("cpu")
-        if dist.get_backend() == "nccl" and torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def inject_test_fault(step: int) -> None:
-    """Fault injection for the resume tests; a no-op unless these variables are set.
-
-    ``TRAINER_TEST_KILL_AT_STEP=N`` SIGKILLs one rank after step N, only in the first attempt of a
-    torchrun group (``TORCHELASTIC_RESTART_COUNT`` 0) and on the rank ``TRAINER_TEST_KILL_RANK``
-    (default 1), so a restarted group runs through. ``TRAINER_TEST_STEP_SLEEP=S`` makes every step
-    last S seconds longer, so a test can signal a run before it finishes.
-    """
-    if sleep := os.environ.get("TRAINER_TEST_STEP_SLEEP"):
-        time.sleep(float(sleep))
-    at = os.environ.get("TRAINER_TEST_KILL_AT_STEP")
-    if not at or int(at) != step or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    if int(os.environ.get("RANK", "0")) == int(os.environ.get("TRAINER_TEST_KILL_RANK", "1")):
-        os.kill(os.getpid(), signal.SIGKILL)
+        return distributed.any_rank(self.requested)

@@ -32,12 +32,13 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pkg.trainer import launch
+from pkg.trainer import launch, values
 from pkg.trainer.config import TrainConfig, field_types, split_spec
 from pkg.trainer.errors import ConfigError
 from pkg.trainer.torchtune_configs import CONFIGS, RECIPE_CONFIGS, VERSION
@@ -100,38 +101,30 @@ def _optional(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     return parse_optional
 
 
-def integer(key: str, raw: Any) -> int:
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        return raw
-    if isinstance(raw, float) and raw.is_integer():
-        return int(raw)
-    try:
-        return int(str(raw))
-    except ValueError:
-        raise ConfigError(f"{key}={raw}: expected an integer") from None
+def _shared(parse: Callable[[Any], Any]) -> Callable[[str, Any], Any]:
+    """A parser of values.py (the config's own) as a (key, raw) parser with tune's error line."""
+
+    def parse_value(key: str, raw: Any) -> Any:
+        try:
+            return parse(raw)
+        except values.BadValue as why:
+            raise ConfigError(f"{key}={raw}: expected {why}") from None
+
+    return parse_value
 
 
-def number(key: str, raw: Any) -> float:
-    if isinstance(raw, int | float) and not isinstance(raw, bool):
-        return float(raw)
-    try:
-        return float(str(raw))
-    except ValueError:
-        raise ConfigError(f"{key}={raw}: expected a number") from None
+integer = _shared(values.integer)
+number = _shared(values.number)
+# OmegaConf, which reads torchtune's key=value, takes only true and false (any case) as booleans.
+boolean = _shared(partial(values.boolean, true=frozenset({"true"}), false=frozenset({"false"})))
+names = _shared(values.names)
+mapping = _shared(values.mapping)
 
 
-def boolean(key: str, raw: Any) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    if str(raw).strip().lower() in ("true", "false"):
-        return str(raw).strip().lower() == "true"
-    raise ConfigError(f"{key}={raw}: expected True or False")
-
-
-def one_of(*values: str) -> Callable[[str, Any], str]:
+def one_of(*choices: str) -> Callable[[str, Any], str]:
     def parse_choice(key: str, raw: Any) -> str:
-        if raw not in values:
-            raise ConfigError(f"{key}={raw}: expected one of {', '.join(values)}")
+        if raw not in choices:
+            raise ConfigError(f"{key}={raw}: expected one of {', '.join(choices)}")
         return raw
 
     return parse_choice
@@ -144,26 +137,6 @@ def _yaml(raw: Any) -> Any:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
         return None
-
-
-def names(key: str, raw: Any) -> list[str]:
-    """`[q_proj,v_proj]` as the SDK writes it (or a YAML list, or one bare name)."""
-    value = _yaml(raw)
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key}={raw}: expected a list of names like [q_proj,v_proj]")
-    return value
-
-
-def mapping(key: str, raw: Any) -> dict[str, str]:
-    """`{'input': 'question', 'output': 'answer'}` (a Python dict repr, as the SDK writes it, is YAML)."""
-    value = _yaml(raw)
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise ConfigError(f"{key}={raw}: expected a mapping like {{'input': 'question', 'output': 'answer'}}")
-    return value
 
 
 def anything(key: str, raw: Any) -> Any:
@@ -668,12 +641,7 @@ def lora_targets(tt: dict[str, Any], model_dir: str | None) -> list[str]:
 
 
 def recipe_method(recipe: str) -> str:
-    """lora or full, from the recipe name; unknown recipes (and DPO without preference training) refused."""
-    if recipe in DPO_RECIPES and "objective" not in field_types():
-        raise ConfigError(
-            f"recipe {recipe}: preference training (DPO) is not in this build of the llm-trainer; "
-            "use lora_finetune_distributed or full_finetune_distributed"
-        )
+    """lora or full, from the recipe name; unknown recipes refused."""
     methods = {**RECIPES, **DPO_RECIPES}
     if recipe not in methods:
         close = difflib.get_close_matches(recipe, list(methods), n=1)

@@ -97,46 +97,6 @@ def test_fingerprint_covers_what_shapes_the_targets(tmp_path):
     assert "DoRA" in ck.fingerprint_mismatch(ck.run_fingerprint(cfg), ck.run_fingerprint(dora))
 
 
-def test_dir_digest_follows_content_not_location(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    for d in (a, b):
-        (d / "sub").mkdir(parents=True)
-        (d / "config.json").write_text('{"hidden_size": 8}')
-        (d / "sub" / "w.bin").write_bytes(b"\0" * 100)
-    (a / ".cache" / "huggingface").mkdir(parents=True)
-    (a / ".cache" / "huggingface" / "x.lock").write_text("download bookkeeping")
-    assert ck.dir_digest(a) == ck.dir_digest(b)
-    (b / "config.json").write_text('{"hidden_size": 16}')
-    assert ck.dir_digest(a) != ck.dir_digest(b)
-    big_a = ck.dir_digest(a, small_file_bytes=10)  # large files count by name and size only
-    (a / "sub" / "w.bin").write_bytes(b"\1" * 100)
-    assert ck.dir_digest(a, small_file_bytes=10) == big_a
-    (a / "sub" / "w.bin").write_bytes(b"\1" * 101)
-    assert ck.dir_digest(a, small_file_bytes=10) != big_a
-    assert ck.dir_digest(tmp_path / "missing") == "missing"
-
-
-def test_truncate_metrics_keeps_one_history(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 8)]
-    lines.insert(3, json.dumps({"step": 3, "val_loss": 0.5}))  # a validation record at step 3
-    path.write_text("\n".join(lines) + '\n{"step": 8, "lo')  # torn last line from a crash
-    assert ck.truncate_metrics(path, 4) == 5
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 3, 4]
-    assert records[3] == {"step": 3, "val_loss": 0.5}
-    assert ck.truncate_metrics(tmp_path / "absent.jsonl", 4) == 0
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
-
-
-def test_write_atomic_replaces_whole(tmp_path):
-    path = tmp_path / "f.json"
-    ck.write_atomic(path, "old")
-    ck.write_atomic(path, b"new")
-    assert path.read_bytes() == b"new"
-    assert os.listdir(tmp_path) == ["f.json"]
-
-
 def test_rng_state_roundtrip():
     import random
 

@@ -10,6 +10,7 @@ import torch
 from pkg.trainer import data
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.errors import TrainerError
+from pkg.trainer.loss import IGNORE_INDEX
 from pkg.trainer.model import load_tokenizer
 from tests.trainer.tiny import make_dataset, make_tokenizer
 
@@ -24,7 +25,7 @@ def cfg(**kw) -> TrainConfig:
 
 
 def decode_targets(tokenizer, ids, labels) -> str:
-    return tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != data.IGNORE_INDEX])
+    return tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
 
 
 @pytest.mark.parametrize("file_type", ["jsonl", "json", "parquet", "csv", "arrow", "hub"])
@@ -65,7 +66,7 @@ def test_alpaca_masks_the_prompt_and_trains_the_answer_and_eos(tokenizer):
     assert decode_targets(tokenizer, ids, labels) == "apple apple apple</s>"
     assert "### Input:\nnow" in tokenizer.decode(ids)
     [(ids, labels)] = data.tokenize_rows(ds_of(ds), "alpaca", tokenizer, cfg(train_on_prompt=True))
-    assert labels[1:] == ids[1:] and labels[0] == data.IGNORE_INDEX
+    assert labels[1:] == ids[1:] and labels[0] == IGNORE_INDEX
 
 
 def test_prompt_completion_and_text(tokenizer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from pkg.trainer.metrics import Metrics, hms
 
@@ -26,6 +27,18 @@ def test_records_rewind_summary_and_plot(tmp_path):
     assert summary["first_loss"] == 2.0 and summary["final_loss"] == 0.5 and summary["steps"] == 3
     assert json.loads((tmp_path / "summary.json").read_text())["method"] == "lora"
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rewind_keeps_one_history(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 8)]
+    lines.insert(3, json.dumps({"step": 3, "val_loss": 0.5}))  # a validation record at step 3
+    path.write_text("\n".join(lines) + '\n{"step": 8, "lo')  # torn last line from a crash
+    Metrics(tmp_path, total_steps=8, enabled=True).rewind(4)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 3, 4]
+    assert records[3] == {"step": 3, "val_loss": 0.5}
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]  # no temporary file left
 
 
 def test_other_ranks_write_nothing(tmp_path):

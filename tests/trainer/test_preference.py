@@ -7,9 +7,10 @@ import re
 import datasets
 import pytest
 
-from pkg.trainer import data, preference
+from pkg.trainer import preference
 from pkg.trainer.config import TrainConfig, load_config
 from pkg.trainer.errors import ConfigError, TrainerError
+from pkg.trainer.loss import IGNORE_INDEX
 from tests.trainer.conftest import run_trainer
 from tests.trainer.tiny import make_dataset, make_tokenizer, preference_rows
 
@@ -42,7 +43,7 @@ def test_string_rows_prompt_once_responses_with_eos_and_labels_only_on_responses
         for r, (rec, key) in enumerate([(x, k) for k in ("chosen_ids", "rejected_ids") for x in records[:2]]):
             n, ids = len(rec[key]), batch["input_ids"][batch["rows"][r]]
             assert batch["targets"][r, :n].tolist() == rec[key]  # only response tokens count
-            assert (batch["targets"][r, n:] == data.IGNORE_INDEX).all()
+            assert (batch["targets"][r, n:] == IGNORE_INDEX).all()
             # Each target is predicted from the last prompt token, then from the previous response token.
             before = ids[batch["positions"][r, :n]].tolist()
             assert before == [rec["prompt_ids"][-1], *rec[key][:-1]]

@@ -40,6 +40,7 @@ from tests.trainer.conftest import (
 # lengths are comparable step by step.
 ARGS = {**BASE_ARGS, "max_steps": 6, "save_every": 2, "keep_last": 2, "lr_scheduler": "constant"}
 ARGS["val_fraction"] = 0.0
+FAULTY = "tests.trainer.faulty_trainer"  # the trainer with TRAINER_TEST_* faults injected
 
 
 def launch(cmd: list[str], timeout: int = 300, **env: str) -> tuple[subprocess.Popen, Callable]:
@@ -83,7 +84,7 @@ def test_reference_layout(reference):
 
 def test_killed_rank_restarts_and_matches_uninterrupted(reference, tmp_path):
     args, ref = reference
-    cmd = [*torchrun(2), "--max-restarts", "1", "-m", "pkg.trainer", *cli({**args, "output_dir": tmp_path})]
+    cmd = [*torchrun(2), "--max-restarts", "1", "-m", FAULTY, *cli({**args, "output_dir": tmp_path})]
     log = ok(launch(cmd, TRAINER_TEST_KILL_AT_STEP="3")[1]())
     assert "resuming from step 2" in log, log[-3000:]
     assert train_steps(tmp_path) == [1, 2, 3, 4, 5, 6]  # step 3 was logged twice: once kept
@@ -94,7 +95,7 @@ def test_killed_rank_restarts_and_matches_uninterrupted(reference, tmp_path):
 def test_sigterm_saves_exits_143_and_resumes_at_another_world_size(reference, tmp_path):
     args, ref = reference
     args = {**args, "output_dir": tmp_path, "save_every": 100}  # only the SIGTERM checkpoint (and the final)
-    proc, wait = launch([*torchrun(2), "-m", "pkg.trainer", *cli(args)], TRAINER_TEST_STEP_SLEEP="1")
+    proc, wait = launch([*torchrun(2), "-m", FAULTY, *cli(args)], TRAINER_TEST_STEP_SLEEP="1")
     metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 240
     while not (metrics.exists() and metrics.read_text().count('"loss"') >= 2):  # may hold a torn line
         assert proc.poll() is None and time.monotonic() < deadline, wait(1).stderr[-3000:]

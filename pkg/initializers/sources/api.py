@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InitializerError, TransientError, one_line, tls_answer
-from .http import _BROKEN, USER_AGENT, Pool, Reply, open_reply
+from .http import BROKEN, USER_AGENT, Pool, Reply, open_reply
 
 MAX_DOCUMENT = 64 * 1024 * 1024  # a Hub tree page of 1000 entries is ~0.3 MB
 READ_SIZE = 64 * 1024
@@ -84,7 +84,7 @@ def read_bounded(
             raise TransientError(f"{where}: the answer did not arrive in time (stalled or trickling?)")
         try:
             raw = reply.read1(READ_SIZE)
-        except _BROKEN as exc:
+        except BROKEN as exc:
             raise via[0].tls_instead(via[1], exc) or TransientError(
                 f"{where}: {type(exc).__name__}: {one_line(exc, 200)}"
             ) from None

@@ -21,13 +21,13 @@ from urllib.parse import quote, urljoin, urlsplit
 from ..config import Config
 from ..errors import InitializerError, TransientError, one_line
 from ..listing import Listing
+from ..retry import retry
 from ..uri import HfUri
 from .api import Answer, get_json
 from .base import RemoteFile, Source
-from .http import Pool, _origin, get_range
+from .http import Pool, get_range, same_origin_key
 
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_SHA1 = re.compile(r"^[0-9a-f]{40}$")  # a git commit id, or a git blob id
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NEXT = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?', re.IGNORECASE)
 
@@ -53,8 +53,6 @@ class HfSource(Source):
 
     # -- listing --------------------------------------------------------------------------------------------
     def list_files(self) -> list[RemoteFile]:
-        from ..transfer import retry
-
         tuning = self.config.tuning
         sub = self.uri.subpath
         listing = Listing(self.where, tuning, prefix=f"{sub}/" if sub else "")
@@ -65,7 +63,7 @@ class HfSource(Source):
         listing.page()
         info = retry(lambda: self._get(info_url, listing), f"reading {self.uri}", tuning)
         commit = info.get("sha") if isinstance(info, dict) else None
-        if not isinstance(commit, str) or not _COMMIT.match(commit):
+        if not isinstance(commit, str) or not _SHA1.match(commit):
             raise listing.malformed(f"repo info without a commit id: {one_line(str(commit)[:60])!r}")
         self.commit = commit
         url: str | None = f"{api}/tree/{commit}" + (f"/{quote(sub)}" if sub else "") + "?recursive=true"
@@ -109,7 +107,7 @@ class HfSource(Source):
         if not link:
             return None
         target = urljoin(url, link.group(1))
-        if _origin(target) != _origin(self.config.hf_endpoint):
+        if same_origin_key(target) != same_origin_key(self.config.hf_endpoint):
             raise listing.malformed(
                 f"its next page is on another host ({one_line(target.split('?')[0], 120)}); refusing to "
                 "follow it, which would send ACCESS_TOKEN there"

@@ -53,7 +53,7 @@ _S3_CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
 _REDIRECTS = {301, 302, 303, 307, 308}
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # What a broken or stalled connection raises, from http.client and from urllib3.
-_BROKEN = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError)
+BROKEN = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError)
 
 Origin = tuple[str, str, int]
 # How a TLS server ends a plain-HTTP request it cannot read: a reset, a close, or a TLS alert for a status.
@@ -103,7 +103,7 @@ class Pool:
             reply.read(64 * 1024)  # a redirect's body is short: read it so the connection can be reused
             reply.finish(True)
             target = urljoin(url, location)
-            if _origin(target) != _origin(url):  # never send a credential to another host
+            if same_origin_key(target) != same_origin_key(url):  # never send a credential to another host
                 headers = {k: v for k, v in headers.items() if not _credential(k)}
             url = target
         raise InitializerError(f"more than {MAX_REDIRECTS} redirects from {url.split('?')[0]}")
@@ -126,7 +126,7 @@ class Pool:
                 lambda n: presp.read1(n, decode_content=False),
                 release,
             )
-        origin = _origin(url)
+        origin = same_origin_key(url)
         parts = urlsplit(url)
         conn = self._take(origin)
         self._track(conn)
@@ -206,7 +206,7 @@ class Pool:
     def tls_instead(self, url: str, exc: BaseException) -> InitializerError | None:
         """For a connection to an http:// URL that the server broke off: the fix when the server speaks TLS
         (it dropped a plain request it could not read). Asked once per origin, with one TLS handshake."""
-        scheme, host, port = origin = _origin(url)
+        scheme, host, port = origin = same_origin_key(url)
         if scheme != "http" or self._proxy_for(url) or not isinstance(exc, _CUT_OFF):
             return None
         with self._lock:
@@ -286,7 +286,8 @@ def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
     return bool(poller.poll(0))
 
 
-def _origin(url: str) -> Origin:
+def same_origin_key(url: str) -> Origin:
+    """(scheme, host, port), the default port filled in: two URLs share an origin when these are equal."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     return scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
@@ -323,7 +324,7 @@ def open_reply(pool: Pool, url: str, headers: dict[str, str], what: str, for_bot
     `for_botocore`: redirects and error statuses are left to botocore, which sent the request."""
     try:
         reply = pool.get(url, headers, follow=not for_botocore)
-    except _BROKEN as exc:
+    except BROKEN as exc:
         raise (
             tls_failure(exc, origin_of(url))
             or pool.tls_instead(url, exc)
@@ -437,5 +438,5 @@ def _chunks(reply: Reply, what: str, read_timeout: float) -> Iterator[bytes]:
                     f"INIT_READ_TIMEOUT={read_timeout:g}s)"
                 )
             yield chunk
-    except _BROKEN as exc:
+    except BROKEN as exc:
         raise TransientError(f"{what}: {type(exc).__name__}: {one_line(exc, 200)}") from None

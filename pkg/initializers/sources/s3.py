@@ -47,6 +47,7 @@ from ..errors import (
 )
 from ..listing import Listing
 from ..progress import log
+from ..retry import retry
 from ..uri import S3Uri
 from .api import MAX_DOCUMENT, answer_deadline, read_bounded
 from .base import RemoteFile, Source
@@ -170,8 +171,6 @@ class S3Source(Source):
 
     # -- listing --------------------------------------------------------------------------------------------
     def list_files(self) -> list[RemoteFile]:
-        from ..transfer import retry
-
         prefix = self.uri.prefix
         folder = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         files = retry(lambda: self._list(folder), f"listing {self.uri}", self.tuning)
@@ -277,8 +276,6 @@ class S3Source(Source):
         return [first] * (count - 1) + [last] if 0 < last <= first else None
 
     def _part_length(self, file: RemoteFile, number: int, count: int) -> int:
-        from ..transfer import retry
-
         what = f"s3://{self.uri.bucket}/{file.key} part {number}"
 
         def head() -> int:

@@ -1,0 +1,80 @@
+"""Parsing one setting's value: shared by the config (YAML and `--key value`) and `tune run` (`key=value`).
+
+Each parser takes what the user wrote (text, or a value YAML already typed) and returns the value, or raises
+:class:`BadValue` saying what was expected ("an integer"); the caller names the key in its own way
+(`max_steps: expected an integer, got 'ten'`, `batch_size=two: expected an integer`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+TRUE = frozenset({"true", "yes", "1", "on"})
+FALSE = frozenset({"false", "no", "0", "off"})
+
+
+class BadValue(ValueError):
+    """The value is not of the expected kind; the message is what was expected."""
+
+
+def boolean(value: Any, true: frozenset[str] = TRUE, false: frozenset[str] = FALSE) -> bool:
+    """A YAML boolean, or one of the `true` / `false` spellings (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in true | false:
+        return value.strip().lower() in true
+    raise BadValue("true or false")
+
+
+def integer(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():  # YAML's 2.0 (OmegaConf, torchtune configs)
+        return int(value)
+    return _scalar(value, int, "an integer")
+
+
+def number(value: Any) -> float:
+    return float(_scalar(value, float, "a number"))
+
+
+def _scalar(value: Any, kind: type[int] | type[float], expected: str) -> int | float:
+    """`value` as `kind` from YAML's number (an int where an int is wanted) or from text."""
+    if isinstance(value, kind if kind is int else int | float) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise BadValue(expected)
+
+
+def names(value: Any) -> list[str]:
+    """A list of names: a YAML list, `[q_proj,v_proj]` (as the SDK writes it) or `q_proj,v_proj`."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                value = None
+        else:
+            value = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadValue("a list of names like [q_proj, v_proj] or q_proj,v_proj")
+    return value
+
+
+def mapping(value: Any) -> dict[str, str]:
+    """A {name: name} mapping from YAML, or text holding one (`{a: b}`, a Python dict repr, JSON)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError:
+            value = None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()
+    ):
+        raise BadValue("a mapping of names like {input: question}")
+    return dict(value)
