@@ -59,5 +59,4 @@ def test_each_caller_names_the_key_its_own_way():
     assert boolean("dataset.packed", "True") is True
     from_tune = names("model.lora_attn_modules", "[q_proj,v_proj]")
     assert from_tune == coerce("lora_target_modules", "q_proj,v_proj")
-    with pytest.raises(ConfigError, match="columns are input and output, not prompt"):
-        mapping("dataset.column_map", "{'prompt': 'q'}")
+    assert mapping("dataset.column_map", "{'input': 'q'}") == coerce("column_map", "{input: q}")
