@@ -6,6 +6,7 @@ torchrun only rank 0 prints it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -51,6 +52,24 @@ def main(argv: list[str] | None = None) -> int:
         if main_rank:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside it, it checkpoints: resilience.py)
+        if main_rank:
+            print(
+                "error: interrupted (Ctrl-C); rerun the job to resume from its last checkpoint",
+                file=sys.stderr,
+            )
+        return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if main_rank:  # wherever it happens: what was being written and what to do
+            print(
+                f"error: no space left writing {exc.filename or 'a file'} ({exc.strerror}): free space on "
+                "that volume, or give output_dir a larger one, then rerun (it resumes)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return 1
     except SystemExit as exc:  # --help
         if isinstance(exc.code, str):
             if main_rank:

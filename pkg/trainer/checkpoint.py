@@ -32,6 +32,8 @@ the same one-line :class:`CheckpointError` on every rank, so no rank is left wai
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -134,8 +136,24 @@ def _attempt(fn: Any, what: str) -> str | None:
     try:
         fn()
     except (OSError, TypeError, ValueError) as e:  # disk full, permissions, a non-JSON data_state
-        return f"{what}: {e}"
+        return f"{what}: {e}{_space_hint(e)}"
     return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _space_hint(e: BaseException) -> str:
+    """What to do when `e` is, or wraps, a full disk or quota."""
+    seen: BaseException | None = e
+    while seen is not None:
+        full = isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return ": the volume of output_dir is full; free space or give it a larger volume"
+        seen = seen.__cause__ or seen.__context__
+    return ""
 
 
 # --------------------------------------------------------------------------- files
@@ -172,6 +190,71 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def file_sizes(folder: Path) -> dict[str, int]:
+    """{relative path: bytes} of the files a checkpoint wrote (all but meta.json)."""
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != META
+    }
+
+
+def damage(path: Path) -> str | None:
+    """How a complete checkpoint's files differ from what its save wrote (a file gone, truncated or
+    grown), or None; checkpoints from before the sizes were recorded are taken as they are."""
+    written = (read_meta(path) or {}).get("files")
+    if not isinstance(written, dict):
+        return None
+    found = file_sizes(path)
+    for name, size in written.items():
+        if name not in found:
+            return f"{path / name} is missing"
+        if found[name] != size:
+            return f"{path / name} has {found[name]} bytes where {size} were written"
+    return None
+
+
+def newest_intact(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint whose files are whole; damaged newer ones are moved aside (rank 0).
+
+    A damaged checkpoint is renamed ``corrupt-step-N`` (kept for inspection, never loaded or pruned) so
+    that every retry does not trip over it again, and the run falls back to the previous one.
+    """
+    for _, path in reversed(list_checkpoints(output_dir)):
+        why = damage(path)
+        if why is None:
+            return path
+        aside = path.with_name(f"corrupt-{path.name}")
+        with contextlib.suppress(OSError):
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(path, aside)
+        log.warning(
+            "checkpoint %s is damaged (%s): moved aside to %s (delete it when done); "
+            "falling back to the previous complete checkpoint", path, why, aside,
+        )  # fmt: skip
+    return None
+
+
+def size_of(folder: Path) -> int:
+    """Bytes of the files under `folder`."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def space_problem(folder: Path, needed: int, what: str, note: str = "") -> str | None:
+    """One line when the volume of `folder` has less than `needed` bytes free, else None."""
+    free = shutil.disk_usage(folder).free
+    if free >= needed:
+        return None
+    return (
+        f"{what} needs ~{gib(needed)} but the volume of {folder} has {gib(free)} free{note}: "
+        "free space, or give output_dir a larger volume"
+    )
+
+
 def resume_mode(resume: str | bool | None) -> str:
     """``auto``, ``never`` or ``path``: what the ``resume`` setting means (yes/no spellings too)."""
     value = str(resume).strip().lower() if resume is not None else "never"
@@ -191,15 +274,19 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | bool | None) -> 
     """
     mode = resume_mode(resume)
     if mode == "auto":
-        return latest_checkpoint(output_dir)
+        return newest_intact(output_dir)
     if mode == "never":
         return None
     value = str(resume).strip()
     path = Path(value)
     if read_meta(path):
+        if why := damage(path):
+            raise CheckpointError(
+                f"resume: checkpoint {path} is damaged ({why}): name an older checkpoint, or use resume: auto"
+            )
         return path
     output_dir = path.parent if path.name == CHECKPOINTS else path
-    if newest := latest_checkpoint(output_dir):
+    if newest := newest_intact(output_dir):
         return newest
     raise CheckpointError(
         f"resume: {value} is not a complete checkpoint (a checkpoints/step-N folder with {META}) "
@@ -379,7 +466,12 @@ def save_checkpoint(
     _check_shared_dir(tmp)
 
     model_sd, optim_sd = get_state_dict(model, _parts(optimizer), options=_SAVE_OPTIONS)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")  # raises on every rank
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")  # raises on every rank
+    except Exception as e:  # DCP wraps each rank's OSError (a full disk) in its own exception
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {_first_line(e)}{_space_hint(e)}") from None
     rng_file = tmp / "rng" / f"rank-{rank:05d}.pt"
     distributed.agree(
         _attempt(lambda: torch.save(rng_state(), rng_file), f"cannot write {rng_file}"), CheckpointError
@@ -396,6 +488,7 @@ def save_checkpoint(
             "torch_version": torch.__version__,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "save_seconds": round(time.perf_counter() - started, 3),
+            "files": file_sizes(tmp),  # what resume checks the files against (a truncated shard)
             "complete": True,
         }
         write_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -114,6 +115,12 @@ class TrainConfig:
         False, "Apply weight_decay to biases and norms too (AdamW over all parameters, as torchtune does)."
     )
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+    nan_policy: str = opt(
+        "stop",
+        "A step whose loss or gradient norm is not finite (NaN, inf): stop the run there (nothing final is "
+        "written), or skip that step's update and go on (the run stops after 5 such steps in a row).",
+        ("stop", "skip_step"),
+    )
     global_batch_size: int = opt(
         16, "Samples (or packed sequences) per optimizer step, whatever the world size."
     )
@@ -241,6 +248,10 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         positive = ("lora_rank", "lora_alpha", "global_batch_size", "micro_batch_size", "max_seq_length")
         positive += ("log_every", "dist_timeout_minutes", "keep_last", "loss_chunk_size")
         for name in positive:
@@ -281,6 +292,11 @@ class TrainConfig:
         return self
 
     def _validate_optimizer(self) -> None:
+        if self.optimizer_in_backward and self.nan_policy == "skip_step":
+            raise ConfigError(
+                "nan_policy: skip_step needs the optimizer to step after the backward; optimizer_in_backward "
+                "steps during it (a NaN gradient is applied before it is seen): use nan_policy: stop"
+            )
         if self.optimizer_in_backward and self.method != "full":
             raise ConfigError(
                 "optimizer_in_backward applies to method full (an adapter's gradients are small): "
@@ -397,11 +413,36 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
     return config_file, overrides
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"config file {getattr(self, 'path', '')}: key {key!r} is given twice (line "
+                    f"{key_node.start_mark.line + 1}): keep one"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        loader = _UniqueKeyLoader(Path(path).read_text())
+        loader.path = path  # type: ignore[attr-defined]
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder: give the YAML file itself") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:

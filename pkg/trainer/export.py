@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,10 +30,19 @@ from torch import nn
 
 from pkg.trainer import distributed
 from pkg.trainer.config import TrainConfig
+from pkg.trainer.errors import TrainerError
 from pkg.trainer.files import atomic_dir
 from pkg.trainer.safetensors_stream import StreamReader, StreamWriter
 
 log = logging.getLogger(__name__)
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Delete the temporary folders of an export that was killed (full-size model copies); rank 0, under
+    the output_dir lock, so no export is running."""
+    for name in ("adapter", "model"):
+        for left in [*output_dir.glob(f".{name}.tmp-*"), *output_dir.glob(f".trash-{name}-*")]:
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def gather_state_dict(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
@@ -185,11 +195,19 @@ def save_merged(model: nn.Module, adapter: dict[str, torch.Tensor], model_dir: s
     names = saved_names(meta)
     deltas = lora_deltas(model, adapter)
     reader = StreamReader(Path(model_dir))
+    source: dict[str, str] = {}  # {written name: the checkpoint's name} where they differ
+    tied = tied_head(meta)
+    if names is not None and deltas is not None and tied and tied[0] in deltas:
+        # LoRA on a tied head changes the head, not the input embedding: the merged model unties them and
+        # writes the head as the embedding plus the delta (merging into the shared matrix would move both).
+        names = sorted([*names, tied[0]])
+        source[tied[0]] = tied[1]
+        meta.config.tie_word_embeddings = False
     if (
         names is None
         or deltas is None
         or not set(deltas) <= set(names)
-        or not all(n in reader for n in names)
+        or not all(source.get(n, n) in reader for n in names)
     ):
         log.info("%s: merging through peft (whole model in memory)", type(meta).__name__)
         _save_merged_whole(model_dir, out.parent / "adapter", out)
@@ -197,14 +215,15 @@ def save_merged(model: nn.Module, adapter: dict[str, torch.Tensor], model_dir: s
     meta.config.use_cache = True
     layout = {}
     for name in names:
-        stored = reader.entries[name][2]
-        stored_dtype = reader.read_dtype(name)
+        stored = reader.entries[source.get(name, name)][2]
+        stored_dtype = reader.read_dtype(source.get(name, name))
         layout[name] = (dtype if stored_dtype.is_floating_point else stored_dtype, tuple(stored["shape"]))
     with atomic_dir(out) as tmp:
         _save_configs(meta, tmp)
-        writer = StreamWriter(tmp, layout, meta.num_parameters())
+        untied = meta.get_output_embeddings().weight.numel() if source else 0  # the head's own copy now
+        writer = StreamWriter(tmp, layout, meta.num_parameters() + untied)
         for name in names:
-            tensor = reader.read(name)
+            tensor = reader.read(source.get(name, name))
             if name in deltas:
                 a, b, scaling = deltas[name]
                 tensor = tensor.float().addmm_(b.float(), a.float(), alpha=scaling)
@@ -214,11 +233,31 @@ def save_merged(model: nn.Module, adapter: dict[str, torch.Tensor], model_dir: s
         _save_tokenizer(model_dir, tmp)
 
 
+def tied_head(meta: nn.Module) -> tuple[str, str] | None:
+    """(output head's weight name, input embedding's weight name) when the two are one tensor, else None."""
+    head, embed = meta.get_output_embeddings(), meta.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return None
+    names = {id(m): n for n, m in meta.named_modules()}
+    return f"{names[id(head)]}.weight", f"{names[id(embed)]}.weight"
+
+
 def _save_merged_whole(model_dir: str, adapter_dir: Path, out: Path) -> None:
     from peft import PeftModel
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tied = tied_head(base)
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    if tied and any(k.endswith(f"{tied[0].removesuffix('.weight')}.lora_A.weight") for k in keys):
+        raise TrainerError(
+            f"merge_adapter: {type(base).__name__} ties its output head to the input embedding and the "
+            "adapter has LoRA on the head, which peft cannot merge exactly into this architecture (the "
+            f"embedding would change too); adapter/ is written in {adapter_dir}: use it as it is, or leave "
+            "lm_head out of lora_target_modules"
+        )
     dtype = _original_dtype(base.config)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.config.use_cache = True

@@ -55,7 +55,7 @@ class Metrics:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        record = {k: finite(v) for k, v in record.items()}
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -114,10 +114,19 @@ class Metrics:
             **{f"final_{k}": val[-1][k] for k in VAL_ACCURACY if val and k in val[-1]},
             **extra,
         }
-        if self.enabled:
-            write_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        summary = {k: finite(v) for k, v in summary.items()}  # valid JSON, whatever went NaN
+        if self.enabled:  # loss.png first: summary.json marks the run finished (checkpoint.finished_run)
             plot_loss(train, val, self.output_dir / "loss.png")
+            text = json.dumps(summary, indent=2, allow_nan=False)
+            write_atomic(self.output_dir / "summary.json", text + "\n")
         return summary
+
+
+def finite(value: Any) -> Any:
+    """A float rounded for the record, or None for NaN and inf (which JSON cannot hold)."""
+    if not isinstance(value, float):
+        return value
+    return round(value, 6) if math.isfinite(value) else None
 
 
 def _fields(values: dict[str, float]) -> str:
@@ -148,7 +157,12 @@ def plot_loss(train: list[dict], val: list[dict], path: Path) -> None:
         1, 2 if accuracy else 1, figsize=(12 if accuracy else 7, 4), dpi=100, squeeze=False
     )
     ax = axes[0][0]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    nan = float("nan")  # a skipped step (nan_policy: skip_step) has no loss: a gap in the line
+    ax.plot(
+        [r["step"] for r in train],
+        [nan if r["loss"] is None else r["loss"] for r in train],
+        label="train loss",
+    )
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
     ax.set_xlabel("step")

@@ -231,11 +231,42 @@ def _read_pretrained(cfg: TrainConfig, device: torch.device) -> nn.Module:
             ),
         }
     try:
-        return AutoModelForCausalLM.from_pretrained(cfg.model_dir, **kwargs)
+        # Mismatched shapes are reported here, in one line, rather than in transformers' own table.
+        model, info = AutoModelForCausalLM.from_pretrained(
+            cfg.model_dir, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
     except Exception as exc:
         raise TrainerError(
             f"cannot load the model from {cfg.model_dir}: {type(exc).__name__}: {exc}"
         ) from None
+    check_loading_info(cfg.model_dir, info)
+    return model
+
+
+def check_loading_info(model_dir: str, info: dict) -> None:
+    """Refuse a checkpoint that lacks a weight of the model or holds one of another shape.
+
+    transformers initializes such weights at random and goes on, which would train (and export) a model
+    part of which is noise. Tied copies and non-persistent buffers are not "missing": transformers leaves
+    them out of `missing_keys` itself.
+    """
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+    if mismatched:
+        name, saved, wanted = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise TrainerError(
+            f"model_dir {model_dir}: weight {name} has shape {list(saved)} in the checkpoint but "
+            f"{list(wanted)} in config.json{more}: the config and the weights are of different models; "
+            "download both from the same model revision"
+        )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise TrainerError(
+            f"model_dir {model_dir}: the checkpoint has no weight {missing[0]}{more}, which the model needs "
+            "(it would start from random values): the download is incomplete or of another model; "
+            "download the model again"
+        )
 
 
 def _build_on_meta(cfg: TrainConfig) -> nn.Module:
@@ -262,6 +293,22 @@ def _build_on_meta(cfg: TrainConfig) -> nn.Module:
         ) from None
     finally:
         hook.remove()
+
+
+def check_vocabulary(model: nn.Module, tokenizer, model_dir: str) -> None:
+    """Refuse a tokenizer whose ids reach past the model's input embedding.
+
+    Such ids would index no row: at one process an IndexError deep in the forward, and with the embedding
+    split by vocabulary rows across ranks (vocab_parallel) no rank looks them up and they embed as zeros,
+    silently. Checked on the model as built (meta or real), before sharding, so at every world size.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise TrainerError(
+            f"model_dir {model_dir}: the tokenizer has {len(tokenizer)} tokens, the model's embedding only "
+            f"{rows} rows (config.json vocab_size): ids >= {rows} have no embedding; use the tokenizer that "
+            "came with these weights (or resize the model's embeddings before fine-tuning)"
+        )
 
 
 def expert_parameters(model: nn.Module) -> list[str]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import resource
 import time
 import warnings
@@ -51,6 +52,7 @@ from pkg.trainer import (
     export,
     model,
     optim,
+    output_lock,
     plan,
     preference,
     resilience,
@@ -106,6 +108,34 @@ def rebase_schedule(scheduler, learning_rate: float, step: int) -> tuple[float, 
     return before, scheduler.get_last_lr()[0]
 
 
+# nan_policy skip_step: a batch can be bad once; this many non-finite steps in a row mean broken weights.
+MAX_SKIPPED_IN_A_ROW = 5
+
+
+def prepare_output_dir(cfg: TrainConfig) -> None:
+    """Create output_dir, or say in one line why it cannot be this run's (rank 0)."""
+    out = Path(cfg.output_dir)
+    for name in ("model_dir", "dataset_dir"):
+        inside = Path(getattr(cfg, name)).resolve()
+        if out.resolve() == inside or inside in out.resolve().parents:
+            raise TrainerError(
+                f"output_dir {out} is inside {name} {inside}: the run's outputs would become part of its "
+                f"input on the next run; put output_dir beside it (e.g. {inside.parent / 'output'})"
+            )
+    if out.exists() and not out.is_dir():
+        raise TrainerError(f"output_dir {out} is a file, not a folder: set output_dir to a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-check-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise TrainerError(
+            f"output_dir {out} is not writable ({exc.strerror or exc}): mount it read-write or choose "
+            "another folder"
+        ) from None
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -116,6 +146,8 @@ class Recipe:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        self.lock: output_lock.OutputLock | None = None
+        self.skipped_steps = self.skipped_in_a_row = 0  # nan_policy: skip_step
         self.dpo: dpo.DPO | None = None
         self.reference: dict[str, torch.Tensor] = {}  # full-FT DPO: cached reference log-probs per split
 
@@ -124,8 +156,17 @@ class Recipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.dist = distributed.init(cfg.dist_timeout_minutes)
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        error = None
+        if self.dist.is_main:  # before anything is written: the output_dir, then this job's lock on it
+            try:
+                prepare_output_dir(cfg)
+                model.check_architecture(cfg.model_dir)  # a model that cannot train leaves nothing behind
+                model.check_tokenizer_files(cfg.model_dir)
+                self.lock = output_lock.OutputLock(self.out).acquire()
+                export.remove_leftovers(self.out)
+            except TrainerError as exc:
+                error = str(exc)
+        distributed.agree(error)
         if cfg.save_every and not checkpoint.shared_by_all_ranks(self.out):
             cfg.save_every = 0
             log.warning(
@@ -157,6 +198,12 @@ class Recipe:
             lengths=[sum(lens) for lens in self.train_data["seq_lens"]], shuffle=cfg.shuffle,
         )  # fmt: skip
         self.total_steps = cfg.max_steps or cfg.num_epochs * self.plan.steps_per_epoch
+        if cfg.warmup_steps >= self.total_steps and self.dist.is_main:
+            log.warning(
+                "warmup_steps %d >= the run's %d steps: the learning rate never reaches learning_rate "
+                "(%g) and never decays; lower warmup_steps", cfg.warmup_steps, self.total_steps,
+                cfg.learning_rate,
+            )  # fmt: skip
         self.bf16 = cfg.precision == "bf16" or (
             cfg.precision == "auto" and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
@@ -209,6 +256,19 @@ class Recipe:
             )  # fmt: skip
 
     def save_checkpoint(self) -> Path:
+        self.check_lock()
+        error = None
+        if self.dist.is_main:  # a save writes the new checkpoint whole before it deletes the oldest
+            newest = checkpoint.latest_checkpoint(self.out)
+            # Without one to measure: fp32 weights and AdamW's two moments of every trained parameter.
+            needed = checkpoint.size_of(newest) if newest else 12 * self.param_counts["trainable_params"]
+            keep = self.cfg.keep_last
+            error = checkpoint.space_problem(
+                self.out, int(needed * 1.05) + 2**20, f"the checkpoint of step {self.state.step}",
+                f" (with keep_last: {keep}, output_dir holds {keep + 1} checkpoints while the next is saved, "
+                f"~{checkpoint.gib((keep + 1) * needed)})",
+            )  # fmt: skip
+        distributed.agree(error)
         state = self.state
         return checkpoint.save_checkpoint(
             self.out, state.step, self.model, self.optimizer, self.scheduler,
@@ -285,6 +345,7 @@ class Recipe:
         # to its shards. A 4-bit QLoRA base is neither sharded nor broadcast: each rank loads it to its GPU.
         from_rank0 = self.dist.world_size > 1 and cfg.method != "qlora"
         net, sources = self.load(from_rank0)
+        model.check_vocabulary(net, self.tokenizer, cfg.model_dir)  # the same model on every rank
         trainable, total = model.count_parameters(net)
         self.param_counts = {"trainable_params": trainable, "total_params": total}
         log.info("%s: %d trainable of %d parameters", cfg.method, trainable, total)
@@ -449,15 +510,45 @@ class Recipe:
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         *sums, aux_global = distributed.all_reduce_sum([*totals, aux_total], self.dist.device)
         means = dpo.metrics(sums, n_targets) if self.dpo is not None else {"loss": sums[0] / n_targets}
         result = {**means, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
+        # The same global numbers on every rank, so every rank takes the same branch. A non-finite step
+        # never reaches the weights or the optimizer's moments (optimizer_in_backward has stepped already:
+        # config.py allows it only with nan_policy: stop).
+        result["finite"] = math.isfinite(result["loss"]) and math.isfinite(result["grad_norm"])
+        if result["finite"]:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         if self.aux_coef and self.dpo is None:  # DPO does not add the router loss (docs: known limits)
             result["aux_loss"] = aux_global / (len(micro) * self.dist.world_size)
         return result
+
+    def check_finite(self, step: int, result: dict[str, float]) -> None:
+        """Apply `nan_policy` to a step whose loss or gradient norm was NaN or inf (its update skipped)."""
+        if result["finite"]:
+            self.skipped_in_a_row = 0
+            return
+        what = f"step {step}: loss={result['loss']:.4g} grad_norm={result['grad_norm']:.4g}"
+        fix = (
+            "lower learning_rate, set max_grad_norm, or look for bad rows in the data, then rerun "
+            "(it resumes from the last checkpoint; resume: never starts over)"
+        )
+        if self.cfg.nan_policy == "stop":
+            raise TrainerError(
+                f"{what}: not finite; stopped without applying it and wrote no final outputs "
+                f"(nan_policy: stop): {fix}"
+            )
+        self.skipped_in_a_row += 1
+        self.skipped_steps += 1
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise TrainerError(
+                f"{what}: not finite for {MAX_SKIPPED_IN_A_ROW} steps in a row (nan_policy: skip_step): "
+                f"the weights no longer train; stopped with no final outputs: {fix}"
+            )
+        if self.dist.is_main:
+            log.warning("%s: not finite; this step's update is skipped (nan_policy: skip_step)", what)
 
     def all_reduce_grads(self) -> None:
         if self.dist.world_size == 1:
@@ -504,6 +595,7 @@ class Recipe:
             started = time.monotonic()
             result = self.train_step(state.step)
             state.step += 1
+            self.check_finite(state.step, result)
             state.tokens_seen += int(result["tokens"])
             last = state.step == self.total_steps
             if state.step % cfg.log_every == 0 or last:
@@ -543,6 +635,9 @@ class Recipe:
         for part in optim.parts(self.optimizer):
             part.state.clear()
         self.optimizer.zero_grad(set_to_none=True)
+        distributed.agree(self.non_finite_weight())  # nothing final from broken weights
+        self.check_lock()
+        distributed.agree(self.export_space_problem() if self.dist.is_main else None)
         written = export.export(self.model, self.cfg, self.dist.is_main)
         if self.cfg.torchtune_layout and self.dist.is_main and written:
             last_epoch = (self.total_steps - 1) // self.plan.steps_per_epoch
@@ -557,6 +652,7 @@ class Recipe:
                 "num_epochs": self.cfg.num_epochs,
                 "fingerprint": self.fingerprint,
                 "tokens_seen": self.state.tokens_seen,
+                "skipped_steps": self.skipped_steps,
                 "train_time_s": round(getattr(self, "train_time", 0.0), 3),
                 "train_cpu_s": round(getattr(self, "train_cpu", 0.0), 3),
                 "peak_memory_mb": round(peak_memory_mb(self.dist.device), 1),
@@ -568,6 +664,30 @@ class Recipe:
             log.info("done: %s", ", ".join(str(p) for p in written) or "no outputs")
         return summary
 
+    def export_space_problem(self) -> str | None:
+        """One line when output_dir's volume cannot hold the final outputs, else None (rank 0)."""
+        cfg, needed = self.cfg, 0
+        if cfg.method != "full":
+            needed += 4 * self.param_counts["trainable_params"]  # adapter/ in fp32
+        if cfg.method == "full" or cfg.merge_adapter:  # model/ in the checkpoint's own dtype
+            needed += sum(f.stat().st_size for f in Path(cfg.model_dir).glob("*.safetensors"))
+        return checkpoint.space_problem(self.out, int(needed * 1.05) + 2**20, "writing the final outputs")
+
+    def non_finite_weight(self) -> str | None:
+        """One line naming a trained weight (this rank's shard of it) that holds NaN or inf, or None."""
+        for name, param in self.model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            if param.requires_grad and not torch.isfinite(local).all():
+                return (
+                    f"the trained weight {name} holds NaN or inf after step {self.state.step}: no final "
+                    "outputs written; lower learning_rate (or set max_grad_norm) and rerun with resume: never"
+                )
+        return None
+
+    def check_lock(self) -> None:
+        """Stop on every rank if another job has taken over output_dir (collective)."""
+        distributed.agree(self.lock.lost() if self.lock else None)
+
     def run(self) -> dict:
         try:
             self.setup()
@@ -576,4 +696,6 @@ class Recipe:
             self.train()
             return self.save()
         finally:
+            if self.lock:
+                self.lock.release()
             distributed.shutdown()

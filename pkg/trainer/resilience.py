@@ -1,4 +1,4 @@
-"""Surviving preemption: turn SIGTERM into "checkpoint now, then exit non-zero".
+"""Surviving preemption: turn SIGTERM (and Ctrl-C's SIGINT) into "checkpoint now, then exit non-zero".
 
 Kubernetes evicts a pod by sending SIGTERM to its main process (torchrun, which forwards it to
 every worker) and SIGKILLs it after the grace period (30 s by default). The handler only sets a
@@ -31,7 +31,7 @@ class Preempted(TrainerError):
 class StopRequest:
     """Remembers a termination signal until the loop reaches a safe point to act on it."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self.signals = signals
         self.received: int | None = None
         self._previous: dict[int, object] = {}

@@ -190,3 +190,18 @@ def check_exported_adapter(model_dir: Path, out: Path, final_val_loss: float) ->
         ids = torch.tensor([[0, 5, 17, 99, 200, 31, 7]])
         with torch.no_grad():
             torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, **LOGITS_TOL)
+
+
+@pytest.fixture
+def in_process(monkeypatch, tmp_path):
+    """Run main() here (one rank) with a clean distributed environment; returns its exit code."""
+    from pkg.trainer.__main__ import main
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(var, "")  # recorded, so that what main() sets is undone after the test
+        monkeypatch.delenv(var)
+
+    def run(args: dict) -> int:
+        return main(cli({**BASE_ARGS, "output_dir": tmp_path / "out", **args}))
+
+    return run
