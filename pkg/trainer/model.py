@@ -86,10 +86,32 @@ def _refs(auto_map: dict) -> list[str]:
     return refs
 
 
+# Files one of which every Hugging Face tokenizer has (fast, SentencePiece, BPE, WordPiece vocabularies).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tiktoken.model",
+)
+
+
+def check_tokenizer_files(model_dir: str) -> None:
+    """One line when model_dir has no tokenizer (transformers would advise installing sentencepiece)."""
+    root = Path(model_dir)
+    if not any((root / name).exists() for name in TOKENIZER_FILES) and not any(root.glob("*.tiktoken")):
+        raise TrainerError(
+            f"model_dir {root} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): download the "
+            "tokenizer with the model (the model initializer fetches the whole repository)"
+        )
+
+
 def load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
     check_architecture(model_dir)  # before any tokenizing: a model that cannot train stops the run here
+    check_tokenizer_files(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:

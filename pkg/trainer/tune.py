@@ -502,11 +502,19 @@ def parse_command(argv: list[str]) -> Command:
         key, eq, value = arg.partition("=")
         if not eq or not key or key.startswith(("-", "~")):
             raise ConfigError(f"unexpected argument {arg!r}: torchtune overrides are key=value (or ~key)")
-        overrides[key] = value
+        overrides[key] = unquote(value)
         j += 1
     if config is None:
         raise ConfigError(f"tune run {recipe}: --config CONFIG is missing (e.g. llama3_2/1B_lora)")
     return Command(launcher, recipe, config, overrides)
+
+
+def unquote(value: str) -> str:
+    """`"Answer briefly."` -> `Answer briefly.`: one pair of matching quotes around a value is quoting (as
+    OmegaConf reads a torchtune override; they reach us when no shell removed them, e.g. a pod's args)."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
 
 
 # ---------------------------------------------------------------- config files

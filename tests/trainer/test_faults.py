@@ -307,31 +307,36 @@ def test_space_problem_names_needed_and_free(tmp_path):
     assert err.startswith("the checkpoint of step 3 needs ~") and " free (keep_last 2): free space" in err
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A small tmpfs (needs root and mount); skipped otherwise."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at `path` (needs root and mount); the test is skipped otherwise."""
+    path.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
     if made.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def test_a_full_disk_stops_in_one_line(in_process, tmp_path, tmpfs, tiny_model, alpaca_data, capsys):
+def test_a_full_disk_stops_in_one_line(in_process, tmp_path, tiny_model, alpaca_data, capsys):
     args = {"model_dir": tiny_model, "dataset_dir": alpaca_data, "method": "full", "save_every": 2}
-    # A full-weight checkpoint (~1.8 MB) does not fit twice with the tokenized cache in 3 MB.
-    assert in_process({**args, "output_dir": tmpfs / "out"}) == 1
-    err = one_line_error(capsys.readouterr().err)
-    assert "needs ~" in err and "free" in err and "keep_last: 2" in err, err
-    shutil.rmtree(tmpfs / "out")
-    (tmpfs / "ballast").write_bytes(b"\0" * (shutil.disk_usage(tmpfs).free - 4096))  # full while writing
-    assert in_process({**args, "output_dir": tmpfs / "out2"}) == 1
-    err = one_line_error(capsys.readouterr().err)
-    assert "No space left on device" in err or "no space left" in err, err
+    with tmpfs(tmp_path / "small", "size=3m") as small:
+        # A full-weight checkpoint (~1.8 MB) does not fit twice with the tokenized cache in 3 MB.
+        assert in_process({**args, "output_dir": small / "out"}) == 1
+        err = one_line_error(capsys.readouterr().err)
+        assert "needs ~" in err and "free" in err and "keep_last: 2" in err, err
+        shutil.rmtree(small / "out")
+        (small / "ballast").write_bytes(b"\0" * (shutil.disk_usage(small).free - 4096))  # full while writing
+        assert in_process({**args, "output_dir": small / "out2"}) == 1
+        err = one_line_error(capsys.readouterr().err)
+        assert "No space left on device" in err or "no space left" in err, err
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as read_only:
+        assert in_process({**args, "output_dir": read_only / "out"}) == 1
+        assert "is not writable (Read-only file system)" in one_line_error(capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------ Ctrl-C, the tied head, output_dir
@@ -390,3 +395,53 @@ def test_output_dir_problems_are_one_line(in_process, tmp_path, tiny_model, alpa
     (tmp_path / "job.yaml").write_text("max_steps: 1\nmethod: full\nmax_steps: 2\n")
     assert in_process({**args, "config": tmp_path / "job.yaml"}) == 2
     assert "key 'max_steps' is given twice (line 3)" in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.fast
+def test_tune_run_values_lose_their_quotes_the_same_way():
+    from pkg.trainer import tune
+
+    argv = ["run", "lora_finetune_single_device", "--config", "llama3_2/1B_lora"]
+    quoted = ['dataset.new_system_prompt="Answer briefly."', "optimizer.lr='1e-4'", 'seed="7', "x=''"]
+    assert tune.parse_command([*argv, *quoted]).overrides == {
+        "dataset.new_system_prompt": "Answer briefly.",
+        "optimizer.lr": "1e-4",
+        "seed": '"7',  # not a pair of quotes: kept (and refused as an integer later)
+        "x": "",
+    }
+
+
+def test_missing_weight_and_vocabulary_at_two_processes(tmp_path, tiny_model, alpaca_data):
+    """At world size 2 rank 0 streams the weights into the shards (or reads them when it cannot) and the
+    embedding may be split by vocabulary: both faults still stop every rank with one line."""
+    from tests.trainer.conftest import run_trainer
+
+    lacking = without(tiny_model, tmp_path / "lacking", "model.layers.1.mlp.down_proj.weight")
+    small = tmp_path / "small"
+    shutil.copytree(tiny_model, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 300}))
+    weights = load_file(str(small / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = weights[name][:300].clone()
+    save_file(weights, str(small / "model.safetensors"), metadata={"format": "pt"})
+    base = {**BASE_ARGS, "dataset_dir": alpaca_data, "method": "full", "vocab_parallel": "always"}
+    for model_dir, expected in (
+        (lacking, "has no weight model.layers.1.mlp.down_proj.weight"),
+        (small, "the tokenizer has 320 tokens, the model's embedding only 300 rows"),
+    ):
+        result = run_trainer(
+            {**base, "model_dir": model_dir, "output_dir": tmp_path / f"out-{model_dir.name}"}, nproc=2
+        )
+        assert result.returncode != 0
+        assert expected in one_line_error(result.stderr, torchrun=True)
+
+
+def test_a_model_without_tokenizer_files_leaves_nothing_behind(
+    in_process, tmp_path, tiny_model, alpaca_data, capsys
+):
+    shutil.copytree(tiny_model, tmp_path / "m", ignore=shutil.ignore_patterns("tokenizer*"))
+    out = tmp_path / "out"
+    assert in_process({"model_dir": tmp_path / "m", "dataset_dir": alpaca_data, "output_dir": out}) == 1
+    assert "has no tokenizer files (none of tokenizer.json" in one_line_error(capsys.readouterr().err)
+    assert list(out.iterdir()) == []  # no config.yaml, no cache/, no lock
