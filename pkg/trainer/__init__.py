@@ -17,7 +17,8 @@ Modules, one job each:
     safetensors_stream  reading and writing safetensors one tensor at a time
     host_memory       glibc's mmap threshold, so memory freed in the backward is returned
     checkpoint        sharded checkpoints, resume, finished-run detection, the run fingerprint
-    resilience        SIGTERM: checkpoint at the next step boundary, then exit 143
+    resilience        SIGTERM / SIGINT: checkpoint at the next step boundary, then exit 143
+    output_lock       one job per output_dir: a lock file with host, pid and a renewed lease
     files             atomic files and folders; the folder digest
     export            adapter / merged / full model in Hugging Face formats, atomically
     metrics           progress lines, metrics.jsonl, summary.json, loss.png

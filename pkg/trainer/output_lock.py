@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from pkg.trainer.errors import TrainerError
+from pkg.trainer.files import write_atomic
 
 log = logging.getLogger("pkg.trainer")
 
@@ -103,9 +104,7 @@ class OutputLock:
         return True
 
     def _write(self) -> None:
-        tmp = self.path.with_name(f"{NAME}.tmp-{self.token}")
-        tmp.write_text(self._content())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, self._content())
 
     def _read(self) -> dict | None:
         try:

@@ -258,7 +258,8 @@ def test_a_job_whose_lock_was_taken_over_learns_it(tmp_path, short_lease):
 def test_a_second_job_on_a_busy_output_dir_stops_in_one_line(tmp_path, tiny_model, alpaca_data):
     out = tmp_path / "out"
     args = {**BASE_ARGS, "model_dir": tiny_model, "dataset_dir": alpaca_data, "output_dir": out}
-    first = start([PYTHON, "-m", "pkg.trainer", *cli(args)], trainer_env(TRAINER_TEST_STEP_SLEEP="1"))
+    slow = trainer_env(TRAINER_TEST_STEP_SLEEP="1")  # the first job is still training when the second starts
+    first = start([PYTHON, "-m", "tests.trainer.faulty_trainer", *cli(args)], slow)
     try:
         for _ in range(600):  # until the first job holds the lock
             if (out / output_lock.NAME).exists():
