@@ -3,10 +3,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-REQS := requirements/dev.txt requirements/torch.txt requirements/torchtune.txt pkg/initializers/requirements.txt pkg/trainer/requirements.txt
+REQS := requirements/dev.txt requirements/torch.txt requirements/torchtune.txt pkg/initializers/requirements.txt pkg/trainer/requirements.txt \
+        pkg/trainer/requirements-gpu.txt
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-fast test-initializers test-trainer test-images test-images-full test-manifests \
+.PHONY: help install test test-fast test-initializers test-trainer test-images test-images-full test-images-cuda test-manifests \
         lint images push images-local bench demo clean
 
 help: ## show this help
@@ -33,10 +34,11 @@ test-initializers: install ## dataset and model initializer tests only
 test-trainer: install ## llm-trainer tests only
 	$(PYTHON) -m pytest tests/trainer $(PYTEST_ARGS)
 
-lint: install ## ruff on the Python code, hadolint on the Dockerfiles
+lint: install ## ruff on the Python code, hadolint on the Dockerfiles, actionlint on the workflows
 	$(VENV)/bin/ruff check pkg tests bench scripts demo
 	$(VENV)/bin/ruff format --check pkg tests bench scripts demo
 	$(VENV)/bin/hadolint images/*/Dockerfile
+	$(VENV)/bin/actionlint .github/workflows/*.yml
 
 # --- images (docker-bake.hcl is the one source of targets, args and tags) ---------------------------------
 BAKE_ARGS ?=
@@ -56,6 +58,9 @@ test-images: install ## build the initializer images and run them against local 
 
 test-images-full: install ## test-images + a CPU llm-trainer image running a 2-process LoRA fine-tune
 	$(PYTHON) -m pytest tests/images/test_*.py tests/images/full_trainer_image.py $(PYTEST_ARGS)  # a folder argument would swallow the extra file
+
+test-images-cuda: install ## build the CUDA llm-trainer exactly as released and check it on this CPU (root; ~10 min, 6 GB)
+	$(PYTHON) -m pytest -s tests/images/cuda_trainer_image.py $(PYTEST_ARGS)  # not test_*: make test leaves it out
 
 test-manifests: install ## runtime manifests and example TrainJobs
 	$(PYTHON) -m pytest tests/manifests $(PYTEST_ARGS)

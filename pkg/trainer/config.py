@@ -51,7 +51,7 @@ class TrainConfig:
     # Method
     method: str = opt(
         "lora",
-        "Fine-tuning method: LoRA adapters, LoRA on a 4-bit base (CUDA only) or all weights.",
+        "Fine-tuning method: LoRA adapters, LoRA on a 4-bit base (bitsandbytes, CUDA or CPU) or all weights.",
         ("lora", "qlora", "full"),
     )
     lora_rank: int = opt(16, "LoRA rank r.")

@@ -10,6 +10,7 @@ What an architecture needs is decided here, from the model itself rather than fr
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 from collections.abc import Iterator
@@ -231,25 +232,28 @@ def _initial_values() -> Iterator[dict[int, torch.Tensor]]:
 
 
 def _read_pretrained(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """`from_pretrained` in fp32 (or 4-bit NF4 on the GPU for QLoRA)."""
+    """`from_pretrained` in fp32 (or a 4-bit NF4 base for QLoRA: bf16 compute on the GPU, fp32 on the CPU,
+    where bitsandbytes >= 0.49 has 4-bit kernels too)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch.float32}
     if cfg.method == "qlora":
-        if device.type != "cuda":
-            raise TrainerError("method qlora needs a CUDA GPU (bitsandbytes 4-bit); use method lora on CPU")
-        try:
-            from transformers import BitsAndBytesConfig
-        except ImportError:
-            raise TrainerError("method qlora needs bitsandbytes: pip install bitsandbytes") from None
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TrainerError(
+                "method qlora needs bitsandbytes (pkg/trainer/requirements-gpu.txt, in the CUDA llm-trainer "
+                "image): pip install bitsandbytes, or use method lora"
+            )
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
         kwargs = {
-            "dtype": torch.bfloat16,
-            "device_map": {"": device.index or 0},
+            "dtype": compute,
+            "device_map": {"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
             "quantization_config": BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_compute_dtype=compute,
             ),
         }
     try:

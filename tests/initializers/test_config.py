@@ -13,6 +13,8 @@ from pkg.initializers.safety import safe_relative
 from pkg.initializers.sources.base import RemoteFile
 from pkg.initializers.uri import HfUri, LocalUri, S3Uri, parse_uri
 
+pytestmark = pytest.mark.fast  # in-process unit tests: make test-fast
+
 
 @pytest.mark.parametrize(
     ("text", "expected"),

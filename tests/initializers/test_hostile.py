@@ -429,6 +429,7 @@ def test_malformed_s3_listings(
     failed(run("dataset", **s3_env(server, tmp_path / "out")), message)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("key", ["a", "weights/model.safetensors"])
 def test_listing_refuses_an_entry_listed_twice(key: str) -> None:
     """Names as a JSON answer gives them: a one-character name is one shared string object there."""
@@ -439,6 +440,7 @@ def test_listing_refuses_an_entry_listed_twice(key: str) -> None:
         listing.add(again, 1, "v1")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("name", "value"),
     [("INIT_READ_TIMEOUT", "nan"), ("INIT_READ_TIMEOUT", "inf"), ("INIT_PROGRESS_INTERVAL", "inf")],
@@ -467,6 +469,7 @@ def test_control_characters_from_servers_are_escaped(
     assert "\x1b" not in line and "\r" not in line
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("uri", ["hf://org/name@%00", "hf://org/name@v1%0A", "hf://org/name@%2E%2E"])
 def test_control_characters_in_a_revision_are_refused(uri: str) -> None:
     with pytest.raises(InitializerError, match="control characters"):

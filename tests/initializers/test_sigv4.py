@@ -13,6 +13,8 @@ import pytest
 
 from pkg.initializers.sources.sigv4 import sign_get
 
+pytestmark = pytest.mark.fast  # in-process unit tests: make test-fast
+
 
 def _botocore(url: str, headers: dict[str, str], token: str | None, region: str) -> dict[str, str]:
     request = botocore.awsrequest.AWSRequest("GET", url, headers=headers)

@@ -12,6 +12,8 @@ import pytest
 from pkg.trainer import checkpoint as ck
 from pkg.trainer.resilience import EXIT_PREEMPTED, StopRequest
 
+pytestmark = pytest.mark.fast  # in-process unit tests: make test-fast
+
 
 def _fake_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
     path = output_dir / "checkpoints" / f"step-{step}"

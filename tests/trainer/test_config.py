@@ -10,6 +10,8 @@ import yaml
 from pkg.trainer.config import TrainConfig, load_config, save_config, usage
 from pkg.trainer.errors import ConfigError
 
+pytestmark = pytest.mark.fast  # in-process unit tests: make test-fast
+
 
 def test_defaults_are_the_workspace_layout():
     cfg = load_config([])

@@ -28,6 +28,7 @@ def decode_targets(tokenizer, ids, labels) -> str:
     return tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("file_type", ["jsonl", "json", "parquet", "csv", "arrow", "hub"])
 def test_every_file_layout_loads_the_train_split(tmp_path, file_type):
     make_dataset(tmp_path, "prompt_completion", file_type, n=20)
@@ -37,6 +38,7 @@ def test_every_file_layout_loads_the_train_split(tmp_path, file_type):
     assert data.detect_format(ds.column_names, "auto") == "prompt_completion"
 
 
+@pytest.mark.fast
 def test_split_names_from_file_names(tmp_path):
     assert (
         data._split_of(tmp_path.joinpath("data/train-00000-of-00002.parquet").relative_to(tmp_path))
@@ -47,6 +49,7 @@ def test_split_names_from_file_names(tmp_path):
     assert data._split_of(tmp_path.joinpath("my_data.jsonl").relative_to(tmp_path)) is None
 
 
+@pytest.mark.fast
 def test_format_detection_and_forcing():
     assert data.detect_format(["instruction", "input", "output"], "auto") == "alpaca"
     assert data.detect_format(["messages", "id"], "auto") == "messages"
@@ -57,6 +60,7 @@ def test_format_detection_and_forcing():
         data.detect_format(["text"], "alpaca")
 
 
+@pytest.mark.fast
 def test_alpaca_masks_the_prompt_and_trains_the_answer_and_eos(tokenizer):
     ds = [
         {"instruction": "Repeat the word apple three times.", "input": "now", "output": "apple apple apple"}
@@ -69,6 +73,7 @@ def test_alpaca_masks_the_prompt_and_trains_the_answer_and_eos(tokenizer):
     assert labels[1:] == ids[1:] and labels[0] == IGNORE_INDEX
 
 
+@pytest.mark.fast
 def test_prompt_completion_and_text(tokenizer):
     [(ids, labels)] = data.tokenize_rows(
         ds_of([{"prompt": "Say hi.", "completion": " hi"}]), "prompt_completion", tokenizer, cfg()
@@ -78,6 +83,7 @@ def test_prompt_completion_and_text(tokenizer):
     assert decode_targets(tokenizer, ids, labels) == "all of it</s>"
 
 
+@pytest.mark.fast
 def test_messages_train_only_assistant_turns(tokenizer):
     msgs = [
         {"role": "system", "content": "Be brief."},
@@ -100,6 +106,7 @@ def test_messages_without_a_chat_template_fall_back(tmp_path, caplog):
     assert decode_targets(tok, ids, labels) == "yo</s>\n"
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("fmt", "row", "message"),
     [
@@ -130,6 +137,7 @@ def test_rows_missing_fields_are_named(tokenizer, fmt, row, message):
         data.tokenize_rows([good, row], fmt, tokenizer, cfg())
 
 
+@pytest.mark.fast
 def test_truncation_and_rows_without_targets(tmp_path, tokenizer):
     cache, tmp_path = tmp_path / "cache", tmp_path / "data"
     tmp_path.mkdir()
@@ -143,6 +151,7 @@ def test_truncation_and_rows_without_targets(tmp_path, tokenizer):
         data.build_splits(cfg(dataset_dir=str(tmp_path), max_seq_length=16), tokenizer, str(cache / "c2"))
 
 
+@pytest.mark.fast
 def test_empty_and_missing_datasets(tmp_path):
     with pytest.raises(TrainerError, match="does not exist"):
         data.load_rows(str(tmp_path / "nope"), str(tmp_path))
@@ -153,6 +162,7 @@ def test_empty_and_missing_datasets(tmp_path):
         data.load_rows(str(tmp_path), str(tmp_path / ".c"))
 
 
+@pytest.mark.fast
 def test_packing_keeps_samples_apart():
     samples = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9], [-100, 7, 8, 9])]
     packed = data.pack(samples, max_len=6)
@@ -201,6 +211,7 @@ def test_right_padding_without_a_mask_leaves_real_tokens_alone(tiny_model):
             torch.testing.assert_close(padded[i, : len(r)], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_global_batch_is_the_same_at_every_world_size(world):
     def plan(w, r):
@@ -221,6 +232,7 @@ def test_global_batch_is_the_same_at_every_world_size(world):
     assert len({len(plan(world, r).val_batches(7)) for r in range(world)}) == 1
 
 
+@pytest.mark.fast
 def test_batch_plan_refusals():
     with pytest.raises(TrainerError, match=r"multiple of micro_batch_size \(2\) x world size \(3\)"):
         data.BatchPlan(50, 8, 2, 3, 0, 0)
@@ -247,6 +259,7 @@ def test_dataset_dict_folder_uses_its_train_split(tmp_path):
     assert len(ds) == 6 and "TEST SPLIT" not in json.dumps(ds.to_list())
 
 
+@pytest.mark.fast
 def test_micro_batches_group_similar_lengths_within_each_rank_share():
     lengths = [(i * 37) % 101 for i in range(50)]
     for world in (1, 2):
@@ -258,6 +271,7 @@ def test_micro_batches_group_similar_lengths_within_each_rank_share():
             assert [lengths[i] for i in share] == sorted(lengths[i] for i in share)
 
 
+@pytest.mark.fast
 def test_split_slices_and_named_splits(tmp_path):
     make_dataset(tmp_path, "prompt_completion", "hub", n=40)
     cache = str(tmp_path / ".cache")
@@ -285,6 +299,7 @@ def test_one_data_file_and_a_named_source(tmp_path):
     assert ds["text"] == ["first line", "second line"]
 
 
+@pytest.mark.fast
 def test_column_map_renames_and_names_a_missing_column(tmp_path):
     import datasets
 
@@ -296,6 +311,7 @@ def test_column_map_renames_and_names_a_missing_column(tmp_path):
         data.rename_columns(ds, {"output": "reply"})
 
 
+@pytest.mark.fast
 def test_system_prompt_in_chat_and_plain_formats(tokenizer):
     msgs = [{"role": "system", "content": "old"}, {"role": "user", "content": "u"}]
     assert data.with_system(msgs, "new") == [{"role": "system", "content": "new"}, msgs[1]]
@@ -313,6 +329,7 @@ def test_system_prompt_in_chat_and_plain_formats(tokenizer):
     assert "Be brief" not in decode_targets(tokenizer, ids, labels)
 
 
+@pytest.mark.fast
 def test_max_steps_per_epoch_ends_each_epoch_early():
     capped = data.BatchPlan(40, 4, 2, 1, 0, seed=1, max_steps_per_epoch=3)
     full = data.BatchPlan(40, 4, 2, 1, 0, seed=1)

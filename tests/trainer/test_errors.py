@@ -33,11 +33,6 @@ def test_missing_model_files(in_process, tmp_path, alpaca_data, capsys):
     assert "has no *.safetensors weights" in one_line_error(capsys.readouterr().err)
 
 
-def test_qlora_needs_cuda(in_process, tiny_model, alpaca_data, capsys):
-    assert in_process({"model_dir": tiny_model, "dataset_dir": alpaca_data, "method": "qlora"}) == 1
-    assert "method qlora needs a CUDA GPU" in one_line_error(capsys.readouterr().err)
-
-
 def test_empty_dataset_and_missing_fields(in_process, tmp_path, tiny_model, capsys):
     data = tmp_path / "data"
     data.mkdir()

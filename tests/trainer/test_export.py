@@ -14,6 +14,8 @@ from pkg.trainer import export
 from pkg.trainer.safetensors_stream import INDEX_NAME, StreamReader, StreamWriter
 from tests.trainer.tiny import make_tiny_model
 
+pytestmark = pytest.mark.fast  # in-process unit tests: make test-fast
+
 
 def make_model(path: Path, tied: bool, dtype: torch.dtype = torch.float32) -> Path:
     from transformers import AutoConfig, LlamaForCausalLM

@@ -9,6 +9,8 @@ from torch import nn
 
 from pkg.trainer import fused_lora
 
+pytestmark = pytest.mark.fast  # in-process unit tests: make test-fast
+
 
 class Net(nn.Module):
     def __init__(self, bias: bool) -> None:

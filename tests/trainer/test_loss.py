@@ -41,6 +41,14 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_path(case, chunk_size)
         )
 
 
+@pytest.mark.fast
+@pytest.mark.parametrize("case", ["tied-lora-head", "full-untied"])
+def test_fast_tier_chunked_loss_equals_the_full_logits_path(case):
+    """Two cases of the test above at one chunk size: the fast tier's check of the loss."""
+    test_chunked_loss_and_gradients_equal_the_full_logits_path(case, 7)
+
+
+@pytest.mark.fast
 def test_per_sequence_logprobs_are_each_rows_sum():
     """What preference training (DPO) needs: the summed log-probability of each row's target tokens."""
     import torch.nn.functional as F
@@ -57,6 +65,7 @@ def test_per_sequence_logprobs_are_each_rows_sum():
     assert lp.logprobs.shape == lp.rows.shape == ((b["labels"][:, 1:] != IGNORE_INDEX).sum(),)
 
 
+@pytest.mark.fast
 def test_a_batch_without_targets_gives_zero_that_backpropagates():
     model, b = build("tied"), batch()
     b["labels"][:] = IGNORE_INDEX
@@ -65,6 +74,7 @@ def test_a_batch_without_targets_gives_zero_that_backpropagates():
     assert loss.item() == 0.0
 
 
+@pytest.mark.fast
 def test_a_head_transform_the_loss_does_not_know_is_refused():
     model = build("untied", lora=False)
     check_head(model, torch.device("cpu"))  # a plain Llama passes
@@ -112,6 +122,7 @@ def test_under_fsdp2_at_two_processes_gradients_equal_the_full_logits_path(tmp_p
         assert reports[0]["loss"] != reports[1]["loss"]  # the ranks' batches differ
 
 
+@pytest.mark.fast
 def test_vocab_parallel_auto_splits_where_it_moves_fewer_bytes():
     from pkg.trainer.vocab_parallel import wanted
 

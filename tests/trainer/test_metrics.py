@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from pkg.trainer.metrics import Metrics, hms
+
+pytestmark = pytest.mark.fast  # in-process unit tests: make test-fast
 
 
 def test_records_rewind_summary_and_plot(tmp_path):

@@ -28,6 +28,7 @@ def pairs(rows: list[dict], tokenizer, **kw):
     return preference.tokenize_pairs(datasets.Dataset.from_list(rows), tokenizer, cfg(**kw))
 
 
+@pytest.mark.fast
 def test_string_rows_prompt_once_responses_with_eos_and_labels_only_on_responses(tokenizer):
     records, truncated, dropped = pairs(preference_rows("strings", 4), tokenizer)
     assert (len(records), truncated, dropped) == (4, 0, 0)
@@ -55,6 +56,7 @@ def test_string_rows_prompt_once_responses_with_eos_and_labels_only_on_responses
                 assert visible[:p].all() and visible[p : p + c].all() == (key == "chosen_ids")
 
 
+@pytest.mark.fast
 def test_chat_rows_share_the_prompt_turns_and_render_with_the_template(tokenizer):
     implicit = preference_rows("chat", 2)
     explicit = [
@@ -70,6 +72,7 @@ def test_chat_rows_share_the_prompt_turns_and_render_with_the_template(tokenizer
     assert tokenizer.decode(a[0]["chosen_ids"]) == "apple apple apple</s>\n"
 
 
+@pytest.mark.fast
 def test_system_prompt_leads_the_prompt_of_string_and_chat_pairs_as_in_sft(tokenizer):
     (rec,) = pairs(preference_rows("strings", 1), tokenizer, system_prompt="Be brief.")[0]
     assert tokenizer.decode(rec["prompt_ids"]) == "<s>Be brief.\n\nRepeat the word apple three times. "
@@ -85,6 +88,7 @@ def test_system_prompt_leads_the_prompt_of_string_and_chat_pairs_as_in_sft(token
     assert tokenizer.decode(rec["chosen_ids"]) == "apple apple apple</s>\n"
 
 
+@pytest.mark.fast
 def test_max_seq_length_truncates_the_prompt_first_and_drops_pairs_whose_response_cannot_fit(tokenizer):
     rows = preference_rows("strings", 3)
     rows[1]["prompt"] = "apple river stone cloud tiger " * 20 + rows[1]["prompt"]
@@ -99,6 +103,7 @@ def test_max_seq_length_truncates_the_prompt_first_and_drops_pairs_whose_respons
     )  # the end stays
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
@@ -148,6 +153,7 @@ def test_chat_pairs_for_a_tokenizer_without_a_chat_template_are_refused(tmp_path
     assert len(pairs(preference_rows("strings", 2), plain)[0]) == 2  # string pairs need no template
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

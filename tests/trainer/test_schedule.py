@@ -10,6 +10,8 @@ import torch
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.recipe import lr_lambda, rebase_schedule
 
+pytestmark = pytest.mark.fast  # in-process unit tests: make test-fast
+
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
 def test_warmup_then_decay(kind):

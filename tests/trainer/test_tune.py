@@ -68,6 +68,7 @@ LORA = sdk.TorchTuneConfig(
 )  # fmt: skip
 
 
+@pytest.mark.fast
 def test_sdk_lora_config_translates_every_setting():
     args = sdk_args(LORA)
     assert "model.lora_attn_modules=[q_proj,k_proj,v_proj,output_proj]" in args  # the SDK's own format
@@ -109,6 +110,7 @@ def test_sdk_lora_config_translates_every_setting():
     )
 
 
+@pytest.mark.fast
 def test_sdk_qlora_full_and_unknown_configs():
     qlora = sdk.TorchTuneConfig(peft_config=sdk.LoraConfig(quantize_base=True, apply_lora_to_output=True))
     cfg = translated(
@@ -143,6 +145,7 @@ def test_sdk_qlora_full_and_unknown_configs():
         translated("lora_finetune_distributed", "mistral/12B_lora", sdk_args(lora, None), world=2)
 
 
+@pytest.mark.fast
 def test_trainer_args_keys():
     """torchtune keys users add through TrainerArgs."""
     extra = [
@@ -170,6 +173,7 @@ def test_trainer_args_keys():
     assert (cfg.max_grad_norm, cfg.resume) == (0.0, "auto")
 
 
+@pytest.mark.fast
 def test_cosmetic_keys_warn_once_each():
     extra = ["log_level=DEBUG", "device=cpu", "optimizer.fused=False", "profiler.wait_steps=2"]
     argv = controller_command("lora_finetune_distributed", "llama3_2/1B_lora", extra)
@@ -178,6 +182,7 @@ def test_cosmetic_keys_warn_once_each():
     assert all("has no effect in the llm-trainer" in w for w in warnings)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -220,6 +225,7 @@ def test_a_typo_exits_2_in_one_line_without_starting_anything(tmp_path):
     assert not out.exists() and "Traceback" not in result.stdout
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -243,6 +249,7 @@ def test_bad_command_lines(capsys, argv, message):
     assert message in err and "\n" not in err, err
 
 
+@pytest.mark.fast
 def test_dpo_recipes():
     argv = controller_command("lora_dpo_distributed", "llama3_1/8B_lora_dpo", [])
     if "objective" in field_types():
@@ -253,6 +260,7 @@ def test_dpo_recipes():
             tune.translate(tune.parse_command(argv), 1)
 
 
+@pytest.mark.fast
 def test_launcher_reads_pet_variables(monkeypatch):
     cmd = tune.parse_command(controller_command("full_finetune_distributed", "a/b", []))
     monkeypatch.setenv("PET_NPROC_PER_NODE", "auto")
