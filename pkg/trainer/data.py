@@ -86,14 +86,16 @@ def find_split_files(dataset_dir: Path, split: str = "train", source: str = "aut
 
     Every file of the split is used (whatever its name or type); files of other splits are named in the log.
     """
-    files = sorted(
+    visible = sorted(
         p
         for p in dataset_dir.rglob("*")
         if p.is_file()
-        and _builder(p, source)
         and not any(part.startswith(".") for part in p.relative_to(dataset_dir).parts)
         and p.name not in ("dataset_info.json", "state.json", "dataset_dict.json")
     )
+    files = [p for p in visible if _builder(p, source)]
+    if ignored := [str(p.relative_to(dataset_dir)) for p in visible if not _builder(p, source)]:
+        log.info("not read (not a data file for dataset_source %s): %s", source, _some(ignored))
     if not files:
         kinds = "json, jsonl, parquet, csv, arrow files or a save_to_disk folder"
         raise TrainerError(

@@ -87,12 +87,14 @@ def test_every_data_file_is_used_and_counted(tmp_path, caplog):
     datasets.Dataset.from_list(r[20:30]).to_csv(str(tmp_path / "more.csv"), index=False)
     datasets.Dataset.from_list(r[30:40]).to_parquet(str(tmp_path / "rest.parquet"))
     (tmp_path / "test.jsonl").write_text(json.dumps({**r[0], "output": "TEST SPLIT"}) + "\n")
+    (tmp_path / "README.md").write_text("# a dataset card\n")
     with caplog.at_level("INFO"):
         ds = data.load_rows(str(tmp_path), str(tmp_path / ".cache"))
     assert sorted(ds["instruction"]) == sorted(x["instruction"] for x in r)
     assert "TEST SPLIT" not in ds["output"]
     assert "more.csv 10, rest.parquet 10, train.jsonl 10, train2.jsonl 10" in caplog.text
     assert "not used (another split than train): test.jsonl (test)" in caplog.text
+    assert "not read (not a data file for dataset_source auto): README.md" in caplog.text
 
 
 @pytest.mark.fast
@@ -255,11 +257,14 @@ def test_a_job_whose_lock_was_taken_over_learns_it(tmp_path, short_lease):
     assert (tmp_path / output_lock.NAME).exists()  # the other job's: left alone
 
 
-def test_a_second_job_on_a_busy_output_dir_stops_in_one_line(tmp_path, tiny_model, alpaca_data):
+def test_a_second_job_on_a_busy_output_dir_stops_in_one_line_and_ctrl_c_checkpoints(
+    tmp_path, tiny_model, alpaca_data
+):
     out = tmp_path / "out"
     args = {**BASE_ARGS, "model_dir": tiny_model, "dataset_dir": alpaca_data, "output_dir": out}
     slow = trainer_env(TRAINER_TEST_STEP_SLEEP="1")  # the first job is still training when the second starts
-    first = start([PYTHON, "-m", "tests.trainer.faulty_trainer", *cli(args)], slow)
+    first_args = {**args, "max_steps": 60, "save_every": 100}
+    first = start([PYTHON, "-m", "tests.trainer.faulty_trainer", *cli(first_args)], slow)
     try:
         for _ in range(600):  # until the first job holds the lock
             if (out / output_lock.NAME).exists():
@@ -271,13 +276,22 @@ def test_a_second_job_on_a_busy_output_dir_stops_in_one_line(tmp_path, tiny_mode
         assert (
             f"output_dir {out} is in use by another job (host {socket.gethostname()}, pid {first.pid}" in err
         )
+        metrics = out / "metrics.jsonl"
+        for _ in range(1200):  # until it trains (Ctrl-C during setup is one line and 130, no checkpoint)
+            if metrics.exists() and '"loss"' in metrics.read_text():
+                break
+            time.sleep(0.1)
+        first.send_signal(signal.SIGINT)  # Ctrl-C: like SIGTERM, a checkpoint at the step boundary
         done = finish(first, 240)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(first.pid, signal.SIGKILL)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 143, done.stderr[-2000:]
+    line = one_line_error(done.stderr)
+    assert line.startswith("error: stopped by SIGINT after step") and "checkpoint saved" in line, line
+    [(stopped, _)] = checkpoint.list_checkpoints(out)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and not (out / output_lock.NAME).exists()
+    assert steps == list(range(1, stopped + 1)) and not (out / output_lock.NAME).exists()
 
 
 # ------------------------------------------------------------------ checkpoints and disk space
