@@ -119,6 +119,9 @@ def run_fingerprint(cfg: Any) -> dict[str, str]:
             f"{cfg.objective} (dpo_beta={cfg.dpo_beta}, dpo_loss={cfg.dpo_loss}, "
             f"dpo_label_smoothing={cfg.dpo_label_smoothing})"
         )
+        if getattr(cfg, "reference_model_dir", ""):
+            ref = cfg.reference_model_dir
+            fingerprint["objective"] += f", reference {Path(ref).name} (content digest {dir_digest(ref)})"
     return fingerprint
 
 

@@ -92,6 +92,11 @@ class TrainConfig:
         "DPO loss: the DPO paper's sigmoid, or IPO (squared, on per-token mean log-ratios; noisy labels).",
         ("sigmoid", "ipo"),
     )
+    reference_model_dir: str = opt(
+        "",
+        "DPO with method full: the reference model's folder (the same tokenizer); empty: the starting model "
+        "(model_dir). LoRA's reference is always the base model with the adapter off.",
+    )
     dpo_label_smoothing: float = opt(
         0.0, "DPO sigmoid: assumed fraction of flipped preference labels (conservative DPO), in [0, 0.5)."
     )
@@ -167,8 +172,18 @@ class TrainConfig:
         False, "Also train on prompt tokens (by default only responses count in the loss)."
     )
     val_fraction: float = opt(0.0, "Fraction of the samples held out for validation (0 disables validation).")
+    val_dataset_split: str = opt(
+        "",
+        "Validate on this split (with slicing, e.g. validation or train[95%:]) of val_dataset_dir instead of "
+        "holding out val_fraction; read with the training data's format and columns. Empty: val_fraction.",
+    )
+    val_dataset_dir: str = opt(
+        "", "The validation dataset's files or folder (with val_dataset_split); empty: dataset_dir."
+    )
     eval_every: int = opt(
-        0, "Run validation every N steps (and always at the end when val_fraction > 0); 0: only at the end."
+        0,
+        "Run validation every N steps (and always at the end when there is a validation set); 0: only at "
+        "the end.",
     )
 
     # Checkpoints
@@ -281,6 +296,12 @@ class TrainConfig:
         if not self.lora_target_modules:
             raise ConfigError("lora_target_modules is empty: name modules or use 'all-linear'")
         split_spec(self.dataset_split)
+        if self.val_dataset_split:
+            split_spec(self.val_dataset_split)
+            if self.val_fraction:
+                raise ConfigError("give val_fraction or val_dataset_split, not both")
+        elif self.val_dataset_dir:
+            raise ConfigError("val_dataset_dir needs val_dataset_split (e.g. train or validation)")
         if self.use_dora and self.method == "full":
             raise ConfigError("use_dora applies to lora and qlora only; method full trains every weight")
         self._validate_dpo()
@@ -317,6 +338,11 @@ class TrainConfig:
             raise ConfigError(f"dpo_label_smoothing must be in [0, 0.5), got {self.dpo_label_smoothing}")
         if self.dpo_label_smoothing and self.dpo_loss != "sigmoid":
             raise ConfigError("dpo_label_smoothing applies to dpo_loss: sigmoid only; set it to 0 for ipo")
+        if self.reference_model_dir and (self.objective != "dpo" or self.method != "full"):
+            raise ConfigError(
+                "reference_model_dir applies to objective dpo with method full (LoRA's reference is the base "
+                "model with the adapter off)"
+            )
         if self.objective != "dpo":
             return
         for name, why in (

@@ -490,17 +490,17 @@ def _records(samples, packing: bool, max_len: int) -> list[dict[str, list[int]]]
     return [{"input_ids": ids, "labels": labels, "seq_lens": [len(ids)]} for ids, labels in samples]
 
 
-def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[dict[str, list[int]]]]:
-    """Tokenized (and packed) train and val records, from the raw dataset."""
-    ds = load_rows(cfg.dataset_dir, cache_dir, cfg.dataset_split, cfg.dataset_source)
+def tokenized_samples(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: str, split: str):
+    """The (input_ids, labels) of every row of one split that keeps a target token; and the format."""
+    ds = load_rows(dataset_dir, cache_dir, split, cfg.dataset_source)
     ds = rename_columns(ds, cfg.column_map)
     fmt = detect_format(list(ds.column_names), cfg.dataset_format)
     samples = tokenize_rows(ds, fmt, tokenizer, cfg)
     kept = [s for s in samples if any(t != IGNORE_INDEX for t in s[1])]
     if not kept:
         raise TrainerError(
-            f"no row has a target token left after truncation to max_seq_length={cfg.max_seq_length}: "
-            "raise max_seq_length or check the response fields"
+            f"no row of {dataset_dir} ({split}) has a target token left after truncation to "
+            f"max_seq_length={cfg.max_seq_length}: raise max_seq_length or check the response fields"
         )
     if len(kept) < len(samples):
         log.warning(
@@ -508,8 +508,20 @@ def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[
             len(samples) - len(kept),
             len(samples),
         )
-    train, val = split_train_val(kept, cfg)
-    log.info("format %s: %d rows -> %d train, %d val samples", fmt, len(ds), len(train), len(val))
+    return kept, fmt
+
+
+def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[dict[str, list[int]]]]:
+    """Tokenized (and packed) train and val records, from the raw dataset (and the validation dataset)."""
+    kept, fmt = tokenized_samples(cfg, tokenizer, cache_dir, cfg.dataset_dir, cfg.dataset_split)
+    if cfg.val_dataset_split:
+        train = kept
+        val, _ = tokenized_samples(
+            cfg, tokenizer, cache_dir, cfg.val_dataset_dir or cfg.dataset_dir, cfg.val_dataset_split
+        )
+    else:
+        train, val = split_train_val(kept, cfg)
+    log.info("format %s: %d train, %d val samples", fmt, len(train), len(val))
     return {
         "train": _records(train, cfg.packing, cfg.max_seq_length),
         "val": _records(val, cfg.packing, cfg.max_seq_length),
@@ -534,6 +546,11 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
     settings = ("dataset_format", "max_seq_length", "packing", "train_on_prompt", "val_fraction", "seed")
     settings += ("dataset_split", "dataset_source", "column_map", "system_prompt")
     settings += ("objective",)
+    if cfg.val_dataset_split:  # named only when set, so existing caches keep their key
+        settings += ("val_dataset_dir", "val_dataset_split")
+        for p in sorted(Path(cfg.val_dataset_dir).rglob("*")) if cfg.val_dataset_dir else []:
+            if p.is_file() and ".cache" not in p.parts:
+                h.update(f"val/{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}\n".encode())
     h.update(json.dumps({k: getattr(cfg, k) for k in settings}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 

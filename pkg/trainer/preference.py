@@ -172,9 +172,9 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
     return records, truncated, dropped
 
 
-def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[dict]]:
-    """Tokenized preference records, split into train and val like the SFT samples."""
-    ds = data.load_rows(cfg.dataset_dir, cache_dir, cfg.dataset_split, cfg.dataset_source)
+def tokenized_pairs(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: str, split: str) -> list[dict]:
+    """The tokenized pairs of one split that fit max_seq_length."""
+    ds = data.load_rows(dataset_dir, cache_dir, split, cfg.dataset_source)
     ds = data.rename_columns(ds, cfg.column_map)
     records, truncated, dropped = tokenize_pairs(ds, tokenizer, cfg)
     if truncated:
@@ -192,8 +192,18 @@ def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[
             "dropped %d of %d pairs whose chosen or rejected response alone does not fit max_seq_length=%d",
             dropped, len(ds), cfg.max_seq_length,
         )  # fmt: skip
-    train, val = data.split_train_val(records, cfg)
-    log.info("format preference: %d rows -> %d train, %d val pairs", len(ds), len(train), len(val))
+    return records
+
+
+def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[dict]]:
+    """Tokenized preference records, split into train and val like the SFT samples."""
+    records = tokenized_pairs(cfg, tokenizer, cache_dir, cfg.dataset_dir, cfg.dataset_split)
+    if cfg.val_dataset_split:
+        val_dir = cfg.val_dataset_dir or cfg.dataset_dir
+        train, val = records, tokenized_pairs(cfg, tokenizer, cache_dir, val_dir, cfg.val_dataset_split)
+    else:
+        train, val = data.split_train_val(records, cfg)
+    log.info("format preference: %d train, %d val pairs", len(train), len(val))
     return {"train": train, "val": val}
 
 

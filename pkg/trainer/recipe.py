@@ -19,7 +19,8 @@ Features and their flags (pkg/trainer/config.py documents every key):
 - DPO (`objective: dpo`, dpo.py and preference.py): preference pairs, chosen and rejected in one forward
   pass, the loss the mean over the pairs of the global batch; the reference is the model with its adapter
   disabled (LoRA/QLoRA) or log-probs cached before the first update (full).
-- Validation: `val_fraction` held out, evaluated every `eval_every` steps and at the end.
+- Validation: `val_fraction` held out (or `val_dataset_split` of `val_dataset_dir`), evaluated every
+  `eval_every` steps and at the end.
 - Outputs: adapter/ or model/ (export.py), metrics.jsonl, summary.json, loss.png (metrics.py), config.yaml.
 - Checkpoints (checkpoint.py): sharded and atomic every `save_every` steps and at the end, `keep_last` kept;
   `resume: auto` continues from the newest complete one (`never`, or a path); one metrics.jsonl history.
@@ -32,6 +33,7 @@ it through `self.plan`), `self.model`, `self.optimizer`, `self.scheduler`, `self
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -211,7 +213,7 @@ class Recipe:
         if cfg.objective == "dpo":
             self.dpo = dpo.DPO(cfg, self.dist.device, dpo.shares_prompt(self.model))
             if cfg.method == "full":  # before resume(): the freshly loaded model is the reference
-                self.reference = self.reference_cache()
+                self.reference = self.reference_cache(*self.reference_model())
         if cfg.optimizer_in_backward and self.plan.grad_accum != 1:
             raise TrainerError(
                 "optimizer_in_backward steps at the end of each backward: it needs one micro-batch per "
@@ -295,15 +297,45 @@ class Recipe:
         splits = data.read_cache(path)
         return splits["train"], splits["val"]
 
-    def reference_cache(self) -> dict[str, torch.Tensor]:
+    def reference_model(self) -> tuple[torch.nn.Module | None, str]:
+        """Full-FT DPO: (the reference model, its folder): the starting model itself, or the model of
+        reference_model_dir (built only when its log-probs are not cached yet; None otherwise)."""
+        cfg = self.cfg
+        ref_dir = cfg.reference_model_dir or cfg.model_dir
+        if ref_dir == cfg.model_dir:
+            return self.model, ref_dir
+        cached = self.reference_cache_path(ref_dir).exists()
+        (missing,) = distributed.all_reduce_sum([0.0 if cached else 1.0], self.dist.device)
+        if not missing:  # every rank reads the cache: no model needed
+            return None, ref_dir
+        log.info("DPO reference: the model of %s (reference_model_dir)", ref_dir)
+        counts = self.param_counts
+        self.cfg = dataclasses.replace(cfg, model_dir=ref_dir)
+        try:
+            ref = self.build_model()
+        finally:
+            self.cfg, self.param_counts = cfg, counts
+        if ref.config.vocab_size != self.model.config.vocab_size:
+            raise TrainerError(
+                f"reference_model_dir {ref_dir}: vocabulary of {ref.config.vocab_size} tokens, the model's "
+                f"has {self.model.config.vocab_size}; DPO compares both on the same tokens (same tokenizer)"
+            )
+        ref.eval()
+        return ref, ref_dir
+
+    def reference_cache_path(self, ref_dir: str) -> Path:
+        cfg = self.cfg
+        key = f"{data.cache_key(cfg, cfg.model_dir)}-{dir_digest(ref_dir)}"
+        return self.out / "cache" / f"reference-{key}.pt"
+
+    def reference_cache(self, net: torch.nn.Module | None, ref_dir: str) -> dict[str, torch.Tensor]:
         """Full-FT DPO: the reference log-probs of every pair, computed once and kept with the tokenized data.
 
-        Keyed by the data cache and the model's content digest. All ranks compute together when any rank
-        lacks the file; each node's first rank writes it (atomically), as for the tokenized data.
+        Keyed by the data cache and the reference model's content digest. All ranks compute together when
+        any rank lacks the file; each node's first rank writes it (atomically), as for the tokenized data.
         """
         cfg = self.cfg
-        key = f"{data.cache_key(cfg, cfg.model_dir)}-{dir_digest(cfg.model_dir)}"
-        path = self.out / "cache" / f"reference-{key}.pt"
+        path = self.reference_cache_path(ref_dir)
         (missing,) = distributed.all_reduce_sum([0.0 if path.exists() else 1.0], self.dist.device)
         if not missing:
             return torch.load(path, weights_only=True)
@@ -315,7 +347,7 @@ class Recipe:
             order = sorted(range(len(records)), key=lengths.__getitem__)
             batches = [[order[i] if i >= 0 else -1 for i in mb] for mb in self.plan.val_batches(len(records))]
             splits[name] = dpo.reference_logps(
-                self.model, records, batches, self.dist.device, cfg.loss_chunk_size, self.dpo.shared_prompt
+                net, records, batches, self.dist.device, cfg.loss_chunk_size, self.dpo.shared_prompt
             )
         log.info(
             "reference log-probs of %d pairs computed in %.1f s, %.1f s CPU (cached in %s)",

@@ -351,10 +351,17 @@ KEYS: list[Key] = [
        accept=(None,)),
     _k("ac_option", "honoured", _optional(integer), "Only null.", accept=(None,)),
     _k("low_cpu_ram", "mapped", boolean, "Rank 0 streams the weights; host memory stays low either way."),
-    _k("dataset_val", "refused", anything, "Validation on a separate dataset is not in this build: give "
-       "val_fraction through a trainer config instead (torchtune 0.6.1's recipes do not read it either)."),
-    _k("run_val_every_n_steps", "refused", anything, "See dataset_val."),
-    _k("batch_size_val", "refused", anything, "See dataset_val."),
+    # Validation (torchtune 0.6.1's recipes do not read these; later torchtune does, and so does tune run)
+    _k("dataset_val._component_", "mapped", text, "A validation dataset: the same builder as dataset, read "
+       "with its format and columns; its split, data_dir or data_files and source are its own, its other "
+       "arguments must equal dataset's. val_loss= lines every run_val_every_n_steps and at the end.",
+       "val_dataset_split"),
+    _k("dataset_val.*", "honoured", anything, "As dataset.* (split: val_dataset_split, data_dir or "
+       "data_files: val_dataset_dir)."),
+    _k("run_val_every_n_steps", "honoured", _optional(integer), "Steps between validations (null: at the end "
+       "only).", "eval_every"),
+    _k("batch_size_val", "mapped", integer, "Validation runs in micro-batches of batch_size (the loss is the "
+       "same)."),
     # No effect on results or memory: one warning when given
     *(_k(name, "cosmetic", anything, note) for name, note in (
         ("device", "The trainer uses the GPUs it is given (CPU without one)."),
@@ -411,10 +418,10 @@ FILE_TYPES = ("json", "csv", "parquet", "arrow", "text", "xml")
 
 def spec_of(key: str, builder: str | None) -> Key | None:
     """The table's entry for a key (profiler.* by its group), None if unknown; dataset arguments are
-    checked against the builder's."""
-    arg = key.split(".", 1)[-1]
-    if key.startswith("dataset.") and arg != "_component_" and builder in BUILDERS:
-        return BY_NAME[key] if arg in BUILDERS[builder].args else None
+    checked against the builder's (dataset_val's are parsed as dataset's)."""
+    group, _, arg = key.partition(".")
+    if group in ("dataset", "dataset_val") and arg and arg != "_component_" and builder in BUILDERS:
+        return BY_NAME[f"dataset.{arg}"] if arg in BUILDERS[builder].args else None
     if key in BY_NAME:
         return BY_NAME[key]
     group = key.split(".", 1)[0]
@@ -688,7 +695,9 @@ def parse_keys(flat: dict[str, Any], user_keys: set[str], recipe: str) -> Resolv
         )
     tt, warnings = {}, []
     for key, raw in flat.items():
-        spec = spec_of(key, builder)
+        spec = spec_of(
+            key, flat.get("dataset_val._component_") if key.startswith("dataset_val.") else builder
+        )
         if spec is None:
             raise unknown(key, builder)
         where = f"{key}={_fmt(raw)}"
@@ -892,6 +901,46 @@ def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
     for key in ("dataset.data_dir", "dataset.data_files"):
         if key in tt:
             values["dataset_dir"] = tt[key]
+    return {**values, **validation_settings(tt)}
+
+
+OWN_VAL_ARGS = ("split", "data_dir", "data_files", "source")  # dataset_val's own; the others are dataset's
+
+
+def validation_settings(tt: dict[str, Any]) -> dict[str, Any]:
+    """dataset_val (the same builder as dataset, its own split and files) and run_val_every_n_steps."""
+    values: dict[str, Any] = {}
+    if tt.get("run_val_every_n_steps") is not None:
+        values["eval_every"] = tt["run_val_every_n_steps"]
+    val_keys = {k.split(".", 1)[1]: v for k, v in tt.items() if k.startswith("dataset_val.")}
+    if not val_keys:
+        return values
+    builder = val_keys.get("_component_")
+    if builder is None:
+        raise ConfigError("dataset_val._component_ is missing: give the validation dataset's builder")
+    if builder != tt.get("dataset._component_"):
+        raise ConfigError(
+            f"dataset_val._component_={builder}: validation reads the training data's format, so give the "
+            f"same builder as dataset ({tt.get('dataset._component_')}) with its own split or files"
+        )
+    defaults = {"train_on_input": BUILDERS[builder].train_on_input, "packed": False, "add_eos": True,
+                "split_across_pack": True}  # fmt: skip
+    for arg in sorted(set(BUILDERS[builder].args) - set(OWN_VAL_ARGS)):
+        val, train = val_keys.get(arg, defaults.get(arg)), tt.get(f"dataset.{arg}", defaults.get(arg))
+        if val != train:
+            raise ConfigError(
+                f"dataset_val.{arg}={_fmt(val)}: validation is read like the training data, with "
+                f"dataset.{arg}={_fmt(train)}; give the same value"
+            )
+    if "data_dir" in val_keys and "data_files" in val_keys:
+        raise ConfigError("give dataset_val.data_dir or dataset_val.data_files, not both")
+    source = val_keys.get("source")
+    if source in FILE_TYPES and source != tt.get("dataset.source", source):
+        raise ConfigError(
+            f"dataset_val.source={source}: the validation files must be of dataset.source's type"
+        )
+    values["val_dataset_split"] = val_keys.get("split", "train")
+    values["val_dataset_dir"] = val_keys.get("data_dir") or val_keys.get("data_files") or ""
     return values
 
 
@@ -1076,14 +1125,16 @@ def trainer_args(cfg: TrainConfig) -> list[str]:
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys as nested groups, each group's `_component_` first (as torchtune's files have it)."""
     out: dict[str, Any] = {}
-    for key, value in flat.items():
+    for key in sorted(flat, key=lambda k: not k.endswith("._component_")):
         node = out
         *groups, last = key.split(".")
         for group in groups:
             node = node.setdefault(group, {})
-        node[last] = value
-    return out
+        node[last] = flat[key]
+    order = {k.split(".", 1)[0]: i for i, k in reversed(list(enumerate(flat)))}  # the file's order of groups
+    return dict(sorted(out.items(), key=lambda item: order[item[0]]))
 
 
 def render_config(name: str) -> str:
@@ -1101,7 +1152,7 @@ def render_config(name: str) -> str:
         f"# reads them (tune run {recipes[0]} --config THIS_FILE). Paths are a TrainJob's folders.",
         "# Every key is listed in docs/trainer.md with what it does here.",
     ]
-    body = yaml.safe_dump(unflatten({**paths, **flat}), sort_keys=False, default_flow_style=None)
+    body = yaml.safe_dump(unflatten({**paths, **flat}), sort_keys=False, default_flow_style=False)
     return "\n".join(header) + "\n" + body
 
 

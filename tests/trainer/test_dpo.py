@@ -290,3 +290,24 @@ def test_full_finetuning_caches_the_reference_log_probs_once(tmp_path, setup):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "resuming from step 2" in result.stdout and "reference log-probs" not in result.stdout
     assert len(losses(tmp_path)) == 3
+
+
+def test_full_finetuning_against_another_reference_model(tmp_path, setup):
+    """reference_model_dir (torchtune's ref_checkpointer): the reference log-probs are that model's, the same
+    as when it is the starting model itself, and the first loss is no longer ln 2."""
+    model_dir, pairs = setup
+    reference = make_tiny_model(tmp_path / "reference", init_std=0.1, seed=1)
+    args = {**ARGS, "dataset_dir": pairs, "method": "full", "max_steps": 1, "save_every": 0}
+    result = run_trainer({**args, "model_dir": model_dir, "reference_model_dir": reference,
+                          "output_dir": tmp_path / "other"})  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert f"DPO reference: the model of {reference}" in result.stdout
+    assert abs(losses(tmp_path / "other")[0] - math.log(2)) > 1e-3
+    result = run_trainer({**args, "model_dir": reference, "output_dir": tmp_path / "itself"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    [other] = (tmp_path / "other" / "cache").glob("reference-*.pt")
+    [itself] = (tmp_path / "itself" / "cache").glob("reference-*.pt")
+    for split in ("train", "val"):
+        torch.testing.assert_close(
+            torch.load(other, weights_only=True)[split], torch.load(itself, weights_only=True)[split]
+        )

@@ -367,7 +367,11 @@ def test_two_nodes_full_fp32(tmp_path, tiny_model):
     args = sdk_args(sdk.TorchTuneConfig(dtype=sdk.DataType.FP32, batch_size=2, epochs=1), None)
     args += [f"dataset.data_dir={data}", "dataset=torchtune.datasets.instruct_dataset",
              "dataset.column_map={'input': 'question', 'output': 'answer'}", "dataset.split=train",
-             "enable_activation_checkpointing=False", "gradient_accumulation_steps=4"]  # fmt: skip
+             "enable_activation_checkpointing=False", "gradient_accumulation_steps=4",
+             # validation on its own data: the same builder and columns, its own split
+             "dataset_val._component_=torchtune.datasets.instruct_dataset", "dataset_val.split=train[:8]",
+             "dataset_val.column_map={'input': 'question', 'output': 'answer'}",
+             "run_val_every_n_steps=1"]  # fmt: skip
     endpoint = f"127.0.0.1:{free_port()}"
     argv = controller_command("full_finetune_distributed", "llama3_2/1B_full", args, str(out),
                               str(tiny_model), endpoint=endpoint)  # fmt: skip
@@ -378,6 +382,8 @@ def test_two_nodes_full_fp32(tmp_path, tiny_model):
     results = [finish(node, 300) for node in nodes]
     for result in results:
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    val_lines = [line for line in results[0].stdout.splitlines() if "val_loss=" in line]
+    assert len(val_lines) == 2, results[0].stdout[-3000:]  # after each of the 2 steps
     summary = json.loads((out / "summary.json").read_text())
     # 32 rows / (2 per device x 2 nodes x accumulation 4)
     assert summary["world_size"] == 2 and summary["method"] == "full"
@@ -386,3 +392,63 @@ def test_two_nodes_full_fp32(tmp_path, tiny_model):
     assert weights and sorted(p.name for p in (out / "epoch_0").glob("*.safetensors")) == weights
     assert (out / "epoch_0" / "config.json").stat().st_ino == (out / "model" / "config.json").stat().st_ino
     assert "precision: fp32" in (out / "config.yaml").read_text()
+
+
+def test_readme_configmap_config_file_from_the_sdk(tmp_path, capsys):
+    """README's SDK example: the options put `tune run --config /etc/tune/FILE` and the ConfigMap mount on the
+    node; a `tune cp` file edited by the user is what that command runs (no cluster: the SDK's own option
+    objects applied to a TrainJob spec)."""
+    from kubeflow.trainer import CustomTrainerContainer
+    from kubeflow.trainer.backends.kubernetes.backend import KubernetesBackend
+    from kubeflow.trainer.options import (
+        ContainerPatch,
+        JobSetSpecPatch,
+        JobSetTemplatePatch,
+        JobSpecPatch,
+        JobTemplatePatch,
+        PodSpecPatch,
+        PodTemplatePatch,
+        ReplicatedJobPatch,
+        RuntimePatch,
+        TrainerCommand,
+        TrainingRuntimeSpecPatch,
+    )  # fmt: skip
+
+    mount = PodSpecPatch(
+        volumes=[{"name": "tune-config", "configMap": {"name": "my-tune-config"}}],
+        containers=[
+            ContainerPatch(name="node", volume_mounts=[{"name": "tune-config", "mountPath": "/etc/tune"}])
+        ],
+    )
+    command = ["tune", "run", "lora_finetune_distributed", "--config", "/etc/tune/my_lora.yaml"]
+    options = [
+        TrainerCommand(command),
+        RuntimePatch(training_runtime_spec=TrainingRuntimeSpecPatch(template=JobSetTemplatePatch(
+            spec=JobSetSpecPatch(replicated_jobs=[ReplicatedJobPatch(name="node", template=JobTemplatePatch(
+                spec=JobSpecPatch(template=PodTemplatePatch(spec=mount))))])))),
+    ]  # fmt: skip
+    spec: dict = {}
+    backend = KubernetesBackend.__new__(KubernetesBackend)
+    for option in options:
+        option(spec, CustomTrainerContainer(image="llm-trainer", num_nodes=1), backend)
+    assert spec["spec"]["trainer"]["command"] == command
+    [patch] = spec["spec"]["runtimePatches"]
+    [job] = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = job["template"]["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["configMap"] == {"name": "my-tune-config"}
+    assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/etc/tune"
+
+    # The file: `tune cp`, edited, then the command above (the mount is tmp_path here).
+    assert tune.main(["cp", "qwen2_5/1.5B_lora", str(tmp_path / "my_lora.yaml")]) == 0
+    text = (tmp_path / "my_lora.yaml").read_text()
+    (tmp_path / "my_lora.yaml").write_text(
+        text.replace("lora_rank: 32", "lora_rank: 12").replace("lr: 2e-5", "lr: 7e-5")
+    )
+    argv = [a.replace("/etc/tune", str(tmp_path)) for a in command[1:]]
+    cfg, warnings = tune.translate(tune.parse_command(argv), 1)
+    assert (cfg.lora_rank, cfg.learning_rate, warnings) == (12, 7e-5, [])
+    assert (cfg.model_dir, cfg.output_dir, cfg.dataset_dir) == (
+        "/workspace/model",
+        "/workspace/output",
+        "/workspace/dataset",
+    )
