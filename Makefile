@@ -4,10 +4,10 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 REQS := requirements/dev.txt requirements/torch.txt requirements/torchtune.txt pkg/initializers/requirements.txt pkg/trainer/requirements.txt \
-        pkg/trainer/requirements-gpu.txt
+        pkg/trainer/requirements-gpu.txt pkg/model_exporter/requirements.txt
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-fast test-initializers test-trainer test-images test-images-full test-images-cuda test-manifests \
+.PHONY: help install test test-fast test-initializers test-trainer test-exporter test-images test-images-full test-images-cuda test-manifests \
         lint images push images-local bench demo clean
 
 help: ## show this help
@@ -34,6 +34,9 @@ test-initializers: install ## dataset and model initializer tests only
 test-trainer: install ## llm-trainer tests only
 	$(PYTHON) -m pytest tests/trainer $(PYTEST_ARGS)
 
+test-exporter: install ## model exporter tests only (S3 on moto and rclone, Hub, Model Registry contract server)
+	$(PYTHON) -m pytest tests/model_exporter $(PYTEST_ARGS)
+
 lint: install ## ruff on the Python code, hadolint on the Dockerfiles, actionlint on the workflows
 	$(VENV)/bin/ruff check pkg tests bench scripts demo
 	$(VENV)/bin/ruff format --check pkg tests bench scripts demo
@@ -44,7 +47,7 @@ lint: install ## ruff on the Python code, hadolint on the Dockerfiles, actionlin
 BAKE_ARGS ?=
 IMAGES ?=
 
-images: ## build the three images with `docker buildx bake` (Docker engine + buildx; REGISTRY, TAG, PLATFORMS)
+images: ## build the four images with `docker buildx bake` (Docker engine + buildx; REGISTRY, TAG, PLATFORMS)
 	REVISION=$${REVISION:-$$(git rev-parse --short HEAD)} docker buildx bake --file docker-bake.hcl $(BAKE_ARGS)
 
 push: ## build and push the release images: PLATFORMS=linux/amd64,linux/arm64 TAG=v2.0.0 make push
@@ -53,7 +56,7 @@ push: ## build and push the release images: PLATFORMS=linux/amd64,linux/arm64 TA
 images-local: install ## the same targets with buildah, no Docker engine (root; IMAGES="dataset-initializer ...")
 	$(PYTHON) scripts/build_local_images.py $(IMAGES)
 
-test-images: install ## build the initializer images and run them against local S3 and Hub servers (root)
+test-images: install ## build the initializer and exporter images and run them against local S3 and Hub servers (root)
 	$(PYTHON) -m pytest tests/images $(PYTEST_ARGS)
 
 test-images-full: install ## test-images + a CPU llm-trainer image running a 2-process LoRA fine-tune

@@ -1,5 +1,5 @@
-// The three runtime images of Kubeflow Trainer v2 for LLM fine-tuning.
-//   docker buildx bake                                   # all three, local platform
+// The runtime images of Kubeflow Trainer v2 for LLM fine-tuning.
+//   docker buildx bake                                   # all four, local platform
 //   REGISTRY=ghcr.io/me TAG=v2.0.1 docker buildx bake --push
 //   make images-local                                    # same targets with buildah (reads this file)
 // scripts/build_local_images.py reads this file with an HCL parser and evaluates variables, interpolation,
@@ -28,7 +28,7 @@ variable "REVISION" {
 }
 
 group "default" {
-  targets = ["dataset-initializer", "model-initializer", "llm-trainer"]
+  targets = ["dataset-initializer", "model-initializer", "llm-trainer", "model-exporter"]
 }
 
 // Build context and platforms of every target.
@@ -59,8 +59,8 @@ target "_image" {
   }
 }
 
-// What both initializers share (Python, the pinned venv, the user, the labels). Never pushed on its own:
-// each initializer names it as its build context `base`, so bake builds it once for both.
+// What both initializers and the exporter share (Python, the pinned venv, the user, the labels). Never
+// pushed on its own: each names it as its build context `base`, so bake builds it once for all three.
 target "initializer-base" {
   inherits   = ["_image"]
   dockerfile = "images/initializer_base/Dockerfile"
@@ -100,4 +100,15 @@ target "llm-trainer" {
     INSTALL_GPU_EXTRAS = "true"
   }
   tags = ["${REGISTRY}/llm-trainer:${TAG}", "${REGISTRY}/llm-trainer:latest"]
+}
+
+// The trainer's output to S3, the Hub or a volume (+ Model Registry): pkg/initializers and
+// pkg/model_exporter, huggingface_hub and the model-registry client on initializer-base.
+target "model-exporter" {
+  inherits   = ["_labels"]
+  dockerfile = "images/model_exporter/Dockerfile"
+  contexts = {
+    base = "target:initializer-base"
+  }
+  tags = ["${REGISTRY}/model-exporter:${TAG}", "${REGISTRY}/model-exporter:latest"]
 }

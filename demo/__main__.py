@@ -1,12 +1,14 @@
-"""The whole pipeline in one command: initializers, then a 2-process FSDP2 + LoRA fine-tune.
+"""The whole pipeline in one command: initializers, a 2-process FSDP2 + LoRA fine-tune, the export.
 
     make demo                                   # embedded tiny model + dataset, local S3, CPU, offline
     make demo MODEL=hf://Qwen/Qwen2.5-0.5B-Instruct DATASET=hf://tatsu-lab/alpaca   # needs internet
 
 Offline, it builds a tiny Llama-style model and a 300-example dataset of our own writing, serves both
 from a local S3 server (moto) on 127.0.0.1, runs the real dataset and model initializers against it,
-then `torchrun --nproc-per-node 2 -m pkg.trainer`, and shows the loss curve and a generation before
-and after training. Everything lands in `.demo/` (`--workdir`); rerunning starts from scratch.
+then `torchrun --nproc-per-node 2 -m pkg.trainer`, shows the loss curve and a generation before and after
+training, and ends by exporting the adapter with the model exporter to the local S3 server (started for
+that alone with MODEL/DATASET) and listing it. Everything lands in `.demo/` (`--workdir`); rerunning starts
+from scratch.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ QUIET = {  # library chatter that would drown the story the demo tells
 SPARK = "▁▂▃▄▅▆▇█"
 BUCKET = "demo"
 MODEL_PREFIX = "models/tiny-llama"
+EXPORT_PREFIX = "exports/tiny-llama-animal-sounds-lora"
 DATASET_PREFIX = "datasets/animal-sounds"
 
 
@@ -69,7 +72,7 @@ def upload(client, folder: Path, prefix: str) -> None:
 
 def run_initializer(kind: str, uri: str, output: Path, env: dict[str, str]) -> None:
     """The real entry point as the image runs it, with the environment the Kubeflow SDK sets."""
-    heading(f"2/4 {kind}-initializer: {uri} -> {output}")
+    heading(f"2/5 {kind}-initializer: {uri} -> {output}")
     full_env = {**os.environ, **QUIET, **env, "STORAGE_URI": uri, "OUTPUT_PATH": str(output)}
     subprocess.run([sys.executable, "-m", f"pkg.initializers.{kind}"], env=full_env, cwd=REPO, check=True)
 
@@ -115,31 +118,48 @@ def main() -> int:
     work = Path(args.workdir).resolve()
     shutil.rmtree(work, ignore_errors=True)
     workspace = work / "workspace"  # what the TrainJob's shared /workspace volume holds
-    env: dict[str, str] = {}
-    server = None
-    try:
-        if embedded:
-            from tests.support.s3_server import start_s3_server
+    from tests.support.s3_server import start_s3_server
 
-            heading("1/4 Preparing the embedded model and dataset")
+    server = start_s3_server()  # the sources of the embedded demo, and where every demo exports to
+    try:
+        client = server.client()
+        client.create_bucket(Bucket=BUCKET)
+        env = server.env()
+        if embedded:
+            heading("1/5 Preparing the embedded model and dataset")
             model_src, dataset_src = build_embedded(work / "source")
-            server = start_s3_server()
-            client = server.client()
-            client.create_bucket(Bucket=BUCKET)
             upload(client, model_src, MODEL_PREFIX)
             upload(client, dataset_src, DATASET_PREFIX)
             print(f"serving both from a local S3 server at {server.endpoint} (bucket {BUCKET})")
-            env = server.env()
             model_uri, dataset_uri = f"s3://{BUCKET}/{MODEL_PREFIX}", f"s3://{BUCKET}/{DATASET_PREFIX}"
+            run_initializer("dataset", dataset_uri, workspace / "dataset", env)
+            run_initializer("model", model_uri, workspace / "model", env)
         else:
-            heading("1/4 Using the models and data you named (needs internet)")
-            model_uri, dataset_uri = args.model, args.dataset
-        run_initializer("dataset", dataset_uri, workspace / "dataset", env)
-        run_initializer("model", model_uri, workspace / "model", env)
+            heading("1/5 Using the models and data you named (needs internet)")
+            run_initializer("dataset", args.dataset, workspace / "dataset", {})
+            run_initializer("model", args.model, workspace / "model", {})
+        train_and_show(args, embedded, workspace)
+        export(client, workspace / "output", env)
     finally:
-        if server is not None:
-            server.stop()
+        server.stop()
+    print(f"\ndemo finished in {time.monotonic() - started:.0f} s; everything is in {work}")
+    return 0
 
+
+def export(client, output: Path, env: dict[str, str]) -> None:
+    """The model exporter as its image runs it: the adapter to the local S3 server, then listed."""
+    uri = f"s3://{BUCKET}/{EXPORT_PREFIX}"
+    heading(f"5/5 model-exporter: {output} -> {uri}")
+    full_env = {**os.environ, **QUIET, **env, "STORAGE_URI": uri, "SOURCE_PATH": str(output)}
+    full_env["EXPORT"] = "adapter"
+    subprocess.run([sys.executable, "-m", "pkg.model_exporter"], env=full_env, cwd=REPO, check=True)
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=EXPORT_PREFIX + "/")["Contents"]
+    for obj in listed:
+        print(f"  {obj['Size']:>10,} B  s3://{BUCKET}/{obj['Key']}")
+
+
+def train_and_show(args: argparse.Namespace, embedded: bool, workspace: Path) -> None:
+    """The trainer as its image runs it, then the loss curve and a generation before and after."""
     steps = args.steps or (200 if embedded else 10)
     trainer_args = {
         "model_dir": workspace / "model",
@@ -156,11 +176,11 @@ def main() -> int:
         trainer_args |= {"global_batch_size": 8, "micro_batch_size": 1, "max_seq_length": 256}
     cmd = ["torchrun", f"--nproc-per-node={args.nproc}", "-m", "pkg.trainer"]
     cmd += [f"--{key}={value}" for key, value in trainer_args.items()]
-    heading("3/4 llm-trainer: " + " ".join(cmd))
+    heading("3/5 llm-trainer: " + " ".join(cmd))
     torchrun = Path(sys.executable).with_name("torchrun")
     subprocess.run([str(torchrun), *cmd[1:]], cwd=REPO, check=True)
 
-    heading("4/4 What happened")
+    heading("4/5 What happened")
     output = workspace / "output"
     summary = json.loads((output / "summary.json").read_text())
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -178,8 +198,6 @@ def main() -> int:
     print(f"\nprompt:          {prompt}")
     print(f"before training: {before}")
     print(f"after training:  {after}   (base model + the saved adapter, loaded with peft)")
-    print(f"\ndemo finished in {time.monotonic() - started:.0f} s; everything is in {work}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -36,8 +36,18 @@ def trainer_reference() -> str:
 def initializer_reference() -> str:
     from pkg.initializers.config import ENV_VARS
 
+    return env_table(ENV_VARS)
+
+
+def exporter_reference() -> str:
+    from pkg.model_exporter.config import ENV_VARS
+
+    return env_table(ENV_VARS)
+
+
+def env_table(variables: tuple) -> str:
     rows = ["| variable | default | description |", "|---|---|---|"]
-    for var in ENV_VARS:
+    for var in variables:
         rows.append(f"| `{var.name}` | {f'`{var.default}`' if var.default else ''} | {var.help} |")
     return "\n".join(rows)
 
@@ -73,12 +83,14 @@ def tune_reference() -> str:
 SECTIONS = {
     "trainer-config": trainer_reference,
     "initializer-env": initializer_reference,
+    "exporter-env": exporter_reference,
     "tune-keys": tune_reference,
 }
 # Which generated sections each document holds.
 DOCS = {
     "README.md": ("initializer-env", "trainer-config"),
     "docs/initializers.md": ("initializer-env",),
+    "docs/exporter.md": ("exporter-env",),
     "docs/trainer.md": ("tune-keys", "trainer-config"),
 }
 

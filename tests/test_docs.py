@@ -48,7 +48,7 @@ def test_readme_and_images_doc_give_one_set_of_commands() -> None:
         [c for c in bash_commands(ROOT / doc) if c.startswith(("docker run", "kubectl "))] for doc in DOCS
     ]
     assert shared[0] == shared[1]
-    assert len([c for c in shared[0] if c.startswith("docker run")]) == 4
+    assert len([c for c in shared[0] if c.startswith("docker run")]) == 5
     unclassified = [c for doc in DOCS for c in bash_commands(ROOT / doc) if who_runs(c) is None]
     assert unclassified == [], "classify these in tests/images/docs_commands.py WHO_RUNS"
     assert podman_flags() == ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]

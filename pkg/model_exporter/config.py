@@ -32,6 +32,11 @@ ENV_VARS = (
         "`adapter`, `model` (the merged or fully fine-tuned model) or `all` (every output but checkpoints/).",
         "model/ if the run wrote one, else adapter/",
     ),
+    EnvVar(
+        "EXPORT_OPTIONAL",
+        "`true`: without STORAGE_URI, log that there is nothing to export and succeed (the runtimes' step).",
+        "false",
+    ),
     EnvVar("HF_PUBLIC", "`true`: a Hub repo the exporter creates is public.", "false (private)"),
     EnvVar("MODEL_REGISTRY_URL", "Kubeflow Model Registry (`https://HOST[:PORT]`): register after upload."),
     EnvVar("MODEL_REGISTRY_TOKEN", "Bearer token for the registry. Never printed."),
@@ -61,6 +66,19 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
+def _true(env: Mapping[str, str], name: str) -> bool:
+    value = (_get(env, name) or "false").lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise InitializerError(f"{name}={value!r}: expected true or false")
+    return value in ("true", "1", "yes")
+
+
+def nothing_to_export(env: Mapping[str, str] | None = None) -> bool:
+    """True for an optional export step (EXPORT_OPTIONAL=true) that was given no STORAGE_URI."""
+    env = os.environ if env is None else env
+    return _get(env, "STORAGE_URI") is None and _true(env, "EXPORT_OPTIONAL")
+
+
 def load_export_config(env: Mapping[str, str] | None = None) -> ExportConfig:
     """Read and validate the environment; raise InitializerError naming the variable at fault."""
     env = os.environ if env is None else env
@@ -78,9 +96,6 @@ def load_export_config(env: Mapping[str, str] | None = None) -> ExportConfig:
     export = (_get(env, "EXPORT") or "").lower() or None
     if export is not None and export not in EXPORTS:
         raise InitializerError(f"EXPORT={export!r}: expected one of {', '.join(EXPORTS)}")
-    public = (_get(env, "HF_PUBLIC") or "false").lower()
-    if public not in ("true", "false", "1", "0", "yes", "no"):
-        raise InitializerError(f"HF_PUBLIC={public!r}: expected true or false")
     registry_url = _get(env, "MODEL_REGISTRY_URL")
     if registry_url and not registry_url.startswith(("http://", "https://")):
         raise InitializerError(
@@ -95,7 +110,7 @@ def load_export_config(env: Mapping[str, str] | None = None) -> ExportConfig:
         shared=shared,
         source_path=source,
         export=export,  # type: ignore[arg-type]
-        hf_public=public in ("true", "1", "yes"),
+        hf_public=_true(env, "HF_PUBLIC"),
         registry_url=registry_url.rstrip("/") if registry_url else None,
         registry_token=registry_token,
         model_name=_get(env, "MODEL_NAME"),

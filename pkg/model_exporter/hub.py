@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
 
 
 def export_hub(config: ExportConfig, selection: Selection, run: dict[str, Any]) -> dict[str, Any]:
-    import httpx
+    import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -72,7 +72,7 @@ def export_hub(config: ExportConfig, selection: Selection, run: dict[str, Any]) 
                     404: f"check that {uri.repo_id} exists or that the token may create it",
                 }.get(status, "check the repository and ACCESS_TOKEN")
                 raise InitializerError(f"the Hub refused {what} (HTTP {status}: {detail}); {hint}") from None
-            except httpx.TransportError as exc:
+            except httpx2.TransportError as exc:
                 raise TransientError(f"{what}: {type(exc).__name__}: {one_line(exc, 200)}") from None
 
         return retry(once, what, shared.tuning)

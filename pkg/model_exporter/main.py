@@ -17,7 +17,7 @@ from pkg.initializers.progress import human_bytes, log
 from pkg.initializers.uri import HfUri, S3Uri
 
 from .card import describe_run
-from .config import ExportConfig, load_export_config
+from .config import ExportConfig, load_export_config, nothing_to_export
 from .outputs import select
 
 FORMAT = 1
@@ -75,8 +75,10 @@ def main() -> int:
     """Entry point of `python -m pkg.model_exporter`; returns the exit code."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        config = load_export_config()
-        run(config)
+        if nothing_to_export():
+            log("no STORAGE_URI: nothing to export (set STORAGE_URI on this step to export the run)")
+            return 0
+        run(load_export_config())
         return 0
     except InitializerError as exc:
         print(f"error: {one_line(exc, 1000)}", file=sys.stderr, flush=True)

@@ -1,4 +1,5 @@
-"""`make demo` end to end, shortened: embedded model and data, local S3, both initializers, 2-process LoRA."""
+"""`make demo` end to end, shortened: embedded model and data, local S3, both initializers, 2-process LoRA,
+the export of the adapter back to the local S3 server."""
 
 from __future__ import annotations
 
@@ -21,8 +22,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
-    for heading in ("1/4 Preparing", "2/4 dataset-initializer", "2/4 model-initializer", "3/4 llm-trainer"):
+    for heading in ("1/5 Preparing", "2/5 dataset-initializer", "2/5 model-initializer", "3/5 llm-trainer"):
         assert heading in out
+    # The adapter landed in the demo's S3 server, manifest last, and is listed.
+    assert "5/5 model-exporter" in out
+    export = "s3://demo/exports/tiny-llama-animal-sounds-lora/"
+    for name in ("adapter_model.safetensors", "adapter_config.json", ".model-exporter/manifest.json"):
+        assert export + name in out, name
     assert "before training:" in out and "after training:" in out
     workspace = work / "workspace"
     # The initializers left complete copies with their completion markers.

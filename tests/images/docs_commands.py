@@ -18,7 +18,8 @@ DOCS = ("README.md", "docs/images.md")
 # Command (its start) -> who runs it. "test:" names the test that runs it; "not run:" says why it cannot.
 WHO_RUNS = {
     "mkdir -p workspace && sudo chown 1000:1000 workspace": "test: tests/images/test_docs_commands.py",
-    "docker run": "test: tests/images/test_docs_commands.py (initializers), full_trainer_image.py (trainer)",
+    "docker run": "test: tests/images/test_docs_commands.py (initializers), full_trainer_image.py (trainer), "
+    "test_model_exporter_image.py (exporter)",
     "make demo MODEL=": "not run: needs the internet (the Hub); `make demo` is that pipeline offline",
     "make demo": "test: tests/demo/test_demo.py runs the pipeline `make demo` runs, shortened",
     "make test": "not run: it is the test suite itself",

@@ -15,16 +15,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "build_local_images.py"
-TARGETS = ("dataset-initializer", "model-initializer", "llm-trainer")
+TARGETS = ("dataset-initializer", "model-initializer", "llm-trainer", "model-exporter")
 ENTRY_POINT = {
     "dataset-initializer": 'CMD ["python", "-m", "pkg.initializers.dataset"]',
     "model-initializer": 'CMD ["python", "-m", "pkg.initializers.model"]',
     "llm-trainer": 'ENTRYPOINT ["python", "-m", "pkg.trainer.launch"]',
+    "model-exporter": 'CMD ["python", "-m", "pkg.model_exporter"]',
 }
-PACKAGE = {
-    "dataset-initializer": "initializers",
-    "model-initializer": "initializers",
-    "llm-trainer": "trainer",
+PACKAGES = {  # the exporter reuses the initializers' transfer code: it ships both packages
+    "dataset-initializer": {"initializers"},
+    "model-initializer": {"initializers"},
+    "llm-trainer": {"trainer"},
+    "model-exporter": {"initializers", "model_exporter"},
 }
 
 
@@ -118,11 +120,11 @@ def test_dockerfile_agrees_with_bake(name):
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.M)
     assert re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M).group(1) == bottom["args"]["BASE_IMAGE"]
     text = "\n".join(dockerfile for _, dockerfile in chain)
-    # Each image ships only pkg/__init__.py and its own package.
+    # Each image ships only pkg/__init__.py and its own packages.
     sources = re.findall(r"^COPY (?!--from)(\S+)", text, re.M)
     assert {s for s in sources if s.startswith("pkg/") and not s.endswith(".txt")} == {
         "pkg/__init__.py",
-        f"pkg/{PACKAGE[name]}",
+        *(f"pkg/{package}" for package in PACKAGES[name]),
     }
     assert re.search(r"^USER 1000:1000$", text, re.M)
     assert re.search(r"^WORKDIR /app$", text, re.M)
@@ -132,7 +134,8 @@ def test_dockerfile_agrees_with_bake(name):
 
 def test_shared_initializer_base_is_built_once_for_both():
     bake = bake_print()
-    contexts = {bake["target"][name].get("contexts", {}).get("base") for name in TARGETS[:2]}
+    users = ("dataset-initializer", "model-initializer", "model-exporter")
+    contexts = {bake["target"][name].get("contexts", {}).get("base") for name in users}
     assert contexts == {"target:initializer-base"}
     assert "initializer-base" in bake["target"], "--print lists the targets named as contexts, like bake"
     assert "initializer-base" not in bake["group"]["default"]["targets"]

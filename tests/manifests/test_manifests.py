@@ -26,6 +26,7 @@ STEPS = {
     "dataset-initializer": ("dataset-initializer", "dataset-initializer"),
     "model-initializer": ("model-initializer", "model-initializer"),
     "node": ("trainer", "llm-trainer"),
+    "model-exporter": (None, "model-exporter"),  # not a step the controller configures: no ancestor label
 }
 
 
@@ -90,15 +91,16 @@ def test_runtime_structure(file, runtime, bake):
     assert torch["numProcPerNode"] == "auto" or int(torch["numProcPerNode"]) >= 1
 
     steps = jobs(runtime)
-    assert list(steps) == list(STEPS), "initializers first, then node"
-    # JobSet allows one dependsOn per step: dataset -> model -> node, each on Complete.
+    assert list(steps) == list(STEPS), "initializers first, then node, then the exporter"
+    # JobSet allows one dependsOn per step: dataset -> model -> node -> exporter, each on Complete.
     assert "dependsOn" not in steps["dataset-initializer"]
     assert steps["model-initializer"]["dependsOn"] == [{"name": "dataset-initializer", "status": "Complete"}]
     assert steps["node"]["dependsOn"] == [{"name": "model-initializer", "status": "Complete"}]
+    assert steps["model-exporter"]["dependsOn"] == [{"name": "node", "status": "Complete"}]
 
     for name, (ancestor, target) in STEPS.items():
         job = steps[name]
-        assert job["template"]["metadata"]["labels"][ANCESTOR] == ancestor
+        assert job["template"].get("metadata", {}).get("labels", {}).get(ANCESTOR) == ancestor
         spec, box = pod(job), container(job)
         assert box["name"] == name, "the Trainer controller finds containers by step name"
         assert box["image"] in bake[target]["tags"], f"{name}: {box['image']} is not a docker-bake.hcl tag"
@@ -125,6 +127,10 @@ def test_runtime_structure(file, runtime, bake):
         env = {e["name"]: e.get("value") for e in container(steps[name]).get("env", [])}
         assert env["STORAGE_URI"].split("://")[0] in {"hf", "s3"}
         assert "command" not in container(steps[name]), "initializers run the image's own command"
+    # The exporter is optional: no destination unless a TrainJob sets one; it reads the trainer's output.
+    exporter = {e["name"]: e.get("value") for e in container(steps["model-exporter"])["env"]}
+    assert exporter == {"EXPORT_OPTIONAL": "true", "SOURCE_PATH": "/workspace/output"}
+    assert "command" not in container(steps["model-exporter"])
 
 
 @pytest.mark.parametrize(
@@ -201,7 +207,7 @@ def test_kustomization_sets_every_image(bake):
     images = {entry["name"]: entry for entry in kustomization["images"]}
     used = {container(job)["image"].split(":")[0] for _, rt in runtimes() for job in jobs(rt).values()}
     assert set(images) == used
-    for target in ("dataset-initializer", "model-initializer", "llm-trainer"):
+    for target in ("dataset-initializer", "model-initializer", "llm-trainer", "model-exporter"):
         repo, tag = bake[target]["tags"][0].rsplit(":", 1)
         assert images[repo]["newTag"] == tag
         assert images[repo]["newName"] == repo

@@ -54,6 +54,8 @@ def test_branch_export_and_failures(hub: HubServer, export: Exporter, tmp_path: 
     env = {"SOURCE_PATH": str(out), "HF_ENDPOINT": hub.endpoint, "INIT_MAX_ATTEMPTS": "2"}
     refused = export(**env, STORAGE_URI="hf://acme/tuned-full")
     assert refused.returncode == 1 and "ACCESS_TOKEN" in one_error_line(refused.stderr)
+    down = export(**{**env, "HF_ENDPOINT": "http://127.0.0.1:9"}, STORAGE_URI="hf://a/b", ACCESS_TOKEN=TOKEN)
+    assert down.returncode == 1 and "still failing after 2 attempts" in one_error_line(down.stderr)
 
     hub.fail_commits = 100  # the Hub keeps failing: the LFS objects are up, but no commit, so no export
     failed = export(**env, STORAGE_URI="hf://acme/tuned-full", ACCESS_TOKEN=TOKEN)

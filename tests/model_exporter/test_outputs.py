@@ -80,3 +80,8 @@ def test_export_to_a_volume_twice(export: Exporter, tmp_path: Path) -> None:
     (out / "summary.json").unlink()
     refused = export(**env)
     assert refused.returncode == 1 and "has not finished" in one_error_line(refused.stderr)
+    # The runtimes' optional step, with no destination given: nothing to do, and it says so.
+    skipped = export(SOURCE_PATH=str(out), EXPORT_OPTIONAL="true")
+    assert skipped.returncode == 0 and "nothing to export" in skipped.stdout
+    missing = export(SOURCE_PATH=str(out))
+    assert missing.returncode == 1 and "STORAGE_URI is not set" in one_error_line(missing.stderr)

@@ -1,0 +1,172 @@
+"""Benchmark the model exporter's S3 upload against `aws s3 sync` (the other direction of the initializers'
+benchmark), side by side on local S3 servers.
+
+    python3 -m venv /tmp/aws && /tmp/aws/bin/pip install awscli==1.46.3    # requirements/bench.txt's pin
+    .venv/bin/python bench/bench_exporter.py --aws /tmp/aws/bin/aws --out .bench/exporter.json
+    .venv/bin/python bench/bench_exporter.py --quick                         # smaller, ~1 min
+
+The folder uploaded is a model as the trainer writes one: 4 / 2 (--quick) safetensors shards of 256 / 64 MiB
+plus 20 small files (config, tokenizer). Servers: moto (Python; its CPU bounds every client on 2 cores) and
+`rclone serve s3` (Go). Each tool uploads to a fresh prefix with its defaults (ours: 16 parallel requests,
+16 MiB parts, Content-MD5 on every request, the final ETags checked, a manifest last; aws: 10 parallel
+requests, 8 MiB parts), as a child process of this one; the objects are deleted after each run. Wall time
+gives MB/s, peak RSS is the child's process tree polled every 50 ms, CPU seconds its user + system time.
+With --repeat N the tools take turns N times and each keeps its best. The objects' count and bytes are
+checked after every run. Prints a markdown table with the ratio to `aws s3 sync`, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_initializers import measure, write_random  # noqa: E402
+
+from tests.support.s3_server import S3Server, start_rclone_s3, start_s3_server  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Result:
+    case: str
+    tool: str
+    seconds: float
+    mb_per_s: float
+    peak_rss_mb: float
+    cpu_s: float
+    objects: int
+    bytes: int
+    ok: bool
+
+
+def make_model(root: Path, shards: int, shard_size: int) -> tuple[int, int]:
+    """A model folder (shards + small files); returns (files, bytes)."""
+    for i in range(shards):
+        write_random(root / f"model-{i + 1:05d}-of-{shards:05d}.safetensors", shard_size)
+    (root / "config.json").write_text('{"model_type": "llama"}')
+    for i in range(19):
+        (root / f"tokenizer_part_{i}.json").write_bytes(os.urandom(64 * 1024))
+    files = list(root.iterdir())
+    return len(files), sum(f.stat().st_size for f in files)
+
+
+def uploaded(s3: S3Server, prefix: str) -> tuple[int, int]:
+    """(objects, bytes) under prefix, without the exporter's manifest; then delete them all."""
+    client = s3.client()
+    count = total = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=prefix):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket="bench", Key=obj["Key"])
+            if ".model-exporter/" not in obj["Key"]:
+                count += 1
+                total += obj["Size"]
+    return count, total
+
+
+def run(case: str, tools: list, s3: S3Server, model: Path, expect: tuple[int, int], work: Path, repeat: int):
+    best: dict[str, Result] = {}
+    for turn in range(repeat):
+        for tool, make_cmd, env in tools:
+            prefix = f"{tool.replace(' ', '-')}-{turn}"
+            log = work / f"{case}-{prefix}.log"
+            seconds, rss, cpu, code = measure(make_cmd(prefix), env, log)
+            objects, size = uploaded(s3, prefix + "/")
+            ok = code == 0 and (objects, size) == expect
+            if not ok:
+                print(
+                    f"!! {case} / {tool}: exit {code}, {objects} objects, {size} bytes; {log}",
+                    file=sys.stderr,
+                )
+            r = Result(case, tool, round(seconds, 2), round(size / seconds / 1e6, 1), round(rss, 1),
+                       round(cpu, 2), objects, size, ok)  # fmt: skip
+            print(f"  {case:14} {tool:14} {seconds:7.2f}s {rss:6.0f} MB {cpu:5.1f} CPU s", file=sys.stderr)
+            if tool in best:
+                prev = best[tool]
+                r.peak_rss_mb, r.cpu_s = max(r.peak_rss_mb, prev.peak_rss_mb), min(r.cpu_s, prev.cpu_s)
+                r.ok = r.ok and prev.ok
+                if prev.seconds < r.seconds:
+                    r.seconds, r.mb_per_s = prev.seconds, prev.mb_per_s
+            best[tool] = r
+    return list(best.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--aws", default=shutil.which("aws", path=str(Path(sys.executable).parent)))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if not args.aws or not Path(args.aws).exists():
+        sys.exit("aws CLI not found: install awscli==1.46.3 (requirements/bench.txt) and pass --aws PATH")
+    shards, shard_size = (2, 64 * MiB) if args.quick else (4, 256 * MiB)
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="bench-exporter-") as tmp:
+        work = Path(tmp)
+        model = work / "model"
+        expect = make_model(model, shards, shard_size)
+        servers = {"moto": lambda: start_s3_server(), "rclone": lambda: start_rclone_s3(work / "rclone")}
+        for kind, start in servers.items():
+            with start() as s3:
+                s3.client().create_bucket(Bucket="bench")
+                base = {"PATH": os.environ["PATH"], "HOME": str(work), "AWS_EC2_METADATA_DISABLED": "true"}
+                ours_env = {**base, **s3.env(), "SOURCE_PATH": str(model), "PYTHONPATH": str(REPO)}
+                aws_env = {
+                    **base,
+                    "AWS_ACCESS_KEY_ID": s3.access_key_id,
+                    "AWS_SECRET_ACCESS_KEY": s3.secret_access_key,
+                    "AWS_DEFAULT_REGION": s3.region,
+                }
+
+                def ours(prefix: str) -> list[str]:
+                    return [
+                        "env",
+                        f"STORAGE_URI=s3://bench/{prefix}",
+                        sys.executable,
+                        "-m",
+                        "pkg.model_exporter",
+                    ]
+
+                def aws(prefix: str, s3: S3Server = s3) -> list[str]:
+                    return [args.aws, "s3", "sync", "--only-show-errors", str(model), f"s3://bench/{prefix}",
+                            "--endpoint-url", s3.endpoint]  # fmt: skip
+
+                tools = [("ours", ours, ours_env), ("aws s3 sync", aws, aws_env)]
+                results += run(f"model {kind}", tools, s3, model, expect, work, args.repeat)
+    report(results, args.out, shards, shard_size)
+
+
+def report(results: list[Result], out: Path | None, shards: int, shard_size: int) -> None:
+    lines = [
+        f"Upload of a model folder ({shards} x {shard_size // MiB} MiB safetensors + 20 small files) to a "
+        "local S3 server; best of the repeats.",
+        "",
+        "| case | tool | seconds | MB/s | peak RSS MB | CPU s | vs aws s3 sync |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by = {(r.case, r.tool): r for r in results}
+    for r in results:
+        other = by.get((r.case, "aws s3 sync"))
+        ratio = f"{other.seconds / r.seconds:.2f}x" if other and r.tool == "ours" else ""
+        flag = "" if r.ok else " (FAILED)"
+        cells = [r.case, r.tool + flag, r.seconds, r.mb_per_s, f"{r.peak_rss_mb:.0f}", r.cpu_s, ratio]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    print("\n".join(lines))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()
