@@ -26,6 +26,10 @@ def setup_logging(main: bool) -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    # bitsandbytes (in the CUDA image and the dev install) warns at import, on CPUs with AVX512-BF16, that it
+    # could not fetch an optional 4-bit kernel from the Hub; its own CPU kernel runs instead, and the trainer
+    # is offline by design: the line is noise on every run.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import huggingface_hub.utils
     import transformers
 

@@ -439,43 +439,11 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
     return config_file, overrides
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice (YAML keeps the last one silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(
-                    f"config file {getattr(self, 'path', '')}: key {key!r} is given twice (line "
-                    f"{key_node.start_mark.line + 1}): keep one"
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
 def load_yaml(path: str) -> dict[str, Any]:
     try:
-        loader = _UniqueKeyLoader(Path(path).read_text())
-        loader.path = path  # type: ignore[attr-defined]
-        try:
-            data = loader.get_single_data()
-        finally:
-            loader.dispose()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a folder: give the YAML file itself") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must be a mapping of key: value")
-    return data
+        return values.yaml_file(path)
+    except values.BadValue as why:
+        raise ConfigError(f"config file {path} {why}") from None
 
 
 def load_config(argv: list[str]) -> TrainConfig:

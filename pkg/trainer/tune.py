@@ -546,16 +546,9 @@ def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: a torchtune config is a mapping of key: value")
-    return flatten(data)
+        return flatten(values.yaml_file(path))
+    except values.BadValue as why:
+        raise ConfigError(f"--config {path} {why}") from None
 
 
 def load_config(config: str) -> tuple[dict[str, Any], bool]:

@@ -7,6 +7,7 @@ Each parser takes what the user wrote (text, or a value YAML already typed) and 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -78,3 +79,41 @@ def mapping(value: Any) -> dict[str, str]:
     ):
         raise BadValue("a mapping of names like {input: question}")
     return dict(value)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice (YAML would keep the last one silently; OmegaConf, which
+    reads torchtune's configs, refuses it too)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise BadValue(f"is invalid: key {key!r} is given twice (line {line}): keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def yaml_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML file holds ({} for an empty file); BadValue says what is wrong with the file."""
+    try:
+        loader = _UniqueKeyLoader(Path(path).read_text())
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except FileNotFoundError:
+        raise BadValue("does not exist") from None
+    except IsADirectoryError:
+        raise BadValue("is a folder: give the YAML file itself") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadValue(f"cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise BadValue(f"is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BadValue("must be a mapping of key: value")
+    return data
