@@ -77,7 +77,6 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny_model):
 # ------------------------------------------------------------------ data files
 
 
-@pytest.mark.fast
 def test_every_data_file_is_used_and_counted(tmp_path, caplog):
     import datasets
 
@@ -136,7 +135,6 @@ def test_non_finite_numbers_are_refused_in_the_config():
         load_config(["--nan_policy", "ignore"])
 
 
-@pytest.mark.fast
 def test_metrics_and_summary_stay_valid_json_with_nan(tmp_path):
     metrics = Metrics(tmp_path, 2, enabled=True)
     metrics.train_step(1, 2.5, 1e-3, 1.0, 10.0)
@@ -369,7 +367,6 @@ def test_ctrl_c_is_a_stop_request_like_sigterm():
         stop.uninstall()
 
 
-@pytest.mark.fast
 def test_lora_on_a_tied_head_merges_exactly(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
