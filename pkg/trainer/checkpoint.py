@@ -98,7 +98,8 @@ def run_fingerprint(cfg: Any) -> dict[str, str]:
     data_extra = "".join(
         f", {name}={getattr(cfg, name)}"
         for name, default in (("dataset_split", "train"), ("dataset_source", "auto"), ("column_map", {}),
-                              ("system_prompt", ""), ("max_steps_per_epoch", 0), ("shuffle", True))
+                              ("system_prompt", ""), ("max_steps_per_epoch", 0), ("shuffle", True),
+                              ("more_datasets", []))
         if getattr(cfg, name) != default
     )  # fmt: skip
     fingerprint = {

@@ -161,6 +161,16 @@ class TrainConfig:
             "choices": None,
         },
     )
+    more_datasets: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata={
+            "help": "More training datasets, concatenated after dataset_dir's (torchtune's list of "
+            "datasets): each a mapping of dataset_dir, dataset_split, dataset_source, dataset_format, "
+            "column_map, system_prompt, train_on_prompt where it differs from the top-level keys. A YAML "
+            "list, or the same as a JSON string.",
+            "choices": None,
+        },
+    )  # fmt: skip
     system_prompt: str = opt(
         "",
         "A system message put first in every sample (it replaces a conversation's own); prompt formats "
@@ -296,6 +306,11 @@ class TrainConfig:
         if not self.lora_target_modules:
             raise ConfigError("lora_target_modules is empty: name modules or use 'all-linear'")
         split_spec(self.dataset_split)
+        for i, entry in enumerate(self.more_datasets):
+            try:  # each dataset as if it were the only one
+                dataclasses.replace(self, **entry, more_datasets=[]).validate()
+            except ConfigError as exc:
+                raise ConfigError(f"more_datasets[{i}]: {exc}") from None
         if self.val_dataset_split:
             split_spec(self.val_dataset_split)
             if self.val_fraction:
@@ -373,9 +388,36 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(names)}")
 
 
+# The keys of one entry of more_datasets.
+DATASET_KEYS = ("dataset_dir", "dataset_split", "dataset_source", "dataset_format", "column_map",
+                "system_prompt", "train_on_prompt")  # fmt: skip
+
+
+def dataset_list(key: str, value: Any) -> list[dict[str, Any]]:
+    """more_datasets: a list of mappings of DATASET_KEYS (YAML, or the same as a JSON/YAML string)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else []
+        except yaml.YAMLError:
+            value = None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(
+            f"{key}: expected a list of mappings like [{{dataset_dir: /data/b}}], got {value!r}"
+        )
+    out = []
+    for i, entry in enumerate(value):
+        unknown = sorted(set(map(str, entry)) - set(DATASET_KEYS))
+        if unknown:
+            raise ConfigError(f"{key}[{i}]: {unknown[0]} is not one of {', '.join(DATASET_KEYS)}")
+        out.append({k: coerce(k, v) for k, v in entry.items()})
+    return out
+
+
 def coerce(key: str, value: Any) -> Any:
     """Convert a YAML or command-line value to the field's type (values.py), or refuse it."""
     kind = field_types()[key]
+    if key == "more_datasets":
+        return dataset_list(key, value)
     if typing.get_origin(kind) is dict:
         parse = values.mapping
     elif isinstance(kind, types.GenericAlias) or typing.get_origin(kind) is list:

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -499,8 +500,8 @@ def tokenized_samples(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: 
     kept = [s for s in samples if any(t != IGNORE_INDEX for t in s[1])]
     if not kept:
         raise TrainerError(
-            f"no row of {dataset_dir} ({split}) has a target token left after truncation to "
-            f"max_seq_length={cfg.max_seq_length}: raise max_seq_length or check the response fields"
+            f"no row has a target token left after truncation to max_seq_length={cfg.max_seq_length} "
+            f"({dataset_dir}, {split}): raise max_seq_length or check the response fields"
         )
     if len(kept) < len(samples):
         log.warning(
@@ -511,9 +512,19 @@ def tokenized_samples(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: 
     return kept, fmt
 
 
+def each_dataset(cfg: TrainConfig) -> list[TrainConfig]:
+    """The config of each training dataset: dataset_dir's, then each of more_datasets (its keys replaced)."""
+    return [cfg, *(dataclasses.replace(cfg, **entry, more_datasets=[]) for entry in cfg.more_datasets)]
+
+
 def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[dict[str, list[int]]]]:
-    """Tokenized (and packed) train and val records, from the raw dataset (and the validation dataset)."""
-    kept, fmt = tokenized_samples(cfg, tokenizer, cache_dir, cfg.dataset_dir, cfg.dataset_split)
+    """Tokenized (and packed) train and val records, from the raw dataset(s) (and the validation dataset)."""
+    kept, formats = [], []
+    for one in each_dataset(cfg):  # several datasets: concatenated in order, as torchtune's ConcatDataset
+        samples, fmt = tokenized_samples(one, tokenizer, cache_dir, one.dataset_dir, one.dataset_split)
+        kept += samples
+        formats.append(fmt)
+    fmt = "+".join(formats)
     if cfg.val_dataset_split:
         train = kept
         val, _ = tokenized_samples(
@@ -546,6 +557,13 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
     settings = ("dataset_format", "max_seq_length", "packing", "train_on_prompt", "val_fraction", "seed")
     settings += ("dataset_split", "dataset_source", "column_map", "system_prompt")
     settings += ("objective",)
+    if cfg.more_datasets:  # named only when set, so existing caches keep their key
+        settings += ("more_datasets",)
+        for entry in cfg.more_datasets:
+            root = Path(entry.get("dataset_dir", cfg.dataset_dir))
+            for p in sorted(root.rglob("*")) if root.is_dir() else [root]:
+                if p.is_file() and ".cache" not in p.parts:
+                    h.update(f"more/{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}\n".encode())
     if cfg.val_dataset_split:  # named only when set, so existing caches keep their key
         settings += ("val_dataset_dir", "val_dataset_split")
         for p in sorted(Path(cfg.val_dataset_dir).rglob("*")) if cfg.val_dataset_dir else []:

@@ -197,7 +197,9 @@ def tokenized_pairs(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: st
 
 def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[dict]]:
     """Tokenized preference records, split into train and val like the SFT samples."""
-    records = tokenized_pairs(cfg, tokenizer, cache_dir, cfg.dataset_dir, cfg.dataset_split)
+    records = []
+    for one in data.each_dataset(cfg):  # several datasets: concatenated in order
+        records += tokenized_pairs(one, tokenizer, cache_dir, one.dataset_dir, one.dataset_split)
     if cfg.val_dataset_split:
         val_dir = cfg.val_dataset_dir or cfg.dataset_dir
         train, val = records, tokenized_pairs(cfg, tokenizer, cache_dir, val_dir, cfg.val_dataset_split)

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from pkg.trainer import launch, values
-from pkg.trainer.config import TrainConfig, field_types, split_spec
+from pkg.trainer.config import DATASET_KEYS, TrainConfig, field_types, split_spec
 from pkg.trainer.errors import ConfigError
 from pkg.trainer.torchtune_configs import CONFIGS, RECIPE_CONFIGS, VERSION
 
@@ -226,6 +226,9 @@ KEYS: list[Key] = [
     _k("tokenizer.prompt_template", "honoured", _optional(text), "Only null: prompts are rendered with the "
        "model's chat template.", accept=(None,)),
     # Dataset: dataset._component_ (or dataset=BUILDER) picks a builder of BUILDERS; its arguments below.
+    _k("dataset", "honoured", anything, "A list of builders (torchtune's ConcatDataset): each dataset read "
+       "with its own builder, columns and files, concatenated in order (the first: the dataset_* keys; the "
+       "others: more_datasets).", "more_datasets"),
     _k("dataset._component_", "mapped", text, "The dataset builder (see the builders table): its format, "
        "columns and defaults, read from the dataset folder.", "dataset_format"),
     _k("dataset.source", "mapped", text, "json, csv, parquet, arrow or text: the type of the data files. A "
@@ -603,6 +606,8 @@ def interpolate(flat: dict[str, Any]) -> dict[str, Any]:
         return resolve(flat[name], (*seen, name))
 
     def resolve(value: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(value, list):  # a list of datasets: each one's values
+            return [{k: resolve(v, seen) for k, v in d.items()} if isinstance(d, dict) else d for d in value]
         if not isinstance(value, str) or "${" not in value:
             return value
         whole = INTERPOLATION.fullmatch(value)
@@ -673,11 +678,20 @@ def _fmt(value: Any) -> str:
 def parse_keys(flat: dict[str, Any], user_keys: set[str], recipe: str) -> Resolved:
     """Every key through the table: unknown keys and refused values stop here, cosmetic ones the user gave
     warn once each."""
-    if isinstance(flat.get("dataset"), list):
-        raise ConfigError(
-            "dataset: a list of datasets is not in this build; give one builder (or concatenate the files "
-            "in one dataset folder with the same columns)"
-        )
+    if isinstance(flat.get("dataset"), list):  # several datasets: each entry is parsed as `dataset` alone
+        entries = []
+        for i, entry in enumerate(flat["dataset"]):
+            if not isinstance(entry, dict) or "_component_" not in entry:
+                raise ConfigError(
+                    f"dataset[{i}]: expected a builder's mapping (_component_: ... and its arguments)"
+                )
+            try:
+                entries.append(parse_keys({f"dataset.{k}": v for k, v in entry.items()}, set(), recipe).tt)
+            except ConfigError as exc:
+                raise ConfigError(f"dataset[{i}]: {exc}") from None
+        rest = parse_keys({k: v for k, v in flat.items() if k != "dataset"}, user_keys, recipe)
+        rest.tt["dataset"] = entries
+        return rest
     builder = flat.get("dataset._component_")
     if builder is not None and builder not in BUILDERS:
         close = difflib.get_close_matches(str(builder), list(BUILDERS), n=1, cutoff=0.5)
@@ -897,6 +911,33 @@ def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
     return {**values, **validation_settings(tt)}
 
 
+def datasets_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
+    """One dataset, or a list (torchtune's ConcatDataset): the first onto the top-level keys, the others
+    onto more_datasets, each with all of its data keys (nothing inherited from the first)."""
+    entries = tt.get("dataset")
+    if not isinstance(entries, list):
+        return dataset_settings(tt, dpo)
+    if any(k.startswith("dataset_val.") for k in tt):
+        raise ConfigError("dataset_val with a list of datasets: give one training dataset, or no dataset_val")
+    base = {k: v for k, v in tt.items() if k != "dataset"}
+    settings = [dataset_settings({**base, **entry}, dpo) for entry in entries]
+    ours = TrainConfig()
+    whole = [{k: s.get(k, getattr(ours, k)) for k in DATASET_KEYS} for s in settings]
+    seen: dict[tuple, int] = {}
+    for i, one in enumerate(whole):
+        where = (one["dataset_dir"], one["dataset_split"])
+        if where in seen:
+            raise ConfigError(
+                f"dataset[{i}] reads the same files as dataset[{seen[where]}] ({where[0]}, {where[1]}): give "
+                "each its data_dir or data_files (or its own split)"
+            )
+        seen[where] = i
+    packing = {s.get("packing", False) for s in settings}
+    if len(packing) > 1:
+        raise ConfigError("dataset: packed must be the same for every dataset of the list")
+    return {**settings[0], "more_datasets": whole[1:]}
+
+
 OWN_VAL_ARGS = ("split", "data_dir", "data_files", "source")  # dataset_val's own; the others are dataset's
 
 
@@ -1012,7 +1053,7 @@ def to_train_config(tt: dict[str, Any], recipe: str, world: int) -> dict[str, An
     values.update(optimizer_settings(tt))
     values.update(scale_settings(tt, world))
     values.update(metric_settings(tt))
-    values.update(dataset_settings(tt, dpo))
+    values.update(datasets_settings(tt, dpo))
     seq = max_seq_length(tt, model_dir)
     if seq is None and not Path(model_dir).is_dir():
         # No model yet (tune validate, or a run that stops at loading it): nothing to resolve null against.
@@ -1105,7 +1146,7 @@ def trainer_args(cfg: TrainConfig) -> list[str]:
         if value == getattr(defaults, f.name):
             continue
         if isinstance(value, list):
-            value = ",".join(value)
+            value = json.dumps(value) if any(isinstance(v, dict) for v in value) else ",".join(value)
         elif isinstance(value, dict):
             value = json.dumps(value)
         elif isinstance(value, bool):

@@ -373,3 +373,51 @@ def test_trainer_settings_torchtune_needs():
     ]
     roles = [(m["role"], m["content"]) for m in data.plain_messages(sharegpt, "row 0")]
     assert roles == [("system", "S"), ("user", "Q"), ("assistant", "A")]
+
+
+def test_a_list_of_datasets_is_concatenated_each_with_its_builder(tmp_path, tiny_model):
+    """torchtune's `dataset: [...]` (ConcatDataset): each entry keeps its builder and columns; the trainer
+    tokenizes each as its own dataset and trains on all of them, in order."""
+    from pkg.trainer import data, model
+    from tests.trainer.tiny import rows
+
+    alpaca, qa = tmp_path / "alpaca", tmp_path / "qa"
+    questions = [{"q": r["instruction"], "a": r["output"]} for r in rows("alpaca", 7)]
+    for folder, records in ((alpaca, rows("alpaca", 12)), (qa, questions)):
+        folder.mkdir()
+        (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "mix.yaml").write_text(f"""
+model:
+  _component_: torchtune.models.llama3_2.llama3_2_1b
+tokenizer: {{max_seq_len: 256}}
+dataset:
+  - _component_: torchtune.datasets.alpaca_dataset
+    data_dir: {alpaca}
+    train_on_input: False
+  - _component_: torchtune.datasets.instruct_dataset
+    data_dir: {qa}
+    column_map: {{input: q, output: a}}
+    new_system_prompt: Be brief.
+optimizer: {{_component_: torch.optim.AdamW, lr: 1e-4}}
+batch_size: 2
+epochs: 1
+""")  # fmt: skip
+    cmd = tune.parse_command(["run", "full_finetune_distributed", "--config", str(tmp_path / "mix.yaml"),
+                              f"checkpointer.checkpoint_dir={tiny_model}"])  # fmt: skip
+    cfg, _ = tune.translate(cmd, 1)
+    assert (cfg.dataset_dir, cfg.dataset_format, cfg.train_on_prompt) == (str(alpaca), "alpaca", False)
+    assert cfg.more_datasets == [{
+        "dataset_dir": str(qa), "dataset_split": "train", "dataset_source": "auto",
+        "dataset_format": "input_output", "column_map": {"input": "q", "output": "a"},
+        "system_prompt": "Be brief.", "train_on_prompt": False,
+    }]  # fmt: skip
+    # The trainer's own command line reads the list back (tune passes it as JSON).
+    from pkg.trainer.config import load_config
+
+    assert load_config(tune.trainer_args(cfg)) == cfg
+    splits = data.build_splits(cfg, model.load_tokenizer(str(tiny_model)), str(tmp_path / "cache"))
+    assert len(splits["train"]) == 12 + 7
+    same = (tmp_path / "mix.yaml").read_text().replace(f"data_dir: {qa}", f"data_dir: {alpaca}")
+    (tmp_path / "same.yaml").write_text(same)
+    with pytest.raises(ConfigError, match=r"dataset\[1\] reads the same files as dataset\[0\]"):
+        tune.translate(tune.Command([], cmd.recipe, str(tmp_path / "same.yaml"), {}), 1)
