@@ -22,7 +22,10 @@ from torch.overrides import TorchFunctionMode
 
 from pkg.trainer import fused_lora
 from pkg.trainer.config import TrainConfig
+from pkg.trainer.distributed import state_tensors
 from pkg.trainer.errors import TrainerError
+from pkg.trainer.export import saved_names
+from pkg.trainer.safetensors_stream import StreamReader
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +164,6 @@ def load_model_on_meta(
     (transformers converts them on load: fused MoE experts, renamed keys) or an adapter's initial value
     depends on the base weights (DoRA): then rank 0 reads the model with `load_model`.
     """
-    from pkg.trainer.distributed import state_tensors
-
     check_architecture(cfg.model_dir)
     base = _build_on_meta(cfg)
     keys = _checkpoint_keys(base, cfg.model_dir) if plan else None
@@ -182,8 +183,6 @@ def load_model_on_meta(
 def _checkpoint_keys(base: nn.Module, model_dir: str) -> dict[int, str] | str:
     """{id(tensor): checkpoint key} of the base model's weights when the checkpoint holds them one for one,
     with the shapes of the model; otherwise the reason why not."""
-    from pkg.trainer.export import saved_names
-    from pkg.trainer.safetensors_stream import StreamReader
 
     try:
         reader = StreamReader(Path(model_dir))
