@@ -50,7 +50,7 @@ IMAGES ?=
 images: ## build the four images with `docker buildx bake` (Docker engine + buildx; REGISTRY, TAG, PLATFORMS)
 	REVISION=$${REVISION:-$$(git rev-parse --short HEAD)} docker buildx bake --file docker-bake.hcl $(BAKE_ARGS)
 
-push: ## build and push the release images: PLATFORMS=linux/amd64,linux/arm64 TAG=v2.0.0 make push
+push: ## build and push by hand (a release is a v* tag: .github/workflows/release.yml): PLATFORMS=... TAG=... make push
 	REVISION=$${REVISION:-$$(git rev-parse --short HEAD)} docker buildx bake --file docker-bake.hcl --push $(BAKE_ARGS)
 
 images-local: install ## the same targets with buildah, no Docker engine (root; IMAGES="dataset-initializer ...")
