@@ -26,7 +26,7 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -261,8 +261,8 @@ class S3Export:
         pending: set[Future[None]] = set()
         try:
             for task in tasks:
-                if len(pending) >= 2 * self.tuning.concurrency:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                if len(pending) >= 2 * self.tuning.concurrency:  # room for one more as soon as one ends
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for d in done:
                         d.result()
                 pending.add(pool.submit(self._guarded, task))
