@@ -5,6 +5,7 @@ Modules, one job each:
     launch            torchrun's run() (the image's ENTRYPOINT, shared with tune): expected errors in one line
     config            the TrainConfig dataclass: YAML schema, command line, validation
     errors            TrainerError / ConfigError: expected failures and their exit codes
+    values            the value parsers (and the YAML file reader) the config and `tune run` share
     recipe            the training recipe: setup, train, save
     data              load, detect format, tokenize + mask, pack, cache; the batch plan
     preference        DPO's data: prompt/chosen/rejected pairs, tokenized and collated
@@ -14,6 +15,8 @@ Modules, one job each:
     vocab_parallel    the output head and embedding split along the vocabulary across ranks
     dpo               the DPO objective: sequence log-probs, losses, metrics, reference log-probs
     distributed       process group, all-ranks decisions (agree, any_rank), FSDP2 sharding
+    optim             the optimizer (`optimizer`, `optimizer_in_backward`)
+    plan              `python -m pkg.trainer.plan`: the memory planner
     safetensors_stream  reading and writing safetensors one tensor at a time
     host_memory       glibc's mmap threshold, so memory freed in the backward is returned
     checkpoint        sharded checkpoints, resume, finished-run detection, the run fingerprint

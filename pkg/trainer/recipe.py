@@ -6,7 +6,7 @@
 Features and their flags (pkg/trainer/config.py documents every key):
 - Methods: LoRA through peft on all linear layers or `lora_target_modules` (`method: lora`, `lora_rank`,
   `lora_alpha`, `lora_dropout`; one fused forward/backward per LoRA linear, fused_lora.py), QLoRA on a
-  4-bit base on CUDA (`method: qlora`), all weights (`method: full`).
+  4-bit base (`method: qlora`; bitsandbytes on CUDA or the CPU), all weights (`method: full`).
 - FSDP2: `fully_shard` per decoder layer and the root; gloo on CPU, NCCL on CUDA; bf16 compute with fp32
   master weights and gradient reduction on GPU (`precision`); `activation_checkpointing`.
 - Batches: `global_batch_size` samples per optimizer step whatever the world size, `micro_batch_size` per
