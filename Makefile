@@ -4,7 +4,8 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 REQS := requirements/dev.txt requirements/torch.txt requirements/torchtune.txt pkg/initializers/requirements.txt pkg/trainer/requirements.txt \
-        pkg/trainer/requirements-gpu.txt pkg/model_exporter/requirements.txt
+        pkg/trainer/requirements-gpu.txt pkg/model_exporter/requirements.txt \
+        pkg/trainer/requirements-trackers.txt
 PYTEST_ARGS ?=
 
 .PHONY: help install test test-fast test-initializers test-trainer test-exporter test-images test-images-full test-images-cuda test-manifests \

@@ -265,6 +265,31 @@ class TrainConfig:
 
     # Logging
     log_every: int = opt(1, "Print a progress line and write a metrics.jsonl record every N steps.")
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Trackers that also get the metrics: tensorboard, mlflow, wandb (a YAML list or a "
+            "comma-separated string; docs/trainer.md says what each needs).",
+            "choices": None,
+        },
+    )
+    report_strict: bool = opt(
+        False, "Stop the run when a report_to tracker cannot start (by default: one line, then without it)."
+    )
+    run_name: str = opt("", "The MLflow / W&B run name (empty: the tracker picks one).")
+    experiment_name: str = opt(
+        "",
+        "The MLflow experiment / W&B project (empty: MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT, else Default).",
+    )
+    tensorboard_dir: str = opt("", "Where TensorBoard's event files go (empty: output_dir/tensorboard).")
+    mlflow_register_as: str = opt(
+        "", "Register the adapter (or the full model) as a new version of this MLflow registered model."
+    )
+    status_interval: float = opt(
+        5.0,
+        "Seconds between progress updates to the TrainJob status (Kubeflow Trainer's status server, when "
+        "the controller injects KUBEFLOW_TRAINER_SERVER_URL); 5 is the Kubeflow SDK's minimum.",
+    )
 
     def validate(self) -> TrainConfig:
         """Refuse values that cannot work, with the reason and the fix."""
@@ -321,6 +346,7 @@ class TrainConfig:
             raise ConfigError("use_dora applies to lora and qlora only; method full trains every weight")
         self._validate_dpo()
         self._validate_optimizer()
+        self._validate_reporting()
         if self.merge_adapter and self.method == "full":
             raise ConfigError(
                 "merge_adapter applies to lora and qlora only; method full writes the model itself"
@@ -345,6 +371,17 @@ class TrainConfig:
             )
         if self.cpu_offload and self.method == "qlora":
             raise ConfigError("cpu_offload applies to sharded weights; a qlora 4-bit base is not sharded")
+
+    def _validate_reporting(self) -> None:
+        trackers = ("tensorboard", "mlflow", "wandb")
+        unknown = [t for t in self.report_to if t not in trackers]
+        if unknown:
+            raise ConfigError(f"report_to: {', '.join(unknown)} is not one of {', '.join(trackers)}")
+        self.report_to = list(dict.fromkeys(self.report_to))
+        if self.mlflow_register_as and "mlflow" not in self.report_to:
+            raise ConfigError("mlflow_register_as needs mlflow in report_to")
+        if not self.status_interval > 0:
+            raise ConfigError(f"status_interval must be > 0 seconds, got {self.status_interval}")
 
     def _validate_dpo(self) -> None:
         if self.dpo_beta <= 0:

@@ -36,6 +36,7 @@ class Metrics:
         self.start = time.monotonic()
         self.start_step = 0
         self.records: list[dict[str, Any]] = []
+        self.reporters: Any = None  # trackers.Reporters on rank 0: report_to and the TrainJob status
         if enabled and self.path.exists():
             self.records = read_records(self.path)
 
@@ -59,6 +60,8 @@ class Metrics:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.reporters:
+            self.reporters.log(record)
 
     def train_step(
         self,
@@ -119,7 +122,14 @@ class Metrics:
             plot_loss(train, val, self.output_dir / "loss.png")
             text = json.dumps(summary, indent=2, allow_nan=False)
             write_atomic(self.output_dir / "summary.json", text + "\n")
+        if self.reporters:
+            self.reporters.finish(summary)
         return summary
+
+    def close(self) -> None:
+        """The run ends without finish() (an error, a stop): the trackers' runs end as failed."""
+        if self.reporters:
+            self.reporters.close()
 
 
 def finite(value: Any) -> Any:

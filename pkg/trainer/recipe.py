@@ -58,6 +58,7 @@ from pkg.trainer import (
     plan,
     preference,
     resilience,
+    trackers,
     vocab_parallel,
 )
 from pkg.trainer.config import TrainConfig, save_config
@@ -152,6 +153,7 @@ class Recipe:
         self.skipped_steps = self.skipped_in_a_row = 0  # nan_policy: skip_step
         self.dpo: dpo.DPO | None = None
         self.reference: dict[str, torch.Tensor] = {}  # full-FT DPO: cached reference log-probs per split
+        self.tracker_ids: dict[str, str] = {}  # report_to runs to continue, from the resumed checkpoint
 
     # ------------------------------------------------------------ setup
 
@@ -226,6 +228,15 @@ class Recipe:
         self.resume()
         self.metrics = Metrics(self.out, self.total_steps, enabled=self.dist.is_main)
         self.metrics.rewind(self.state.step)  # one history: the records after the resumed step go
+        error = None
+        if self.dist.is_main:  # report_to trackers and the TrainJob status: rank 0 only
+            try:
+                self.metrics.reporters = trackers.open_reporters(
+                    cfg, self.total_steps, self.state.step, self.plan.steps_per_epoch, self.tracker_ids
+                )
+            except TrainerError as exc:
+                error = str(exc)
+        distributed.agree(error)
         log.info(
             "world size %d, %d train / %d val sequences, %d steps (%d per epoch), gradient accumulation %d",
             self.dist.world_size, len(self.train_data), len(self.val_data), self.total_steps,
@@ -247,6 +258,7 @@ class Recipe:
             path, self.model, self.optimizer, self.scheduler, fingerprint=self.fingerprint
         )
         self.state = TrainState(resumed.step, int(resumed.data_state.get("tokens_seen", 0)))
+        self.tracker_ids = dict((resumed.meta.get("extra") or {}).get("trackers") or {})
         # This run's schedule applies from here on (max_steps or learning_rate may have changed).
         before, after = rebase_schedule(self.scheduler, self.cfg.learning_rate, resumed.step)
         log.info("resuming from step %d of %d (%s)", resumed.step, self.total_steps, path)
@@ -277,6 +289,7 @@ class Recipe:
             fingerprint=self.fingerprint, keep_last=self.cfg.keep_last,
             data_state={"step": state.step, "tokens_seen": state.tokens_seen,
                         "epoch": state.step // self.plan.steps_per_epoch},
+            extra={"trackers": self.metrics.reporters.ids() if self.metrics.reporters else {}},
         )  # fmt: skip
 
     def load_data(self):
@@ -727,6 +740,10 @@ class Recipe:
                 return self.finished
             self.train()
             return self.save()
+        except BaseException:
+            if hasattr(self, "metrics"):
+                self.metrics.close()
+            raise
         finally:
             if self.lock:
                 self.lock.release()
