@@ -322,9 +322,28 @@ KEYS: list[Key] = [
     _k("loss.num_output_chunks", "cosmetic", integer, "The head runs in chunks of loss_chunk_size tokens.",
        "loss_chunk_size"),
     _k("metric_logger._component_", "mapped", text, "DiskLogger and StdoutLogger: progress lines and "
-       "output_dir/metrics.jsonl; TensorBoardLogger, WandBLogger, MLFlowLogger: the trainer's report_to "
-       "where it has it, else refused."),
-    _k("metric_logger.log_dir", "mapped", text, "Metrics go to output_dir/metrics.jsonl."),
+       "output_dir/metrics.jsonl; TensorBoardLogger, WandBLogger, MLFlowLogger: that tracker in report_to "
+       "(metrics.jsonl too).", "report_to"),
+    _k("metric_logger.log_dir", "mapped", _optional(text), "TensorBoardLogger: the event files' folder; "
+       "the others: metrics.jsonl stays in output_dir (W&B's files go to output_dir/wandb).",
+       "tensorboard_dir"),
+    _k("metric_logger.organize_logs", "cosmetic", boolean, "TensorBoardLogger: the event files go straight "
+       "into log_dir."),
+    _k("metric_logger.project", "honoured", _optional(text), "WandBLogger: the W&B project.",
+       "experiment_name"),
+    _k("metric_logger.name", "honoured", _optional(text), "WandBLogger: the W&B run name.", "run_name"),
+    _k("metric_logger.experiment_name", "honoured", _optional(text), "MLFlowLogger: the MLflow experiment.",
+       "experiment_name"),
+    _k("metric_logger.run_name", "honoured", _optional(text), "MLFlowLogger: the MLflow run name.",
+       "run_name"),
+    _k("metric_logger.tracking_uri", "refused", text, "MLFlowLogger: set MLFLOW_TRACKING_URI in the "
+       "TrainJob's spec.trainer.env instead."),
+    _k("metric_logger.run_id", "refused", text, "MLFlowLogger: a resumed job continues its MLflow run by "
+       "itself (the run id is kept in the checkpoint)."),
+    _k("metric_logger.entity", "refused", text, "WandBLogger: set WANDB_ENTITY in the TrainJob's "
+       "spec.trainer.env instead."),
+    _k("metric_logger.group", "refused", text, "WandBLogger: set WANDB_RUN_GROUP in the TrainJob's "
+       "spec.trainer.env instead."),
     _k("collate_fn", "honoured", one_of(*(f"torchtune.data.padded_collate_{k}" for k in COLLATE)),
        "Padding to the longest sample of the micro-batch."),
     _k("profiler.enabled", "honoured", boolean, "Only False: profiling is not available.", accept=(False,)),
@@ -807,32 +826,36 @@ def scale_settings(tt: dict[str, Any], world: int) -> dict[str, Any]:
 
 
 def metric_settings(tt: dict[str, Any]) -> dict[str, Any]:
+    """metric_logger onto report_to and the tracker's names (run_name, experiment_name, tensorboard_dir)."""
     component = tt.get("metric_logger._component_")
-    trackers = {
-        "torchtune.training.metric_logging.TensorBoardLogger": "tensorboard",
-        "torchtune.training.metric_logging.WandBLogger": "wandb",
-        "torchtune.training.metric_logging.MLFlowLogger": "mlflow",
+    prefix = "torchtune.training.metric_logging."
+    trackers = {"TensorBoardLogger": "tensorboard", "WandBLogger": "wandb", "MLFlowLogger": "mlflow"}
+    local = ("DiskLogger", "StdoutLogger")
+    takes = {  # the arguments of each logger that have a meaning here, besides log_dir
+        "tensorboard": ("organize_logs",),
+        "wandb": ("project", "name"),
+        "mlflow": ("experiment_name", "run_name"),
     }
-    local = ("torchtune.training.metric_logging.DiskLogger", "torchtune.training.metric_logging.StdoutLogger")
     extra = sorted(k for k in tt if k.startswith("metric_logger.") and k not in
                    ("metric_logger._component_", "metric_logger.log_dir"))  # fmt: skip
-    if component is None or component in local:
+    short = str(component).removeprefix(prefix)
+    if component is None or short in local:
         if extra:
             raise ConfigError(f"{extra[0]}: {component or 'the metric logger'} takes only log_dir")
         return {}
-    if component not in trackers:
-        raise ConfigError(
-            f"metric_logger._component_={component}: expected one of {', '.join([*local, *trackers])}"
-        )
-    if "report_to" not in field_types():
-        raise ConfigError(
-            f"metric_logger._component_={component}: reporting to {trackers[component]} is not in this build "
-            "of the llm-trainer; use torchtune.training.metric_logging.DiskLogger (output_dir/metrics.jsonl)"
-        )
-    if extra:
-        raise ConfigError(f"{extra[0]}: the tracker's settings come from its environment variables here "
-                          "(docs/trainer.md)")  # fmt: skip
-    return {"report_to": [trackers[component]]}
+    if not str(component).startswith(prefix) or short not in trackers:
+        names = ", ".join(prefix + n for n in (*local, *trackers))
+        raise ConfigError(f"metric_logger._component_={component}: expected one of {names}")
+    tracker = trackers[short]
+    values: dict[str, Any] = {"report_to": [tracker]}
+    for key in extra:
+        if key.split(".", 1)[1] not in takes[tracker]:
+            raise ConfigError(f"{key}: {short} does not take {key.split('.', 1)[1]} (docs/trainer.md)")
+        if BY_NAME[key].field and tt[key] is not None:
+            values[BY_NAME[key].field] = tt[key]
+    if tracker == "tensorboard" and tt.get("metric_logger.log_dir"):
+        values["tensorboard_dir"] = tt["metric_logger.log_dir"]
+    return values
 
 
 def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:

@@ -148,3 +148,47 @@ def test_a_tracker_that_cannot_start(tmp_path, monkeypatch, caplog):
     with pytest.raises(ConfigError, match=r"report_to mlflow: cannot reach .* \(report_strict: true stops"):
         trackers.open_reporters(cfg, 10, 0, 10, {})
     shutil.rmtree(tmp_path / "mlruns", ignore_errors=True)
+
+
+LOGGER = "metric_logger._component_=torchtune.training.metric_logging."
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        ([LOGGER + "MLFlowLogger", "metric_logger.experiment_name=exp", "metric_logger.run_name=r1"],
+         {"report_to": ["mlflow"], "experiment_name": "exp", "run_name": "r1"}),
+        ([LOGGER + "WandBLogger", "metric_logger.project=proj", "metric_logger.name=r2"],
+         {"report_to": ["wandb"], "experiment_name": "proj", "run_name": "r2"}),
+        ([LOGGER + "TensorBoardLogger", "metric_logger.log_dir=/tmp/tb"],
+         {"report_to": ["tensorboard"], "tensorboard_dir": "/tmp/tb"}),
+        ([LOGGER + "DiskLogger"], {"report_to": [], "tensorboard_dir": ""}),
+    ],
+)  # fmt: skip
+def test_torchtune_metric_logger_maps_onto_report_to(args, want):
+    from pkg.trainer import tune
+
+    argv = ["run", "lora_finetune_distributed", "--config", "llama3_2/1B_lora", "output_dir=/tmp/o",
+            "checkpointer.checkpoint_dir=/m", *args]  # fmt: skip
+    cfg, _ = tune.translate(tune.parse_command(argv), 1)
+    assert {k: getattr(cfg, k) for k in want} == want
+    assert "--report_to" in " ".join(tune.trainer_args(cfg)) or not cfg.report_to
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("metric_logger.tracking_uri=http://x", "set MLFLOW_TRACKING_URI in the TrainJob's spec.trainer.env"),
+        ("metric_logger.project=p", "MLFlowLogger does not take project"),
+        ("metric_logger.run_id=abc", "continues its MLflow run by itself"),
+    ],
+)
+def test_torchtune_metric_logger_refusals(arg, message):
+    from pkg.trainer import tune
+
+    argv = ["run", "lora_finetune_distributed", "--config", "llama3_2/1B_lora", "output_dir=/tmp/o",
+            "checkpointer.checkpoint_dir=/m", LOGGER + "MLFlowLogger", arg]  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        tune.translate(tune.parse_command(argv), 1)
