@@ -258,7 +258,7 @@ class Recipe:
             path, self.model, self.optimizer, self.scheduler, fingerprint=self.fingerprint
         )
         self.state = TrainState(resumed.step, int(resumed.data_state.get("tokens_seen", 0)))
-        self.tracker_ids = dict((resumed.meta.get("extra") or {}).get("trackers") or {})
+        self.tracker_ids = dict(resumed.data_state.get("trackers") or {})
         # This run's schedule applies from here on (max_steps or learning_rate may have changed).
         before, after = rebase_schedule(self.scheduler, self.cfg.learning_rate, resumed.step)
         log.info("resuming from step %d of %d (%s)", resumed.step, self.total_steps, path)
@@ -288,8 +288,9 @@ class Recipe:
             self.out, state.step, self.model, self.optimizer, self.scheduler,
             fingerprint=self.fingerprint, keep_last=self.cfg.keep_last,
             data_state={"step": state.step, "tokens_seen": state.tokens_seen,
-                        "epoch": state.step // self.plan.steps_per_epoch},
-            extra={"trackers": self.metrics.reporters.ids() if self.metrics.reporters else {}},
+                        "epoch": state.step // self.plan.steps_per_epoch,
+                        # rank 0's report_to run ids (rank 0 writes meta.json), continued on resume
+                        "trackers": self.metrics.reporters.ids() if self.metrics.reporters else {}},
         )  # fmt: skip
 
     def load_data(self):
