@@ -62,9 +62,8 @@ def inject(runtime: dict) -> dict:
     """The runtime as the controller runs it for a TrainJob, with the plugin's env, mount and volume."""
     env, mount, volume = injected()
     runtime = copy.deepcopy(runtime)
-    trainers = [
-        j for j in jobs(runtime).values() if j["template"]["metadata"]["labels"][ANCESTOR] == "trainer"
-    ]
+    labels = {name: j["template"].get("metadata", {}).get("labels", {}) for name, j in jobs(runtime).items()}
+    trainers = [jobs(runtime)[name] for name, found in labels.items() if found.get(ANCESTOR) == "trainer"]
     assert len(trainers) == 1, "one pod set gets the variables: the trainer's"
     spec = pod(trainers[0])
     names = {e["name"] for e in env}
