@@ -38,10 +38,12 @@ from pathlib import Path
 GiB = 1 << 30
 ADAM_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# --device cpu: the resident memory of a trainer process before the model (Python, torch, transformers,
-# datasets, tokenizers, the tokenized data), and per process of a gloo group; measured on this project's CPU
-# test machine (tests/trainer/test_plan.py checks the whole prediction against measured peaks).
+# --device cpu: the resident memory of a trainer process besides the model (Python, torch, transformers,
+# datasets, tokenizers, the tokenized data, gloo, allocator slack): ~500 MiB measured on the tiny test model;
+# bf16 on a CPU adds ~150 MiB whatever the model (oneDNN's bf16 kernels and their scratch). Calibrated on
+# this project's machine with bench/bench_plan.py and the tests (tests/trainer/plan_check.py).
 CPU_BASE = 520 * 2**20
+CPU_BF16 = 140 * 2**20
 # What the backward keeps per token of a decoder layer, in values of the compute dtype (SDPA attention: no
 # sequence-squared term): the norms' outputs, q/k/v, the attention output, the MLP's four intermediates.
 ACT_HIDDEN, ACT_INTER = 8, 4
@@ -59,6 +61,7 @@ class Shape:
     vocab: int
     tied: bool
     qkv_bias: bool = False
+    file_bytes: int = 2  # bytes per weight in the checkpoint files (config.json's torch_dtype)
 
     @staticmethod
     def from_config(config: dict) -> Shape:
@@ -74,6 +77,7 @@ class Shape:
                 vocab=int(text["vocab_size"]),
                 tied=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
                 qkv_bias=bool(text.get("attention_bias")) or text.get("model_type", "").startswith("qwen2"),
+                file_bytes=4 if (config.get("torch_dtype") or config.get("dtype")) == "float32" else 2,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"config.json lacks a decoder's shape ({exc}): pass --model-config") from None
@@ -124,6 +128,7 @@ class Job:
     vocab_parallel: str = "auto"
     sharding: str = "auto"
     shard_group_size: int = 0
+    targets_per_sequence: int = 0  # tokens of a sequence that count in the loss; 0: all of them (worst case)
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,7 @@ class Cluster:
     per_node: int = 1
     memory: int = 80 * GiB  # per rank: a GPU's memory, or a CPU host's memory / processes per node
     device: str = "cuda"
+    host: int = 2048 * GiB  # a node's host memory, for what cpu_offload puts there (a DGX H100's 2 TB)
 
     @property
     def world(self) -> int:
@@ -162,8 +168,9 @@ def estimate(shape: Shape, job: Job, cluster: Cluster, group: int | None = None)
     fsdp = not qlora and (world > 1 or job.bf16 or job.cpu_offload)
     shards = group if fsdp else 1
     tokens = job.micro_batch_size * job.max_seq_length
-    split = (
-        fsdp and world > 1 and not job.cpu_offload and job.vocab_parallel != "never"
+    targets = job.micro_batch_size * (job.targets_per_sequence or job.max_seq_length)
+    split = (  # the recipe's rule (vocab_parallel.wanted over the shard group)
+        fsdp and not job.cpu_offload and job.vocab_parallel != "never"
         and (job.vocab_parallel == "always" or group * tokens <= 2 * shape.vocab)
     )  # fmt: skip
 
@@ -182,7 +189,12 @@ def estimate(shape: Shape, job: Job, cluster: Cluster, group: int | None = None)
     activations = shape.layers * tokens * per_layer_token
     checkpointed = shape.layers * tokens * shape.hidden * cb + tokens * per_layer_token
     act = checkpointed if job.activation_checkpointing else activations
-    loss_chunk = 2 * 4 * job.loss_chunk_size * shape.vocab
+    # The fused head: one fp32 block of logits, chunk (or fewer target) tokens x the vocabulary (split: the
+    # group's tokens x its rows, the same size), a bf16 copy of it under mixed precision; a trained head
+    # adds one temporary of its (local) weight's size per chunk, and a split head's bf16 copy of its rows.
+    head_rows = -(-shape.vocab // group) if split else shape.vocab
+    loss_chunk = int(min(job.loss_chunk_size, targets) * shape.vocab * 4 * (1.5 if job.bf16 else 1))
+    loss_chunk += head_rows * shape.hidden * ((4 if full else 0) + (2 if job.bf16 and split else 0))
     vocab_split = 4 * shape.vocab_params() // group if split else 0
     host = 0
     if job.cpu_offload:
@@ -201,8 +213,14 @@ def estimate(shape: Shape, job: Job, cluster: Cluster, group: int | None = None)
         "host_offload": host,
     }
     peak = weights + grads + optimizer + gathered + act + loss_chunk
+    loading = 0
     if cluster.device == "cpu":  # host memory is the device: offloaded state and the interpreter count
-        peak += host + CPU_BASE
+        base = CPU_BASE + (CPU_BF16 if job.bf16 else 0)
+        peak += host + base
+        if world == 1 or qlora:  # from_pretrained: the fp32 model beside the memory-mapped file
+            loading = base + 4 * shape.params() + shape.file_bytes * shape.params()
+            peak = max(peak, loading)
+    parts["loading"] = loading
     parts["total"] = peak
     steps_bytes = traffic(shape, job, cluster, group, trainable, cb, split, tokens)
     return {
@@ -211,7 +229,7 @@ def estimate(shape: Shape, job: Job, cluster: Cluster, group: int | None = None)
         "replicas": replicas,
         "vocab_parallel": split,
         "memory": cluster.memory,
-        "fits": peak <= cluster.memory,
+        "fits": peak <= cluster.memory and host * cluster.per_node <= cluster.host,
         "traffic_per_step": steps_bytes,
     }
 
@@ -320,6 +338,38 @@ def report(shape: Shape, job: Job, cluster: Cluster) -> str:
     return "\n".join(lines)
 
 
+# Public shapes (config.json values) for docs/scaling.md: Llama 3.2 1B, Llama 3.1 8B and 70B.
+MODELS = {
+    "1B": Shape(layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, vocab=128256, tied=True),
+    "8B": Shape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, tied=False),
+    "70B": Shape(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=128256, tied=False),
+}
+TABLE_JOB = Job(micro_batch_size=1, max_seq_length=2048, activation_checkpointing=True)
+TABLE_NODES = (1, 2, 4, 8, 16)
+
+
+def scaling_table(gpus: int = 8, memory: int = 80 * GiB) -> str:
+    """docs/scaling.md's table: per-rank GiB under `sharding: auto` (and its layout) for each model, method
+    and node count; where it does not fit, the smallest change that does."""
+    head = "| model | method | " + " | ".join(f"{n} node{'s' * (n > 1)}" for n in TABLE_NODES) + " |"
+    lines = [head, "|---|---|" + "--:|" * len(TABLE_NODES)]
+    for name, shape in MODELS.items():
+        for method in ("lora", "qlora", "full"):
+            job = replace(TABLE_JOB, method=method)
+            cells = []
+            for nodes in TABLE_NODES:
+                cluster = Cluster(nodes, gpus, memory)
+                result = estimate(shape, job, cluster)
+                total = f"{result['per_rank']['total'] / GiB:.1f}"
+                layout = "hybrid" if result["replicas"] > 1 else ("full" if cluster.world > 1 else "")
+                if result["fits"]:
+                    cells.append(f"{total} {layout}".strip())
+                else:
+                    cells.append(f"**{total}** → {suggest(shape, job, cluster) or 'no'}")
+            lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 SIZE = re.compile(r"^\s*([\d.]+)\s*(GiB|GB|MiB|MB|G|M)?\s*$", re.IGNORECASE)
 
 
@@ -343,7 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--model-config", help="a config.json instead of model_dir/config.json")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--table", action="store_true", help="docs/scaling.md's table (1B/8B/70B, 8 x 80GiB)")
     args, rest = parser.parse_known_args(argv)
+    if args.table:
+        print(scaling_table())
+        return 0
     try:
         cfg = load_config(rest)
         path = Path(args.model_config or Path(cfg.model_dir) / "config.json")

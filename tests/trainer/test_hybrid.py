@@ -27,6 +27,7 @@ from tests.trainer.conftest import (
     start,
     trainer_env,
 )
+from tests.trainer.plan_check import assert_plan_matches
 
 
 def two_nodes(target: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
@@ -88,6 +89,10 @@ def test_four_ranks_on_two_nodes_equal_one_process_and_resume_across_layouts(
         summary = json.loads((out / "summary.json").read_text())
         assert summary["final_val_loss"] == pytest.approx(reference_val, rel=VAL_LOSS_REL)
         assert_same_adapter(weights(out), weights(one))
+    # The planner's per-rank prediction (--device cpu) against rank 0's peak, for each layout's last run.
+    assert_plan_matches(one)
+    assert_plan_matches(hybrid_then_full, nodes=1, per_node=2)
+    assert_plan_matches(full_then_hybrid, nodes=2, per_node=2)
 
 
 def test_the_vocabulary_split_stays_within_each_node(tmp_path, tiny_model):

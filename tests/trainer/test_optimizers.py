@@ -23,6 +23,7 @@ from tests.trainer.conftest import (
     torchrun,
     trainer_env,
 )
+from tests.trainer.plan_check import assert_plan_matches
 
 WORKER = ROOT / "tests" / "trainer" / "arch_worker.py"
 # Constant lr: a run of 2 steps extended to 4 follows the 4-step run's schedule. One micro-batch per rank
@@ -73,6 +74,7 @@ def test_each_optimizer_trains_and_resumes_exactly(runs, name):
     assert trained[-1] < trained[0] - 0.2, trained
     torch.testing.assert_close(losses(tmp / f"{name}-resumed"), trained, **LOSS_TOL)
     assert_same_adapter(model_weights(tmp / f"{name}-resumed"), model_weights(tmp / name))
+    assert_plan_matches(tmp / name, nodes=1, per_node=2)  # the planner, against rank 0's peak RSS
 
 
 @pytest.mark.parametrize(("name", "same_as"), [("in_backward", "adamw"), ("cpu_offload", "adamw_clipped")])

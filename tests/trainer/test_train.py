@@ -25,6 +25,7 @@ from tests.trainer.conftest import (
     trainer_env,
     val_loss,
 )
+from tests.trainer.plan_check import assert_plan_matches
 from tests.trainer.tiny import make_dataset
 
 
@@ -73,6 +74,8 @@ def test_lora_one_process_two_processes_and_two_nodes_agree(tmp_path, tiny_model
     torch.testing.assert_close(losses(two), reference, **LOSS_TOL)
     torch.testing.assert_close(losses(nodes), reference, **LOSS_TOL)
     assert reference[-1] < reference[0] - 0.3, reference  # it learns
+    for out, n, per_node in ((one, 1, 1), (two, 1, 2), (nodes, 2, 1)):  # the planner vs rank 0's peak
+        assert_plan_matches(out, n, per_node)
 
     # Outputs.
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png"):
