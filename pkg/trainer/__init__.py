@@ -25,6 +25,8 @@ Modules, one job each:
     files             atomic files and folders; the folder digest
     export            adapter / merged / full model in Hugging Face formats, atomically
     metrics           progress lines, metrics.jsonl, summary.json, loss.png
+    trackers          report_to: TensorBoard, MLflow, W&B, each on a thread of its own
+    trainjob_status   progress and metrics into the TrainJob's status (Kubeflow Trainer's status server)
     tune              `tune run`, torchtune's command line (the SDK's BuiltinTrainer) -> TrainConfig, launch
     torchtune_configs torchtune 0.6.1's published configs (generated: scripts/gen_torchtune_configs.py)
 """
