@@ -99,7 +99,7 @@ def run_fingerprint(cfg: Any) -> dict[str, str]:
         f", {name}={getattr(cfg, name)}"
         for name, default in (("dataset_split", "train"), ("dataset_source", "auto"), ("column_map", {}),
                               ("system_prompt", ""), ("max_steps_per_epoch", 0), ("shuffle", True),
-                              ("more_datasets", []))
+                              ("more_datasets", []), ("add_eos", True))
         if getattr(cfg, name) != default
     )  # fmt: skip
     fingerprint = {

@@ -166,8 +166,8 @@ class TrainConfig:
         metadata={
             "help": "More training datasets, concatenated after dataset_dir's (torchtune's list of "
             "datasets): each a mapping of dataset_dir, dataset_split, dataset_source, dataset_format, "
-            "column_map, system_prompt, train_on_prompt where it differs from the top-level keys. A YAML "
-            "list, or the same as a JSON string.",
+            "column_map, system_prompt, train_on_prompt, add_eos where it differs from the top-level "
+            "keys. A YAML list, or the same as a JSON string.",
             "choices": None,
         },
     )  # fmt: skip
@@ -178,6 +178,11 @@ class TrainConfig:
     )
     max_seq_length: int = opt(1024, "Tokens per sequence; longer samples are truncated.")
     packing: bool = opt(False, "Pack several samples into each sequence (they never attend to each other).")
+    add_eos: bool = opt(
+        True,
+        "Format text: end each text with the EOS token (false: torchtune's text_completion_dataset "
+        "add_eos=False).",
+    )
     train_on_prompt: bool = opt(
         False, "Also train on prompt tokens (by default only responses count in the loss)."
     )
@@ -427,7 +432,7 @@ def _unknown(key: str) -> ConfigError:
 
 # The keys of one entry of more_datasets.
 DATASET_KEYS = ("dataset_dir", "dataset_split", "dataset_source", "dataset_format", "column_map",
-                "system_prompt", "train_on_prompt")  # fmt: skip
+                "system_prompt", "train_on_prompt", "add_eos")  # fmt: skip
 
 
 def dataset_list(key: str, value: Any) -> list[dict[str, Any]]:

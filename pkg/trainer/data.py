@@ -426,7 +426,8 @@ def _pairs(
     chunk: list[dict], lo: int, fmt: str, tokenizer, cfg: TrainConfig
 ) -> list[tuple[list[int], list[int]]]:
     """Tokenize a chunk of non-chat rows (batched through the fast tokenizer)."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    with_eos = tokenizer.eos_token_id is not None and (fmt != "text" or cfg.add_eos)
+    eos = [tokenizer.eos_token_id] if with_eos else []
     pairs = [prompt_and_completion(row, fmt, lo + j) for j, row in enumerate(chunk)]
     pairs = [(with_system_text(p, cfg.system_prompt), c) for p, c in pairs]
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
@@ -557,6 +558,8 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
     settings = ("dataset_format", "max_seq_length", "packing", "train_on_prompt", "val_fraction", "seed")
     settings += ("dataset_split", "dataset_source", "column_map", "system_prompt")
     settings += ("objective",)
+    if not cfg.add_eos:  # named only when set, so existing caches keep their key
+        settings += ("add_eos",)
     if cfg.more_datasets:  # named only when set, so existing caches keep their key
         settings += ("more_datasets",)
         for entry in cfg.more_datasets:

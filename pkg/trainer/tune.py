@@ -251,8 +251,8 @@ KEYS: list[Key] = [
     _k("dataset.conversation_style", "honoured", one_of("sharegpt", "openai"), "chat_dataset: sharegpt "
        "({from, value}) or openai ({role, content}) messages."),
     _k("dataset.column", "honoured", text, "text_completion_dataset: the text column.", "column_map"),
-    _k("dataset.add_eos", "honoured", boolean, "text_completion_dataset: only True (an EOS after each text).",
-       accept=(True,)),
+    _k("dataset.add_eos", "honoured", boolean, "text_completion_dataset: an EOS after each text (default "
+       "True).", "add_eos"),
     _k("dataset.split_across_pack", "honoured", boolean, "text_completion_dataset: only False with "
        "packed=True (samples are never cut across packs); any value without packing."),
     _k("dataset.filter_fn", "refused", anything, "A Python callable cannot be given to the llm-trainer: "
@@ -915,6 +915,8 @@ def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
     if train_on_input and dpo:
         raise ConfigError("dataset.train_on_input=True: DPO compares the responses only; set it to False")
     values["train_on_prompt"] = train_on_input
+    if "dataset.add_eos" in tt:
+        values["add_eos"] = tt["dataset.add_eos"]
     if tt.get("dataset.new_system_prompt"):
         values["system_prompt"] = tt["dataset.new_system_prompt"]
     if "dataset.packed" in tt:

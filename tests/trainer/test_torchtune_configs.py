@@ -254,8 +254,9 @@ SHARDS = "model-{}-of-{}.safetensors"
 @pytest.mark.parametrize(
     ("args", "check"),
     [
-        (["dataset=torchtune.datasets.text_completion_dataset", "dataset.column=body"],
-         lambda c: (c.dataset_format, c.column_map) == ("text", {"text": "body"})),
+        (["dataset=torchtune.datasets.text_completion_dataset", "dataset.column=body",
+          "dataset.add_eos=False"],
+         lambda c: (c.dataset_format, c.column_map, c.add_eos) == ("text", {"text": "body"}, False)),
         (["dataset._component_=torchtune.datasets.chat_dataset", "~dataset.packed",
           "dataset.conversation_column=dialog", "dataset.conversation_style=sharegpt"],
          lambda c: (c.dataset_format, c.column_map, c.train_on_prompt) == ("messages", {"messages": "dialog"},
@@ -409,7 +410,7 @@ epochs: 1
     assert cfg.more_datasets == [{
         "dataset_dir": str(qa), "dataset_split": "train", "dataset_source": "auto",
         "dataset_format": "input_output", "column_map": {"input": "q", "output": "a"},
-        "system_prompt": "Be brief.", "train_on_prompt": False,
+        "system_prompt": "Be brief.", "train_on_prompt": False, "add_eos": True,
     }]  # fmt: skip
     # The trainer's own command line reads the list back (tune passes it as JSON).
     from pkg.trainer.config import load_config
@@ -421,3 +422,14 @@ epochs: 1
     (tmp_path / "same.yaml").write_text(same)
     with pytest.raises(ConfigError, match=r"dataset\[1\] reads the same files as dataset\[0\]"):
         tune.translate(tune.Command([], cmd.recipe, str(tmp_path / "same.yaml"), {}), 1)
+
+
+def test_text_without_eos(tiny_model):
+    """text_completion_dataset's add_eos=False: the text's tokens alone."""
+    from pkg.trainer import data, model
+
+    tokenizer = model.load_tokenizer(str(tiny_model))
+    rows = [{"text": "Repeat the word blue"}]
+    [(with_eos, _)] = data._pairs(rows, 0, "text", tokenizer, TrainConfig())
+    [(without, labels)] = data._pairs(rows, 0, "text", tokenizer, TrainConfig(add_eos=False))
+    assert with_eos == [*without, tokenizer.eos_token_id] and len(labels) == len(without)
