@@ -49,6 +49,18 @@ CPU_BF16 = 140 * 2**20
 ACT_HIDDEN, ACT_INTER = 8, 4
 
 
+def canonical_names(config: dict) -> dict:
+    """config.json with transformers' standard names added where the architecture spells them its own way
+    (gpt2's n_head, n_layer, n_embd: its config class's `attribute_map`)."""
+    try:
+        from transformers import CONFIG_MAPPING
+
+        aliases = CONFIG_MAPPING[config["model_type"]].attribute_map
+    except (ImportError, KeyError):
+        return config
+    return {**{name: config[spelt] for name, spelt in aliases.items() if spelt in config}, **config}
+
+
 @dataclass(frozen=True)
 class Shape:
     """A decoder-only transformer, from its config.json."""
@@ -65,7 +77,7 @@ class Shape:
 
     @staticmethod
     def from_config(config: dict) -> Shape:
-        text = config.get("text_config") or config  # multimodal wrappers keep the LM's shape inside
+        text = canonical_names(config.get("text_config") or config)  # multimodal wrappers nest the LM
         try:
             heads = int(text["num_attention_heads"])
             return Shape(

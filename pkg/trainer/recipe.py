@@ -441,7 +441,11 @@ class Recipe:
         """`sharding` and `shard_group_size` as a Layout (unsharded: none); logs it with the planner's
         per-rank estimate."""
         cfg, info = self.cfg, self.dist
-        shape = plan.Shape.from_config(net.config.to_dict())
+        try:
+            shape = plan.Shape.from_config(net.config.to_dict())
+        except ValueError as exc:  # the estimate is advice: a shape it cannot read never stops training
+            shape = None
+            log.info("plan: no estimate (%s)", exc)
         cluster = plan.Cluster(
             max(1, info.world_size // info.local_world_size), info.local_world_size,
             plan.device_memory(info.device) // (1 if info.device.type == "cuda" else info.local_world_size),
@@ -450,7 +454,7 @@ class Recipe:
         job = plan.job_from_config(cfg, self.bf16)
 
         def fits(group: int) -> bool:
-            return plan.estimate(shape, job, cluster, group)["fits"]
+            return shape is not None and plan.estimate(shape, job, cluster, group)["fits"]
 
         layout = distributed.Layout()
         if sharded:
@@ -461,11 +465,13 @@ class Recipe:
                 )  # fmt: skip
             except ValueError as exc:
                 raise TrainerError(str(exc)) from None
-        estimate = plan.estimate(shape, job, cluster, layout.group_size or info.world_size)
+        summary = "unavailable"
+        if shape is not None:
+            summary = plan.summary(plan.estimate(shape, job, cluster, layout.group_size or info.world_size))
         log.info(
             "sharding %s (%s%s); plan: %s", cfg.sharding,
             layout.describe(info.world_size) if sharded else "not sharded",
-            ", cpu_offload" if cfg.cpu_offload else "", plan.summary(estimate),
+            ", cpu_offload" if cfg.cpu_offload else "", summary,
         )  # fmt: skip
         return layout
 

@@ -59,6 +59,17 @@ def test_hybrid_on_several_nodes_when_a_node_holds_the_model_and_what_it_moves()
 
 
 @pytest.mark.fast
+def test_architectures_with_their_own_names_for_the_shape_are_read():
+    """gpt2's config.json says n_layer / n_embd / n_head (its attribute_map); the planner reads them as the
+    standard names instead of refusing the model."""
+    config = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 300}
+    shape = plan.Shape.from_config(config)
+    assert (shape.layers, shape.hidden, shape.heads, shape.kv_heads, shape.intermediate) == (2, 64, 4, 4, 256)
+    with pytest.raises(ValueError, match="lacks a decoder's shape"):
+        plan.Shape.from_config({"model_type": "gpt2", "n_layer": 2})
+
+
+@pytest.mark.fast
 def test_docs_scaling_holds_the_planners_table():
     doc = (ROOT / "docs" / "scaling.md").read_text()
     table = re.search(r"<!-- BEGIN plan-table -->\n(.*?)\n<!-- END plan-table -->", doc, re.S).group(1)
