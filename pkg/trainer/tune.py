@@ -255,6 +255,11 @@ KEYS: list[Key] = [
        "True).", "add_eos"),
     _k("dataset.split_across_pack", "honoured", boolean, "text_completion_dataset: only False with "
        "packed=True (samples are never cut across packs); any value without packing."),
+    _k("dataset.max_seq_len", "honoured", _optional(integer), "cnn_dailymail_articles_dataset, "
+       "wikitext_dataset: only null or tokenizer.max_seq_len (every dataset is truncated there)."),
+    _k("dataset.subset", "mapped", text, "wikitext_dataset: the Hub dataset's configuration "
+       "(default wikitext-103-v1): the dataset folder's subfolder of that name if it has one, else the "
+       "dataset folder itself.", "dataset_dir"),
     _k("dataset.filter_fn", "refused", anything, "A Python callable cannot be given to the llm-trainer: "
        "filter the data before the dataset initializer."),
     # Model and method
@@ -423,6 +428,18 @@ BUILDERS = {
     ),
     "torchtune.datasets.slimorca_dataset": Builder(
         "messages", SFT_ARGS, columns={"messages": "conversations"}
+    ),
+    "torchtune.datasets.grammar_dataset": Builder("input_output", SFT_ARGS),
+    "torchtune.datasets.samsum_dataset": Builder(
+        "input_output", SFT_ARGS, columns={"input": "dialogue", "output": "summary"}
+    ),
+    "torchtune.datasets.cnn_dailymail_articles_dataset": Builder(
+        "text", ("source", "max_seq_len", "filter_fn", "split", "data_files", "data_dir"),
+        columns={"text": "article"},
+    ),
+    "torchtune.datasets.wikitext_dataset": Builder(
+        "text", ("source", "subset", "max_seq_len", "packed", "filter_fn", "split", "data_files", "data_dir"),
+        columns={"text": "page"},
     ),
     "torchtune.datasets.text_completion_dataset": Builder(
         "text", ("source", "column", "add_eos", "packed", "split_across_pack", "split", "filter_fn",
@@ -884,6 +901,8 @@ def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
             raise ConfigError(
                 f"dataset.column_map: {what} columns are {', '.join(allowed)}, not {', '.join(bad)}"
             )
+        if builder_name == "torchtune.datasets.samsum_dataset":
+            columns = {}  # torchtune's `column_map or {...}`: a given map replaces samsum's columns
         columns.update(user_map)
     if "dataset.conversation_column" in tt:
         columns["messages"] = tt["dataset.conversation_column"]
@@ -899,6 +918,12 @@ def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
         and builder.fmt == "text"
         and tt.get("dataset.split_across_pack", True)
     ):
+        if "split_across_pack" not in builder.args:
+            raise ConfigError(
+                f"dataset.packed=True: {builder_name.rsplit('.', 1)[-1]} cuts samples across packs, which "
+                "the llm-trainer never does; use torchtune.datasets.text_completion_dataset with its column, "
+                "packed=True and split_across_pack=False (or dataset.packed=False)"
+            )
         raise ConfigError(
             "dataset.split_across_pack=True: the llm-trainer never cuts a sample across packs; "
             "set dataset.split_across_pack=False (or dataset.packed=False)"
@@ -906,7 +931,7 @@ def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
     values["column_map"] = {k: v for k, v in columns.items() if k != v}
     if builder and not dpo:
         fmt = builder.fmt
-        if fmt == "input_output" and user_map is None:
+        if builder_name == "torchtune.datasets.instruct_dataset" and user_map is None:
             # Without a column_map, alpaca-style data (instruction/input/output) keeps its instruction: auto
             # reads it as alpaca, and data with only input/output columns as input_output.
             fmt = "auto"
@@ -933,6 +958,18 @@ def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
     for key in ("dataset.data_dir", "dataset.data_files"):
         if key in tt:
             values["dataset_dir"] = tt[key]
+    length = tt.get("dataset.max_seq_len")
+    if length is not None and length != tt.get("tokenizer.max_seq_len"):
+        raise ConfigError(
+            f"dataset.max_seq_len={length}: the llm-trainer truncates every dataset at "
+            f"tokenizer.max_seq_len; set tokenizer.max_seq_len={length} (or dataset.max_seq_len=null)"
+        )
+    if builder_name == "torchtune.datasets.wikitext_dataset":
+        # The Hub repository holds every configuration in its own folder; read only the chosen one.
+        folder = Path(values.get("dataset_dir", TrainConfig().dataset_dir))
+        subset = folder / str(tt.get("dataset.subset", "wikitext-103-v1"))
+        if subset.is_dir():
+            values["dataset_dir"] = str(subset)
     return {**values, **validation_settings(tt)}
 
 

@@ -263,6 +263,21 @@ SHARDS = "model-{}-of-{}.safetensors"
                                                                            False)),
         (["dataset=torchtune.datasets.slimorca_dataset"],
          lambda c: (c.dataset_format, c.column_map) == ("messages", {"messages": "conversations"})),
+        (["dataset=torchtune.datasets.grammar_dataset"],
+         lambda c: (c.dataset_format, c.column_map, c.train_on_prompt) == ("input_output", {}, False)),
+        (["dataset._component_=torchtune.datasets.samsum_dataset", "dataset.new_system_prompt=Sum up."],
+         lambda c: (c.dataset_format, c.column_map, c.system_prompt) == (
+             "input_output", {"input": "dialogue", "output": "summary"}, "Sum up.")),
+        (["dataset=torchtune.datasets.samsum_dataset", "dataset.column_map={input: chat}"],  # replaces
+         lambda c: c.column_map == {"input": "chat"}),
+        (["dataset=torchtune.datasets.cnn_dailymail_articles_dataset", "~dataset.packed",
+          "tokenizer.max_seq_len=64", "dataset.max_seq_len=64"],
+         lambda c: (c.dataset_format, c.column_map, c.add_eos, c.max_seq_length) == (
+             "text", {"text": "article"}, True, 64)),
+        (["dataset._component_=torchtune.datasets.wikitext_dataset",
+          "dataset.split=train[:10]"],
+         lambda c: (c.dataset_format, c.column_map, c.dataset_split) == ("text", {"text": "page"},
+                                                                         "train[:10]")),
         (["dataset.train_on_input=False"], lambda c: c.train_on_prompt is False),
         ([], lambda c: c.train_on_prompt is True),  # alpaca_cleaned_dataset's default
         (["~lr_scheduler"], lambda c: (c.lr_scheduler, c.warmup_steps) == ("constant", 0)),
@@ -321,6 +336,12 @@ LOGGING = "torchtune.training.metric_logging"
         (["llama3_2/1B_full", "profiler.enabled=True"], "profiler.enabled=True: Only False"),
         (["llama3_2/1B_full", "dataset=torchtune.datasets.text_completion_dataset", "dataset.packed=True"],
          "split_across_pack"),
+        (["llama3_2/1B_full", "dataset=torchtune.datasets.wikitext_dataset", "dataset.packed=True"],
+         "wikitext_dataset cuts samples across packs"),
+        (["llama3_2/1B_full", "dataset=torchtune.datasets.cnn_dailymail_articles_dataset", "~dataset.packed",
+          "dataset.max_seq_len=32"], "dataset.max_seq_len=32: the llm-trainer truncates every dataset at"),
+        (["llama3_2/1B_lora", "dataset=torchtune.datasets.samsum_dataset", "dataset.column_map={text: x}"],
+         "samsum_dataset columns are input, output, not text"),
     ],
 )  # fmt: skip
 def test_what_cannot_be_honoured_is_refused_by_name(args, message, capsys, tmp_path):
@@ -433,3 +454,30 @@ def test_text_without_eos(tiny_model):
     [(with_eos, _)] = data._pairs(rows, 0, "text", tokenizer, TrainConfig())
     [(without, labels)] = data._pairs(rows, 0, "text", tokenizer, TrainConfig(add_eos=False))
     assert with_eos == [*without, tokenizer.eos_token_id] and len(labels) == len(without)
+
+
+def test_named_builders_read_their_own_columns_from_the_dataset_folder(tmp_path, tiny_model, model_dir):
+    """samsum_dataset's dialogue/summary as a user and an assistant turn; wikitext_dataset's page column, from
+    the subset's own folder of the Hub repository (the other subset's files are not read)."""
+    from pkg.trainer import data, model
+
+    def rows(folder: Path, items: list[dict]) -> Path:
+        folder.mkdir(parents=True)
+        (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+        return folder
+
+    samsum = rows(tmp_path / "samsum", [{"id": "1", "dialogue": "A: hi B: hello", "summary": "They greet."}])
+    wiki = tmp_path / "wiki"
+    rows(wiki / "wikitext-103-v1", [{"page": "One long page."}] * 3)
+    rows(wiki / "wikitext-2-v1", [{"page": "Another page."}] * 5)
+    tokenizer = model.load_tokenizer(str(tiny_model))
+    for builder, folder, count, fmt in (("samsum_dataset", samsum, 1, "input_output"),
+                                        ("wikitext_dataset", wiki, 3, "text")):  # fmt: skip
+        args = [f"checkpointer.checkpoint_dir={model_dir}", "dataset.packed=False",
+                f"dataset=torchtune.datasets.{builder}", f"dataset.data_dir={folder}"]  # fmt: skip
+        cmd = tune.parse_command(["run", "full_finetune_distributed", "--config", "llama3_2/1B_full", *args])
+        cfg, _ = tune.translate(cmd, 1)
+        cache = str(tmp_path / "cache")
+        samples, got = data.tokenized_samples(cfg, tokenizer, cache, cfg.dataset_dir, "train")
+        assert (len(samples), got) == (count, fmt)
+    assert cfg.dataset_dir == str(wiki / "wikitext-103-v1")
