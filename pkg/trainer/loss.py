@@ -243,9 +243,10 @@ def token_logprobs(
     # Any other head (LoRA on it, an FSDP unit): called as a module per chunk, each chunk checkpointed.
     # One chunk peaks at the same memory with or without recomputation (its logits, their softmax and the
     # gradient at the start of the backward), so only several chunks pay for recomputing the head.
-    recompute = torch.is_grad_enabled() and hidden.size(0) > chunk_size
+    n_chunks = _chunks_on_every_rank(math.ceil(hidden.size(0) / chunk_size), hidden.device)
+    recompute = torch.is_grad_enabled() and n_chunks > 1
     chunks = []
-    for start in range(0, hidden.size(0), chunk_size):
+    for start in range(0, n_chunks * chunk_size, chunk_size):  # past this rank's tokens: empty chunks
         args = (head, transform, hidden[start : start + chunk_size], wanted[start : start + chunk_size])
         if recompute:
             chunks.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
@@ -253,6 +254,22 @@ def token_logprobs(
             chunks.append(_chunk_logprobs(*args))
     logprobs = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0
     return TokenLogprobs(logprobs, rows, getattr(output, "aux_loss", None))
+
+
+def _chunks_on_every_rank(n_chunks: int, device: torch.device) -> int:
+    """The most chunks any rank has; collective at world size > 1.
+
+    Every call of a head module may be collective (an FSDP unit gathers its weights for each call, and
+    recomputes it in the backward), and a trained head's gradients are reduced over the ranks only if each
+    rank has one (FSDP's reduce-scatter, QLoRA's all-reduce). So every rank calls it as often as the rank
+    with the most target tokens, with empty chunks past its own (zero gradients), and takes the same
+    recompute decision, whatever its own count: a rank whose micro-batch is all padding included.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return n_chunks
+    count = torch.tensor([n_chunks], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count)
 
 
 def chunked_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:

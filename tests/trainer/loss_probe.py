@@ -3,7 +3,9 @@
     torchrun --nproc-per-node 2 tests/trainer/loss_probe.py REPORT.json CASE [CASE ...]
 
 CASE: one of CASES, `full-` in front for full fine-tuning (no LoRA), `vp-` in front (first) for the input
-embedding and head split by vocabulary rows (vocab_parallel.py) rather than FSDP units.
+embedding and head split by vocabulary rows (vocab_parallel.py) rather than FSDP units, `empty-` in front
+(before all) for a last rank whose batch has no target tokens (all padding: its collectives must still
+match the other ranks').
 Every rank builds the same model; one copy is sharded with the trainer's FSDP2 `shard`, the other stays
 whole. Each rank runs the chunked loss on a batch of its own (with its own number of target tokens); the
 sharded gradients (FSDP averages them over ranks) must equal the mean of the full-logits path's gradients
@@ -66,15 +68,17 @@ def build(case: str, lora: bool = True) -> torch.nn.Module:
     return net
 
 
-def batch(seed: int = 1) -> dict[str, torch.Tensor]:
+def batch(seed: int = 1, empty: bool = False) -> dict[str, torch.Tensor]:
     """3 rows of different lengths, right-padded, with prompts masked (targets start at different places);
-    each seed its own number of targets."""
+    each seed its own number of targets (none when `empty`)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (3, 20), generator=g)
     labels = ids.clone()
     for row, (prompt, length) in enumerate([(3, 20), (11, 17), (6 + seed % 5, 9 + seed % 7)]):
         labels[row, :prompt] = IGNORE_INDEX
         labels[row, length:] = IGNORE_INDEX
+    if empty:
+        labels[:] = IGNORE_INDEX
     return {"input_ids": ids, "labels": labels}
 
 
@@ -101,8 +105,9 @@ def check(info, case: str) -> dict:
     from pkg.trainer import distributed
     from pkg.trainer.loss import check_head, chunked_loss_sum
 
-    vocab_parallel = case.startswith("vp-")
-    name = case.removeprefix("vp-")
+    empty = case.startswith("empty-")  # the last rank's batch: no target tokens
+    vocab_parallel = case.removeprefix("empty-").startswith("vp-")
+    name = case.removeprefix("empty-").removeprefix("vp-")
     method = "full" if name.startswith("full-") else "lora"
     name = name.removeprefix("full-")
     reference = build(name, lora=method == "lora")
@@ -116,10 +121,14 @@ def check(info, case: str) -> dict:
         split = sharded(input_ids=ids, logits_to_keep=3).logits
         distributed.reshard(sharded)
     logits_error = ((split - whole).abs().max() / whole.abs().max()).item()
-    b = batch(1 + info.rank)
+
+    def rank_batch(rank: int) -> dict[str, torch.Tensor]:
+        return batch(1 + rank, empty=empty and rank == info.world_size - 1)
+
+    b = rank_batch(info.rank)
     ref_loss = full_logits_loss(reference, b).detach()
     for rank in range(info.world_size):  # FSDP's gradient: the mean over the ranks' batches
-        (full_logits_loss(reference, batch(1 + rank)) / info.world_size).backward()
+        (full_logits_loss(reference, rank_batch(rank)) / info.world_size).backward()
     loss = chunked_loss_sum(sharded, b, chunk_size=7)
     loss.backward()
     expected, got = grads(reference), grads(sharded)
