@@ -8,11 +8,12 @@ benchmark), side by side on local S3 servers.
 The folder uploaded is a model as the trainer writes one: 4 / 2 (--quick) safetensors shards of 256 / 64 MiB
 plus 20 small files (config, tokenizer). Servers: moto (Python; its CPU bounds every client on 2 cores) and
 `rclone serve s3` (Go). Each tool uploads to a fresh prefix with its defaults (ours: 16 parallel requests,
-16 MiB parts, Content-MD5 on every request, the final ETags checked, a manifest last; aws: 10 parallel
+8 MiB parts, Content-MD5 on every request, the final ETags checked, a manifest last; aws: 10 parallel
 requests, 8 MiB parts), as a child process of this one; the objects are deleted after each run. Wall time
 gives MB/s, peak RSS is the child's process tree polled every 50 ms, CPU seconds its user + system time.
 With --repeat N the tools take turns N times and each keeps its best. The objects' count and bytes are
-checked after every run. Prints a markdown table with the ratio to `aws s3 sync`, writes JSON.
+checked after every run. Prints a markdown table with the ratio to `aws s3 sync`, writes JSON. INIT_*
+variables in the environment are passed to ours (to try other settings than the defaults).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main() -> None:
                 s3.client().create_bucket(Bucket="bench")
                 base = {"PATH": os.environ["PATH"], "HOME": str(work), "AWS_EC2_METADATA_DISABLED": "true"}
                 ours_env = {**base, **s3.env(), "SOURCE_PATH": str(model), "PYTHONPATH": str(REPO)}
+                ours_env |= {k: v for k, v in os.environ.items() if k.startswith("INIT_")}  # tuning runs
                 aws_env = {
                     **base,
                     "AWS_ACCESS_KEY_ID": s3.access_key_id,

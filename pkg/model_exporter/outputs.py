@@ -22,7 +22,7 @@ from pkg.initializers.safety import safe_relative
 
 from .config import Export
 
-HASH_CHUNK = 4 * 1024 * 1024
+HASH_CHUNK = 1024 * 1024  # per worker thread: 16 workers hold 16 MiB
 SKIPPED_IN_ALL = ("checkpoints",)  # training state: large, and useless away from this run
 
 
