@@ -131,6 +131,9 @@ class S3Export:
         assert isinstance(uri, S3Uri)
         self.uri = uri
         self.tuning = config.shared.tuning
+        # Content-MD5 is each request's checksum; botocore's default CRC32 on top would be a third hash of
+        # every byte (with the SigV4 payload hash), for nothing the MD5 does not already check.
+        os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
         self.source = S3Source(uri, config.shared)  # credentials, region, endpoint, listing, errors
         prefix = uri.prefix
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
