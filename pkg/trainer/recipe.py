@@ -154,6 +154,7 @@ class Recipe:
         self.dpo: dpo.DPO | None = None
         self.reference: dict[str, torch.Tensor] = {}  # full-FT DPO: cached reference log-probs per split
         self.tracker_ids: dict[str, str] = {}  # report_to runs to continue, from the resumed checkpoint
+        self.train_time = self.train_cpu = 0.0  # seconds the steps took, wall and CPU (summary.json)
 
     # ------------------------------------------------------------ setup
 
@@ -374,14 +375,15 @@ class Recipe:
         return splits
 
     def micro_loss(self, records: list[dict], indices: list[int], split: str, weights=None):
-        """(summed loss of a micro-batch, sums of the objective's metrics: [loss] for SFT, dpo.METRICS)."""
+        """(summed loss of a micro-batch, sums of the objective's metrics: [loss] for SFT, dpo.METRICS, the
+        router's load-balancing loss of an MoE model in training, else None)."""
         if self.dpo is not None:
             cached = None
             if split in self.reference:
                 cached = self.reference[split][[max(i, 0) for i in indices]]
-            return self.dpo.micro(self.model, records, cached, weights)
-        loss = self.loss_sum(data.collate(records, self.tokenizer.pad_token_id, self.cfg.packing))
-        return loss, [loss.item()]
+            return (*self.dpo.micro(self.model, records, cached, weights), None)
+        loss, aux = self.loss_sum(data.collate(records, self.tokenizer.pad_token_id, self.cfg.packing))
+        return loss, [loss.item()], aux
 
     def build_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -430,7 +432,7 @@ class Recipe:
             )
         check_head(net, self.dist.device)
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per rank
-        self.aux_coef, self.aux_loss = model.router_aux_coef(net), None
+        self.aux_coef = model.router_aux_coef(net)
         if self.aux_coef:
             log.info(
                 "mixture-of-experts: router load-balancing loss added with coefficient %g", self.aux_coef
@@ -510,14 +512,14 @@ class Recipe:
 
     # ------------------------------------------------------------ train
 
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed cross-entropy of the target tokens in one micro-batch, in chunks (loss.py)."""
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summed cross-entropy of the target tokens in one micro-batch, in chunks (loss.py), and the router's
+        load-balancing loss when an MoE model trains (None otherwise)."""
         batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
         # An MoE model also returns its router load-balancing loss while training (see model.router_aux_coef).
         moe = {"output_router_logits": True} if self.aux_coef and self.model.training else {}
         scored = token_logprobs(self.model, batch, self.cfg.loss_chunk_size, **moe)
-        self.aux_loss = scored.aux_loss if moe else None
-        return -scored.logprobs.sum()
+        return -scored.logprobs.sum(), scored.aux_loss if moe else None
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step on the global batch of `step`; returns the global-batch loss and counts."""
@@ -543,11 +545,11 @@ class Recipe:
         for i, recs in enumerate(micro):
             if defer_sync:
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            loss, stats = self.micro_loss(recs, indices[i], "train")
+            loss, stats, aux = self.micro_loss(recs, indices[i], "train")
             objective = loss * scale
-            if self.aux_loss is not None:  # a mean per micro-batch: averaged over all of them, then weighted
-                objective = objective + self.aux_loss * (self.aux_coef / len(micro))
-                aux_total += self.aux_loss.item()
+            if aux is not None:  # a mean per micro-batch: averaged over all of them, then weighted
+                objective = objective + aux * (self.aux_coef / len(micro))
+                aux_total += aux.item()
             objective.backward()
             totals = [a + b for a, b in zip(totals, stats, strict=True)] if totals else stats
         if self.cfg.method == "qlora":
@@ -620,9 +622,8 @@ class Recipe:
         loss_total, n_targets = 0.0, 0
         for mb in self.plan.val_batches(len(self.val_data)):
             recs = [self.val_data[i] if i >= 0 else blank for i in mb]
-            loss_total += self.loss_sum(
-                data.collate(recs, self.tokenizer.pad_token_id, self.cfg.packing)
-            ).item()
+            loss, _ = self.loss_sum(data.collate(recs, self.tokenizer.pad_token_id, self.cfg.packing))
+            loss_total += loss.item()
             n_targets += data.count_targets(recs)
         distributed.reshard(self.model)
         loss_total, n_targets = distributed.all_reduce_sum([loss_total, n_targets], self.dist.device)
@@ -640,8 +641,7 @@ class Recipe:
 
     def train(self) -> None:
         cfg, state = self.cfg, self.state
-        self.train_start = time.monotonic()
-        cpu_start = time.process_time()
+        started, cpu_start = time.monotonic(), time.process_time()
         stop = resilience.StopRequest().install()  # SIGTERM: checkpoint at the next step boundary, exit 143
         while state.step < self.total_steps:
             started = time.monotonic()
@@ -676,7 +676,7 @@ class Recipe:
                     f"stopped by {stop.describe()} after step {state.step}; {note}; rerun the job to resume"
                 )
         stop.uninstall()
-        self.train_time = time.monotonic() - self.train_start
+        self.train_time = time.monotonic() - started
         self.train_cpu = time.process_time() - cpu_start  # what the steps cost, however loaded the machine
 
     # ------------------------------------------------------------ save
@@ -705,8 +705,8 @@ class Recipe:
                 "fingerprint": self.fingerprint,
                 "tokens_seen": self.state.tokens_seen,
                 "skipped_steps": self.skipped_steps,
-                "train_time_s": round(getattr(self, "train_time", 0.0), 3),
-                "train_cpu_s": round(getattr(self, "train_cpu", 0.0), 3),
+                "train_time_s": round(self.train_time, 3),
+                "train_cpu_s": round(self.train_cpu, 3),
                 "peak_memory_mb": round(peak_memory_mb(self.dist.device), 1),
                 **self.param_counts,
                 "outputs": [str(p) for p in written],
