@@ -183,6 +183,11 @@ class TrainConfig:
         "Format text: end each text with the EOS token (false: torchtune's text_completion_dataset "
         "add_eos=False).",
     )
+    alpaca_preamble: bool = opt(
+        False,
+        "Format alpaca: begin each prompt with the Stanford Alpaca preamble ('Below is an instruction that "
+        "describes a task...'), as torchtune's alpaca_dataset does (tune run sets it for that builder).",
+    )
     train_on_prompt: bool = opt(
         False, "Also train on prompt tokens (by default only responses count in the loss)."
     )
@@ -432,7 +437,7 @@ def _unknown(key: str) -> ConfigError:
 
 # The keys of one entry of more_datasets.
 DATASET_KEYS = ("dataset_dir", "dataset_split", "dataset_source", "dataset_format", "column_map",
-                "system_prompt", "train_on_prompt", "add_eos")  # fmt: skip
+                "system_prompt", "train_on_prompt", "add_eos", "alpaca_preamble")  # fmt: skip
 
 
 def dataset_list(key: str, value: Any) -> list[dict[str, Any]]:

@@ -56,6 +56,14 @@ FORMAT_FIELDS = {
 }
 CHAT_FORMATS = ("messages", "input_output")
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
+# The Stanford Alpaca preamble (alpaca_preamble), word for word as torchtune 0.6.1's AlpacaToMessages writes
+# it; keyed by whether the row has an input.
+ALPACA_PREAMBLE = {
+    True: "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n",
+    False: "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n",
+}
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -315,14 +323,14 @@ def _text(row: dict, key: str, i: int, fmt: str, required: bool = True) -> str:
     return value
 
 
-def prompt_and_completion(row: dict, fmt: str, i: int) -> tuple[str, str]:
+def prompt_and_completion(row: dict, fmt: str, i: int, preamble: bool = False) -> tuple[str, str]:
     """The untrained prefix and the trained continuation of one non-chat row."""
     if fmt == "alpaca":
         extra = _text(row, "input", i, fmt, required=False)
         prompt = ALPACA_PROMPT.format(
             instruction=_text(row, "instruction", i, fmt), input=f"### Input:\n{extra}\n\n" if extra else ""
         )
-        return prompt, _text(row, "output", i, fmt)
+        return (ALPACA_PREAMBLE[bool(extra)] if preamble else "") + prompt, _text(row, "output", i, fmt)
     if fmt == "prompt_completion":
         return _text(row, "prompt", i, fmt), _text(row, "completion", i, fmt)
     return "", _text(row, "text", i, fmt)
@@ -428,7 +436,7 @@ def _pairs(
     """Tokenize a chunk of non-chat rows (batched through the fast tokenizer)."""
     with_eos = tokenizer.eos_token_id is not None and (fmt != "text" or cfg.add_eos)
     eos = [tokenizer.eos_token_id] if with_eos else []
-    pairs = [prompt_and_completion(row, fmt, lo + j) for j, row in enumerate(chunk)]
+    pairs = [prompt_and_completion(row, fmt, lo + j, cfg.alpaca_preamble) for j, row in enumerate(chunk)]
     pairs = [(with_system_text(p, cfg.system_prompt), c) for p, c in pairs]
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
     completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
@@ -560,6 +568,8 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
     settings += ("objective",)
     if not cfg.add_eos:  # named only when set, so existing caches keep their key
         settings += ("add_eos",)
+    if cfg.alpaca_preamble:  # named only when set, so existing caches keep their key
+        settings += ("alpaca_preamble",)
     if cfg.more_datasets:  # named only when set, so existing caches keep their key
         settings += ("more_datasets",)
         for entry in cfg.more_datasets:

@@ -940,6 +940,8 @@ def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
     if train_on_input and dpo:
         raise ConfigError("dataset.train_on_input=True: DPO compares the responses only; set it to False")
     values["train_on_prompt"] = train_on_input
+    if builder and builder.fmt == "alpaca":
+        values["alpaca_preamble"] = True  # AlpacaToMessages' fixed prompt, word for word
     if "dataset.add_eos" in tt:
         values["add_eos"] = tt["dataset.add_eos"]
     if tt.get("dataset.new_system_prompt"):

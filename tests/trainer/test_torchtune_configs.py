@@ -431,7 +431,7 @@ epochs: 1
     assert cfg.more_datasets == [{
         "dataset_dir": str(qa), "dataset_split": "train", "dataset_source": "auto",
         "dataset_format": "input_output", "column_map": {"input": "q", "output": "a"},
-        "system_prompt": "Be brief.", "train_on_prompt": False, "add_eos": True,
+        "system_prompt": "Be brief.", "train_on_prompt": False, "add_eos": True, "alpaca_preamble": False,
     }]  # fmt: skip
     # The trainer's own command line reads the list back (tune passes it as JSON).
     from pkg.trainer.config import load_config
@@ -481,3 +481,26 @@ def test_named_builders_read_their_own_columns_from_the_dataset_folder(tmp_path,
         samples, got = data.tokenized_samples(cfg, tokenizer, cache, cfg.dataset_dir, "train")
         assert (len(samples), got) == (count, fmt)
     assert cfg.dataset_dir == str(wiki / "wikitext-103-v1")
+
+
+def test_alpaca_rows_get_torchtunes_prompt_word_for_word(model_dir):
+    """AlpacaToMessages' two fixed prompts (torchtune 0.6.1, torchtune/data/_messages.py), pinned here."""
+    from pkg.trainer import data
+
+    cmd = tune.parse_command(["run", "lora_finetune_distributed", "--config", "llama3_2/1B_lora",
+                              f"checkpointer.checkpoint_dir={model_dir}"])  # fmt: skip
+    cfg, _ = tune.translate(cmd, 1)
+    assert cfg.alpaca_preamble
+    row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    assert data.prompt_and_completion(row, "alpaca", 0, cfg.alpaca_preamble) == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n",
+        "5",
+    )
+    assert data.prompt_and_completion({**row, "input": ""}, "alpaca", 0, cfg.alpaca_preamble)[0] == (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nAdd the numbers.\n\n### Response:\n"
+    )
+    assert not TrainConfig().alpaca_preamble  # the trainer's own configs keep the short prompt
