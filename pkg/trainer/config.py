@@ -291,6 +291,11 @@ class TrainConfig:
         "",
         "The MLflow experiment / W&B project (empty: MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT, else Default).",
     )
+    disk_log_dir: str = opt(
+        "",
+        "Also write torchtune's DiskLogger file here: log_<unix time>.txt, a `Step N | loss:... lr:... ` "
+        "line per logged step (tune run's metric_logger DiskLogger sets it; empty: none).",
+    )
     tensorboard_dir: str = opt("", "Where TensorBoard's event files go (empty: output_dir/tensorboard).")
     mlflow_register_as: str = opt(
         "", "Register the adapter (or the full model) as a new version of this MLflow registered model."

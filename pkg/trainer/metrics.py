@@ -28,8 +28,14 @@ def hms(seconds: float) -> str:
 class Metrics:
     """Appends one JSON record per logged step (and per validation) to output_dir/metrics.jsonl."""
 
-    def __init__(self, output_dir: Path, total_steps: int, enabled: bool) -> None:
+    def __init__(self, output_dir: Path, total_steps: int, enabled: bool, disk_log_dir: str = "") -> None:
         self.path = output_dir / "metrics.jsonl"
+        self.disk_log: Path | None = None  # torchtune's DiskLogger file, one per run as torchtune opens it
+        if enabled and disk_log_dir:
+            Path(disk_log_dir).mkdir(parents=True, exist_ok=True)
+            self.disk_log = Path(disk_log_dir) / f"log_{int(time.time())}.txt"
+            self.disk_log.touch()
+            log.info("Writing logs to %s", self.disk_log)
         self.output_dir = output_dir
         self.total_steps = total_steps
         self.enabled = enabled
@@ -60,6 +66,11 @@ class Metrics:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.disk_log:
+            # DiskLogger.log_dict's line: "Step N | name:value name:value \n"
+            pairs = "".join(f"{k}:{v} " for k, v in record.items() if k not in ("step", "elapsed"))
+            with self.disk_log.open("a") as f:
+                f.write(f"Step {record['step']} | {pairs}\n")
         if self.reporters:
             self.reporters.log(record)
 

@@ -227,7 +227,7 @@ class Recipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.state = TrainState()
         self.resume()
-        self.metrics = Metrics(self.out, self.total_steps, enabled=self.dist.is_main)
+        self.metrics = Metrics(self.out, self.total_steps, self.dist.is_main, cfg.disk_log_dir)
         self.metrics.rewind(self.state.step)  # one history: the records after the resumed step go
         error = None
         if self.dist.is_main:  # report_to trackers and the TrainJob status: rank 0 only

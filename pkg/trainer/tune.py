@@ -326,11 +326,14 @@ KEYS: list[Key] = [
     _k("loss.label_smoothing", "honoured", number, "DPOLoss label smoothing.", "dpo_label_smoothing"),
     _k("loss.num_output_chunks", "cosmetic", integer, "The head runs in chunks of loss_chunk_size tokens.",
        "loss_chunk_size"),
-    _k("metric_logger._component_", "mapped", text, "DiskLogger and StdoutLogger: progress lines and "
-       "output_dir/metrics.jsonl; TensorBoardLogger, WandBLogger, MLFlowLogger: that tracker in report_to "
-       "(metrics.jsonl too).", "report_to"),
-    _k("metric_logger.log_dir", "mapped", _optional(text), "TensorBoardLogger: the event files' folder; "
-       "the others: metrics.jsonl stays in output_dir (W&B's files go to output_dir/wandb).",
+    _k("metric_logger._component_", "mapped", text, "DiskLogger: progress lines, metrics.jsonl and "
+       "torchtune's log_dir/log_<unix time>.txt: `Step N | loss:... lr:... grad_norm:... tokens_per_s:... ` "
+       "per logged step (DPO's metrics after loss), `Step N | val_loss:... ` per validation; StdoutLogger: "
+       "progress lines and metrics.jsonl; TensorBoardLogger, WandBLogger, MLFlowLogger: that tracker in "
+       "report_to (metrics.jsonl too).", "report_to"),
+    _k("metric_logger.log_dir", "mapped", _optional(text), "DiskLogger: the log_<unix time>.txt file's "
+       "folder (not given: output_dir/logs, the published configs' value); TensorBoardLogger: the event "
+       "files' folder; the others: metrics.jsonl stays in output_dir (W&B's files go to output_dir/wandb).",
        "tensorboard_dir"),
     _k("metric_logger.organize_logs", "cosmetic", boolean, "TensorBoardLogger: the event files go straight "
        "into log_dir."),
@@ -842,8 +845,9 @@ def scale_settings(tt: dict[str, Any], world: int) -> dict[str, Any]:
     return values
 
 
-def metric_settings(tt: dict[str, Any]) -> dict[str, Any]:
-    """metric_logger onto report_to and the tracker's names (run_name, experiment_name, tensorboard_dir)."""
+def metric_settings(tt: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    """metric_logger onto report_to, disk_log_dir and the trackers' names (run_name, experiment_name,
+    tensorboard_dir)."""
     component = tt.get("metric_logger._component_")
     prefix = "torchtune.training.metric_logging."
     trackers = {"TensorBoardLogger": "tensorboard", "WandBLogger": "wandb", "MLFlowLogger": "mlflow"}
@@ -859,6 +863,8 @@ def metric_settings(tt: dict[str, Any]) -> dict[str, Any]:
     if component is None or short in local:
         if extra:
             raise ConfigError(f"{extra[0]}: {component or 'the metric logger'} takes only log_dir")
+        if short == "DiskLogger":
+            return {"disk_log_dir": tt.get("metric_logger.log_dir") or f"{output_dir}/logs"}
         return {}
     if not str(component).startswith(prefix) or short not in trackers:
         names = ", ".join(prefix + n for n in (*local, *trackers))
@@ -1116,7 +1122,7 @@ def to_train_config(tt: dict[str, Any], recipe: str, world: int) -> dict[str, An
         values["lr_scheduler"], values["warmup_steps"] = "constant", 0
     values.update(optimizer_settings(tt))
     values.update(scale_settings(tt, world))
-    values.update(metric_settings(tt))
+    values.update(metric_settings(tt, output_dir))
     values.update(datasets_settings(tt, dpo))
     seq = max_seq_length(tt, model_dir)
     if seq is None and not Path(model_dir).is_dir():

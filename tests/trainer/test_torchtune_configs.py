@@ -504,3 +504,29 @@ def test_alpaca_rows_get_torchtunes_prompt_word_for_word(model_dir):
         "### Instruction:\nAdd the numbers.\n\n### Response:\n"
     )
     assert not TrainConfig().alpaca_preamble  # the trainer's own configs keep the short prompt
+
+
+def test_disk_logger_writes_torchtunes_log_file(tmp_path, model_dir):
+    """DiskLogger: log_dir/log_<unix time>.txt with DiskLogger.log_dict's lines (log_dir not given: the
+    published configs' ${output_dir}/logs); StdoutLogger writes no file."""
+    from pkg.trainer.config import load_config
+    from pkg.trainer.metrics import Metrics
+
+    def translated(*args: str) -> TrainConfig:
+        argv = ["run", "lora_finetune_distributed", "--config", "llama3_2/1B_lora", f"output_dir={tmp_path}",
+                f"checkpointer.checkpoint_dir={model_dir}", *args]  # fmt: skip
+        return tune.translate(tune.parse_command(argv), 1)[0]
+
+    assert translated().disk_log_dir == f"{tmp_path}/logs"  # llama3_2/1B_lora's DiskLogger
+    assert translated(f"metric_logger._component_={LOGGING}.StdoutLogger").disk_log_dir == ""
+    cfg = translated(f"metric_logger.log_dir={tmp_path}/mine")
+    assert load_config(tune.trainer_args(cfg)).disk_log_dir == f"{tmp_path}/mine"
+    metrics = Metrics(tmp_path, 2, True, cfg.disk_log_dir)
+    metrics.train_step(1, 2.5, 3e-4, 1.25, 100.0)
+    metrics.val_step(2, 2.0)
+    [log_file] = (tmp_path / "mine").glob("log_*.txt")
+    assert log_file.read_text() == (
+        "Step 1 | loss:2.5 lr:0.0003 grad_norm:1.25 tokens_per_s:100.0 \nStep 2 | val_loss:2.0 \n"
+    )
+    Metrics(tmp_path / "other", 2, False, str(tmp_path / "rank1")).train_step(1, 2.5, 3e-4, 1.25, 100.0)
+    assert not (tmp_path / "rank1").exists()  # rank 0 only

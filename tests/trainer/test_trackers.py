@@ -163,7 +163,7 @@ LOGGER = "metric_logger._component_=torchtune.training.metric_logging."
          {"report_to": ["wandb"], "experiment_name": "proj", "run_name": "r2"}),
         ([LOGGER + "TensorBoardLogger", "metric_logger.log_dir=/tmp/tb"],
          {"report_to": ["tensorboard"], "tensorboard_dir": "/tmp/tb"}),
-        ([LOGGER + "DiskLogger"], {"report_to": [], "tensorboard_dir": ""}),
+        ([LOGGER + "DiskLogger"], {"report_to": [], "tensorboard_dir": "", "disk_log_dir": "/tmp/o/logs"}),
     ],
 )  # fmt: skip
 def test_torchtune_metric_logger_maps_onto_report_to(args, want):

@@ -358,6 +358,10 @@ def test_sdk_lora_runs_on_two_processes_through_pet_only(tmp_path, tiny_model):
     assert SYSTEM_PROMPT not in target and "Repeat" not in target and target.strip().endswith("</s>")
     # Katib's StdOut collector reads name=value pairs from the progress lines.
     assert any("step 4/4 | loss=" in line and "grad_norm=" in line for line in result.stdout.splitlines())
+    # llama3_2/1B_lora's DiskLogger (log_dir ${output_dir}/logs): torchtune's file, one line per step.
+    [disk_log] = (out / "logs").glob("log_*.txt")
+    lines = disk_log.read_text().splitlines()
+    assert lines[-1].startswith("Step 4 | loss:") and " lr:" in lines[-1], lines
 
 
 def test_two_nodes_full_fp32(tmp_path, tiny_model):
