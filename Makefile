@@ -63,7 +63,7 @@ test-images: install ## build the initializer and exporter images and run them a
 test-images-full: install ## test-images + a CPU llm-trainer image running a 2-process LoRA fine-tune
 	$(PYTHON) -m pytest tests/images/test_*.py tests/images/full_trainer_image.py $(PYTEST_ARGS)  # a folder argument would swallow the extra file
 
-test-images-cuda: install ## build the CUDA llm-trainer exactly as released and check it on this CPU (root; ~22 min, 5.8 GB)
+test-images-cuda: install ## build the CUDA llm-trainer exactly as released and check it on this CPU (root; ~20 min, 6 GB)
 	$(PYTHON) -m pytest -s tests/images/cuda_trainer_image.py $(PYTEST_ARGS)  # not test_*: make test leaves it out
 
 test-manifests: install ## runtime manifests and example TrainJobs
