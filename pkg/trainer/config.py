@@ -183,6 +183,12 @@ class TrainConfig:
         "Format text: end each text with the EOS token (false: torchtune's text_completion_dataset "
         "add_eos=False).",
     )
+    prompt_template: str = opt(
+        "",
+        "Wrap every user message (and non-chat prompt) as torchtune's GrammarErrorCorrectionTemplate "
+        "(grammar) or SummarizeTemplate (summarize) does; tune run's tokenizer.prompt_template sets it.",
+        ("", "grammar", "summarize"),
+    )
     alpaca_preamble: bool = opt(
         False,
         "Format alpaca: begin each prompt with the Stanford Alpaca preamble ('Below is an instruction that "

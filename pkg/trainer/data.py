@@ -64,6 +64,11 @@ ALPACA_PREAMBLE = {
     False: "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n",
 }
+# torchtune 0.6.1's fixed PromptTemplates (torchtune/data/_prompt_templates.py): user message prefix, suffix.
+PROMPT_TEMPLATES = {
+    "grammar": ("Correct this to standard English: ", "\n---\nCorrected: "),
+    "summarize": ("Summarize this dialogue:\n", "\n---\nSummary:\n"),
+}
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -357,7 +362,13 @@ def with_system_text(prompt: str, system_prompt: str) -> str:
     return f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
 
 
-def conversation(row: dict, fmt: str, i: int, system_prompt: str = "") -> list[dict]:
+def wrapped(text: str, template: str) -> str:
+    """A user message in `prompt_template`'s words (unchanged without one)."""
+    prefix, suffix = PROMPT_TEMPLATES.get(template, ("", ""))
+    return f"{prefix}{text}{suffix}"
+
+
+def conversation(row: dict, fmt: str, i: int, system_prompt: str = "", template: str = "") -> list[dict]:
     """A chat-format row as messages: `messages` as it is, input_output as a user and an assistant turn."""
     if fmt == "input_output":
         msgs = [
@@ -366,6 +377,8 @@ def conversation(row: dict, fmt: str, i: int, system_prompt: str = "") -> list[d
         ]
     else:
         msgs = _messages(row, i)
+    if template:
+        msgs = [{**m, "content": wrapped(m["content"], template)} if m["role"] == "user" else m for m in msgs]
     return with_system(msgs, system_prompt)
 
 
@@ -437,6 +450,8 @@ def _pairs(
     with_eos = tokenizer.eos_token_id is not None and (fmt != "text" or cfg.add_eos)
     eos = [tokenizer.eos_token_id] if with_eos else []
     pairs = [prompt_and_completion(row, fmt, lo + j, cfg.alpaca_preamble) for j, row in enumerate(chunk)]
+    if cfg.prompt_template and fmt != "text":
+        pairs = [(wrapped(p, cfg.prompt_template), c) for p, c in pairs]
     pairs = [(with_system_text(p, cfg.system_prompt), c) for p, c in pairs]
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
     completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
@@ -456,10 +471,11 @@ def tokenize_rows(ds, fmt: str, tokenizer, cfg: TrainConfig) -> list[tuple[list[
     started = last_log = time.monotonic()
     while chunk := list(itertools.islice(rows, 1000)):
         if fmt in CHAT_FORMATS:
-            pairs = [
-                tokenize_messages(tokenizer, conversation(row, fmt, done + j, cfg.system_prompt), cfg)
+            talks = [
+                conversation(row, fmt, done + j, cfg.system_prompt, cfg.prompt_template)
                 for j, row in enumerate(chunk)
             ]
+            pairs = [tokenize_messages(tokenizer, msgs, cfg) for msgs in talks]
         else:
             pairs = _pairs(chunk, done, fmt, tokenizer, cfg)
         for ids, labels in pairs:
@@ -570,6 +586,8 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
         settings += ("add_eos",)
     if cfg.alpaca_preamble:  # named only when set, so existing caches keep their key
         settings += ("alpaca_preamble",)
+    if cfg.prompt_template:  # named only when set, so existing caches keep their key
+        settings += ("prompt_template",)
     if cfg.more_datasets:  # named only when set, so existing caches keep their key
         settings += ("more_datasets",)
         for entry in cfg.more_datasets:

@@ -80,6 +80,8 @@ CE_LOSSES = (
 DPO_LOSS = "torchtune.rlhf.loss.DPOLoss"
 NULL = {"null", "none", "~", ""}
 DELETE = object()  # `~key` on the command line: remove the key (and its group) from the config
+PROMPT_TEMPLATES = {"torchtune.data.GrammarErrorCorrectionTemplate": "grammar",
+                    "torchtune.data.SummarizeTemplate": "summarize"}  # fmt: skip
 
 
 # ---------------------------------------------------------------- value parsers: (key, value) -> value
@@ -223,8 +225,10 @@ KEYS: list[Key] = [
     *(_k(f"tokenizer.{k}", "mapped", text, "The tokenizer is the model folder's (tokenizer.json and its "
          "chat template).") for k in ("_component_", "path", "merges_file", "vocab_path", "merges_path",
                                       "special_tokens_path")),
-    _k("tokenizer.prompt_template", "honoured", _optional(text), "Only null: prompts are rendered with the "
-       "model's chat template.", accept=(None,)),
+    _k("tokenizer.prompt_template", "honoured", _optional(text), "Only null (prompts are rendered with the "
+       "model's chat template), torchtune.data.GrammarErrorCorrectionTemplate or "
+       "torchtune.data.SummarizeTemplate (their words around every user message).", "prompt_template",
+       accept=(None, *PROMPT_TEMPLATES)),
     # Dataset: dataset._component_ (or dataset=BUILDER) picks a builder of BUILDERS; its arguments below.
     _k("dataset", "honoured", anything, "A list of builders (torchtune's ConcatDataset): each dataset read "
        "with its own builder, columns and files, concatenated in order (the first: the dataset_* keys; the "
@@ -946,6 +950,13 @@ def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
     if train_on_input and dpo:
         raise ConfigError("dataset.train_on_input=True: DPO compares the responses only; set it to False")
     values["train_on_prompt"] = train_on_input
+    if tt.get("tokenizer.prompt_template"):
+        if dpo:
+            raise ConfigError(
+                f"tokenizer.prompt_template={tt['tokenizer.prompt_template']}: DPO recipes render pairs with "
+                "the model's chat template only; set it to null"
+            )
+        values["prompt_template"] = PROMPT_TEMPLATES[tt["tokenizer.prompt_template"]]
     if builder and builder.fmt == "alpaca":
         values["alpaca_preamble"] = True  # AlpacaToMessages' fixed prompt, word for word
     if "dataset.add_eos" in tt:

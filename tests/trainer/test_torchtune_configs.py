@@ -530,3 +530,21 @@ def test_disk_logger_writes_torchtunes_log_file(tmp_path, model_dir):
     )
     Metrics(tmp_path / "other", 2, False, str(tmp_path / "rank1")).train_step(1, 2.5, 3e-4, 1.25, 100.0)
     assert not (tmp_path / "rank1").exists()  # rank 0 only
+
+
+@pytest.mark.parametrize(
+    ("template", "user"),
+    [("GrammarErrorCorrectionTemplate", "Correct this to standard English: He go home.\n---\nCorrected: "),
+     ("SummarizeTemplate", "Summarize this dialogue:\nHe go home.\n---\nSummary:\n")],
+)  # fmt: skip
+def test_tokenizer_prompt_template_wraps_user_messages(model_dir, template, user):
+    """torchtune 0.6.1's two fixed PromptTemplates (torchtune/data/_prompt_templates.py), word for word."""
+    from pkg.trainer import data
+
+    argv = ["run", "lora_finetune_distributed", "--config", "llama3_2/1B_lora", "dataset.packed=False",
+            f"checkpointer.checkpoint_dir={model_dir}", "dataset=torchtune.datasets.grammar_dataset",
+            f"tokenizer.prompt_template=torchtune.data.{template}"]  # fmt: skip
+    cfg, _ = tune.translate(tune.parse_command(argv), 1)
+    row = {"input": "He go home.", "output": "He goes home."}
+    msgs = data.conversation(row, "input_output", 0, cfg.system_prompt, cfg.prompt_template)
+    assert msgs == [{"role": "user", "content": user}, {"role": "assistant", "content": "He goes home."}]
