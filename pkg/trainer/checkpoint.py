@@ -71,12 +71,17 @@ class CheckpointError(TrainerError):
     """A checkpoint that cannot be used; the message is one line saying why and what to do."""
 
 
+class CheckpointUnreadable(CheckpointError):
+    """A complete checkpoint whose files fail to load (damaged in place); the message names the file."""
+
+
 @dataclass
 class Resumed:
     """What :func:`load_checkpoint` restored besides the tensors."""
 
     step: int
     data_state: dict[str, Any]
+    path: Path | None = None  # the checkpoint loaded
 
 
 # --------------------------------------------------------------------------- fingerprint (files.dir_digest)
@@ -218,24 +223,26 @@ def damage(path: Path) -> str | None:
     return None
 
 
-def newest_intact(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint whose files are whole; damaged newer ones are moved aside (rank 0).
+def move_aside(path: Path, why: str) -> None:
+    """Rename a damaged checkpoint ``corrupt-step-N`` (kept for inspection, never loaded or pruned), so
+    that every retry does not trip over it again, and say so in one line (rank 0)."""
+    aside = path.with_name(f"corrupt-{path.name}")
+    with contextlib.suppress(OSError):
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(path, aside)
+    log.warning(
+        "checkpoint %s is damaged (%s): moved aside to %s (delete it when done); "
+        "falling back to the previous complete checkpoint", path, why, aside,
+    )  # fmt: skip
 
-    A damaged checkpoint is renamed ``corrupt-step-N`` (kept for inspection, never loaded or pruned) so
-    that every retry does not trip over it again, and the run falls back to the previous one.
-    """
+
+def newest_intact(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint whose files are whole; damaged newer ones are moved aside (rank 0)."""
     for _, path in reversed(list_checkpoints(output_dir)):
         why = damage(path)
         if why is None:
             return path
-        aside = path.with_name(f"corrupt-{path.name}")
-        with contextlib.suppress(OSError):
-            shutil.rmtree(aside, ignore_errors=True)
-            os.rename(path, aside)
-        log.warning(
-            "checkpoint %s is damaged (%s): moved aside to %s (delete it when done); "
-            "falling back to the previous complete checkpoint", path, why, aside,
-        )  # fmt: skip
+        move_aside(path, why)
     return None
 
 
@@ -525,7 +532,8 @@ def load_checkpoint(
     path = Path(path)
     meta = read_meta(path)
     missing = f"{path} is not a complete checkpoint (no {META} with complete: true)" if meta is None else None
-    distributed.agree(missing, CheckpointError)
+    # Rank 0 found it complete when it chose it: a rank that cannot read it now sees a damaged one.
+    distributed.agree(missing, CheckpointUnreadable)
     assert meta is not None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
@@ -543,23 +551,71 @@ def load_checkpoint(
     else:
         model_sd, optim_sd = get_state_dict(model, _parts(optimizer), options=_SAVE_OPTIONS)
         state = {"model": model_sd, "optim": optim_sd}
+    # Any failure from here on is the checkpoint's files (the fingerprint matched): every rank learns of
+    # it together, so a caller can fall back to an older checkpoint (load_resume) without a rank waiting.
+    error, what = None, path / "state"
     try:
-        dcp.load(state, checkpoint_id=path / "state")
-    except Exception as e:  # DCP wraps per-rank failures; keep the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        dcp.load(state, checkpoint_id=what)  # raises on every rank when any rank's read failed
+        what = f"{path / 'state'} (its tensors do not fit this model)"
+        set_state_dict(
+            model,
+            _parts(optimizer) if optimizer is not None else [],
+            model_state_dict=state["model"],
+            optim_state_dict=state.get("optim", {}),
+            options=_LOAD_OPTIONS,
+        )
+        what = f"{path / META} (scheduler)"
+        if scheduler is not None and meta.get("scheduler") is not None:
+            scheduler.load_state_dict(meta["scheduler"])
+        what = path / "rng" / f"rank-{distributed.rank():05d}.pt"
+        if meta.get("world_size") == distributed.world_size() and what.exists():
+            set_rng_state(torch.load(what, weights_only=True))
+    except (Exception, dcp.api.CheckpointException) as e:  # DCP's is a BaseException: not Exception
+        error = f"{what} cannot be read: {_reason(e)}"
+    distributed.agree(error, CheckpointUnreadable)
+    return Resumed(step=int(meta["step"]), data_state=dict(meta.get("data_state") or {}), path=path)
+
+
+def _reason(e: BaseException) -> str:
+    """One line for a load failure; DCP's own exception holds each failing rank's underneath."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))[0]
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def load_resume(
+    output_dir: str | os.PathLike,
+    resume: str | bool | None,
+    load: Any,
+) -> Resumed | None:
+    """:func:`find_resume`, then ``load(path)`` (a :func:`load_checkpoint` call); collective.
+
+    When the newest checkpoint's files fail to load (bytes overwritten, an unreadable optimizer state or
+    RNG file: damage :func:`damage`'s sizes do not see), it is moved aside like a damaged one and the
+    previous complete checkpoint is loaded instead. A failed load may have written part of the model and
+    optimizer, so the older checkpoint must overwrite it: with none left the run stops, in one line,
+    rather than train from half-loaded weights (a rerun starts over). A checkpoint named in ``resume``
+    is not replaced by another.
+    """
+    failed = None
+    while (path := find_resume(output_dir, resume)) is not None:
+        try:
+            return load(path)
+        except CheckpointUnreadable as e:
+            if resume_mode(resume) == "path" and read_meta(resume):  # this one, no other
+                raise CheckpointError(
+                    f"resume: checkpoint {path} is damaged ({e}): name an older checkpoint, or use "
+                    "resume: auto"
+                ) from None
+            if distributed.rank() == 0:
+                move_aside(path, str(e))
+            distributed.barrier()
+            failed = (path, e)
+    if failed:
+        path, e = failed
         raise CheckpointError(
-            f"cannot load {path}: {first} (was it saved for another model or method?)"
-        ) from e
-    set_state_dict(
-        model,
-        _parts(optimizer) if optimizer is not None else [],
-        model_state_dict=state["model"],
-        optim_state_dict=state.get("optim", {}),
-        options=_LOAD_OPTIONS,
-    )
-    if scheduler is not None and meta.get("scheduler") is not None:
-        scheduler.load_state_dict(meta["scheduler"])
-    rng_file = path / "rng" / f"rank-{distributed.rank():05d}.pt"
-    if meta.get("world_size") == distributed.world_size() and rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return Resumed(step=int(meta["step"]), data_state=dict(meta.get("data_state") or {}))
+            f"checkpoint {path} is damaged ({e}) and no older complete checkpoint is left (it was moved "
+            f"aside to corrupt-{path.name}): rerun the job to start over"
+        )
+    return None

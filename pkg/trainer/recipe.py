@@ -246,23 +246,27 @@ class Recipe:
 
     def resume(self) -> None:
         """Continue from a checkpoint (`resume`): weights, optimizer, scheduler, data position and RNG."""
-        path = checkpoint.find_resume(self.out, self.cfg.resume)
-        if path is None:
-            return
-        step = checkpoint.read_meta(path)["step"]
-        if step > self.total_steps:
-            raise TrainerError(
-                f"checkpoint {path} is at step {step}, past this run's {self.total_steps} steps: "
-                "raise max_steps (or num_epochs), or set resume: never to start over"
+
+        def load(path: Path) -> checkpoint.Resumed:
+            step = checkpoint.read_meta(path)["step"]
+            if step > self.total_steps:
+                raise TrainerError(
+                    f"checkpoint {path} is at step {step}, past this run's {self.total_steps} steps: "
+                    "raise max_steps (or num_epochs), or set resume: never to start over"
+                )
+            return checkpoint.load_checkpoint(
+                path, self.model, self.optimizer, self.scheduler, fingerprint=self.fingerprint
             )
-        resumed = checkpoint.load_checkpoint(
-            path, self.model, self.optimizer, self.scheduler, fingerprint=self.fingerprint
-        )
+
+        # A newest checkpoint that fails to load is moved aside and the previous one loaded instead.
+        resumed = checkpoint.load_resume(self.out, self.cfg.resume, load)
+        if resumed is None:
+            return
         self.state = TrainState(resumed.step, int(resumed.data_state.get("tokens_seen", 0)))
         self.tracker_ids = dict(resumed.data_state.get("trackers") or {})
         # This run's schedule applies from here on (max_steps or learning_rate may have changed).
         before, after = rebase_schedule(self.scheduler, self.cfg.learning_rate, resumed.step)
-        log.info("resuming from step %d of %d (%s)", resumed.step, self.total_steps, path)
+        log.info("resuming from step %d of %d (%s)", resumed.step, self.total_steps, resumed.path)
         if not math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-12):
             log.warning(
                 "learning-rate schedule: now %s over %d steps (max_steps, num_epochs or learning_rate "

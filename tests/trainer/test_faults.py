@@ -23,7 +23,7 @@ from pkg.trainer import checkpoint, data, model, output_lock
 from pkg.trainer.config import ConfigError, TrainConfig, load_config
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.metrics import Metrics
-from tests.trainer.conftest import BASE_ARGS, LOGITS_TOL, PYTHON, cli, finish, start, trainer_env
+from tests.trainer.conftest import BASE_ARGS, LOGITS_TOL, PYTHON, cli, finish, run_trainer, start, trainer_env
 from tests.trainer.test_errors import one_line_error
 from tests.trainer.tiny import rows
 
@@ -310,6 +310,62 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
     assert "resuming from step 2 of 6" in log
     assert (out / "checkpoints" / "corrupt-step-4").is_dir()
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-4", "step-6"]
+
+
+def overwrite(path: Path) -> None:
+    """Damage a file in place: its size stays, so only loading it can tell."""
+    body = path.read_bytes()
+    path.write_bytes(b"\0" * 64 + body[64:])
+
+
+def test_a_checkpoint_that_fails_to_load_falls_back_to_the_previous_one(
+    in_process, tmp_path, tiny_model, alpaca_data, capsys
+):
+    out = tmp_path / "out"
+    args = {"model_dir": tiny_model, "dataset_dir": alpaca_data, "save_every": 2, "max_steps": 4}
+    assert in_process({**args, "output_dir": out}) == 0
+    [shard, *_] = sorted((out / "checkpoints" / "step-4" / "state").glob("*.distcp"))
+    overwrite(shard)
+    capsys.readouterr()
+    assert in_process({**args, "output_dir": out, "max_steps": 6}) == 0
+    log = capsys.readouterr().out
+    assert (
+        f"checkpoint {out}/checkpoints/step-4 is damaged ({out}/checkpoints/step-4/state cannot be read"
+        in log
+    )
+    assert "resuming from step 2 of 6" in log
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["corrupt-step-4", "step-4", "step-6"]
+    # The only checkpoint unreadable: moved aside, and the run stops rather than train half-loaded weights.
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    overwrite(out / "checkpoints" / "step-6" / "rng" / "rank-00000.pt")
+    capsys.readouterr()
+    assert in_process({**args, "output_dir": out, "max_steps": 8}) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert (
+        f"checkpoint {out}/checkpoints/step-6 is damaged ({out}/checkpoints/step-6/rng/rank-00000.pt" in line
+    )
+    assert "no older complete checkpoint is left" in line and "rerun the job to start over" in line, line
+    assert (out / "checkpoints" / "corrupt-step-6").is_dir() and not (out / "checkpoints" / "step-6").exists()
+
+
+def test_at_two_processes_one_ranks_unreadable_shard_makes_every_rank_fall_back(
+    tmp_path, tiny_model, alpaca_data
+):
+    out = tmp_path / "out"
+    args = {**BASE_ARGS, "model_dir": tiny_model, "dataset_dir": alpaca_data, "output_dir": out}
+    args.update(save_every=2, max_steps=4, method="full")
+    result = run_trainer(args, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    overwrite(out / "checkpoints" / "step-4" / "state" / "__1_0.distcp")  # rank 1's optimizer and weights
+    result = run_trainer({**args, "max_steps": 6}, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert (
+        f"checkpoint {out}/checkpoints/step-4 is damaged ({out}/checkpoints/step-4/state cannot be read"
+        in log
+    )
+    assert "resuming from step 2 of 6" in log
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["corrupt-step-4", "step-4", "step-6"]
 
 
 @pytest.mark.fast
