@@ -129,6 +129,12 @@ def _local_square(grad: torch.Tensor) -> float:
     if hasattr(grad, "to_local"):
         local = grad.to_local()
         replicas = grad.device_mesh.size(0) if grad.device_mesh.ndim > 1 else 1
-        return float(local.float().pow(2).sum()) / replicas
+        return _square(local) / replicas
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return float(grad.float().pow(2).sum()) / world  # unsharded: every rank holds the same gradient
+    return _square(grad) / world  # unsharded: every rank holds the same gradient
+
+
+def _square(t: torch.Tensor) -> float:
+    """Sum of squares in fp32 without a temporary of t's size (grad.pow(2) was one: 311 MB for a
+    151,936 x 512 head, which set optimizer_in_backward's peak)."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float32)) ** 2
