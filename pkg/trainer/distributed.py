@@ -10,7 +10,6 @@ import atexit
 import contextlib
 import datetime
 import os
-import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,12 +39,6 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _attempt_store(timeout: datetime.timedelta) -> dict:
     """After a torchrun restart (`--max-restarts`), a store namespace of this attempt's own.
 
@@ -65,9 +58,11 @@ def _attempt_store(timeout: datetime.timedelta) -> dict:
 
 def init(timeout_minutes: int) -> DistInfo:
     """Join the process group (gloo on CPU, NCCL on CUDA); a group of one outside torchrun."""
+    alone = {}
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        # A group of one needs no rendezvous: an in-memory store, no TCP port to race other processes for.
+        alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -82,7 +77,7 @@ def init(timeout_minutes: int) -> DistInfo:
             backend,
             timeout=timeout,
             device_id=device if backend == "nccl" else None,
-            **_attempt_store(timeout),
+            **(alone or _attempt_store(timeout)),
         )
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, local_world)

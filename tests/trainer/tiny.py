@@ -116,14 +116,19 @@ MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 def make_arch_model(path: str | Path, model_type: str, seed: int = 0, **overrides) -> Path:
     """A tiny random causal LM of `model_type` (a key of ARCHS) with the tokenizer of make_tiny_model."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(path)
+    # The trainer loads the tokenizer class of the model type, which may add tokens of its own
+    # (Qwen2Tokenizer adds <|endoftext|>): the embedding gets a row for every id of the tokenizer as loaded
+    # beside config.json.
+    AutoConfig.for_model(model_type, **ARCHS[model_type]).save_pretrained(str(path))
+    vocab = len(AutoTokenizer.from_pretrained(str(path)))
     config = AutoConfig.for_model(
         model_type,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
