@@ -59,7 +59,7 @@ def _attempt_store(timeout: datetime.timedelta) -> dict:
 def init(timeout_minutes: int) -> DistInfo:
     """Join the process group (gloo on CPU, NCCL on CUDA); a group of one outside torchrun."""
     alone = {}
-    if "RANK" not in os.environ:
+    if "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":  # not under torchrun
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         # A group of one needs no rendezvous: an in-memory store, no TCP port to race other processes for.
         alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
