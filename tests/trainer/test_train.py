@@ -174,3 +174,15 @@ def test_full_finetuning_with_the_vocabulary_split_or_not_equals_one_process(
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["final_val_loss"] == pytest.approx(reference_val, rel=VAL_LOSS_REL)
         assert_same_adapter(load_file(str(tmp_path / name / "model" / "model.safetensors")), weights)
+
+
+def test_full_fine_tuning_at_two_processes_evaluates_a_rank_whose_batch_is_all_padding(tmp_path, tiny_model):
+    # 6 validation rows over 2 ranks in micro-batches of 2: rank 1's second batch is padding only (no target
+    # token). The head is an FSDP unit (vocab_parallel: never): every rank must gather it as often.
+    data = make_dataset(tmp_path / "data", n=48)
+    args = {**BASE_ARGS, "model_dir": tiny_model, "dataset_dir": data, "output_dir": tmp_path / "out"}
+    args.update(method="full", max_steps=1, eval_every=1, vocab_parallel="never", dist_timeout_minutes=1)
+    result = run_trainer(args, nproc=2)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "42 train / 6 val sequences" in log and "step 1/1 | val_loss=" in log, log[-3000:]
