@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
-import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
 from .config import Config, Kind, load_config
-from .errors import InitializerError, one_line, redact
+from .errors import InitializerError
 from .filters import apply_filters
 from .manifest import (
     Journal,
@@ -25,6 +22,7 @@ from .manifest import (
     state_dir,
     write_manifest,
 )
+from .process import run_main
 from .progress import Progress, human_bytes, log
 from .sources import RemoteFile, open_source
 from .transfer import Engine
@@ -175,29 +173,12 @@ def exclusive(root: Path) -> int:
     return fd
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (the pod is being stopped)."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def main(kind: Kind) -> int:
     """Entry point of `python -m pkg.initializers.{dataset,model}`; returns the exit code."""
-    signal.signal(signal.SIGTERM, _terminate)  # Kubernetes stops pods with SIGTERM: stop cleanly
-    try:
+
+    def body() -> None:
         config = load_config(kind)
         log(f"{kind} initializer: {config.uri} -> {config.output_path}")
         run(config)
-        return 0
-    except InitializerError as exc:
-        print(f"error: {one_line(exc, 1000)}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    except (KeyboardInterrupt, Terminated) as exc:
-        print("error: interrupted; rerun to resume (finished files are kept)", file=sys.stderr, flush=True)
-        return 143 if isinstance(exc, Terminated) else 130
-    except Exception as exc:  # a bug: keep the trace for the report, minus secrets
-        print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
-        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)}", file=sys.stderr, flush=True)
-        return 2
+
+    return run_main(body, "rerun to resume (finished files are kept)")

@@ -6,13 +6,10 @@ Exit codes as the initializers': 0 success, 1 an expected error (one line on std
 
 from __future__ import annotations
 
-import signal
-import sys
 import time
-import traceback
 from typing import Any
 
-from pkg.initializers.errors import InitializerError, one_line, redact
+from pkg.initializers.process import run_main
 from pkg.initializers.progress import human_bytes, log
 from pkg.initializers.uri import HfUri, S3Uri
 
@@ -63,30 +60,13 @@ def run(config: ExportConfig) -> dict[str, Any]:
     return result
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (the pod is being stopped)."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def main() -> int:
     """Entry point of `python -m pkg.model_exporter`; returns the exit code."""
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
+
+    def body() -> None:
         if nothing_to_export():
             log("no STORAGE_URI: nothing to export (set STORAGE_URI on this step to export the run)")
-            return 0
+            return
         run(load_export_config())
-        return 0
-    except InitializerError as exc:
-        print(f"error: {one_line(exc, 1000)}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    except (KeyboardInterrupt, Terminated) as exc:
-        print("error: interrupted; rerun to resume (what was uploaded is kept)", file=sys.stderr, flush=True)
-        return 143 if isinstance(exc, Terminated) else 130
-    except Exception as exc:  # a bug: keep the trace for the report, minus secrets
-        print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
-        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)}", file=sys.stderr, flush=True)
-        return 2
+
+    return run_main(body, "rerun to resume (what was uploaded is kept)")
