@@ -194,6 +194,14 @@ class TrainConfig:
         "Format alpaca: begin each prompt with the Stanford Alpaca preamble ('Below is an instruction that "
         "describes a task...'), as torchtune's alpaca_dataset does (tune run sets it for that builder).",
     )
+    message_format: str = opt(
+        "plain",
+        "How instruct and chat rows become tokens: plain (chat rows: the model's chat template; other rows: "
+        "prompt + response + EOS) or, as torchtune 0.6.1's model tokenizers do, llama3 (header tokens, "
+        "<|eot_id|>, BOS/EOS) or chatml (Qwen2/2.5's <|im_start|>/<|im_end|>); tune run sets it from "
+        "tokenizer._component_.",
+        ("plain", "llama3", "chatml"),
+    )
     train_on_prompt: bool = opt(
         False, "Also train on prompt tokens (by default only responses count in the loss)."
     )
@@ -424,6 +432,11 @@ class TrainConfig:
         ):
             if getattr(self, name):
                 raise ConfigError(f"{name} applies to objective sft only ({why}): set it to false")
+        if self.message_format != "plain":
+            raise ConfigError(
+                f"message_format {self.message_format} applies to objective sft (preference pairs are "
+                "rendered with the model's chat template): set it to plain"
+            )
         if self.dataset_format != "auto":
             raise ConfigError(
                 f"dataset_format {self.dataset_format} applies to objective sft; objective dpo reads "

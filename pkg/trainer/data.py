@@ -443,10 +443,84 @@ def tokenize_messages(tokenizer, msgs: list[dict], cfg: TrainConfig) -> tuple[li
     return ids, labels
 
 
+# torchtune 0.6.1's model tokenizers wrap each message in their family's special tokens and encode every
+# piece on its own (tokenize_messages); (special token, text) pieces here are encoded the same way, so the
+# ids are the same for the same tokenizer files. A piece is (text, is_special_token, trained).
+def _llama3_pieces(msgs: list[dict], train_on_prompt: bool) -> list[tuple[str, bool, bool]]:
+    """Llama3Tokenizer: BOS, then per message a header, the stripped content and <|eot_id|>, then EOS;
+    BOS and EOS are never trained, a message (header and end included) is trained when it is the
+    assistant's or train_on_prompt is set."""
+    out = [("<|begin_of_text|>", True, False)]
+    for m in msgs:
+        t = train_on_prompt or m["role"] == "assistant"
+        out += [
+            ("<|start_header_id|>", True, t),
+            (m["role"].strip(), False, t),
+            ("<|end_header_id|>", True, t),
+        ]
+        out += [("\n\n", False, t), (m["content"].strip(), False, t), ("<|eot_id|>", True, t)]
+    return [*out, ("<|end_of_text|>", True, False)]
+
+
+def _chatml_pieces(msgs: list[dict], train_on_prompt: bool) -> list[tuple[str, bool, bool]]:
+    """Qwen2Tokenizer / Qwen2_5Tokenizer: no BOS and no default system message; content is not stripped;
+    the last assistant message has no <|im_end|>\\n footer, and the EOS (<|im_end|>) after it takes that
+    message's mask."""
+    out: list[tuple[str, bool, bool]] = []
+    t = False
+    for k, m in enumerate(msgs):
+        t = train_on_prompt or m["role"] == "assistant"
+        out += [("<|im_start|>", True, t), (f"{m['role']}\n", False, t), (m["content"], False, t)]
+        if m["role"] != "assistant" or k != len(msgs) - 1:
+            out += [("<|im_end|>", True, t), ("\n", False, t)]
+    return [*out, ("<|im_end|>", True, t)]
+
+
+MESSAGE_PIECES = {"llama3": _llama3_pieces, "chatml": _chatml_pieces}
+
+
+def format_messages(tokenizer, msgs: list[dict], cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation in cfg.message_format's special tokens (not plain)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, special, trained in MESSAGE_PIECES[cfg.message_format](msgs, cfg.train_on_prompt):
+        if special:
+            tok = tokenizer.convert_tokens_to_ids(text)
+            if tok is None or tok == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tok) != text:
+                raise TrainerError(
+                    f"message_format={cfg.message_format}: the tokenizer has no {text} token; use the "
+                    "model family's tokenizer or message_format=plain"
+                )
+            piece = [tok]
+        else:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    if len(ids) > cfg.max_seq_length:  # torchtune's truncate(): the last kept token is the EOS, untrained
+        ids, labels = (
+            [*ids[: cfg.max_seq_length - 1], ids[-1]],
+            [*labels[: cfg.max_seq_length - 1], IGNORE_INDEX],
+        )
+    return ids, labels
+
+
 def _pairs(
     chunk: list[dict], lo: int, fmt: str, tokenizer, cfg: TrainConfig
 ) -> list[tuple[list[int], list[int]]]:
     """Tokenize a chunk of non-chat rows (batched through the fast tokenizer)."""
+    if cfg.message_format != "plain" and fmt != "text":  # a user message and the assistant's reply
+        pairs = [prompt_and_completion(row, fmt, lo + j, cfg.alpaca_preamble) for j, row in enumerate(chunk)]
+        talks = [
+            with_system(
+                [
+                    {"role": "user", "content": wrapped(p, cfg.prompt_template)},
+                    {"role": "assistant", "content": c},
+                ],
+                cfg.system_prompt,
+            )
+            for p, c in pairs
+        ]
+        return [format_messages(tokenizer, msgs, cfg) for msgs in talks]
     with_eos = tokenizer.eos_token_id is not None and (fmt != "text" or cfg.add_eos)
     eos = [tokenizer.eos_token_id] if with_eos else []
     pairs = [prompt_and_completion(row, fmt, lo + j, cfg.alpaca_preamble) for j, row in enumerate(chunk)]
@@ -464,7 +538,7 @@ def _pairs(
 
 def tokenize_rows(ds, fmt: str, tokenizer, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per row, truncated to max_seq_length; logs progress on large datasets."""
-    if fmt in CHAT_FORMATS:
+    if fmt in CHAT_FORMATS and cfg.message_format == "plain":
         ensure_chat_template(tokenizer)
     out: list[tuple[list[int], list[int]]] = []
     rows, done, total = iter(ds), 0, len(ds)
@@ -475,7 +549,8 @@ def tokenize_rows(ds, fmt: str, tokenizer, cfg: TrainConfig) -> list[tuple[list[
                 conversation(row, fmt, done + j, cfg.system_prompt, cfg.prompt_template)
                 for j, row in enumerate(chunk)
             ]
-            pairs = [tokenize_messages(tokenizer, msgs, cfg) for msgs in talks]
+            render = tokenize_messages if cfg.message_format == "plain" else format_messages
+            pairs = [render(tokenizer, msgs, cfg) for msgs in talks]
         else:
             pairs = _pairs(chunk, done, fmt, tokenizer, cfg)
         for ids, labels in pairs:
@@ -588,6 +663,8 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
         settings += ("alpaca_preamble",)
     if cfg.prompt_template:  # named only when set, so existing caches keep their key
         settings += ("prompt_template",)
+    if cfg.message_format != "plain":  # named only when set, so existing caches keep their key
+        settings += ("message_format",)
     if cfg.more_datasets:  # named only when set, so existing caches keep their key
         settings += ("more_datasets",)
         for entry in cfg.more_datasets:

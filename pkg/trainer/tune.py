@@ -82,6 +82,15 @@ NULL = {"null", "none", "~", ""}
 DELETE = object()  # `~key` on the command line: remove the key (and its group) from the config
 PROMPT_TEMPLATES = {"torchtune.data.GrammarErrorCorrectionTemplate": "grammar",
                     "torchtune.data.SummarizeTemplate": "summarize"}  # fmt: skip
+# tokenizer._component_ -> message_format: the families whose tokenize_messages is rendered exactly. Others
+# (llama2, gemma, mistral, phi3, phi4) are rendered plain, said in one line.
+MESSAGE_FORMATS = {"torchtune.models.llama3.llama3_tokenizer": "llama3",
+                   "torchtune.models.qwen2.qwen2_tokenizer": "chatml",
+                   "torchtune.models.qwen2_5.qwen2_5_tokenizer": "chatml"}  # fmt: skip
+# The special tokens each format writes: a model folder whose tokenizer lacks one is rendered plain.
+MESSAGE_TOKENS = {"llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                             "<|end_of_text|>"),
+                  "chatml": ("<|im_start|>", "<|im_end|>")}  # fmt: skip
 
 
 # ---------------------------------------------------------------- value parsers: (key, value) -> value
@@ -222,8 +231,12 @@ KEYS: list[Key] = [
     _k("ref_checkpointer.recipe_checkpoint", "honoured", _optional(text), "Only null.", accept=(None,)),
     _k("tokenizer.max_seq_len", "honoured", _optional(integer), "Tokens per sequence; null: no truncation "
        "(the model's max_position_embeddings).", "max_seq_length"),
+    _k("tokenizer._component_", "mapped", text, "The tokenizer is the model folder's (tokenizer.json); "
+       "llama3_tokenizer, qwen2_tokenizer and qwen2_5_tokenizer set message_format (SFT rows in that "
+       "family's special tokens and masks, as torchtune does); other families and DPO render rows plain.",
+       "message_format"),
     *(_k(f"tokenizer.{k}", "mapped", text, "The tokenizer is the model folder's (tokenizer.json and its "
-         "chat template).") for k in ("_component_", "path", "merges_file", "vocab_path", "merges_path",
+         "chat template).") for k in ("path", "merges_file", "vocab_path", "merges_path",
                                       "special_tokens_path")),
     _k("tokenizer.prompt_template", "honoured", _optional(text), "Only null (prompts are rendered with the "
        "model's chat template), torchtune.data.GrammarErrorCorrectionTemplate or "
@@ -678,6 +691,15 @@ def model_config(model_dir: str | None) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def tokenizer_tokens(model_dir: str | None) -> set[str]:
+    """The added (special) tokens of the model folder's tokenizer.json; none when it is absent."""
+    try:
+        added = json.loads((Path(model_dir or "") / "tokenizer.json").read_text()).get("added_tokens") or []
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {t.get("content") for t in added if isinstance(t, dict)}
+
+
 def lora_targets(tt: dict[str, Any], model_dir: str | None) -> list[str]:
     """lora_target_modules from model.lora_attn_modules, apply_lora_to_mlp and apply_lora_to_output."""
     attn = tt.get("model.lora_attn_modules")
@@ -1122,6 +1144,33 @@ def to_train_config(tt: dict[str, Any], recipe: str, world: int) -> dict[str, An
     values["resume"] = "auto" if tt.get("resume_from_checkpoint") else "never"
     values["decay_all_parameters"] = True  # torchtune hands every parameter to the optimizer
     values["torchtune_layout"] = True  # output_dir/epoch_{N}/ as well
+    tokenizer = str(tt.get("tokenizer._component_", ""))
+    missing = [t for t in MESSAGE_TOKENS.get(MESSAGE_FORMATS.get(tokenizer, ""), ()) if t not in
+               tokenizer_tokens(model_dir)]  # fmt: skip
+    if MESSAGE_FORMATS.get(tokenizer) == "chatml" and tt.get("tokenizer.max_seq_len") is not None and not dpo:
+        # Qwen2Tokenizer with a max_seq_len also masks the final EOS (truncate() on the mask): not rendered.
+        log.info(
+            "tokenizer._component_=%s with tokenizer.max_seq_len set: instruct/chat rows are rendered plain "
+            "(set tokenizer.max_seq_len=null for torchtune's ChatML rendering)",
+            tokenizer,
+        )
+    elif tokenizer in MESSAGE_FORMATS and not dpo and not missing:
+        values["message_format"] = MESSAGE_FORMATS[tokenizer]
+    elif missing and not dpo:
+        log.info(
+            "tokenizer._component_=%s: the tokenizer in %s has no %s token; instruct/chat rows are rendered "
+            "plain (the model's chat template, or prompt + response + EOS)",
+            tokenizer,
+            model_dir,
+            missing[0],
+        )
+    elif tokenizer:
+        log.info(
+            "tokenizer._component_=%s: instruct/chat%s rows are rendered plain (the model's chat template, "
+            "or prompt + response + EOS), not in that torchtune tokenizer's special tokens",
+            tokenizer,
+            "/preference" if dpo else "",
+        )
     if "lr_scheduler._component_" in tt:
         values["lr_scheduler"] = "cosine"
         values["warmup_steps"] = tt.get("lr_scheduler.num_warmup_steps", 0)

@@ -1,0 +1,197 @@
+"""message_format: instruct and chat rows in torchtune 0.6.1's model-tokenizer formats, token for token.
+
+The expected groups below were produced once by torchtune 0.6.1's own Llama3Tokenizer / Qwen2_5Tokenizer
+(tokenize_messages, and AlpacaToMessages for the alpaca row) over byte-level vocabularies (one token per
+byte, so every token's text is visible), in the side venv; torchtune is not imported here. Each group is
+(text, trained): consecutive tokens with the same mask, joined.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from pkg.trainer import data, tune
+from pkg.trainer.config import TrainConfig
+from pkg.trainer.errors import ConfigError, TrainerError
+
+pytestmark = pytest.mark.fast
+
+PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request."
+)
+PROMPT = f"{PREAMBLE}\n\n### Instruction:\nName a color.\n\n### Response:"
+ALPACA_ROW = {"instruction": "Name a color.", "input": "", "output": " Blue. "}
+CHAT_ROW = {"messages": [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi\n"},
+    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Bye."},
+]}  # fmt: skip
+H, E = "<|start_header_id|>", "<|end_header_id|>\n\n"
+EXPECTED = {
+    ("llama3", "alpaca"): [
+        (f"<|begin_of_text|>{H}user{E}{PROMPT}<|eot_id|>", False),
+        (f"{H}assistant{E}Blue.<|eot_id|>", True),
+        ("<|end_of_text|>", False),
+    ],
+    ("llama3", "messages"): [
+        (f"<|begin_of_text|>{H}system{E}Be brief.<|eot_id|>{H}user{E}Hi<|eot_id|>", False),
+        (f"{H}assistant{E}Hello!<|eot_id|>", True),
+        (f"{H}user{E}Bye<|eot_id|>", False),
+        (f"{H}assistant{E}Bye.<|eot_id|>", True),
+        ("<|end_of_text|>", False),
+    ],
+    ("chatml", "alpaca"): [
+        (f"<|im_start|>user\n{PROMPT}\n<|im_end|>\n", False),
+        ("<|im_start|>assistant\n Blue. <|im_end|>", True),
+    ],
+    ("chatml", "messages"): [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n Hi\n<|im_end|>\n", False),
+        ("<|im_start|>assistant\nHello!<|im_end|>\n", True),
+        ("<|im_start|>user\nBye<|im_end|>\n", False),
+        ("<|im_start|>assistant\nBye.<|im_end|>", True),
+    ],
+}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE vocabularies are written in it)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+
+
+SPECIALS = {"llama3": tune.MESSAGE_TOKENS["llama3"], "chatml": tune.MESSAGE_TOKENS["chatml"]}
+BYTES = {c: b for b, c in bytes_to_unicode().items()}
+
+
+def byte_tokenizer(specials: tuple[str, ...]) -> PreTrainedTokenizerFast:
+    """One token per byte (no merges), plus the family's special tokens."""
+    vocab = {c: b for b, c in bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=specials[-1], additional_special_tokens=list(specials)
+    )
+
+
+def groups(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    out: list[list] = []
+    for i, label in zip(ids, labels, strict=True):
+        name = tokenizer.convert_ids_to_tokens(i)
+        text = name if name in tokenizer.all_special_tokens else chr(BYTES[name])
+        trained = label != data.IGNORE_INDEX
+        if out and out[-1][1] == trained:
+            out[-1][0] += text
+        else:
+            out.append([text, trained])
+    return [tuple(g) for g in out]
+
+
+@pytest.mark.parametrize("fmt", ["llama3", "chatml"])
+@pytest.mark.parametrize("rows", ["alpaca", "messages"])
+def test_rows_render_as_torchtunes_tokenizer_does(fmt, rows):
+    tokenizer = byte_tokenizer(SPECIALS[fmt])
+    cfg = TrainConfig(message_format=fmt, alpaca_preamble=True, dataset_format=rows)
+    row = ALPACA_ROW if rows == "alpaca" else CHAT_ROW
+    [(ids, labels)] = data.tokenize_rows([row], rows, tokenizer, cfg)
+    assert groups(tokenizer, ids, labels) == EXPECTED[fmt, rows]
+
+
+@pytest.mark.parametrize(
+    "fmt, expected",
+    [
+        ("llama3", [("<|begin_of_text|>", False),
+                    (f"{H}user{E}{{p}}<|eot_id|>{H}assistant{E}5<|eot_id|>", True),
+                    ("<|end_of_text|>", False)]),
+        ("chatml", [("<|im_start|>user\n{p}\n<|im_end|>\n<|im_start|>assistant\n5<|im_end|>", True)]),
+    ],
+)  # fmt: skip
+def test_train_on_input_trains_the_prompt_but_never_llama3s_bos_and_eos(fmt, expected):
+    """AlpacaToMessages(train_on_input=True) on a row with an input (torchtune 0.6.1, pinned)."""
+    p = ("Below is an instruction that describes a task, paired with an input that provides further "
+         "context. Write a response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n"
+         "### Input:\n2 and 3\n\n### Response:")  # fmt: skip
+    tokenizer = byte_tokenizer(SPECIALS[fmt])
+    cfg = TrainConfig(message_format=fmt, alpaca_preamble=True, train_on_prompt=True)
+    row = {"instruction": "Add.", "input": "2 and 3", "output": "5"}
+    [(ids, labels)] = data._pairs([row], 0, "alpaca", tokenizer, cfg)
+    assert groups(tokenizer, ids, labels) == [(t.replace("{p}", p), k) for t, k in expected]
+
+
+def test_a_long_row_ends_in_an_untrained_eos_as_torchtunes_truncate_does():
+    """Llama3Tokenizer(max_seq_len=181) on the alpaca row of 182 tokens (torchtune 0.6.1, pinned)."""
+    tokenizer = byte_tokenizer(SPECIALS["llama3"])
+    cfg = TrainConfig(message_format="llama3", alpaca_preamble=True, max_seq_length=181)
+    [(ids, labels)] = data.tokenize_rows([ALPACA_ROW], "alpaca", tokenizer, cfg)
+    assert groups(tokenizer, ids, labels) == [
+        (f"<|begin_of_text|>{H}user{E}{PROMPT}<|eot_id|>", False),
+        (f"{H}assistant{E}Blue.", True),
+        ("<|end_of_text|>", False),
+    ]
+
+
+def test_a_tokenizer_without_the_familys_tokens_is_refused_in_one_line():
+    tokenizer = byte_tokenizer(SPECIALS["chatml"])
+    with pytest.raises(
+        TrainerError, match=r"message_format=llama3: the tokenizer has no <\|begin_of_text\|> token"
+    ):
+        data.tokenize_rows([ALPACA_ROW], "alpaca", tokenizer, TrainConfig(message_format="llama3"))
+
+
+def test_plain_stays_the_default_and_dpo_refuses_the_others():
+    assert TrainConfig().message_format == "plain"
+    with pytest.raises(ConfigError, match="message_format llama3 applies to objective sft"):
+        TrainConfig(objective="dpo", message_format="llama3").validate()
+
+
+def model_folder(path, specials: tuple[str, ...]) -> str:
+    """config.json, and a tokenizer.json naming `specials` (all tune run reads to choose the format)."""
+    path.mkdir()
+    (path / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 64}')
+    added = [{"id": 256 + k, "content": t, "special": True} for k, t in enumerate(specials)]
+    (path / "tokenizer.json").write_text(json.dumps({"added_tokens": added}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "recipe, config, specials, expected",
+    [
+        ("lora_finetune_distributed", "llama3_2/1B_lora", SPECIALS["llama3"], "llama3"),
+        ("full_finetune_distributed", "qwen2_5/0.5B_full", SPECIALS["chatml"], "chatml"),
+        ("lora_finetune_distributed", "llama3_2/1B_lora", SPECIALS["chatml"], "plain"),  # not its tokens
+        ("lora_dpo_distributed", "llama3_1/8B_lora_dpo", SPECIALS["llama3"], "plain"),  # DPO: not done
+        ("lora_finetune_distributed", "llama2/7B_lora", SPECIALS["llama3"], "plain"),  # llama2: not done
+        # Qwen2Tokenizer with a max_seq_len also masks the final EOS: not done
+        (
+            "full_finetune_distributed",
+            "qwen2_5/0.5B_full tokenizer.max_seq_len=32",
+            SPECIALS["chatml"],
+            "plain",
+        ),
+        (
+            "lora_finetune_distributed",
+            "llama3_2/1B_lora tokenizer.max_seq_len=32",
+            SPECIALS["llama3"],
+            "llama3",
+        ),
+    ],
+)
+def test_tune_run_sets_the_format_from_tokenizer_component(
+    tmp_path, caplog, recipe, config, specials, expected
+):
+    model = model_folder(tmp_path / "model", specials)
+    config, *more = config.split()
+    cmd = tune.parse_command(
+        ["run", recipe, "--config", config, f"checkpointer.checkpoint_dir={model}", *more]
+    )
+    with caplog.at_level("INFO", logger="pkg.trainer.tune"):
+        cfg, _ = tune.translate(cmd, 1)
+    assert cfg.message_format == expected
+    if expected == "plain":
+        assert "rows are rendered plain" in caplog.text
