@@ -166,8 +166,8 @@ def test_nan_stops_the_run_and_skip_step_skips_only_that_update(
 
     def poisoned(self, batch):
         calls.append(1)
-        loss = loss_sum(self, batch)
-        return loss * float("nan") if len(calls) == 5 else loss  # the first micro-batch of step 2
+        loss, aux = loss_sum(self, batch)
+        return (loss * float("nan") if len(calls) == 5 else loss), aux  # the first micro-batch of step 2
 
     monkeypatch.setattr(Recipe, "loss_sum", poisoned)
     out = tmp_path / "one"
