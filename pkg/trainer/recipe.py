@@ -140,9 +140,19 @@ def prepare_output_dir(cfg: TrainConfig) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak: CUDA memory allocated, or on a CPU the resident set's high-water mark.
+
+    Not ru_maxrss where /proc has VmHWM: Linux folds the memory of the process that forked this one into
+    ru_maxrss at exec, so a worker started by a large parent (a test runner, a notebook) reported the parent's
+    size instead of its own.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Recipe:
