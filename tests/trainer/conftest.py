@@ -88,6 +88,19 @@ def trainer_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(autouse=True)
+def own_log_handlers():
+    """The root logger's handlers as they were before the test: an entry point run in-process (main(),
+    tune.main()) binds a handler to the sys.stdout of its test, which pytest closes afterwards; a later test's
+    log line would then print "--- Logging error ---" to stderr."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
