@@ -658,14 +658,14 @@ class Recipe:
         started, cpu_start = time.monotonic(), time.process_time()
         stop = resilience.StopRequest().install()  # SIGTERM: checkpoint at the next step boundary, exit 143
         while state.step < self.total_steps:
-            started = time.monotonic()
+            step_start = time.monotonic()
             result = self.train_step(state.step)
             state.step += 1
             self.check_finite(state.step, result)
             state.tokens_seen += int(result["tokens"])
             last = state.step == self.total_steps
             if state.step % cfg.log_every == 0 or last:
-                rate = result["tokens"] / max(time.monotonic() - started, 1e-9)
+                rate = result["tokens"] / max(time.monotonic() - step_start, 1e-9)
                 extra = {k: result[k] for k in dpo.METRICS[1:] if k in result}
                 self.metrics.train_step(
                     state.step,
