@@ -143,13 +143,14 @@ def run_torchtune(tune: str, model: Path, rows: Path, out: Path, in_backward: bo
 
 def ordered_rows(data: Path, dest: Path) -> Path:
     """The rows the llm-trainer trains on, in its order, for torchtune's unshuffled reading."""
+    from pkg.trainer import batching
     from pkg.trainer import data as tdata
     from pkg.trainer.config import TrainConfig
 
     rows = (data / "train.jsonl").read_text().splitlines()
     cfg = TrainConfig(seed=0, val_fraction=0.0)
     train, _ = tdata.split_train_val(list(range(len(rows))), cfg)
-    plan = tdata.BatchPlan(len(train), BATCH, BATCH, 1, 0, cfg.seed)
+    plan = batching.BatchPlan(len(train), BATCH, BATCH, 1, 0, cfg.seed)
     order = [train[i] for step in range(STEPS) for i in plan.global_batch(step)]
     dest.write_text("".join(rows[i] + "\n" for i in order))
     return dest

@@ -83,14 +83,14 @@ def predict(model: Path, out: Path, nodes: int, per_node: int) -> dict:
     the largest number of target tokens of a training sequence (from the run's tokenized data)."""
     from dataclasses import replace
 
-    from pkg.trainer import data, plan
+    from pkg.trainer import batching, data_cache, plan
     from pkg.trainer.config import load_config
 
     cfg = load_config(["--config", str(out / "config.yaml")])
     shape = plan.Shape.from_config(json.loads((model / "config.json").read_text()))
     cluster = plan.Cluster(nodes, per_node, plan.host_memory() // per_node, "cpu")
     [cache] = (out / "cache").glob("tokenized-*")
-    targets = max(data.count_targets([r]) for r in data.read_cache(cache)["train"])
+    targets = max(batching.count_targets([r]) for r in data_cache.read_cache(cache)["train"])
     job = replace(plan.job_from_config(cfg, cfg.precision == "bf16"), targets_per_sequence=targets)
     return plan.estimate(shape, job, cluster)
 

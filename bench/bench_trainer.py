@@ -124,12 +124,14 @@ def prepare_pairs(work: Path, size: dict) -> Path:
 
 def our_order(num_rows: int, steps: int) -> list[int]:
     """The rows the llm-trainer trains on, step by step (no row dropped, no validation split)."""
-    from pkg.trainer import data
+    from pkg.trainer import batching, data
     from pkg.trainer.config import TrainConfig
 
     cfg = TrainConfig(seed=COMMON["seed"], val_fraction=0.0)
     train, _ = data.split_train_val(list(range(num_rows)), cfg)
-    plan = data.BatchPlan(len(train), COMMON["global_batch_size"], COMMON["micro_batch_size"], 1, 0, cfg.seed)
+    plan = batching.BatchPlan(
+        len(train), COMMON["global_batch_size"], COMMON["micro_batch_size"], 1, 0, cfg.seed
+    )
     return [train[i] for step in range(steps) for i in plan.global_batch(step)]
 
 

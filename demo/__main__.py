@@ -82,7 +82,7 @@ def generate(model_dir: Path, adapter: Path | None, prompt: str, max_new_tokens:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pkg.trainer.data import ALPACA_PROMPT
+    from pkg.trainer.rows import ALPACA_PROMPT
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -7,7 +7,12 @@ Modules, one job each:
     errors            TrainerError / ConfigError: expected failures and their exit codes
     values            the value parsers (and the YAML file reader) the config and `tune run` share
     recipe            the training recipe: setup, train, save
-    data              load, detect format, tokenize + mask, pack, cache; the batch plan
+    data              the training data's steps in order: rows -> (input_ids, labels) -> train/val records
+    data_files        finding and reading the dataset's files: one split (and slice) as one Dataset
+    rows              a row as a prompt and completion or as messages: formats, system prompt, templates
+    chat_format       messages -> (input_ids, labels): the chat template or a family's special tokens
+    data_cache        the tokenized records on disk: their key, writing and reading them
+    batching          packing, padding into tensors, target counts; the batch plan of every step
     preference        DPO's data: prompt/chosen/rejected pairs, tokenized and collated
     model             tokenizer and model, LoRA / QLoRA / full; MoE router loss coefficient
     fused_lora        one fused forward/backward per LoRA linear

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from pkg.trainer import vocab_parallel
 from pkg.trainer.errors import TrainerError
 
-IGNORE_INDEX = -100  # the label of a position that is not a target (data.py writes it, the loss skips it)
+IGNORE_INDEX = -100  # the label of a position that is not a target (the data modules write it, loss skips it)
 
 
 @dataclass(frozen=True)

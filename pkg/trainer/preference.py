@@ -25,8 +25,10 @@ import torch
 
 from pkg.trainer import data
 from pkg.trainer.config import TrainConfig
+from pkg.trainer.data_files import load_rows
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.loss import IGNORE_INDEX
+from pkg.trainer.rows import plain_messages, rename_columns, with_system, with_system_text
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def _message_list(row: dict, key: str, i: int) -> list[dict]:
         return [{"role": "user", "content": msgs}]
     if not isinstance(msgs, list):
         raise TrainerError(f"row {i}: '{key}' must be a list of messages like the other rows'")
-    return data.plain_messages(msgs, f"row {i}: every message of '{key}'")
+    return plain_messages(msgs, f"row {i}: every message of '{key}'")
 
 
 def chat_turns(row: dict, i: int) -> tuple[list[dict], list[dict], list[dict]]:
@@ -138,7 +140,7 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
                 raise TrainerError(f"row {lo + j}: mixes string and message-list rows; use one form")
             if chat:
                 prompt, chosen, rejected = chat_turns(row, lo + j)
-                prompt = data.with_system(prompt, cfg.system_prompt)
+                prompt = with_system(prompt, cfg.system_prompt)
                 head, c = render_chat(tokenizer, prompt, chosen, lo + j)
                 head_r, r = render_chat(tokenizer, prompt, rejected, lo + j)
                 if head_r != head:
@@ -149,7 +151,7 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
                 texts.append((head, c, r))
             else:
                 text = [_string(row, k, lo + j) for k in ("prompt", "chosen", "rejected")]
-                texts.append((data.with_system_text(text[0], cfg.system_prompt), text[1], text[2]))
+                texts.append((with_system_text(text[0], cfg.system_prompt), text[1], text[2]))
         prompts = tokenizer([t[0] for t in texts], add_special_tokens=not chat)["input_ids"]
         chosen = tokenizer([t[1] for t in texts], add_special_tokens=False)["input_ids"]
         rejected = tokenizer([t[2] for t in texts], add_special_tokens=False)["input_ids"]
@@ -174,8 +176,8 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
 
 def tokenized_pairs(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: str, split: str) -> list[dict]:
     """The tokenized pairs of one split that fit max_seq_length."""
-    ds = data.load_rows(dataset_dir, cache_dir, split, cfg.dataset_source)
-    ds = data.rename_columns(ds, cfg.column_map)
+    ds = load_rows(dataset_dir, cache_dir, split, cfg.dataset_source)
+    ds = rename_columns(ds, cfg.column_map)
     records, truncated, dropped = tokenize_pairs(ds, tokenizer, cfg)
     if truncated:
         log.warning(

@@ -10,7 +10,7 @@ Features and their flags (pkg/trainer/config.py documents every key):
 - FSDP2: `fully_shard` per decoder layer and the root; gloo on CPU, NCCL on CUDA; bf16 compute with fp32
   master weights and gradient reduction on GPU (`precision`); `activation_checkpointing`.
 - Batches: `global_batch_size` samples per optimizer step whatever the world size, `micro_batch_size` per
-  forward; the samples of step k are a pure function of (seed, k) (data.BatchPlan).
+  forward; the samples of step k are a pure function of (seed, k) (batching.BatchPlan).
 - Loss: the token-weighted mean over the whole global batch: each rank sums its token losses and divides by
   the all-reduced count of target tokens, so 1 and N processes give the same loss and gradients.
 - Data: formats, prompt masking (`train_on_prompt`), `packing`, `max_seq_length`, a tokenized cache (data.py).
@@ -47,8 +47,10 @@ import torch
 import torch.distributed as dist
 
 from pkg.trainer import (
+    batching,
     checkpoint,
     data,
+    data_cache,
     distributed,
     dpo,
     export,
@@ -207,7 +209,7 @@ class Recipe:
             log.info("config: %s", " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
         self.tokenizer = model.load_tokenizer(cfg.model_dir)
         self.train_data, self.val_data = self.load_data()
-        self.plan = data.BatchPlan(
+        self.plan = batching.BatchPlan(
             len(self.train_data), cfg.global_batch_size, cfg.micro_batch_size,
             self.dist.world_size, self.dist.rank, cfg.seed, cfg.max_steps_per_epoch,
             lengths=[sum(lens) for lens in self.train_data["seq_lens"]], shuffle=cfg.shuffle,
@@ -311,7 +313,7 @@ class Recipe:
     def load_data(self):
         """Tokenize on rank 0 (and on each node's first rank if output_dir is not shared); read everywhere."""
         cfg = self.cfg
-        path = self.out / "cache" / f"tokenized-{data.cache_key(cfg, cfg.model_dir)}"
+        path = self.out / "cache" / f"tokenized-{data_cache.cache_key(cfg, cfg.model_dir)}"
         build = preference.build_splits if cfg.objective == "dpo" else data.build_splits
         datasets_cache = str(self.out / "cache" / "datasets")
         for builder in (self.dist.is_main, self.dist.local_rank == 0):
@@ -319,11 +321,11 @@ class Recipe:
             if builder and not path.exists():
                 try:
                     log.info("tokenizing %s into %s", cfg.dataset_dir, path)
-                    data.write_cache(build(cfg, self.tokenizer, datasets_cache), path)
+                    data_cache.write_cache(build(cfg, self.tokenizer, datasets_cache), path)
                 except TrainerError as exc:
                     error = str(exc)
             distributed.agree(error)
-        splits = data.read_cache(path)
+        splits = data_cache.read_cache(path)
         return splits["train"], splits["val"]
 
     def reference_model(self) -> tuple[torch.nn.Module | None, str]:
@@ -354,7 +356,7 @@ class Recipe:
 
     def reference_cache_path(self, ref_dir: str) -> Path:
         cfg = self.cfg
-        key = f"{data.cache_key(cfg, cfg.model_dir)}-{dir_digest(ref_dir)}"
+        key = f"{data_cache.cache_key(cfg, cfg.model_dir)}-{dir_digest(ref_dir)}"
         return self.out / "cache" / f"reference-{key}.pt"
 
     def reference_cache(self, net: torch.nn.Module | None, ref_dir: str) -> dict[str, torch.Tensor]:
@@ -396,7 +398,7 @@ class Recipe:
             if split in self.reference:
                 cached = self.reference[split][[max(i, 0) for i in indices]]
             return (*self.dpo.micro(self.model, records, cached, weights), None)
-        loss, aux = self.loss_sum(data.collate(records, self.tokenizer.pad_token_id, self.cfg.packing))
+        loss, aux = self.loss_sum(batching.collate(records, self.tokenizer.pad_token_id, self.cfg.packing))
         return loss, [loss.item()], aux
 
     def build_model(self) -> torch.nn.Module:
@@ -544,7 +546,7 @@ class Recipe:
             (n_tokens,) = distributed.all_reduce_sum([local_tokens], self.dist.device)
             n_targets = float(self.cfg.global_batch_size)
         else:
-            local_targets = sum(data.count_targets(recs) for recs in micro)
+            local_targets = sum(batching.count_targets(recs) for recs in micro)
             local_tokens = sum(len(r["input_ids"]) for recs in micro for r in recs)
             n_targets, n_tokens = distributed.all_reduce_sum([local_targets, local_tokens], self.dist.device)
         # FSDP averages gradients over ranks; scaling by the world size turns that into the global mean.
@@ -636,9 +638,9 @@ class Recipe:
         loss_total, n_targets = 0.0, 0
         for mb in self.plan.val_batches(len(self.val_data)):
             recs = [self.val_data[i] if i >= 0 else blank for i in mb]
-            loss, _ = self.loss_sum(data.collate(recs, self.tokenizer.pad_token_id, self.cfg.packing))
+            loss, _ = self.loss_sum(batching.collate(recs, self.tokenizer.pad_token_id, self.cfg.packing))
             loss_total += loss.item()
-            n_targets += data.count_targets(recs)
+            n_targets += batching.count_targets(recs)
         distributed.reshard(self.model)
         loss_total, n_targets = distributed.all_reduce_sum([loss_total, n_targets], self.dist.device)
         return {"val_loss": loss_total / max(n_targets, 1)}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pkg.trainer import data
+from pkg.trainer import batching, data_cache
 from tests.trainer.tiny import make_dataset, make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,11 +175,11 @@ def losses(output_dir: Path) -> list[float]:
 def val_loss(model, output_dir: Path, packing: bool = False) -> float:
     """Token-weighted loss of `model` on the run's cached validation records."""
     [cache] = (output_dir / "cache").glob("tokenized-*")
-    val = data.read_cache(cache)["val"]
+    val = data_cache.read_cache(cache)["val"]
     total, count = 0.0, 0
     with torch.no_grad():
         for rec in val:
-            batch = data.collate([rec], pad_id=0, packing=packing)
+            batch = batching.collate([rec], pad_id=0, packing=packing)
             labels = batch.pop("labels")[0, 1:]
             logits = model(**batch, use_cache=False).logits[0, :-1]
             total += torch.nn.functional.cross_entropy(

@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from pkg.trainer import data, plan
+from pkg.trainer import batching, data_cache, plan
 from pkg.trainer.config import load_config
 
 TOLERANCE = 0.15  # the bar: within 15% of the measured peak
@@ -19,7 +19,7 @@ def predicted_mb(output_dir: Path, nodes: int = 1, per_node: int = 1) -> float:
     shape = plan.Shape.from_config(json.loads((Path(cfg.model_dir) / "config.json").read_text()))
     cluster = plan.Cluster(nodes, per_node, plan.host_memory() // per_node, "cpu")
     [cache] = (output_dir / "cache").glob("tokenized-*")
-    targets = max(data.count_targets([r]) for r in data.read_cache(cache)["train"])
+    targets = max(batching.count_targets([r]) for r in data_cache.read_cache(cache)["train"])
     job = replace(plan.job_from_config(cfg, cfg.precision == "bf16"), targets_per_sequence=targets)
     return plan.estimate(shape, job, cluster)["per_rank"]["total"] / 2**20
 

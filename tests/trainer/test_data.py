@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pkg.trainer import data
+from pkg.trainer import batching, chat_format, data, data_files, rows
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.loss import IGNORE_INDEX
@@ -32,32 +32,32 @@ def decode_targets(tokenizer, ids, labels) -> str:
 @pytest.mark.parametrize("file_type", ["jsonl", "json", "parquet", "csv", "arrow", "hub"])
 def test_every_file_layout_loads_the_train_split(tmp_path, file_type):
     make_dataset(tmp_path, "prompt_completion", file_type, n=20)
-    ds = data.load_rows(str(tmp_path), str(tmp_path / ".cache"))
+    ds = data_files.load_rows(str(tmp_path), str(tmp_path / ".cache"))
     assert len(ds) == 20  # the hub layout's test split is left out
     assert "TEST SPLIT" not in json.dumps(ds.to_list())
-    assert data.detect_format(ds.column_names, "auto") == "prompt_completion"
+    assert rows.detect_format(ds.column_names, "auto") == "prompt_completion"
 
 
 @pytest.mark.fast
 def test_split_names_from_file_names(tmp_path):
     assert (
-        data._split_of(tmp_path.joinpath("data/train-00000-of-00002.parquet").relative_to(tmp_path))
+        data_files.split_of(tmp_path.joinpath("data/train-00000-of-00002.parquet").relative_to(tmp_path))
         == "train"
     )
-    assert data._split_of(tmp_path.joinpath("validation.jsonl").relative_to(tmp_path)) == "validation"
-    assert data._split_of(tmp_path.joinpath("test/part.arrow").relative_to(tmp_path)) == "test"
-    assert data._split_of(tmp_path.joinpath("my_data.jsonl").relative_to(tmp_path)) is None
+    assert data_files.split_of(tmp_path.joinpath("validation.jsonl").relative_to(tmp_path)) == "validation"
+    assert data_files.split_of(tmp_path.joinpath("test/part.arrow").relative_to(tmp_path)) == "test"
+    assert data_files.split_of(tmp_path.joinpath("my_data.jsonl").relative_to(tmp_path)) is None
 
 
 @pytest.mark.fast
 def test_format_detection_and_forcing():
-    assert data.detect_format(["instruction", "input", "output"], "auto") == "alpaca"
-    assert data.detect_format(["messages", "id"], "auto") == "messages"
-    assert data.detect_format(["text"], "auto") == "text"
+    assert rows.detect_format(["instruction", "input", "output"], "auto") == "alpaca"
+    assert rows.detect_format(["messages", "id"], "auto") == "messages"
+    assert rows.detect_format(["text"], "auto") == "text"
     with pytest.raises(TrainerError, match="cannot tell the dataset format from its columns \\(foo, bar\\)"):
-        data.detect_format(["foo", "bar"], "auto")
+        rows.detect_format(["foo", "bar"], "auto")
     with pytest.raises(TrainerError, match="dataset_format alpaca needs columns instruction, output"):
-        data.detect_format(["text"], "alpaca")
+        rows.detect_format(["text"], "alpaca")
 
 
 @pytest.mark.fast
@@ -92,7 +92,7 @@ def test_messages_train_only_assistant_turns(tokenizer):
         {"role": "user", "content": "Again river."},
         {"role": "assistant", "content": "river"},
     ]
-    ids, labels = data.tokenize_messages(tokenizer, msgs, cfg())
+    ids, labels = chat_format.tokenize_messages(tokenizer, msgs, cfg())
     assert decode_targets(tokenizer, ids, labels) == "apple</s>\nriver</s>\n"
     assert tokenizer.decode(ids).startswith("<s><|system|>\nBe brief.</s>")
 
@@ -154,27 +154,27 @@ def test_truncation_and_rows_without_targets(tmp_path, tokenizer):
 @pytest.mark.fast
 def test_empty_and_missing_datasets(tmp_path):
     with pytest.raises(TrainerError, match="does not exist"):
-        data.load_rows(str(tmp_path / "nope"), str(tmp_path))
+        data_files.load_rows(str(tmp_path / "nope"), str(tmp_path))
     with pytest.raises(TrainerError, match="no data files"):
-        data.load_rows(str(tmp_path), str(tmp_path))
+        data_files.load_rows(str(tmp_path), str(tmp_path))
     (tmp_path / "train.jsonl").write_text("")
     with pytest.raises(TrainerError, match=r"(no rows|cannot read)"):
-        data.load_rows(str(tmp_path), str(tmp_path / ".c"))
+        data_files.load_rows(str(tmp_path), str(tmp_path / ".c"))
 
 
 @pytest.mark.fast
 def test_packing_keeps_samples_apart():
     samples = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9], [-100, 7, 8, 9])]
-    packed = data.pack(samples, max_len=6)
+    packed = batching.pack(samples, max_len=6)
     assert [p["seq_lens"] for p in packed] == [[3, 2], [4]]
-    batch = data.collate(packed, pad_id=0, packing=True)
+    batch = batching.collate(packed, pad_id=0, packing=True)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, 7, 8, 9, -100]]
     assert "attention_mask" not in batch
-    unpacked = data.collate(data._records(samples, False, 6), pad_id=0, packing=False)
+    unpacked = batching.collate(batching.to_records(samples, False, 6), pad_id=0, packing=False)
     assert unpacked["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9]]
     assert set(unpacked) == {"input_ids", "labels"}  # right padding: plain causal attention suffices
-    assert data.count_targets(packed) == 6
+    assert batching.count_targets(packed) == 6
 
 
 def test_packed_logits_equal_separate_logits(tiny_model):
@@ -183,7 +183,7 @@ def test_packed_logits_equal_separate_logits(tiny_model):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
     a, b = [0, 17, 40, 99, 120, 5], [0, 200, 33, 7]
-    batch = data.collate(data.pack([(a, a), (b, b)], 16), pad_id=2, packing=True)
+    batch = batching.collate(batching.pack([(a, a), (b, b)], 16), pad_id=2, packing=True)
     with torch.no_grad():
         packed = model(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
@@ -203,7 +203,7 @@ def test_right_padding_without_a_mask_leaves_real_tokens_alone(tiny_model):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
     rows = [[0, 17, 40, 99, 120, 5], [0, 200, 33], [0, 7]]
-    batch = data.collate([{"input_ids": r, "labels": r, "seq_lens": [len(r)]} for r in rows], 2, False)
+    batch = batching.collate([{"input_ids": r, "labels": r, "seq_lens": [len(r)]} for r in rows], 2, False)
     with torch.no_grad():
         padded = model(input_ids=batch["input_ids"], use_cache=False).logits
         for i, r in enumerate(rows):
@@ -215,7 +215,7 @@ def test_right_padding_without_a_mask_leaves_real_tokens_alone(tiny_model):
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_global_batch_is_the_same_at_every_world_size(world):
     def plan(w, r):
-        return data.BatchPlan(
+        return batching.BatchPlan(
             num_records=50, global_batch_size=8, micro_batch_size=2, world_size=w, rank=r, seed=3
         )
 
@@ -235,9 +235,9 @@ def test_global_batch_is_the_same_at_every_world_size(world):
 @pytest.mark.fast
 def test_batch_plan_refusals():
     with pytest.raises(TrainerError, match=r"multiple of micro_batch_size \(2\) x world size \(3\)"):
-        data.BatchPlan(50, 8, 2, 3, 0, 0)
+        batching.BatchPlan(50, 8, 2, 3, 0, 0)
     with pytest.raises(TrainerError, match="only 5 training sequences, fewer than global_batch_size"):
-        data.BatchPlan(5, 8, 2, 1, 0, 0)
+        batching.BatchPlan(5, 8, 2, 1, 0, 0)
 
 
 def ds_of(rows):
@@ -255,7 +255,7 @@ def test_dataset_dict_folder_uses_its_train_split(tmp_path):
     datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(
         str(tmp_path)
     )
-    ds = data.load_rows(str(tmp_path), str(tmp_path / ".cache"))
+    ds = data_files.load_rows(str(tmp_path), str(tmp_path / ".cache"))
     assert len(ds) == 6 and "TEST SPLIT" not in json.dumps(ds.to_list())
 
 
@@ -264,8 +264,8 @@ def test_micro_batches_group_similar_lengths_within_each_rank_share():
     lengths = [(i * 37) % 101 for i in range(50)]
     for world in (1, 2):
         for rank in range(world):
-            plain = data.BatchPlan(50, 8, 2, world, rank, 3)
-            grouped = data.BatchPlan(50, 8, 2, world, rank, 3, lengths=lengths)
+            plain = batching.BatchPlan(50, 8, 2, world, rank, 3)
+            grouped = batching.BatchPlan(50, 8, 2, world, rank, 3, lengths=lengths)
             share = [i for mb in grouped.micro_batches(5) for i in mb]
             assert sorted(share) == sorted(i for mb in plain.micro_batches(5) for i in mb)
             assert [lengths[i] for i in share] == sorted(lengths[i] for i in share)
@@ -275,27 +275,27 @@ def test_micro_batches_group_similar_lengths_within_each_rank_share():
 def test_split_slices_and_named_splits(tmp_path):
     make_dataset(tmp_path, "prompt_completion", "hub", n=40)
     cache = str(tmp_path / ".cache")
-    assert len(data.load_rows(str(tmp_path), cache, "train[:25%]")) == 10
-    assert [r["prompt"] for r in data.load_rows(str(tmp_path), cache, "train[5:8]")] == [
-        r["prompt"] for r in data.load_rows(str(tmp_path), cache).select(range(5, 8))
+    assert len(data_files.load_rows(str(tmp_path), cache, "train[:25%]")) == 10
+    assert [r["prompt"] for r in data_files.load_rows(str(tmp_path), cache, "train[5:8]")] == [
+        r["prompt"] for r in data_files.load_rows(str(tmp_path), cache).select(range(5, 8))
     ]
-    assert len(data.load_rows(str(tmp_path), cache, "train[-4:]")) == 4
-    assert data.load_rows(str(tmp_path), cache, "test")[0]["prompt"] == "TEST SPLIT"
+    assert len(data_files.load_rows(str(tmp_path), cache, "train[-4:]")) == 4
+    assert data_files.load_rows(str(tmp_path), cache, "test")[0]["prompt"] == "TEST SPLIT"
     with pytest.raises(TrainerError, match="no validation split"):
-        data.load_rows(str(tmp_path), cache, "validation")
+        data_files.load_rows(str(tmp_path), cache, "validation")
     with pytest.raises(TrainerError, match=r"selects no rows"):
-        data.load_rows(str(tmp_path), cache, "train[40:]")
+        data_files.load_rows(str(tmp_path), cache, "train[40:]")
 
 
 def test_one_data_file_and_a_named_source(tmp_path):
     make_dataset(tmp_path / "d", "alpaca", "jsonl", n=12)
-    assert len(data.load_rows(str(tmp_path / "d" / "train.jsonl"), str(tmp_path / ".c"))) == 12
+    assert len(data_files.load_rows(str(tmp_path / "d" / "train.jsonl"), str(tmp_path / ".c"))) == 12
     # .txt files are read only when dataset_source says text (a README.txt is not data by default)
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "notes.txt").write_text("first line\nsecond line\n")
     with pytest.raises(TrainerError, match="no data files"):
-        data.load_rows(str(tmp_path / "t"), str(tmp_path / ".c"))
-    ds = data.load_rows(str(tmp_path / "t"), str(tmp_path / ".c"), source="text")
+        data_files.load_rows(str(tmp_path / "t"), str(tmp_path / ".c"))
+    ds = data_files.load_rows(str(tmp_path / "t"), str(tmp_path / ".c"), source="text")
     assert ds["text"] == ["first line", "second line"]
 
 
@@ -304,19 +304,19 @@ def test_column_map_renames_and_names_a_missing_column(tmp_path):
     import datasets
 
     ds = datasets.Dataset.from_list([{"question": "q", "answer": "a", "input": "old"}])
-    renamed = data.rename_columns(ds, {"input": "question", "output": "answer"})
+    renamed = rows.rename_columns(ds, {"input": "question", "output": "answer"})
     assert sorted(renamed.column_names) == ["input", "output"] and renamed[0] == {"input": "q", "output": "a"}
-    assert data.detect_format(renamed.column_names, "auto") == "input_output"
+    assert rows.detect_format(renamed.column_names, "auto") == "input_output"
     with pytest.raises(TrainerError, match="no column 'reply'"):
-        data.rename_columns(ds, {"output": "reply"})
+        rows.rename_columns(ds, {"output": "reply"})
 
 
 @pytest.mark.fast
 def test_system_prompt_in_chat_and_plain_formats(tokenizer):
     msgs = [{"role": "system", "content": "old"}, {"role": "user", "content": "u"}]
-    assert data.with_system(msgs, "new") == [{"role": "system", "content": "new"}, msgs[1]]
+    assert rows.with_system(msgs, "new") == [{"role": "system", "content": "new"}, msgs[1]]
     row = {"input": "Repeat the word stone.", "output": "stone stone stone"}
-    assert data.conversation(row, "input_output", 0, "Be brief.")[0] == {
+    assert rows.conversation(row, "input_output", 0, "Be brief.")[0] == {
         "role": "system",
         "content": "Be brief.",
     }
@@ -331,8 +331,8 @@ def test_system_prompt_in_chat_and_plain_formats(tokenizer):
 
 @pytest.mark.fast
 def test_max_steps_per_epoch_ends_each_epoch_early():
-    capped = data.BatchPlan(40, 4, 2, 1, 0, seed=1, max_steps_per_epoch=3)
-    full = data.BatchPlan(40, 4, 2, 1, 0, seed=1)
+    capped = batching.BatchPlan(40, 4, 2, 1, 0, seed=1, max_steps_per_epoch=3)
+    full = batching.BatchPlan(40, 4, 2, 1, 0, seed=1)
     assert (capped.steps_per_epoch, full.steps_per_epoch) == (3, 10)
     # epoch 1 of the capped plan starts at step 3 with epoch 1's first batch
     assert capped.global_batch(3) == full.global_batch(10) and capped.global_batch(2) == full.global_batch(2)

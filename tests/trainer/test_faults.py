@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pkg.trainer import checkpoint, data, model, output_lock
+from pkg.trainer import checkpoint, data_files, model, output_lock
 from pkg.trainer.config import ConfigError, TrainConfig, load_config
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.metrics import Metrics
@@ -88,7 +88,7 @@ def test_every_data_file_is_used_and_counted(tmp_path, caplog):
     (tmp_path / "test.jsonl").write_text(json.dumps({**r[0], "output": "TEST SPLIT"}) + "\n")
     (tmp_path / "README.md").write_text("# a dataset card\n")
     with caplog.at_level("INFO"):
-        ds = data.load_rows(str(tmp_path), str(tmp_path / ".cache"))
+        ds = data_files.load_rows(str(tmp_path), str(tmp_path / ".cache"))
     assert sorted(ds["instruction"]) == sorted(x["instruction"] for x in r)
     assert "TEST SPLIT" not in ds["output"]
     assert "more.csv 10, rest.parquet 10, train.jsonl 10, train2.jsonl 10" in caplog.text
@@ -109,7 +109,7 @@ def test_unreadable_data_files_are_named_with_their_line(tmp_path):
             else:
                 datasets.Dataset.from_list(content).to_parquet(str(folder / name))
         with pytest.raises(TrainerError) as caught:
-            data.load_rows(str(folder), str(tmp_path / ".cache"))
+            data_files.load_rows(str(folder), str(tmp_path / ".cache"))
         return str(caught.value)
 
     good = b'{"instruction": "a", "output": "b"}\n'

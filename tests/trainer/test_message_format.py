@@ -14,7 +14,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from pkg.trainer import data, tune
+from pkg.trainer import data, loss, tune
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.errors import ConfigError, TrainerError
 
@@ -85,7 +85,7 @@ def groups(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[str, bool
     for i, label in zip(ids, labels, strict=True):
         name = tokenizer.convert_ids_to_tokens(i)
         text = name if name in tokenizer.all_special_tokens else chr(BYTES[name])
-        trained = label != data.IGNORE_INDEX
+        trained = label != loss.IGNORE_INDEX
         if out and out[-1][1] == trained:
             out[-1][0] += text
         else:
@@ -120,7 +120,7 @@ def test_train_on_input_trains_the_prompt_but_never_llama3s_bos_and_eos(fmt, exp
     tokenizer = byte_tokenizer(SPECIALS[fmt])
     cfg = TrainConfig(message_format=fmt, alpaca_preamble=True, train_on_prompt=True)
     row = {"instruction": "Add.", "input": "2 and 3", "output": "5"}
-    [(ids, labels)] = data._pairs([row], 0, "alpaca", tokenizer, cfg)
+    [(ids, labels)] = data.tokenize_non_chat_rows([row], 0, "alpaca", tokenizer, cfg)
     assert groups(tokenizer, ids, labels) == [(t.replace("{p}", p), k) for t, k in expected]
 
 

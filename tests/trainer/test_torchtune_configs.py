@@ -371,12 +371,12 @@ def test_trainer_settings_torchtune_needs():
     """shuffle: False, the warmup of get_cosine_schedule_with_warmup, ShareGPT messages."""
     import math
 
-    from pkg.trainer import data
+    from pkg.trainer import batching, rows
     from pkg.trainer.recipe import lr_lambda
 
-    plan = data.BatchPlan(10, 4, 2, 1, 0, seed=5, shuffle=False)
+    plan = batching.BatchPlan(10, 4, 2, 1, 0, seed=5, shuffle=False)
     assert [plan.global_batch(s) for s in (0, 1, 2)] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
-    assert data.BatchPlan(10, 4, 2, 1, 0, seed=5).global_batch(0) != [0, 1, 2, 3]
+    assert batching.BatchPlan(10, 4, 2, 1, 0, seed=5).global_batch(0) != [0, 1, 2, 3]
 
     def torchtune_lambda(step: int, warmup: int = 3, total: int = 10) -> float:  # 0.6.1's formula
         if step < warmup:
@@ -393,7 +393,7 @@ def test_trainer_settings_torchtune_needs():
         {"from": "human", "value": "Q"},
         {"from": "gpt", "value": "A"},
     ]
-    roles = [(m["role"], m["content"]) for m in data.plain_messages(sharegpt, "row 0")]
+    roles = [(m["role"], m["content"]) for m in rows.plain_messages(sharegpt, "row 0")]
     assert roles == [("system", "S"), ("user", "Q"), ("assistant", "A")]
 
 
@@ -451,8 +451,8 @@ def test_text_without_eos(tiny_model):
 
     tokenizer = model.load_tokenizer(str(tiny_model))
     rows = [{"text": "Repeat the word blue"}]
-    [(with_eos, _)] = data._pairs(rows, 0, "text", tokenizer, TrainConfig())
-    [(without, labels)] = data._pairs(rows, 0, "text", tokenizer, TrainConfig(add_eos=False))
+    [(with_eos, _)] = data.tokenize_non_chat_rows(rows, 0, "text", tokenizer, TrainConfig())
+    [(without, labels)] = data.tokenize_non_chat_rows(rows, 0, "text", tokenizer, TrainConfig(add_eos=False))
     assert with_eos == [*without, tokenizer.eos_token_id] and len(labels) == len(without)
 
 
@@ -485,20 +485,20 @@ def test_named_builders_read_their_own_columns_from_the_dataset_folder(tmp_path,
 
 def test_alpaca_rows_get_torchtunes_prompt_word_for_word(model_dir):
     """AlpacaToMessages' two fixed prompts (torchtune 0.6.1, torchtune/data/_messages.py), pinned here."""
-    from pkg.trainer import data
+    from pkg.trainer import rows
 
     cmd = tune.parse_command(["run", "lora_finetune_distributed", "--config", "llama3_2/1B_lora",
                               f"checkpointer.checkpoint_dir={model_dir}"])  # fmt: skip
     cfg, _ = tune.translate(cmd, 1)
     assert cfg.alpaca_preamble
     row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
-    assert data.prompt_and_completion(row, "alpaca", 0, cfg.alpaca_preamble) == (
+    assert rows.prompt_and_completion(row, "alpaca", 0, cfg.alpaca_preamble) == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n",
         "5",
     )
-    assert data.prompt_and_completion({**row, "input": ""}, "alpaca", 0, cfg.alpaca_preamble)[0] == (
+    assert rows.prompt_and_completion({**row, "input": ""}, "alpaca", 0, cfg.alpaca_preamble)[0] == (
         "Below is an instruction that describes a task. "
         "Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nAdd the numbers.\n\n### Response:\n"
@@ -539,12 +539,12 @@ def test_disk_logger_writes_torchtunes_log_file(tmp_path, model_dir):
 )  # fmt: skip
 def test_tokenizer_prompt_template_wraps_user_messages(model_dir, template, user):
     """torchtune 0.6.1's two fixed PromptTemplates (torchtune/data/_prompt_templates.py), word for word."""
-    from pkg.trainer import data
+    from pkg.trainer import rows
 
     argv = ["run", "lora_finetune_distributed", "--config", "llama3_2/1B_lora", "dataset.packed=False",
             f"checkpointer.checkpoint_dir={model_dir}", "dataset=torchtune.datasets.grammar_dataset",
             f"tokenizer.prompt_template=torchtune.data.{template}"]  # fmt: skip
     cfg, _ = tune.translate(tune.parse_command(argv), 1)
     row = {"input": "He go home.", "output": "He goes home."}
-    msgs = data.conversation(row, "input_output", 0, cfg.system_prompt, cfg.prompt_template)
+    msgs = rows.conversation(row, "input_output", 0, cfg.system_prompt, cfg.prompt_template)
     assert msgs == [{"role": "user", "content": user}, {"role": "assistant", "content": "He goes home."}]

@@ -344,7 +344,8 @@ def test_sdk_lora_runs_on_two_processes_through_pet_only(tmp_path, tiny_model):
 
     from transformers import AutoTokenizer
 
-    from pkg.trainer.data import IGNORE_INDEX, read_cache
+    from pkg.trainer.data_cache import read_cache
+    from pkg.trainer.loss import IGNORE_INDEX
 
     (cache,) = (out / "cache").glob("tokenized-*")
     train = read_cache(cache)["train"]

@@ -1,0 +1,225 @@
+"""Finding and reading the dataset's files: which files hold a split, their problems named by file and
+line, and the split's rows (with its slice) as one `datasets.Dataset`.
+
+json, jsonl, parquet, csv, arrow, a `save_to_disk` folder, a Hub snapshot (`data/train-*.parquet`; the split
+comes from the file or folder name) or one data file; `dataset_source` names the type when the extensions do
+not (text, xml). `dataset_split` picks the split (`train`) and slices it (`train[:10%]`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import re
+from pathlib import Path
+
+from pkg.trainer.config import split_spec
+from pkg.trainer.errors import TrainerError
+
+log = logging.getLogger(__name__)
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+# Types read only when `dataset_source` names them: a folder's README.txt is not training data by default.
+SOURCE_ONLY = {".txt": "text", ".text": "text", ".xml": "xml"}
+SPLITS = ("train", "validation", "valid", "test", "dev", "eval")
+
+
+def split_of(rel: Path) -> str | None:
+    """The split of a file from its name (train-00000-of-00001.parquet, train.jsonl, train/x.arrow)."""
+    for part in [*rel.parent.parts, rel.name]:
+        match = re.match(r"^([a-z]+)(?:[-_.].*)?$", part.lower())
+        if match and match.group(1) in SPLITS:
+            return match.group(1)
+    return None
+
+
+def _builder(path: Path, source: str) -> str | None:
+    """The `datasets` builder of a data file, or None when it is not one of `source`'s files."""
+    builder = BUILDERS.get(path.suffix.lower()) or SOURCE_ONLY.get(path.suffix.lower())
+    if source == "auto":
+        return BUILDERS.get(path.suffix.lower())
+    return builder if builder == source else None
+
+
+def find_split_files(dataset_dir: Path, split: str = "train", source: str = "auto") -> list[tuple[str, Path]]:
+    """(`datasets` builder, file) of every data file of one split; files named for no split count as train.
+
+    Every file of the split is used (whatever its name or type); files of other splits are named in the log.
+    """
+    visible = sorted(
+        p
+        for p in dataset_dir.rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(dataset_dir).parts)
+        and p.name not in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
+    files = [p for p in visible if _builder(p, source)]
+    if ignored := [str(p.relative_to(dataset_dir)) for p in visible if not _builder(p, source)]:
+        log.info("not read (not a data file for dataset_source %s): %s", source, _some(ignored))
+    if not files:
+        kinds = "json, jsonl, parquet, csv, arrow files or a save_to_disk folder"
+        raise TrainerError(
+            f"no data files in {dataset_dir}: expected {kinds if source == 'auto' else source + ' files'}"
+        )
+    by_split = {p: split_of(p.relative_to(dataset_dir)) or "train" for p in files}
+    chosen = [p for p, s in by_split.items() if s == split]
+    if not chosen:
+        found = sorted(set(by_split.values()))
+        raise TrainerError(f"no {split} split in {dataset_dir}: found only {', '.join(found)}")
+    others = [f"{p.relative_to(dataset_dir)} ({s})" for p, s in by_split.items() if s != split]
+    if others:
+        log.info("not used (another split than %s): %s", split, _some(others))
+    return [(_builder(p, source), p) for p in chosen]  # type: ignore[misc]
+
+
+def _some(names: list[str], limit: int = 20) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_text(path: Path) -> None:
+    """Refuse a text data file (json, jsonl, csv) that is not UTF-8, naming its line."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                line = lines + block[: exc.start].count(b"\n")
+                raise TrainerError(
+                    f"{path} line {line}: bytes that are not UTF-8 (at byte {offset + exc.start}): "
+                    "save the file as UTF-8"
+                ) from None
+            offset, lines = offset + len(block), lines + block.count(b"\n")
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON or JSON Lines file stops being valid (its first bad line), or None."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+        return None
+    except ValueError:
+        pass
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except ValueError as exc:
+                return f"line {i} is not valid JSON ({exc})"
+    return None
+
+
+def _load_file(builder: str, path: Path, name: str, cache_dir: str):
+    """One data file as a Dataset; its problems named by file (and line, for JSON)."""
+    import datasets
+
+    if builder in ("json", "csv", "text"):
+        check_text(path)
+        if not path.read_bytes().strip():
+            return None  # empty or blank lines only: no rows (counted as 0 in the log)
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # its own log of a bad file would precede our one line
+    try:
+        return datasets.load_dataset(builder, data_files={name: [str(path)]}, split=name, cache_dir=cache_dir)
+    except Exception as exc:  # datasets raises many types for unreadable files
+        where = _json_problem(path) if builder == "json" else None
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        for inner in (exc.__cause__, exc.__context__):  # DatasetGenerationError hides the reason
+            if inner is not None and str(inner).strip():
+                cause = str(inner).strip().splitlines()[0]
+                break
+        raise TrainerError(f"cannot read {path}: {where or cause}: fix or remove that file") from None
+    finally:
+        quiet.setLevel(level)
+
+
+def _load_files(root: Path, name: str, source: str, cache_dir: str):
+    """Every data file of split `name` in `root`, in order, as one Dataset; rows per file in the log."""
+    import datasets
+
+    parts, counts = [], []
+    for builder, path in find_split_files(root, name, source):
+        ds = _load_file(builder, path, name, cache_dir)
+        counts.append(f"{path.relative_to(root)} {len(ds) if ds is not None else 0}")
+        if ds is not None and len(ds):
+            parts.append((path, ds))
+    log.info("dataset %s, split %s, rows per file: %s", root, name, _some(counts))
+    if not parts:
+        raise TrainerError(f"the dataset in {root} has no rows (its files are empty)")
+    first, ds0 = parts[0]
+    same = [ds0]
+    for path, ds in parts[1:]:
+        if set(ds.column_names) != set(ds0.column_names):
+            raise TrainerError(
+                f"{path} has columns {', '.join(ds.column_names)} but {first} has "
+                f"{', '.join(ds0.column_names)}: every data file of a split needs the same columns"
+            )
+        ds = ds.select_columns(ds0.column_names)
+        if ds.features != ds0.features:  # string and large_string, int32 and int64 ... are one type here
+            try:
+                ds = ds.cast(ds0.features)
+            except (TypeError, ValueError) as exc:
+                raise TrainerError(
+                    f"{path}: its columns' types ({dict(ds.features)}) cannot be read as those of {first} "
+                    f"({dict(ds0.features)}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from None
+        same.append(ds)
+    return datasets.concatenate_datasets(same)
+
+
+def _load(root: Path, name: str, source: str, cache_dir: str):
+    """The whole split `name` of a save_to_disk folder, a folder of data files or one data file."""
+    import datasets
+
+    if root.is_file():
+        builder = _builder(root, source) if source != "auto" else BUILDERS.get(root.suffix.lower())
+        if builder is None:
+            raise TrainerError(f"{root}: unknown data file type; set dataset_source")
+        ds = _load_file(builder, root, name, cache_dir)
+        if ds is None:
+            raise TrainerError(f"the dataset in {root} has no rows (the file is empty)")
+        return ds
+    if (root / "dataset_dict.json").exists():
+        loaded = datasets.load_from_disk(str(root))
+        if name not in loaded:
+            raise TrainerError(f"{root} has splits {list(loaded)} but no {name!r}")
+        return loaded[name]
+    if (root / "state.json").exists():
+        return datasets.load_from_disk(str(root))
+    return _load_files(root, name, source, cache_dir)
+
+
+def select_slice(ds, name: str, bounds: str | None, spec: str):
+    """Rows of `ds` (split `name`) inside a Hugging Face slice such as `[:10%]` or `[100:200]`."""
+    import datasets
+
+    if bounds is None:
+        return ds
+    (part,) = datasets.ReadInstruction.from_spec(name + bounds).to_absolute({name: len(ds)})
+    if part.to - part.from_ <= 0:
+        raise TrainerError(f"dataset_split {spec} selects no rows of the {len(ds)} in split {name}")
+    return ds.select(range(part.from_, part.to))
+
+
+def load_rows(dataset_dir: str, cache_dir: str, split: str = "train", source: str = "auto"):
+    """The training rows as a `datasets.Dataset`: split `split` (with its slice) of `dataset_dir`."""
+    import datasets
+
+    root = Path(dataset_dir)
+    if not root.exists():
+        raise TrainerError(f"dataset_dir {root} does not exist")
+    name, bounds = split_spec(split)
+    datasets.disable_progress_bars()
+    try:
+        ds = select_slice(_load(root, name, source, cache_dir), name, bounds, split)
+    except TrainerError:
+        raise
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise TrainerError(f"cannot read the dataset in {root}: {type(exc).__name__}: {exc}") from None
+    if len(ds) == 0:
+        raise TrainerError(f"the dataset in {root} has no rows")
+    return ds
