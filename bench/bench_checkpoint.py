@@ -89,6 +89,7 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     from pkg.trainer import checkpoint as ck
+    from pkg.trainer import checkpoint_dirs
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -111,7 +112,9 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                 ck.save_checkpoint(run_dir, 1, model, optimizer, None, fingerprint=fp, keep_last=1)
 
             def load_ours(model=model, optimizer=optimizer, run_dir=run_dir):
-                ck.load_checkpoint(ck.latest_checkpoint(run_dir), model, optimizer, fingerprint=fp)
+                ck.load_checkpoint(
+                    checkpoint_dirs.latest_checkpoint(run_dir), model, optimizer, fingerprint=fp
+                )
 
             def save_full(model=model, optimizer=optimizer, baseline_file=baseline_file):
                 msd, osd = get_state_dict(model, optimizer, options=full_opts)
@@ -143,7 +146,7 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                     {
                         "model": model_name, "method": method, "world_size": world,
                         "trainable_params": trainable,
-                        "ours_bytes": _dir_bytes(ck.latest_checkpoint(run_dir)),
+                        "ours_bytes": _dir_bytes(checkpoint_dirs.latest_checkpoint(run_dir)),
                         "full_bytes": baseline_file.stat().st_size,
                         **{f"{k}_s": round(v, 4) for k, v in med.items()},
                         "save_rss_growth_ours_mb": round(peak["ours"] - peak["before"], 1),

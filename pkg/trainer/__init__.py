@@ -4,7 +4,7 @@ Modules, one job each:
     __main__          the entry point: one line and an exit code for an expected failure
     launch            torchrun's run() (the image's ENTRYPOINT, shared with tune): expected errors in one line
     config            the TrainConfig dataclass: YAML schema, command line, validation
-    errors            TrainerError / ConfigError: expected failures and their exit codes
+    errors            TrainerError / ConfigError / CheckpointError: expected failures and their exit codes
     values            the value parsers (and the YAML file reader) the config and `tune run` share
     recipe            the training recipe: setup, train, save
     data              the training data's steps in order: rows -> (input_ids, labels) -> train/val records
@@ -24,7 +24,11 @@ Modules, one job each:
     plan              `python -m pkg.trainer.plan`: the memory planner
     safetensors_stream  reading and writing safetensors one tensor at a time
     host_memory       glibc's mmap threshold, so memory freed in the backward is returned
-    checkpoint        sharded checkpoints, resume, finished-run detection, the run fingerprint
+    checkpoint        saving and loading sharded checkpoints (DCP); resuming past a damaged one
+    checkpoint_dirs   where checkpoints live: listed, checked, moved aside, chosen to resume; a finished run
+    fingerprint       the run fingerprint a checkpoint must match to be resumed
+    rng               the random generators' state a checkpoint keeps
+    disk_space        free space on the output volume: sizes, the check before writing, the full-disk hint
     resilience        SIGTERM / SIGINT: checkpoint at the next step boundary, then exit 143
     output_lock       one job per output_dir: a lock file with host, pid and a renewed lease
     files             atomic files and folders; the folder digest

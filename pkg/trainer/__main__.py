@@ -6,7 +6,6 @@ torchrun only rank 0 prints it.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
@@ -45,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"
     setup_logging(main_rank)
     from pkg.trainer.config import load_config
+    from pkg.trainer.disk_space import disk_full
     from pkg.trainer.errors import TrainerError
 
     try:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 130
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not disk_full(exc):
             raise
         if main_rank:  # wherever it happens: what was being written and what to do
             print(

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from pkg.trainer.config import split_spec
-from pkg.trainer.errors import TrainerError
+from pkg.trainer.errors import TrainerError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +127,10 @@ def _load_file(builder: str, path: Path, name: str, cache_dir: str):
         return datasets.load_dataset(builder, data_files={name: [str(path)]}, split=name, cache_dir=cache_dir)
     except Exception as exc:  # datasets raises many types for unreadable files
         where = _json_problem(path) if builder == "json" else None
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        cause = first_line(exc)
         for inner in (exc.__cause__, exc.__context__):  # DatasetGenerationError hides the reason
             if inner is not None and str(inner).strip():
-                cause = str(inner).strip().splitlines()[0]
+                cause = first_line(inner)
                 break
         raise TrainerError(f"cannot read {path}: {where or cause}: fix or remove that file") from None
     finally:
@@ -165,7 +165,7 @@ def _load_files(root: Path, name: str, source: str, cache_dir: str):
             except (TypeError, ValueError) as exc:
                 raise TrainerError(
                     f"{path}: its columns' types ({dict(ds.features)}) cannot be read as those of {first} "
-                    f"({dict(ds0.features)}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                    f"({dict(ds0.features)}): {first_line(exc)}"
                 ) from None
         same.append(ds)
     return datasets.concatenate_datasets(same)

@@ -49,11 +49,14 @@ import torch.distributed as dist
 from pkg.trainer import (
     batching,
     checkpoint,
+    checkpoint_dirs,
     data,
     data_cache,
+    disk_space,
     distributed,
     dpo,
     export,
+    fingerprint,
     model,
     optim,
     output_lock,
@@ -184,19 +187,19 @@ class Recipe:
             except TrainerError as exc:
                 error = str(exc)
         distributed.agree(error)
-        if cfg.save_every and not checkpoint.shared_by_all_ranks(self.out):
+        if cfg.save_every and not checkpoint_dirs.shared_by_all_ranks(self.out):
             cfg.save_every = 0
             log.warning(
                 "output_dir %s is not one volume shared by every node: checkpoints are off "
                 "(mount a ReadWriteMany volume there to make the run resumable)", self.out,
             )  # fmt: skip
-        self.fingerprint = checkpoint.run_fingerprint(cfg)
+        self.fingerprint = fingerprint.run_fingerprint(cfg)
         self.finished = None
-        if checkpoint.resume_mode(cfg.resume) != "never":
+        if checkpoint_dirs.resume_mode(cfg.resume) != "never":
             length = {"max_steps": cfg.max_steps, "num_epochs": cfg.num_epochs}
             full = cfg.method == "full"
             outputs = [self.out / "adapter"] * (not full) + [self.out / "model"] * (full or cfg.merge_adapter)
-            self.finished = checkpoint.finished_run(self.out, self.fingerprint, length, outputs)
+            self.finished = checkpoint_dirs.finished_run(self.out, self.fingerprint, length, outputs)
         if self.finished:
             log.info(
                 "already finished: %s holds the outputs of this job (%d steps); nothing to train. "
@@ -260,7 +263,7 @@ class Recipe:
         """Continue from a checkpoint (`resume`): weights, optimizer, scheduler, data position and RNG."""
 
         def load(path: Path) -> checkpoint.Resumed:
-            step = checkpoint.read_meta(path)["step"]
+            step = checkpoint_dirs.read_meta(path)["step"]
             if step > self.total_steps:
                 raise TrainerError(
                     f"checkpoint {path} is at step {step}, past this run's {self.total_steps} steps: "
@@ -290,14 +293,14 @@ class Recipe:
         self.check_lock()
         error = None
         if self.dist.is_main:  # a save writes the new checkpoint whole before it deletes the oldest
-            newest = checkpoint.latest_checkpoint(self.out)
+            newest = checkpoint_dirs.latest_checkpoint(self.out)
             # Without one to measure: fp32 weights and AdamW's two moments of every trained parameter.
-            needed = checkpoint.size_of(newest) if newest else 12 * self.param_counts["trainable_params"]
+            needed = disk_space.size_of(newest) if newest else 12 * self.param_counts["trainable_params"]
             keep = self.cfg.keep_last
-            error = checkpoint.space_problem(
+            error = disk_space.space_problem(
                 self.out, int(needed * 1.05) + 2**20, f"the checkpoint of step {self.state.step}",
                 f" (with keep_last: {keep}, output_dir holds {keep + 1} checkpoints while the next is saved, "
-                f"~{checkpoint.gib((keep + 1) * needed)})",
+                f"~{disk_space.gib((keep + 1) * needed)})",
             )  # fmt: skip
         distributed.agree(error)
         state = self.state
@@ -739,7 +742,7 @@ class Recipe:
             needed += 4 * self.param_counts["trainable_params"]  # adapter/ in fp32
         if cfg.method == "full" or cfg.merge_adapter:  # model/ in the checkpoint's own dtype
             needed += sum(f.stat().st_size for f in Path(cfg.model_dir).glob("*.safetensors"))
-        return checkpoint.space_problem(self.out, int(needed * 1.05) + 2**20, "writing the final outputs")
+        return disk_space.space_problem(self.out, int(needed * 1.05) + 2**20, "writing the final outputs")
 
     def non_finite_weight(self) -> str | None:
         """One line naming a trained weight (this rank's shard of it) that holds NaN or inf, or None."""

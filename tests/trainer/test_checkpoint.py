@@ -86,6 +86,7 @@ def worker(mode: str, out: Path, workdir: Path) -> None:
     import torch.distributed as dist
 
     from pkg.trainer import checkpoint as ck
+    from pkg.trainer import checkpoint_dirs, errors
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -105,29 +106,29 @@ def worker(mode: str, out: Path, workdir: Path) -> None:
     elif mode == "resume":  # refuse a foreign fingerprint, then load the newest and run steps 4..6
         try:
             ck.load_checkpoint(
-                ck.latest_checkpoint(workdir),
+                checkpoint_dirs.latest_checkpoint(workdir),
                 model,
                 optimizer,
                 scheduler,
                 fingerprint={**FP, "dataset": "other"},
             )
-        except ck.CheckpointError as e:
+        except errors.CheckpointError as e:
             result["refused"] = str(e)
         try:  # a failing save raises the same one-line error on every rank and leaves nothing complete
             bad = {"x": object()}
             ck.save_checkpoint(workdir / "bad", 1, model, optimizer, fingerprint=FP, data_state=bad)
-        except ck.CheckpointError as e:
+        except errors.CheckpointError as e:
             result["bad_save"] = str(e)
         node_local = workdir / f"node-{rank}"  # as if each node mounted its own volume
-        result["shared"], result["node_local_shared"] = ck.shared_by_all_ranks(workdir), None
+        result["shared"], result["node_local_shared"] = checkpoint_dirs.shared_by_all_ranks(workdir), None
         if dist.get_world_size() > 1:
-            result["node_local_shared"] = ck.shared_by_all_ranks(node_local)
+            result["node_local_shared"] = checkpoint_dirs.shared_by_all_ranks(node_local)
             try:
                 ck.save_checkpoint(node_local, 1, model, optimizer, fingerprint=FP)
-            except ck.CheckpointError as e:
+            except errors.CheckpointError as e:
                 result["node_local_save"] = str(e)
         resumed = ck.load_checkpoint(
-            ck.latest_checkpoint(workdir), model, optimizer, scheduler, fingerprint=FP
+            checkpoint_dirs.latest_checkpoint(workdir), model, optimizer, scheduler, fingerprint=FP
         )
         result["resumed_step"], result["data_state"] = resumed.step, resumed.data_state
         result["snapshot"] = _snapshot(model, optimizer, scheduler)
@@ -176,16 +177,16 @@ def trained_at_2(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_keep_last_and_layout(trained_at_2):
-    from pkg.trainer import checkpoint as ck
+    from pkg.trainer import checkpoint_dirs
 
     workdir, _ = trained_at_2
-    assert [s for s, _ in ck.list_checkpoints(workdir)] == [2, 3]
-    latest = ck.latest_checkpoint(workdir)
+    assert [s for s, _ in checkpoint_dirs.list_checkpoints(workdir)] == [2, 3]
+    latest = checkpoint_dirs.latest_checkpoint(workdir)
     assert latest == workdir / "checkpoints" / "step-3"
     assert sorted(p.name for p in (latest / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
     assert len(list((latest / "state").glob("*.distcp"))) == 2  # one shard file per rank
     assert not list((workdir / "checkpoints").glob(".*"))  # no temporary or trash folders left
-    meta = ck.read_meta(latest)
+    meta = checkpoint_dirs.read_meta(latest)
     assert meta["step"] == 3 and meta["world_size"] == 2 and meta["fingerprint"] == FP
     assert meta["data_state"] == {"next_step": 4} and meta["scheduler"]["last_epoch"] == 3
 
@@ -209,9 +210,9 @@ def test_resume_same_and_other_world_size(trained_at_2, tmp_path, nproc):
     assert "dataset: checkpoint has 'toy-data-1', this run has 'other'" in resumed["refused"]
     assert "\n" not in resumed["refused"]
     assert "cannot complete checkpoint" in resumed["bad_save"] and "JSON" in resumed["bad_save"]
-    from pkg.trainer import checkpoint as ck
+    from pkg.trainer import checkpoint_dirs
 
-    assert ck.latest_checkpoint(workdir / "bad") is None
+    assert checkpoint_dirs.latest_checkpoint(workdir / "bad") is None
     assert resumed["shared"] is True
     if nproc == 2:
         assert resumed["node_local_shared"] is False

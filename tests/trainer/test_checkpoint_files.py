@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from pkg.trainer import checkpoint as ck
+from pkg.trainer import checkpoint_dirs, errors, rng
+from pkg.trainer.fingerprint import fingerprint_mismatch, run_fingerprint
 from pkg.trainer.resilience import EXIT_PREEMPTED, StopRequest
 
 pytestmark = pytest.mark.fast  # in-process unit tests: make test-fast
@@ -31,9 +33,9 @@ def test_incomplete_checkpoints_are_ignored_and_cleaned(tmp_path):
     (tmp_path / "checkpoints" / ".trash-step-5-1-2").mkdir()  # crashed mid-prune
     torn = _fake_checkpoint(tmp_path, 40, complete=False)
     (torn / "meta.json").write_text('{"step": 40, "compl')  # torn marker
-    assert ck.latest_checkpoint(tmp_path) == good
-    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [10]
-    removed = {p.name for p in ck.cleanup_incomplete(tmp_path)}
+    assert checkpoint_dirs.latest_checkpoint(tmp_path) == good
+    assert [s for s, _ in checkpoint_dirs.list_checkpoints(tmp_path)] == [10]
+    removed = {p.name for p in checkpoint_dirs.cleanup_incomplete(tmp_path)}
     assert removed == {"step-20", ".tmp-step-30", ".trash-step-5-1-2", "step-40"}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-10"]
 
@@ -41,35 +43,35 @@ def test_incomplete_checkpoints_are_ignored_and_cleaned(tmp_path):
 def test_latest_is_by_step_number_not_name(tmp_path):
     for step in (9, 10, 100):
         _fake_checkpoint(tmp_path, step)
-    assert ck.latest_checkpoint(tmp_path).name == "step-100"
-    assert ck.latest_checkpoint(tmp_path / "nowhere") is None
+    assert checkpoint_dirs.latest_checkpoint(tmp_path).name == "step-100"
+    assert checkpoint_dirs.latest_checkpoint(tmp_path / "nowhere") is None
 
 
 def test_meta_step_must_match_folder(tmp_path):
     path = _fake_checkpoint(tmp_path, 7)
     path.rename(tmp_path / "checkpoints" / "step-8")  # a hand-copied folder with the wrong name
-    assert ck.latest_checkpoint(tmp_path) is None
+    assert checkpoint_dirs.latest_checkpoint(tmp_path) is None
 
 
 def test_resolve_resume(tmp_path):
-    assert ck.resolve_resume(tmp_path, "auto") is None  # nothing yet: start fresh
+    assert checkpoint_dirs.resolve_resume(tmp_path, "auto") is None  # nothing yet: start fresh
     ckpt = _fake_checkpoint(tmp_path, 4)
     _fake_checkpoint(tmp_path, 2)
     for value in ("auto", "AUTO", True, "true"):
-        assert ck.resolve_resume(tmp_path, value) == ckpt
+        assert checkpoint_dirs.resolve_resume(tmp_path, value) == ckpt
     for value in ("never", "false", False, "none", None):
-        assert ck.resolve_resume(tmp_path, value) is None
-    assert ck.resolve_resume("/elsewhere", str(ckpt)) == ckpt  # an explicit step folder
-    assert ck.resolve_resume("/elsewhere", str(tmp_path)) == ckpt  # another run's output_dir
-    assert ck.resolve_resume("/elsewhere", str(tmp_path / "checkpoints")) == ckpt
-    with pytest.raises(ck.CheckpointError, match="is not a complete checkpoint"):
-        ck.resolve_resume(tmp_path, str(tmp_path / "missing"))
+        assert checkpoint_dirs.resolve_resume(tmp_path, value) is None
+    assert checkpoint_dirs.resolve_resume("/elsewhere", str(ckpt)) == ckpt  # an explicit step folder
+    assert checkpoint_dirs.resolve_resume("/elsewhere", str(tmp_path)) == ckpt  # another run's output_dir
+    assert checkpoint_dirs.resolve_resume("/elsewhere", str(tmp_path / "checkpoints")) == ckpt
+    with pytest.raises(errors.CheckpointError, match="is not a complete checkpoint"):
+        checkpoint_dirs.resolve_resume(tmp_path, str(tmp_path / "missing"))
 
 
 def test_fingerprint_mismatch_names_every_difference():
     saved = {"model": "a", "method": "lora", "dataset": "d1", "global_batch_size": 8}
-    assert ck.fingerprint_mismatch(saved, dict(saved)) is None
-    why = ck.fingerprint_mismatch(saved, {**saved, "method": "full", "global_batch_size": 16})
+    assert fingerprint_mismatch(saved, dict(saved)) is None
+    why = fingerprint_mismatch(saved, {**saved, "method": "full", "global_batch_size": 16})
     assert why == (
         "global_batch_size: checkpoint has 8, this run has 16; "
         "method: checkpoint has 'lora', this run has 'full'"
@@ -84,19 +86,17 @@ def test_fingerprint_covers_what_shapes_the_targets(tmp_path):
     (tmp_path / "data").mkdir()
     cfg = TrainConfig(model_dir=str(tmp_path / "model"), dataset_dir=str(tmp_path / "data"))
     other = TrainConfig(**{**cfg.to_dict(), "train_on_prompt": not cfg.train_on_prompt})
-    why = ck.fingerprint_mismatch(ck.run_fingerprint(cfg), ck.run_fingerprint(other))
+    why = fingerprint_mismatch(run_fingerprint(cfg), run_fingerprint(other))
     assert why and why.startswith("dataset: ") and "train_on_prompt" in why
     longer = TrainConfig(**{**cfg.to_dict(), "max_steps": 1000, "learning_rate": 1e-5})
-    assert ck.fingerprint_mismatch(ck.run_fingerprint(cfg), ck.run_fingerprint(longer)) is None
+    assert fingerprint_mismatch(run_fingerprint(cfg), run_fingerprint(longer)) is None
     # Later settings appear only when set, so checkpoints written before them still match.
-    assert "dataset_split" not in ck.run_fingerprint(cfg)["dataset"]
+    assert "dataset_split" not in run_fingerprint(cfg)["dataset"]
     for change in ({"dataset_split": "train[:10%]"}, {"column_map": {"input": "q"}}, {"system_prompt": "Hi"}):
         other = TrainConfig(**{**cfg.to_dict(), **change})
-        assert ck.fingerprint_mismatch(ck.run_fingerprint(cfg), ck.run_fingerprint(other)).startswith(
-            "dataset"
-        )
+        assert fingerprint_mismatch(run_fingerprint(cfg), run_fingerprint(other)).startswith("dataset")
     dora = TrainConfig(**{**cfg.to_dict(), "use_dora": True})
-    assert "DoRA" in ck.fingerprint_mismatch(ck.run_fingerprint(cfg), ck.run_fingerprint(dora))
+    assert "DoRA" in fingerprint_mismatch(run_fingerprint(cfg), run_fingerprint(dora))
 
 
 def test_rng_state_roundtrip():
@@ -105,9 +105,9 @@ def test_rng_state_roundtrip():
     import numpy as np
     import torch
 
-    state = ck.rng_state()
+    state = rng.rng_state()
     want = (random.random(), np.random.rand(), torch.rand(1).item())
-    ck.set_rng_state(state)
+    rng.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
 
 

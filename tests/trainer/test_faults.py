@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pkg.trainer import checkpoint, data_files, model, output_lock
+from pkg.trainer import checkpoint_dirs, data_files, disk_space, model, output_lock
 from pkg.trainer.config import ConfigError, TrainConfig, load_config
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.metrics import Metrics
@@ -287,7 +287,7 @@ def test_a_second_job_on_a_busy_output_dir_stops_in_one_line_and_ctrl_c_checkpoi
     assert done.returncode == 143, done.stderr[-2000:]
     line = one_line_error(done.stderr)
     assert line.startswith("error: stopped by SIGINT after step") and "checkpoint saved" in line, line
-    [(stopped, _)] = checkpoint.list_checkpoints(out)
+    [(stopped, _)] = checkpoint_dirs.list_checkpoints(out)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, stopped + 1)) and not (out / output_lock.NAME).exists()
 
@@ -371,8 +371,8 @@ def test_at_two_processes_one_ranks_unreadable_shard_makes_every_rank_fall_back(
 @pytest.mark.fast
 def test_space_problem_names_needed_and_free(tmp_path):
     free = shutil.disk_usage(tmp_path).free
-    assert checkpoint.space_problem(tmp_path, 1, "x") is None
-    err = checkpoint.space_problem(tmp_path, free * 4, "the checkpoint of step 3", " (keep_last 2)")
+    assert disk_space.space_problem(tmp_path, 1, "x") is None
+    err = disk_space.space_problem(tmp_path, free * 4, "the checkpoint of step 3", " (keep_last 2)")
     assert err.startswith("the checkpoint of step 3 needs ~") and " free (keep_last 2): free space" in err
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pkg.trainer import checkpoint as ck
+from pkg.trainer import checkpoint_dirs
 from tests.trainer.conftest import (
     BASE_ARGS,
     LOSS_TOL,
@@ -75,8 +75,11 @@ def reference(tmp_path_factory, tiny_model, alpaca_data) -> tuple[dict, Path]:
 def test_reference_layout(reference):
     _, out = reference
     assert train_steps(out) == [1, 2, 3, 4, 5, 6]
-    assert [s for s, _ in ck.list_checkpoints(out)] == [4, 6]  # keep_last 2, the final step included
-    meta = ck.read_meta(ck.latest_checkpoint(out))
+    assert [s for s, _ in checkpoint_dirs.list_checkpoints(out)] == [
+        4,
+        6,
+    ]  # keep_last 2, the final step included
+    meta = checkpoint_dirs.read_meta(checkpoint_dirs.latest_checkpoint(out))
     assert meta["world_size"] == 2 and set(meta["fingerprint"]) == {"model", "method", "dataset", "batch"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fingerprint"] == meta["fingerprint"] and summary["max_steps"] == 6
@@ -106,7 +109,7 @@ def test_sigterm_saves_exits_143_and_resumes_at_another_world_size(reference, tm
     # One line from the trainer (torchrun itself still reports the signal it got, with its own traceback).
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert line.startswith("error: stopped by SIGTERM after step") and "checkpoint saved" in line, line
-    [(stopped, _)] = ck.list_checkpoints(tmp_path)
+    [(stopped, _)] = checkpoint_dirs.list_checkpoints(tmp_path)
     assert 2 <= stopped < 6 and not (tmp_path / "summary.json").exists()
 
     log = ok(run_trainer(args))  # one process now: the sharded checkpoint is resharded

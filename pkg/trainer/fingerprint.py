@@ -1,0 +1,65 @@
+"""The run fingerprint: what a checkpoint (or a finished run's summary.json) must agree on with this run
+to be resumed (model, method, dataset and which tokens are targets, batch shape), and one line naming what
+differs. Folders are fingerprinted by content (files.dir_digest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pkg.trainer.files import dir_digest
+
+
+def run_fingerprint(cfg: Any) -> dict[str, str]:
+    """What a checkpoint of this run must agree on: model, method, dataset (and which tokens are targets)
+    and batch shape.
+
+    ``cfg`` is a TrainConfig. Settings a resumed run may change (``max_steps``, ``num_epochs``,
+    learning rate, logging, ``save_every``...) are left out, so extending a run is allowed.
+    """
+    method = cfg.method
+    if method != "full":
+        targets = ",".join(cfg.lora_target_modules)
+        method += f" (lora_rank={cfg.lora_rank}, lora_alpha={cfg.lora_alpha}, lora_target_modules={targets})"
+        method += " with DoRA" * cfg.use_dora
+    # Settings added later are named only when set, so older checkpoints keep their fingerprint.
+    data_extra = "".join(
+        f", {name}={getattr(cfg, name)}"
+        for name, default in (("dataset_split", "train"), ("dataset_source", "auto"), ("column_map", {}),
+                              ("system_prompt", ""), ("max_steps_per_epoch", 0), ("shuffle", True),
+                              ("more_datasets", []), ("add_eos", True))
+        if getattr(cfg, name) != default
+    )  # fmt: skip
+    fingerprint = {
+        "model": f"{Path(cfg.model_dir).name} (content digest {dir_digest(cfg.model_dir)})",
+        "method": method,
+        "dataset": (
+            f"{Path(cfg.dataset_dir).name} (content digest {dir_digest(cfg.dataset_dir)}, "
+            f"dataset_format={cfg.dataset_format}, train_on_prompt={cfg.train_on_prompt}, "
+            f"val_fraction={cfg.val_fraction}, seed={cfg.seed}{data_extra})"
+        ),
+        "batch": (
+            f"global_batch_size={cfg.global_batch_size}, max_seq_length={cfg.max_seq_length}, "
+            f"packing={cfg.packing}"
+        ),
+    }
+    if getattr(cfg, "objective", "sft") != "sft":  # SFT fingerprints stay as they were
+        fingerprint["objective"] = (
+            f"{cfg.objective} (dpo_beta={cfg.dpo_beta}, dpo_loss={cfg.dpo_loss}, "
+            f"dpo_label_smoothing={cfg.dpo_label_smoothing})"
+        )
+        if getattr(cfg, "reference_model_dir", ""):
+            ref = cfg.reference_model_dir
+            fingerprint["objective"] += f", reference {Path(ref).name} (content digest {dir_digest(ref)})"
+    return fingerprint
+
+
+def fingerprint_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """One line naming what differs between two fingerprints, or None when they agree."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            diffs.append(f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")
+    return "; ".join(diffs) or None
