@@ -191,20 +191,30 @@ def final_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor], **forw
 
     The root forward runs with no logits kept; a hook on the decoder captures its last hidden state. The
     (empty) logits are tied into the result with a zero weight, so a gradient reaches the root's output and
-    FSDP2 runs the root's pre-backward hook as it does for a model's own logits. Returns (hidden states, the
-    model's output without logits).
+    FSDP2 runs the root's pre-backward hook as it does for a model's own logits. A plain linear head's empty
+    logits reach the graph through its input only: through its weight their backward would be a zero
+    gradient of the head's whole size ([vocab, 0] @ [0, hidden]: 311 MB at 151,936 x 512 in fp32), added
+    to the fused loss's own, which set full fine-tuning's peak. Returns (hidden states, the model's output
+    without logits).
     """
     captured: list[torch.Tensor] = []
 
     def grab(_module, _args, output) -> None:
         captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
 
-    handle = model.get_decoder().register_forward_hook(grab)
+    def input_only(_module, args, output):
+        return output.detach() + args[0].sum().to(output.dtype) * 0 if args else output
+
+    handles = [model.get_decoder().register_forward_hook(grab)]
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear:  # VocabParallelHead does the same itself; others (LoRA, FSDP units) as is
+        handles.append(head.register_forward_hook(input_only))
     try:
         none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
         output = model(**batch, use_cache=False, logits_to_keep=none, **forward_kwargs)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured[-1] + output.logits.sum().to(captured[-1].dtype) * 0, output
 
 

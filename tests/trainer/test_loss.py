@@ -75,6 +75,32 @@ def test_a_batch_without_targets_gives_zero_that_backpropagates():
 
 
 @pytest.mark.fast
+@pytest.mark.parametrize("case", ["untied", "tied"])
+def test_the_backward_makes_one_head_sized_gradient(case):
+    """The forward's empty logits (kept only to reach the root's output) add no head-sized zero gradient
+    to the fused loss's: each would be a whole [vocab, hidden] tensor at full fine-tuning's peak."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, b = build(case, lora=False), batch()
+    shape = model.get_output_embeddings().weight.shape
+    made = []
+
+    class HeadSized(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            fresh = not func._schema.is_mutable and func is not torch.ops.aten.detach.default
+            if fresh and isinstance(out, torch.Tensor) and out.shape == shape:
+                made.append(func.__name__)
+            return out
+
+    loss = chunked_loss_sum(model, b, 4)
+    with HeadSized():
+        loss.backward()
+    # the fused head's gradient and the embedding's (the same shape here); tied, also their sum
+    assert len(made) == (2 if case == "untied" else 3), made
+
+
+@pytest.mark.fast
 def test_a_head_transform_the_loss_does_not_know_is_refused():
     model = build("untied", lora=False)
     check_head(model, torch.device("cpu"))  # a plain Llama passes
