@@ -1,0 +1,198 @@
+"""Write the reference outputs of torchtune 0.6.1's model tokenizers that tests/trainer/test_message_format.py
+compares the trainer's message formats against.
+
+    /work/venvs/torchtune/bin/pip install --no-deps transformers==5.24.0   # once: converts the tiny models
+    /work/venvs/torchtune/bin/python scripts/gen_format_fixtures.py
+
+Runs in the side venv (torchtune 0.6.1, sentencepiece); the trainer never imports torchtune. It writes
+tests/trainer/fixtures/formats/:
+- tiny tokenizers trained here, each a model folder as the trainer reads it (tokenizer.json and
+  tokenizer_config.json, converted by transformers the way Hub folders were) plus the files torchtune reads:
+  `spm` (a Llama-style SentencePiece model: byte fallback, a dummy prefix), `gemma` (no dummy prefix),
+  `phi3` (spm with Phi-3's special tokens), `bpe` (byte-level BPE: vocab.json and merges.txt, Phi-4's tokens);
+- expected.json: per case, the family, the row, the settings, and what torchtune's dataset transform and
+  tokenize_messages made of them (tokens and labels, or the error torchtune raised).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torchtune.data import (
+    AlpacaToMessages,
+    ChosenRejectedToMessages,
+    InputOutputToMessages,
+    OpenAIToMessages,
+)
+from torchtune.models.gemma import gemma_tokenizer
+from torchtune.models.llama2 import llama2_tokenizer
+from torchtune.models.mistral import mistral_tokenizer
+from torchtune.models.phi3 import phi3_mini_tokenizer
+from torchtune.models.phi4 import phi4_tokenizer
+from transformers import AutoTokenizer, GemmaTokenizer, LlamaTokenizer
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "trainer" / "fixtures" / "formats"
+IGNORE = -100
+CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.",
+    "### Instruction:", "### Input:", "### Response:", "Name a color. Blue. Add. 2 and 3 make 5.",
+    "Hello there! How are you? I am fine, thank you. Be brief. Be kind. Bye. Hi",
+    "Correct this to standard English: Summarize this dialogue: ---", "Corrected: Summary:",
+    "[INST] <<SYS>> <</SYS>> [/INST] system user assistant", "The quick brown fox jumps over the lazy dog.",
+]  # fmt: skip
+PHI3_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+PHI4_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|dummy_85|>"]
+
+
+def train_spm(dummy_prefix: bool, ids: dict[str, int], pieces: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 3), model_writer=buf, model_type="bpe", vocab_size=360,
+        byte_fallback=True, remove_extra_whitespaces=False, split_digits=True,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity", character_coverage=1.0, num_threads=1, minloglevel=2,
+        add_dummy_prefix=dummy_prefix, **ids, **pieces,
+    )  # fmt: skip
+    return buf.getvalue()
+
+
+def spm_folder(name: str, model: bytes, cls, extra: list[str] = ()) -> Path:
+    """tokenizer.model, and the tokenizer.json + tokenizer_config.json transformers converts it to."""
+    folder = OUT / name
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.model").write_bytes(model)
+    tok = cls.from_pretrained(str(folder))
+    if extra:
+        tok.add_special_tokens({"additional_special_tokens": list(extra)})
+    tok.save_pretrained(str(folder))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for key in ("vocab_file", "is_local", "local_files_only"):  # this machine's paths and load options
+        config.pop(key, None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    (folder / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 64}')
+    return folder
+
+
+def bpe_folder() -> Path:
+    """Byte-level BPE (vocab.json, merges.txt) with Phi-4's special tokens, and its tokenizer.json."""
+    folder = OUT / "bpe"
+    folder.mkdir(parents=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.model.save(str(folder))
+    tok.add_special_tokens(PHI4_TOKENS)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|im_end|>", "bos_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 64}')
+    return folder
+
+
+# ---------------------------------------------------------------- cases
+
+ALPACA = {"instruction": "Name a color.", "input": "", "output": " Blue. "}
+ALPACA_INPUT = {"instruction": "Add.", "input": "2 and 3", "output": "5"}
+INSTRUCT = {"input": " Hi there\n", "output": "Hello! "}
+CHAT = {"messages": [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi\n"},
+    {"role": "assistant", "content": "Hello! "}, {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Bye."},
+]}  # fmt: skip
+PAIR = {
+    "chosen": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}],
+    "rejected": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": " Bye "}],
+}
+# (case, dataset format, row, train_on_input, new_system_prompt, max_seq_len)
+CASES = [
+    ("alpaca", "alpaca", ALPACA, False, None, None),
+    ("alpaca_train_on_input", "alpaca", ALPACA_INPUT, True, None, None),
+    ("chat", "messages", CHAT, False, None, None),
+    ("chat_train_on_input", "messages", CHAT, True, None, None),
+    ("chat_system_prompt_train_on_input", "messages", CHAT, True, "Be kind.", None),
+    ("instruct_system_prompt", "input_output", INSTRUCT, False, "Be kind.", None),
+    ("chat_truncated", "messages", CHAT, False, None, 12),
+    ("preference", "preference", PAIR, False, None, None),
+    ("preference_system_prompt", "preference", PAIR, False, "Be kind.", None),
+]
+GRAMMAR = "torchtune.data.GrammarErrorCorrectionTemplate"
+MISSING = "missing"  # tokenizer.prompt_template not given: the builder's default
+
+
+def messages_of(fmt: str, row: dict, train_on_input: bool, system: str | None):
+    row = json.loads(json.dumps(row))  # the transforms write into their rows
+    if fmt == "alpaca":
+        return AlpacaToMessages(train_on_input=train_on_input)(row)["messages"]
+    if fmt == "input_output":
+        return InputOutputToMessages(train_on_input=train_on_input, new_system_prompt=system)(row)["messages"]
+    if fmt == "messages":
+        return OpenAIToMessages(train_on_input=train_on_input, new_system_prompt=system)(row)["messages"]
+    return ChosenRejectedToMessages(train_on_input=train_on_input, new_system_prompt=system)(row)
+
+
+def tokenized(tokenizer, msgs) -> dict:
+    tokens, mask = tokenizer.tokenize_messages(msgs)
+    return {"tokens": [int(t) for t in tokens], "labels": [int(x) for x in np.where(mask, IGNORE, tokens)]}
+
+
+def main() -> None:
+    shutil.rmtree(OUT, ignore_errors=True)
+    llama_ids = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}
+    spm_dir = spm_folder("spm", train_spm(True, llama_ids, {}), LlamaTokenizer)
+    gemma_pieces = {"pad_piece": "<pad>", "eos_piece": "<eos>", "bos_piece": "<bos>", "unk_piece": "<unk>"}
+    gemma_ids = {"pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3}
+    gemma_dir = spm_folder("gemma", train_spm(False, gemma_ids, gemma_pieces), GemmaTokenizer)
+    phi3_dir = spm_folder("phi3", (spm_dir / "tokenizer.model").read_bytes(), LlamaTokenizer, PHI3_TOKENS)
+    bpe_dir = bpe_folder()
+    for folder in (spm_dir, gemma_dir, phi3_dir, bpe_dir):
+        AutoTokenizer.from_pretrained(str(folder))  # loads as the trainer loads it
+    families = {  # tokenizer._component_: the model folder, the builder on the files torchtune reads
+        llama2_tokenizer: (spm_dir, lambda **kw: llama2_tokenizer(str(spm_dir / "tokenizer.model"), **kw)),
+        mistral_tokenizer: (spm_dir, lambda **kw: mistral_tokenizer(str(spm_dir / "tokenizer.model"), **kw)),
+        gemma_tokenizer: (gemma_dir, lambda **kw: gemma_tokenizer(str(gemma_dir / "tokenizer.model"), **kw)),
+        phi3_mini_tokenizer: (phi3_dir, lambda **kw: phi3_mini_tokenizer(
+            str(phi3_dir / "tokenizer.model"), special_tokens_path=str(phi3_dir / "tokenizer.json"), **kw)),
+        phi4_tokenizer: (bpe_dir, lambda **kw: phi4_tokenizer(
+            vocab_path=str(bpe_dir / "vocab.json"), merges_path=str(bpe_dir / "merges.txt"),
+            special_tokens_path=str(bpe_dir / "tokenizer.json"), **kw)),
+    }  # fmt: skip
+    expected = []
+    for builder, (folder, build) in families.items():
+        component = f"{builder.__module__.rsplit('.', 1)[0]}.{builder.__name__}"
+        for template in (MISSING, None, GRAMMAR):
+            for case, fmt, row, train_on_input, system, max_len in CASES:
+                if template != MISSING and case not in ("chat", "alpaca", "preference"):
+                    continue  # the template's effect is seen on a few rows
+                kw = {"max_seq_len": max_len}
+                if template != MISSING:
+                    kw["prompt_template"] = template
+                entry = {"component": component, "tokenizer": folder.name, "case": case, "format": fmt,
+                         "row": row, "train_on_input": train_on_input, "new_system_prompt": system,
+                         "max_seq_len": max_len, "prompt_template": template}  # fmt: skip
+                try:
+                    tokenizer = build(**kw)
+                    msgs = messages_of(fmt, row, train_on_input, system)
+                    if fmt == "preference":
+                        entry["chosen"] = tokenized(tokenizer, msgs["chosen"])
+                        entry["rejected"] = tokenized(tokenizer, msgs["rejected"])
+                    else:
+                        entry.update(tokenized(tokenizer, msgs))
+                except ValueError as exc:  # MistralChatTemplate and a system message
+                    entry["error"] = str(exc)
+                expected.append(entry)
+    lines = ",\n".join(json.dumps(e, ensure_ascii=False) for e in expected)  # one case a line
+    (OUT / "expected.json").write_text(f"[\n{lines}\n]\n")
+    print(f"wrote {len(expected)} cases to {OUT}")
+
+
+if __name__ == "__main__":
+    main()
