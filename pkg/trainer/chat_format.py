@@ -1,16 +1,20 @@
 """A conversation as (input_ids, labels): rendered by the model's chat template (message_format plain)
-or in a model family's special tokens as torchtune's tokenizers write them (llama3, chatml).
+or as torchtune 0.6.1's tokenizer of a model family writes it (llama3, chatml, llama2, phi3, phi4).
 
-Labels: prompt tokens are -100 unless `train_on_prompt`; the assistant's turns are the targets.
+Labels: prompt tokens are -100 unless `train_on_prompt`; the assistant's turns are the targets. The system
+message `system_prompt` adds is never a target (torchtune's new_system_prompt), even with train_on_prompt.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.loss import IGNORE_INDEX
+from pkg.trainer.rows import PROMPT_TEMPLATES
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,13 @@ def tokenize_messages(tokenizer, msgs: list[dict], cfg: TrainConfig) -> tuple[li
                 spans.append((start, start + len(m["content"])))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    if cfg.train_on_prompt:
-        return ids, list(ids)
+    if cfg.train_on_prompt:  # every token but the added system message's
+        hidden = [(text.find(m["content"]), len(m["content"])) for m in msgs if m.get("masked")]
+        hidden = [(a, a + n) for a, n in hidden if a >= 0]
+        return ids, [
+            IGNORE_INDEX if any(a <= start < b for a, b in hidden) else tok
+            for tok, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
+        ]
     labels = [
         tok if any(a <= start < b for a, b in spans) and end > start else IGNORE_INDEX
         for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)
@@ -57,62 +66,263 @@ def tokenize_messages(tokenizer, msgs: list[dict], cfg: TrainConfig) -> tuple[li
     return ids, labels
 
 
-# torchtune 0.6.1's model tokenizers wrap each message in their family's special tokens and encode every
-# piece on its own (tokenize_messages); (special token, text) pieces here are encoded the same way, so the
-# ids are the same for the same tokenizer files. A piece is (text, is_special_token, trained).
-def _llama3_pieces(msgs: list[dict], train_on_prompt: bool) -> list[tuple[str, bool, bool]]:
-    """Llama3Tokenizer: BOS, then per message a header, the stripped content and <|eot_id|>, then EOS;
-    BOS and EOS are never trained, a message (header and end included) is trained when it is the
-    assistant's or train_on_prompt is set."""
-    out = [("<|begin_of_text|>", True, False)]
+# ---------------------------------------------------------------- torchtune 0.6.1's model tokenizers
+# message_format other than plain renders a conversation as the tokenize_messages of torchtune 0.6.1's
+# tokenizer of that family does, with the model folder's tokenizer: the same special tokens, the same text
+# pieces each encoded on its own (so the same ids for the same vocabulary), the same masks and truncation.
+# The reference outputs the tests compare against are written by scripts/gen_format_fixtures.py.
+
+
+@dataclasses.dataclass
+class Message:
+    """torchtune's Message: a role, its content as text pieces (a prompt template adds pieces of its own,
+    which are encoded apart), and `masked` (no target)."""
+
+    role: str
+    pieces: list[str]
+    masked: bool
+
+
+def torchtune_messages(msgs: list[dict], train_on_prompt: bool) -> list[Message]:
+    """As torchtune's message transforms mask them: the assistant's messages are targets, the others too
+    with train_on_prompt (train_on_input), except the system message `system_prompt` put first (marked
+    masked, as new_system_prompt's), which never is."""
+    masked = [m.get("masked") or (m["role"] != "assistant" and not train_on_prompt) for m in msgs]
+    return [Message(m["role"], [m["content"]], bool(k)) for m, k in zip(msgs, masked, strict=True)]
+
+
+# ------------------------------------------ prompt templates (torchtune.data / torchtune.models.*)
+
+
+def _tagged(tags: dict[str, tuple[str, str]]):
+    """torchtune's PromptTemplate: a role's prefix and suffix become pieces of their own (empty ones none)."""
+
+    def apply(msgs: list[Message]) -> list[Message]:
+        out = []
+        for m in msgs:
+            prefix, suffix = tags.get(m.role, ("", ""))
+            pieces = [*([prefix] if prefix else []), *m.pieces, *([suffix] if suffix else [])]
+            out.append(Message(m.role, pieces, m.masked))
+        return out
+
+    return apply
+
+
+def _llama2_chat(msgs: list[Message]) -> list[Message]:
+    """Llama2ChatTemplate: "[INST] " and " [/INST] " around every user message; the system message is no
+    message of its own but "<<SYS>>\\n...\\n<</SYS>>\\n\\n" inside every user message after it (so it is
+    trained or not as that user message is)."""
+    system: list[str] = []
+    out = []
     for m in msgs:
-        t = train_on_prompt or m["role"] == "assistant"
-        out += [
-            ("<|start_header_id|>", True, t),
-            (m["role"].strip(), False, t),
-            ("<|end_header_id|>", True, t),
-        ]
-        out += [("\n\n", False, t), (m["content"].strip(), False, t), ("<|eot_id|>", True, t)]
-    return [*out, ("<|end_of_text|>", True, False)]
+        if m.role == "system":
+            system = ["<<SYS>>\n", *m.pieces, "\n<</SYS>>\n\n"]
+        elif m.role == "user":
+            out.append(Message("user", ["[INST] ", *system, *m.pieces, " [/INST] "], m.masked))
+        else:
+            out.append(m)
+    return out
 
 
-def _chatml_pieces(msgs: list[dict], train_on_prompt: bool) -> list[tuple[str, bool, bool]]:
-    """Qwen2Tokenizer / Qwen2_5Tokenizer: no BOS and no default system message; content is not stripped;
-    the last assistant message has no <|im_end|>\\n footer, and the EOS (<|im_end|>) after it takes that
-    message's mask."""
-    out: list[tuple[str, bool, bool]] = []
-    t = False
+def _mistral_chat(msgs: list[Message]) -> list[Message]:
+    """MistralChatTemplate: "[INST] " and " [/INST] " around every user message, an empty piece before and
+    after every assistant message (which ends it in no space); a system message is an error."""
+    if any(m.role == "system" for m in msgs):
+        raise TrainerError(
+            "prompt_template mistral_chat (torchtune's MistralChatTemplate, mistral_tokenizer's default) "
+            "takes no system message, and a row has one: drop it, or set tokenizer.prompt_template=null"
+        )
+    tags = {"user": ("[INST] ", " [/INST] "), "assistant": ("", "")}
+    return [Message(m.role, [tags[m.role][0], *m.pieces, tags[m.role][1]], m.masked) if m.role in tags else m
+            for m in msgs]  # fmt: skip
+
+
+TEMPLATES = {
+    "": lambda msgs: msgs,
+    **{name: _tagged({"user": tags}) for name, tags in PROMPT_TEMPLATES.items()},
+    "llama2_chat": _llama2_chat,
+    "mistral_chat": _mistral_chat,
+}
+
+
+# ------------------------------------------ encoding pieces
+
+
+SPM_SPACE = "\u2581"  # sentencepiece's visible space
+
+
+@functools.lru_cache(maxsize=8)
+def _dummy_prefix(tokenizer) -> str:
+    """How the tokenizer writes sentencepiece's dummy prefix (the "▁" before a text): "none" (Gemma's
+    models have none), "always" (as sentencepiece does), or "unless_space": transformers' Llama tokenizers
+    (Metaspace, prepend_scheme first) leave it out before a leading space, where sentencepiece writes "▁▁"."""
+
+    def pieces(text: str) -> str:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return "".join(tokenizer.convert_ids_to_tokens(ids))
+
+    if not pieces("a").startswith(SPM_SPACE):
+        return "none"
+    return "always" if pieces(" ") == SPM_SPACE * 2 else "unless_space"
+
+
+class Pieces:
+    """Special tokens and text pieces as torchtune's tokenizers encode them, in the model folder's ids."""
+
+    def __init__(self, tokenizer, fmt: str) -> None:
+        self.tokenizer, self.fmt = tokenizer, fmt
+
+    def special(self, token: str) -> int:
+        tok = self.tokenizer.convert_tokens_to_ids(token)
+        unknown = tok is None or tok == self.tokenizer.unk_token_id
+        if unknown or self.tokenizer.convert_ids_to_tokens(tok) != token:
+            raise TrainerError(
+                f"message_format={self.fmt}: the tokenizer has no {token} token; use the model family's "
+                "tokenizer or message_format=plain"
+            )
+        return tok
+
+    def bos_eos(self) -> tuple[int, int]:
+        """The tokenizer's BOS and EOS (sentencepiece's bos_id and eos_id in torchtune)."""
+        for name in ("bos", "eos"):
+            if getattr(self.tokenizer, f"{name}_token_id") is None:
+                raise TrainerError(
+                    f"message_format={self.fmt}: the tokenizer has no {name}_token (tokenizer_config.json); "
+                    "use the model family's tokenizer or message_format=plain"
+                )
+        return self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+
+    def text(self, text: str) -> list[int]:
+        """A BPE piece (tiktoken, GPT-2 style): the tokenizer's ids."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def spm(self, text: str) -> list[int]:
+        """sentencepiece's encode(text): with the dummy prefix where the model has one."""
+        if text.startswith(" ") and _dummy_prefix(self.tokenizer) == "unless_space":
+            text = " " + text  # a text that starts with "▁" gets none: this one is the dummy prefix
+        return self.text(text)
+
+    def spm_trimmed(self, text: str) -> list[int]:
+        """SentencePieceBaseTokenizer.encode(trim_leading_whitespace=True): encoded after a newline whose
+        tokens are then cut off, so no dummy prefix (every model's vocabulary encodes whitespace, the
+        condition torchtune checks first)."""
+        return self.spm("\n" + text)[len(self.spm("\n")) :]
+
+
+def _truncate(ids: list[int], mask: list[bool], max_len: int, eos: int | None, last_masked: bool | None):
+    """torchtune's truncate() on the tokens and on the mask: cut to max_len; the last token becomes `eos`
+    and its mask `last_masked` where they are given."""
+    ids, mask = ids[:max_len], mask[:max_len]
+    if eos is not None and ids[-1] != eos:
+        ids[-1] = eos
+    if last_masked is not None and mask[-1] != last_masked:
+        mask[-1] = last_masked
+    return ids, mask
+
+
+# ------------------------------------------ tokenize_messages per family: (ids, mask), True = no target
+
+
+def _llama3(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], list[bool]]:
+    """Llama3Tokenizer: BOS; per message a header (role, "\\n\\n"), every piece stripped, <|eot_id|>;
+    EOS. BOS and EOS are never targets."""
+    bos, eos = enc.special("<|begin_of_text|>"), enc.special("<|end_of_text|>")
+    start, end, eot = (enc.special(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    ids, mask = [bos], [True]
+    for m in msgs:
+        body = [start, *enc.text(m.role.strip()), end, *enc.text("\n\n")]
+        body += [t for p in m.pieces for t in enc.text(p.strip())] + [eot]
+        ids, mask = ids + body, mask + [m.masked] * len(body)
+        if len(ids) >= max_len:
+            break
+    ids, mask = [*ids, eos], [*mask, True]
+    return _truncate(ids, mask, max_len, eos, True) if len(ids) > max_len else (ids, mask)
+
+
+def _chatml(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], list[bool]]:
+    """Qwen2Tokenizer / Qwen2_5Tokenizer: no BOS; per message <|im_start|>, "role\\n", the pieces as they
+    are, then <|im_end|> "\\n" except after the last assistant message; the EOS (<|im_end|>) takes the mask
+    of the token before it."""
+    im_start, im_end = enc.special("<|im_start|>"), enc.special("<|im_end|>")
+    ids: list[int] = []
+    mask: list[bool] = []
     for k, m in enumerate(msgs):
-        t = train_on_prompt or m["role"] == "assistant"
-        out += [("<|im_start|>", True, t), (f"{m['role']}\n", False, t), (m["content"], False, t)]
-        if m["role"] != "assistant" or k != len(msgs) - 1:
-            out += [("<|im_end|>", True, t), ("\n", False, t)]
-    return [*out, ("<|im_end|>", True, t)]
+        body = [im_start, *enc.text(f"{m.role}\n"), *(t for p in m.pieces for t in enc.text(p))]
+        if m.role != "assistant" or k != len(msgs) - 1:
+            body += [im_end, *enc.text("\n")]
+        ids, mask = ids + body, mask + [m.masked] * len(body)
+        if len(ids) >= max_len:
+            break
+    ids, mask = [*ids, im_end], [*mask, mask[-1]]
+    return _truncate(ids, mask, max_len, im_end, True) if len(ids) > max_len else (ids, mask)
 
 
-MESSAGE_PIECES = {"llama3": _llama3_pieces, "chatml": _chatml_pieces}
+def _llama2(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], list[bool]]:
+    """Llama2Tokenizer, MistralTokenizer and GemmaTokenizer (tokenize_messages_no_special_tokens): no
+    special tokens but a BOS before each turn and an EOS after each assistant message, with that message's
+    mask; every piece without its trailing spaces; a message that continues a turn is encoded without a
+    leading space unless the one before ended in a space."""
+    bos, eos = enc.bos_eos()
+    ids: list[int] = []
+    mask: list[bool] = []
+    turn_starts, after_space = True, False
+    for m in msgs:
+        if turn_starts:
+            ids, mask = [*ids, bos], [*mask, m.masked]
+        encode = enc.spm if turn_starts or after_space else enc.spm_trimmed
+        body = [t for p in m.pieces for t in encode(p.rstrip(" "))]
+        after_space = m.pieces[-1].endswith(" ")
+        turn_starts = m.role == "assistant"
+        body += [eos] if turn_starts else []
+        ids, mask = ids + body, mask + [m.masked] * len(body)
+        if len(ids) >= max_len:
+            break
+    return _truncate(ids, mask, max_len, eos, m.masked)
+
+
+def _phi3(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], list[bool]]:
+    """Phi3MiniTokenizer: BOS (with the first message's mask); per message its role token, "\\n", the
+    pieces without trailing spaces nor a leading one, <|end|>, "\\n"; no EOS (the dataset calls
+    tokenize_messages with add_eos False)."""
+    bos, _ = enc.bos_eos()
+    roles = {r: enc.special(f"<|{r}|>") for r in ("system", "user", "assistant")}
+    end, newline = enc.special("<|end|>"), enc.spm("\n")
+    ids, mask = [bos], [msgs[0].masked]
+    for m in msgs:
+        if m.role not in roles:
+            raise TrainerError(
+                f"message_format=phi3: a message's role is {m.role!r}, not one of {list(roles)}"
+            )
+        body = [roles[m.role], *newline, *(t for p in m.pieces for t in enc.spm_trimmed(p.rstrip(" ")))]
+        body += [end, *newline]
+        ids, mask = ids + body, mask + [m.masked] * len(body)
+        if len(ids) >= max_len:
+            break
+    return ids[:max_len], mask[:max_len]
+
+
+def _phi4(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], list[bool]]:
+    """Phi4Tokenizer: no BOS nor EOS; per message <|im_start|>, the role, <|im_sep|>, the pieces without
+    trailing spaces, and <|im_end|> except after an assistant message."""
+    im_start, im_sep, im_end = (enc.special(t) for t in ("<|im_start|>", "<|im_sep|>", "<|im_end|>"))
+    ids: list[int] = []
+    mask: list[bool] = []
+    for m in msgs:
+        body = [im_start, *enc.text(m.role), im_sep, *(t for p in m.pieces for t in enc.text(p.rstrip(" ")))]
+        body += [] if m.role == "assistant" else [im_end]
+        ids, mask = ids + body, mask + [m.masked] * len(body)
+        if len(ids) >= max_len:
+            break
+    return ids[:max_len], mask[:max_len]
+
+
+FORMATS = {"llama3": _llama3, "chatml": _chatml, "llama2": _llama2, "phi3": _phi3, "phi4": _phi4}
 
 
 def format_messages(tokenizer, msgs: list[dict], cfg: TrainConfig) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of a conversation in cfg.message_format's special tokens (not plain)."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for text, special, trained in MESSAGE_PIECES[cfg.message_format](msgs, cfg.train_on_prompt):
-        if special:
-            tok = tokenizer.convert_tokens_to_ids(text)
-            if tok is None or tok == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tok) != text:
-                raise TrainerError(
-                    f"message_format={cfg.message_format}: the tokenizer has no {text} token; use the "
-                    "model family's tokenizer or message_format=plain"
-                )
-            piece = [tok]
-        else:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        ids += piece
-        labels += piece if trained else [IGNORE_INDEX] * len(piece)
-    if len(ids) > cfg.max_seq_length:  # torchtune's truncate(): the last kept token is the EOS, untrained
-        ids, labels = (
-            [*ids[: cfg.max_seq_length - 1], ids[-1]],
-            [*labels[: cfg.max_seq_length - 1], IGNORE_INDEX],
-        )
-    return ids, labels
+    """(input_ids, labels) of a conversation as torchtune 0.6.1's tokenizer of cfg.message_format, with
+    cfg.prompt_template, renders it (tokenize_messages)."""
+    messages = TEMPLATES[cfg.prompt_template](torchtune_messages(msgs, cfg.train_on_prompt))
+    render = FORMATS[cfg.message_format]
+    ids, mask = render(Pieces(tokenizer, cfg.message_format), messages, cfg.max_seq_length)
+    return ids, [IGNORE_INDEX if masked else t for t, masked in zip(ids, mask, strict=True)]

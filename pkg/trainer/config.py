@@ -174,7 +174,8 @@ class TrainConfig:
     system_prompt: str = opt(
         "",
         "A system message put first in every sample (it replaces a conversation's own); prompt formats "
-        "without a chat template get it as a first paragraph.",
+        "without a chat template get it as a first paragraph. Never trained, even with train_on_prompt "
+        "(torchtune's new_system_prompt).",
     )
     max_seq_length: int = opt(1024, "Tokens per sequence; longer samples are truncated.")
     packing: bool = opt(False, "Pack several samples into each sequence (they never attend to each other).")
@@ -186,8 +187,10 @@ class TrainConfig:
     prompt_template: str = opt(
         "",
         "Wrap every user message (and non-chat prompt) as torchtune's GrammarErrorCorrectionTemplate "
-        "(grammar) or SummarizeTemplate (summarize) does; tune run's tokenizer.prompt_template sets it.",
-        ("", "grammar", "summarize"),
+        "(grammar) or SummarizeTemplate (summarize) does; with a message_format other than plain, also "
+        "Llama2ChatTemplate (llama2_chat: [INST], <<SYS>>) or MistralChatTemplate (mistral_chat: [INST]). "
+        "tune run's tokenizer.prompt_template sets it (not given: the tokenizer's default).",
+        ("", "grammar", "summarize", "llama2_chat", "mistral_chat"),
     )
     alpaca_preamble: bool = opt(
         False,
@@ -196,11 +199,12 @@ class TrainConfig:
     )
     message_format: str = opt(
         "plain",
-        "How instruct and chat rows become tokens: plain (chat rows: the model's chat template; other rows: "
-        "prompt + response + EOS) or, as torchtune 0.6.1's model tokenizers do, llama3 (header tokens, "
-        "<|eot_id|>, BOS/EOS) or chatml (Qwen2/2.5's <|im_start|>/<|im_end|>); tune run sets it from "
-        "tokenizer._component_.",
-        ("plain", "llama3", "chatml"),
+        "How instruct, chat and preference rows become tokens: plain (chat rows: the model's chat template; "
+        "other rows: prompt + response + EOS) or as torchtune 0.6.1's model tokenizers do: llama3 (header "
+        "tokens, <|eot_id|>, BOS/EOS), chatml (Qwen2/2.5's <|im_start|>/<|im_end|>), llama2 (Llama 2, "
+        "Mistral, Gemma: BOS and EOS around each turn, no special tokens), phi3 (<|user|>, <|end|>) or phi4 "
+        "(<|im_start|>, <|im_sep|>); tune run sets it from tokenizer._component_.",
+        ("plain", "llama3", "chatml", "llama2", "phi3", "phi4"),
     )
     train_on_prompt: bool = opt(
         False, "Also train on prompt tokens (by default only responses count in the loss)."
@@ -424,19 +428,24 @@ class TrainConfig:
                 "reference_model_dir applies to objective dpo with method full (LoRA's reference is the base "
                 "model with the adapter off)"
             )
+        if self.message_format == "plain" and self.prompt_template in ("llama2_chat", "mistral_chat"):
+            raise ConfigError(
+                f"prompt_template {self.prompt_template} applies to a message_format other than plain (the "
+                "model's chat template has its own words): set message_format, or prompt_template to ''"
+            )
         if self.objective != "dpo":
             return
+        if self.prompt_template and self.message_format == "plain":
+            raise ConfigError(
+                f"prompt_template {self.prompt_template} applies to objective dpo with a message_format "
+                "other than plain (plain pairs are rendered with the model's chat template): set one, or ''"
+            )
         for name, why in (
             ("packing", "a preference pair is a chosen and a rejected sequence, never packed"),
             ("train_on_prompt", "only response tokens count in DPO's log-probabilities"),
         ):
             if getattr(self, name):
                 raise ConfigError(f"{name} applies to objective sft only ({why}): set it to false")
-        if self.message_format != "plain":
-            raise ConfigError(
-                f"message_format {self.message_format} applies to objective sft (preference pairs are "
-                "rendered with the model's chat template): set it to plain"
-            )
         if self.dataset_format != "auto":
             raise ConfigError(
                 f"dataset_format {self.dataset_format} applies to objective sft; objective dpo reads "

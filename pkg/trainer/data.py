@@ -46,7 +46,7 @@ def tokenize_non_chat_rows(
         talks = [
             with_system(
                 [
-                    {"role": "user", "content": wrapped(p, cfg.prompt_template)},
+                    {"role": "user", "content": p},  # format_messages applies prompt_template
                     {"role": "assistant", "content": c},
                 ],
                 cfg.system_prompt,
@@ -60,12 +60,20 @@ def tokenize_non_chat_rows(
     if cfg.prompt_template and fmt != "text":
         pairs = [(wrapped(p, cfg.prompt_template), c) for p, c in pairs]
     pairs = [(with_system_text(p, cfg.system_prompt), c) for p, c in pairs]
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
+    hide = bool(cfg.train_on_prompt and cfg.system_prompt)  # the system paragraph is never a target
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True, return_offsets_mapping=hide)
     completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
     out = []
-    for p, c in zip(prompts, completions, strict=True):
-        ids = p + c + eos
-        out.append((ids, list(ids) if cfg.train_on_prompt else [IGNORE_INDEX] * len(p) + c + eos))
+    for k, (p, c) in enumerate(zip(prompts["input_ids"], completions, strict=True)):
+        if not cfg.train_on_prompt:
+            prompt_labels = [IGNORE_INDEX] * len(p)
+        elif hide:
+            end = len(with_system_text("", cfg.system_prompt))
+            offsets = prompts["offset_mapping"][k]
+            prompt_labels = [IGNORE_INDEX if a < end else t for t, (a, _) in zip(p, offsets, strict=True)]
+        else:
+            prompt_labels = list(p)
+        out.append((p + c + eos, prompt_labels + c + eos))
     return out
 
 
@@ -74,12 +82,13 @@ def tokenize_rows(ds, fmt: str, tokenizer, cfg: TrainConfig) -> list[tuple[list[
     if fmt in CHAT_FORMATS and cfg.message_format == "plain":
         ensure_chat_template(tokenizer)
     out: list[tuple[list[int], list[int]]] = []
+    plain_template = cfg.prompt_template if cfg.message_format == "plain" else ""  # else format_messages's
     rows, done, total = iter(ds), 0, len(ds)
     started = last_log = time.monotonic()
     while chunk := list(itertools.islice(rows, 1000)):
         if fmt in CHAT_FORMATS:
             talks = [
-                conversation(row, fmt, done + j, cfg.system_prompt, cfg.prompt_template)
+                conversation(row, fmt, done + j, cfg.system_prompt, plain_template)
                 for j, row in enumerate(chunk)
             ]
             render = tokenize_messages if cfg.message_format == "plain" else format_messages

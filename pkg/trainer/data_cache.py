@@ -14,7 +14,8 @@ from typing import Any
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.files import atomic_dir, dir_digest
 
-CACHE_VERSION = "2"  # bumped when the same settings tokenize differently (2: system_prompt on DPO pairs)
+CACHE_VERSION = "3"  # bumped when the same settings tokenize differently (2: system_prompt on DPO pairs;
+# 3: system_prompt never a target, prompt_template pieces encoded apart in message formats)
 
 
 def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:

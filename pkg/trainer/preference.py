@@ -6,6 +6,8 @@
   conversational: `chosen` and `rejected` are message lists (the form of most Hub preference sets); the
   prompt is their shared leading turns, or a `prompt` message list when the set has one. Rendered with the
   model's chat template; a set in this form for a tokenizer without a template is refused.
+- message_format other than plain: both forms as torchtune 0.6.1's preference dataset tokenizes them, each
+  response's conversation through the family's tokenize_messages (chat_format.format_messages).
 - `system_prompt`, as in SFT: the system message of a conversational prompt (replacing its own), the first
   paragraph of a string prompt.
 - A record keeps the prompt once: `prompt_ids`, `chosen_ids`, `rejected_ids` (the response tokens, end marks
@@ -24,6 +26,7 @@ import logging
 import torch
 
 from pkg.trainer import data
+from pkg.trainer.chat_format import format_messages
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.data_files import load_rows
 from pkg.trainer.errors import TrainerError
@@ -114,11 +117,71 @@ def render_chat(tokenizer, prompt: list[dict], response: list[dict], i: int) -> 
 # ---------------------------------------------------------------- tokenizing
 
 
+def _plain_pairs(rows: list[dict], lo: int, chat: bool, tokenizer, cfg: TrainConfig) -> list[tuple]:
+    """(prompt, chosen, rejected) ids of rows rendered plain: the chat template, or prompt, response, EOS."""
+    texts = []
+    for j, row in enumerate(rows):
+        if chat:
+            prompt, chosen, rejected = chat_turns(row, lo + j)
+            prompt = with_system(prompt, cfg.system_prompt)
+            head, c = render_chat(tokenizer, prompt, chosen, lo + j)
+            head_r, r = render_chat(tokenizer, prompt, rejected, lo + j)
+            if head_r != head:
+                raise TrainerError(
+                    f"row {lo + j}: the chat template renders the prompt of chosen and of rejected "
+                    "differently; give prompt/chosen/rejected as strings"
+                )
+            texts.append((head, c, r))
+        else:
+            text = [_string(row, k, lo + j) for k in ("prompt", "chosen", "rejected")]
+            texts.append((with_system_text(text[0], cfg.system_prompt), text[1], text[2]))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and not chat else []
+    prompts = tokenizer([t[0] for t in texts], add_special_tokens=not chat)["input_ids"]
+    chosen = tokenizer([t[1] for t in texts], add_special_tokens=False)["input_ids"]
+    rejected = tokenizer([t[2] for t in texts], add_special_tokens=False)["input_ids"]
+    return [(p, c + eos, r + eos) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+
+
+def _family_pair(row: dict, i: int, chat: bool, tokenizer, cfg: TrainConfig) -> tuple[list[int], ...]:
+    """(prompt, chosen, rejected) ids as torchtune's preference dataset makes them: each response's whole
+    conversation through the family's tokenize_messages, prompt turns no target (ChosenRejectedToMessages;
+    string rows: a user and an assistant message). The response is the last run of targets; the prompt,
+    everything before it (an earlier assistant turn, a target of both in torchtune, adds the same to the
+    chosen and the rejected log-probabilities, so leaving it out changes no loss); tokens after the last
+    target predict none."""
+    if chat:
+        prompt, chosen, rejected = chat_turns(row, i)
+    else:
+        text = [_string(row, k, i) for k in ("prompt", "chosen", "rejected")]
+        prompt = [{"role": "user", "content": text[0]}]
+        chosen, rejected = (
+            [{"role": "assistant", "content": text[1]}],
+            [{"role": "assistant", "content": text[2]}],
+        )
+    prompt = with_system(prompt, cfg.system_prompt)
+    out = []
+    for response in (chosen, rejected):
+        ids, labels = format_messages(tokenizer, prompt + response, cfg)
+        last = max((k for k, t in enumerate(labels) if t != IGNORE_INDEX), default=-1)
+        first = last
+        while first > 0 and labels[first - 1] != IGNORE_INDEX:
+            first -= 1
+        out.append((ids[: max(first, 0)], ids[first : last + 1] if last >= 0 else []))
+    (head, c), (head_r, r) = out
+    if head != head_r:
+        raise TrainerError(
+            f"row {i}: chosen and rejected differ before their last assistant turn; a pair shares every turn "
+            "but the last one"
+        )
+    return head, c, r
+
+
 def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, int]:
     """Records of every row (see the module doc); returns (records, truncated prompts, dropped rows)."""
     check_columns(list(ds.column_names))
     chat = is_chat(ds[0])
-    if chat and not getattr(tokenizer, "chat_template", None):
+    family = cfg.message_format != "plain"
+    if chat and not family and not getattr(tokenizer, "chat_template", None):
         raise TrainerError(
             f"the dataset's chosen/rejected are message lists but the tokenizer in {cfg.model_dir} has no "
             "chat template: add chat_template to its tokenizer_config.json, or give prompt/chosen/rejected "
@@ -129,34 +192,18 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
             f"objective dpo: chosen/rejected are strings, so a 'prompt' column is needed "
             f"(columns: {', '.join(ds.column_names)})"
         )
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and not chat else []
     records, truncated, dropped = [], 0, 0
     for lo in range(0, len(ds), 1000):
         chunk = ds[lo : lo + 1000]
         rows = [{k: chunk[k][j] for k in chunk} for j in range(len(chunk["chosen"]))]
-        texts = []
         for j, row in enumerate(rows):
             if is_chat(row) != chat:
                 raise TrainerError(f"row {lo + j}: mixes string and message-list rows; use one form")
-            if chat:
-                prompt, chosen, rejected = chat_turns(row, lo + j)
-                prompt = with_system(prompt, cfg.system_prompt)
-                head, c = render_chat(tokenizer, prompt, chosen, lo + j)
-                head_r, r = render_chat(tokenizer, prompt, rejected, lo + j)
-                if head_r != head:
-                    raise TrainerError(
-                        f"row {lo + j}: the chat template renders the prompt of chosen and of rejected "
-                        "differently; give prompt/chosen/rejected as strings"
-                    )
-                texts.append((head, c, r))
-            else:
-                text = [_string(row, k, lo + j) for k in ("prompt", "chosen", "rejected")]
-                texts.append((with_system_text(text[0], cfg.system_prompt), text[1], text[2]))
-        prompts = tokenizer([t[0] for t in texts], add_special_tokens=not chat)["input_ids"]
-        chosen = tokenizer([t[1] for t in texts], add_special_tokens=False)["input_ids"]
-        rejected = tokenizer([t[2] for t in texts], add_special_tokens=False)["input_ids"]
-        for p, c, r in zip(prompts, chosen, rejected, strict=True):
-            c, r = c + eos, r + eos
+        if family:
+            triples = [_family_pair(row, lo + j, chat, tokenizer, cfg) for j, row in enumerate(rows)]
+        else:
+            triples = _plain_pairs(rows, lo, chat, tokenizer, cfg)
+        for p, c, r in triples:
             budget = cfg.max_seq_length - max(len(c), len(r))
             if budget < 1 or not c or not r:  # nothing predicts a response's first token without a prompt
                 dropped += 1

@@ -95,10 +95,12 @@ def prompt_and_completion(row: dict, fmt: str, i: int, preamble: bool = False) -
 
 
 def with_system(msgs: list[dict], system_prompt: str) -> list[dict]:
-    """The conversation with `system_prompt` as its system message (replacing its own), if one is set."""
+    """The conversation with `system_prompt` as its system message (replacing its own), if one is set;
+    marked `masked`: never a target, as torchtune's new_system_prompt."""
     if not system_prompt:
         return msgs
-    return [{"role": "system", "content": system_prompt}, *(m for m in msgs if m["role"] != "system")]
+    added = {"role": "system", "content": system_prompt, "masked": True}
+    return [added, *(m for m in msgs if m["role"] != "system")]
 
 
 def with_system_text(prompt: str, system_prompt: str) -> str:

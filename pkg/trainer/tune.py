@@ -81,16 +81,32 @@ DPO_LOSS = "torchtune.rlhf.loss.DPOLoss"
 NULL = {"null", "none", "~", ""}
 DELETE = object()  # `~key` on the command line: remove the key (and its group) from the config
 PROMPT_TEMPLATES = {"torchtune.data.GrammarErrorCorrectionTemplate": "grammar",
-                    "torchtune.data.SummarizeTemplate": "summarize"}  # fmt: skip
-# tokenizer._component_ -> message_format: the families whose tokenize_messages is rendered exactly. Others
-# (llama2, gemma, mistral, phi3, phi4) are rendered plain, said in one line.
+                    "torchtune.data.SummarizeTemplate": "summarize",
+                    "torchtune.models.llama2.Llama2ChatTemplate": "llama2_chat",
+                    "torchtune.models.mistral.MistralChatTemplate": "mistral_chat"}  # fmt: skip
+# tokenizer._component_ -> message_format: each family's tokenize_messages, rendered exactly (chat_format.py).
 MESSAGE_FORMATS = {"torchtune.models.llama3.llama3_tokenizer": "llama3",
                    "torchtune.models.qwen2.qwen2_tokenizer": "chatml",
-                   "torchtune.models.qwen2_5.qwen2_5_tokenizer": "chatml"}  # fmt: skip
-# The special tokens each format writes: a model folder whose tokenizer lacks one is rendered plain.
+                   "torchtune.models.qwen2_5.qwen2_5_tokenizer": "chatml",
+                   "torchtune.models.llama2.llama2_tokenizer": "llama2",
+                   "torchtune.models.mistral.mistral_tokenizer": "llama2",
+                   "torchtune.models.gemma.gemma_tokenizer": "llama2",
+                   "torchtune.models.phi3.phi3_mini_tokenizer": "phi3",
+                   "torchtune.models.phi4.phi4_tokenizer": "phi4"}  # fmt: skip
+# The prompt template a tokenizer builder applies when tokenizer.prompt_template is not given (null: none).
+DEFAULT_TEMPLATES = {
+    "torchtune.models.llama2.llama2_tokenizer": "torchtune.models.llama2.Llama2ChatTemplate",
+    "torchtune.models.mistral.mistral_tokenizer": "torchtune.models.mistral.MistralChatTemplate",
+}
+# The special tokens each format writes: a model folder whose tokenizer lacks one is rendered plain (Gemma's
+# BOS and EOS have names of their own).
 MESSAGE_TOKENS = {"llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                              "<|end_of_text|>"),
-                  "chatml": ("<|im_start|>", "<|im_end|>")}  # fmt: skip
+                  "chatml": ("<|im_start|>", "<|im_end|>"),
+                  "llama2": ("<s>", "</s>"),
+                  "phi3": ("<s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+                  "phi4": ("<|im_start|>", "<|im_sep|>", "<|im_end|>")}  # fmt: skip
+GEMMA_TOKENS = ("<bos>", "<eos>")
 
 
 # ---------------------------------------------------------------- value parsers: (key, value) -> value
@@ -232,16 +248,18 @@ KEYS: list[Key] = [
     _k("tokenizer.max_seq_len", "honoured", _optional(integer), "Tokens per sequence; null: no truncation "
        "(the model's max_position_embeddings).", "max_seq_length"),
     _k("tokenizer._component_", "mapped", text, "The tokenizer is the model folder's (tokenizer.json); "
-       "llama3_tokenizer, qwen2_tokenizer and qwen2_5_tokenizer set message_format (SFT rows in that "
-       "family's special tokens and masks, as torchtune does); other families and DPO render rows plain.",
-       "message_format"),
+       "the llama3, qwen2, qwen2_5, llama2, mistral, gemma, phi3_mini and phi4 tokenizers set "
+       "message_format: SFT and DPO rows rendered as that torchtune tokenizer's tokenize_messages does "
+       "(special tokens, masks, BOS/EOS). A model tokenizer without the family's special tokens, or Qwen "
+       "with tokenizer.max_seq_len set: plain, said in one line.", "message_format"),
     *(_k(f"tokenizer.{k}", "mapped", text, "The tokenizer is the model folder's (tokenizer.json and its "
          "chat template).") for k in ("path", "merges_file", "vocab_path", "merges_path",
                                       "special_tokens_path")),
-    _k("tokenizer.prompt_template", "honoured", _optional(text), "Only null (prompts are rendered with the "
-       "model's chat template), torchtune.data.GrammarErrorCorrectionTemplate or "
-       "torchtune.data.SummarizeTemplate (their words around every user message).", "prompt_template",
-       accept=(None, *PROMPT_TEMPLATES)),
+    _k("tokenizer.prompt_template", "honoured", _optional(text), "Not given: the tokenizer's default "
+       "(llama2_tokenizer: Llama2ChatTemplate, mistral_tokenizer: MistralChatTemplate, others none); null: "
+       "none; torchtune.data.GrammarErrorCorrectionTemplate, torchtune.data.SummarizeTemplate, "
+       "torchtune.models.llama2.Llama2ChatTemplate or torchtune.models.mistral.MistralChatTemplate: their "
+       "words around every user (and system) message.", "prompt_template", accept=(None, *PROMPT_TEMPLATES)),
     # Dataset: dataset._component_ (or dataset=BUILDER) picks a builder of BUILDERS; its arguments below.
     _k("dataset", "honoured", anything, "A list of builders (torchtune's ConcatDataset): each dataset read "
        "with its own builder, columns and files, concatenated in order (the first: the dataset_* keys; the "
@@ -257,8 +275,8 @@ KEYS: list[Key] = [
        "dataset_split"),
     _k("dataset.column_map", "honoured", mapping, "The dataset's names for the builder's columns.",
        "column_map"),
-    _k("dataset.new_system_prompt", "honoured", _optional(text), "A system message before every sample.",
-       "system_prompt"),
+    _k("dataset.new_system_prompt", "honoured", _optional(text), "A system message before every sample, "
+       "never trained (also with train_on_input).", "system_prompt"),
     _k("dataset.train_on_input", "honoured", boolean, "Also train on the prompt tokens (alpaca builders: "
        "True unless given).", "train_on_prompt"),
     _k("dataset.packed", "honoured", boolean, "Pack samples into sequences of tokenizer.max_seq_len.",
@@ -972,13 +990,6 @@ def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
     if train_on_input and dpo:
         raise ConfigError("dataset.train_on_input=True: DPO compares the responses only; set it to False")
     values["train_on_prompt"] = train_on_input
-    if tt.get("tokenizer.prompt_template"):
-        if dpo:
-            raise ConfigError(
-                f"tokenizer.prompt_template={tt['tokenizer.prompt_template']}: DPO recipes render pairs with "
-                "the model's chat template only; set it to null"
-            )
-        values["prompt_template"] = PROMPT_TEMPLATES[tt["tokenizer.prompt_template"]]
     if builder and builder.fmt == "alpaca":
         values["alpaca_preamble"] = True  # AlpacaToMessages' fixed prompt, word for word
     if "dataset.add_eos" in tt:
@@ -1099,6 +1110,61 @@ def check_weight_files(key: str, files: list[str], model_dir: str) -> None:
         )
 
 
+def tokenizer_settings(
+    tt: dict[str, Any], model_dir: str, dpo: bool, values: dict[str, Any]
+) -> dict[str, Any]:
+    """tokenizer._component_ and tokenizer.prompt_template onto message_format and prompt_template: the
+    family's tokenize_messages where the model folder's tokenizer has its special tokens, else plain (said
+    in one line); prompt_template not given is the tokenizer's default, null none."""
+    tokenizer = str(tt.get("tokenizer._component_", ""))
+    fmt = MESSAGE_FORMATS.get(tokenizer, "plain")
+    given = "tokenizer.prompt_template" in tt
+    template = tt["tokenizer.prompt_template"] if given else DEFAULT_TEMPLATES.get(tokenizer)
+    needed = GEMMA_TOKENS if tokenizer.endswith("gemma_tokenizer") else MESSAGE_TOKENS.get(fmt, ())
+    missing = [t for t in needed if t not in tokenizer_tokens(model_dir)]
+    kind = "instruct/chat/preference" if dpo else "instruct/chat"
+    if fmt == "chatml" and tt.get("tokenizer.max_seq_len") is not None:
+        # Qwen2Tokenizer with a max_seq_len also masks the final EOS (truncate() on the mask): not rendered.
+        log.info(
+            "tokenizer._component_=%s with tokenizer.max_seq_len set: %s rows are rendered plain (set "
+            "tokenizer.max_seq_len=null for torchtune's ChatML rendering)", tokenizer, kind,
+        )  # fmt: skip
+        fmt = "plain"
+    elif missing:
+        log.info(
+            "tokenizer._component_=%s: the tokenizer in %s has no %s token; %s rows are rendered plain (the "
+            "model's chat template, or prompt + response + EOS)", tokenizer, model_dir, missing[0], kind,
+        )  # fmt: skip
+        fmt = "plain"
+    elif tokenizer and fmt == "plain":
+        log.info(
+            "tokenizer._component_=%s: %s rows are rendered plain (the model's chat template, or prompt + "
+            "response + EOS), not as that torchtune tokenizer renders them", tokenizer, kind,
+        )  # fmt: skip
+    out: dict[str, Any] = {"message_format": fmt} if fmt != "plain" else {}
+    if template is None:
+        return out
+    name = PROMPT_TEMPLATES[template]
+    if fmt == "plain" and (dpo or name in ("llama2_chat", "mistral_chat")):
+        if not given:  # the tokenizer's default, which the line above says is not rendered
+            return out
+        raise ConfigError(
+            f"tokenizer.prompt_template={template}: applies only to rows rendered as a torchtune tokenizer "
+            "renders them (a tokenizer._component_ whose special tokens the model's tokenizer has); set it "
+            "to null"
+        )
+    systems = [
+        values.get("system_prompt"),
+        *(d.get("system_prompt") for d in values.get("more_datasets", [])),
+    ]
+    if name == "mistral_chat" and any(systems):
+        raise ConfigError(
+            "dataset.new_system_prompt: MistralChatTemplate (mistral_tokenizer's default prompt_template) "
+            "takes no system message; drop it or set tokenizer.prompt_template=null"
+        )
+    return {**out, "prompt_template": name}
+
+
 def max_seq_length(tt: dict[str, Any], model_dir: str) -> int | None:
     """tokenizer.max_seq_len; null (torchtune: no truncation) is the model's context length."""
     if tt.get("tokenizer.max_seq_len") is not None:
@@ -1144,33 +1210,6 @@ def to_train_config(tt: dict[str, Any], recipe: str, world: int) -> dict[str, An
     values["resume"] = "auto" if tt.get("resume_from_checkpoint") else "never"
     values["decay_all_parameters"] = True  # torchtune hands every parameter to the optimizer
     values["torchtune_layout"] = True  # output_dir/epoch_{N}/ as well
-    tokenizer = str(tt.get("tokenizer._component_", ""))
-    missing = [t for t in MESSAGE_TOKENS.get(MESSAGE_FORMATS.get(tokenizer, ""), ()) if t not in
-               tokenizer_tokens(model_dir)]  # fmt: skip
-    if MESSAGE_FORMATS.get(tokenizer) == "chatml" and tt.get("tokenizer.max_seq_len") is not None and not dpo:
-        # Qwen2Tokenizer with a max_seq_len also masks the final EOS (truncate() on the mask): not rendered.
-        log.info(
-            "tokenizer._component_=%s with tokenizer.max_seq_len set: instruct/chat rows are rendered plain "
-            "(set tokenizer.max_seq_len=null for torchtune's ChatML rendering)",
-            tokenizer,
-        )
-    elif tokenizer in MESSAGE_FORMATS and not dpo and not missing:
-        values["message_format"] = MESSAGE_FORMATS[tokenizer]
-    elif missing and not dpo:
-        log.info(
-            "tokenizer._component_=%s: the tokenizer in %s has no %s token; instruct/chat rows are rendered "
-            "plain (the model's chat template, or prompt + response + EOS)",
-            tokenizer,
-            model_dir,
-            missing[0],
-        )
-    elif tokenizer:
-        log.info(
-            "tokenizer._component_=%s: instruct/chat%s rows are rendered plain (the model's chat template, "
-            "or prompt + response + EOS), not in that torchtune tokenizer's special tokens",
-            tokenizer,
-            "/preference" if dpo else "",
-        )
     if "lr_scheduler._component_" in tt:
         values["lr_scheduler"] = "cosine"
         values["warmup_steps"] = tt.get("lr_scheduler.num_warmup_steps", 0)
@@ -1184,6 +1223,7 @@ def to_train_config(tt: dict[str, Any], recipe: str, world: int) -> dict[str, An
     values.update(scale_settings(tt, world))
     values.update(metric_settings(tt, output_dir))
     values.update(datasets_settings(tt, dpo))
+    values.update(tokenizer_settings(tt, model_dir, dpo, values))
     seq = max_seq_length(tt, model_dir)
     if seq is None and not Path(model_dir).is_dir():
         # No model yet (tune validate, or a run that stops at loading it): nothing to resolve null against.

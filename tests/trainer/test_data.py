@@ -314,12 +314,10 @@ def test_column_map_renames_and_names_a_missing_column(tmp_path):
 @pytest.mark.fast
 def test_system_prompt_in_chat_and_plain_formats(tokenizer):
     msgs = [{"role": "system", "content": "old"}, {"role": "user", "content": "u"}]
-    assert rows.with_system(msgs, "new") == [{"role": "system", "content": "new"}, msgs[1]]
+    # masked: never a target, even with train_on_prompt (torchtune's new_system_prompt)
+    assert rows.with_system(msgs, "new") == [{"role": "system", "content": "new", "masked": True}, msgs[1]]
     row = {"input": "Repeat the word stone.", "output": "stone stone stone"}
-    assert rows.conversation(row, "input_output", 0, "Be brief.")[0] == {
-        "role": "system",
-        "content": "Be brief.",
-    }
+    assert rows.conversation(row, "input_output", 0, "Be brief.")[0]["content"] == "Be brief."
     ((ids, labels),) = data.tokenize_rows([row], "input_output", tokenizer, cfg(system_prompt="Be brief."))
     assert tokenizer.decode(ids).startswith("<s><|system|>\nBe brief.</s>\n<|user|>\nRepeat the word stone.")
     assert decode_targets(tokenizer, ids, labels).startswith("stone stone stone</s>")
@@ -327,6 +325,12 @@ def test_system_prompt_in_chat_and_plain_formats(tokenizer):
     ((ids, labels),) = data.tokenize_rows([alpaca], "alpaca", tokenizer, cfg(system_prompt="Be brief."))
     assert "Be brief.\n\n### Instruction:" in tokenizer.decode(ids)
     assert "Be brief" not in decode_targets(tokenizer, ids, labels)
+    for fmt, sample in (("input_output", row), ("alpaca", alpaca)):  # training on the prompt too
+        ((ids, labels),) = data.tokenize_rows(
+            [sample], fmt, tokenizer, cfg(system_prompt="Be brief.", train_on_prompt=True)
+        )
+        assert "Repeat the word stone." in decode_targets(tokenizer, ids, labels)
+        assert "Be brief" not in decode_targets(tokenizer, ids, labels)
 
 
 @pytest.mark.fast

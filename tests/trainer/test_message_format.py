@@ -8,13 +8,16 @@ byte, so every token's text is visible), in the side venv; torchtune is not impo
 
 from __future__ import annotations
 
+import functools
 import json
+from pathlib import Path
 
+import datasets
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from pkg.trainer import data, loss, tune
+from pkg.trainer import data, loss, preference, tune
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.errors import ConfigError, TrainerError
 
@@ -65,6 +68,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
 
 
+PHI3_TOKENS = ("<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPECIALS = {"llama3": tune.MESSAGE_TOKENS["llama3"], "chatml": tune.MESSAGE_TOKENS["chatml"]}
 BYTES = {c: b for b, c in bytes_to_unicode().items()}
 
@@ -144,10 +148,13 @@ def test_a_tokenizer_without_the_familys_tokens_is_refused_in_one_line():
         data.tokenize_rows([ALPACA_ROW], "alpaca", tokenizer, TrainConfig(message_format="llama3"))
 
 
-def test_plain_stays_the_default_and_dpo_refuses_the_others():
+def test_plain_stays_the_default_and_a_familys_template_needs_its_format():
     assert TrainConfig().message_format == "plain"
-    with pytest.raises(ConfigError, match="message_format llama3 applies to objective sft"):
-        TrainConfig(objective="dpo", message_format="llama3").validate()
+    TrainConfig(objective="dpo", message_format="llama3", prompt_template="grammar").validate()
+    with pytest.raises(ConfigError, match="prompt_template llama2_chat applies to a message_format other"):
+        TrainConfig(prompt_template="llama2_chat").validate()
+    with pytest.raises(ConfigError, match="prompt_template grammar applies to objective dpo with a message"):
+        TrainConfig(objective="dpo", prompt_template="grammar").validate()
 
 
 def model_folder(path, specials: tuple[str, ...]) -> str:
@@ -165,8 +172,14 @@ def model_folder(path, specials: tuple[str, ...]) -> str:
         ("lora_finetune_distributed", "llama3_2/1B_lora", SPECIALS["llama3"], "llama3"),
         ("full_finetune_distributed", "qwen2_5/0.5B_full", SPECIALS["chatml"], "chatml"),
         ("lora_finetune_distributed", "llama3_2/1B_lora", SPECIALS["chatml"], "plain"),  # not its tokens
-        ("lora_dpo_distributed", "llama3_1/8B_lora_dpo", SPECIALS["llama3"], "plain"),  # DPO: not done
-        ("lora_finetune_distributed", "llama2/7B_lora", SPECIALS["llama3"], "plain"),  # llama2: not done
+        ("lora_dpo_distributed", "llama3_1/8B_lora_dpo", SPECIALS["llama3"], "llama3"),
+        ("lora_finetune_distributed", "llama2/7B_lora", ("<s>", "</s>"), "llama2"),
+        ("lora_finetune_distributed", "mistral/7B_lora", ("<s>", "</s>"), "llama2"),
+        ("lora_finetune_distributed", "gemma/2B_lora", ("<bos>", "<eos>"), "llama2"),
+        ("lora_finetune_distributed", "gemma/2B_lora", ("<s>", "</s>"), "plain"),  # not Gemma's
+        ("lora_finetune_distributed", "phi3/mini_lora", PHI3_TOKENS, "phi3"),
+        ("lora_finetune_distributed", "phi4/14B_lora", ("<|im_start|>", "<|im_sep|>", "<|im_end|>"), "phi4"),
+        ("lora_finetune_distributed", "phi4/14B_lora", SPECIALS["chatml"], "plain"),  # no <|im_sep|>
         # Qwen2Tokenizer with a max_seq_len also masks the final EOS: not done
         (
             "full_finetune_distributed",
@@ -195,3 +208,117 @@ def test_tune_run_sets_the_format_from_tokenizer_component(
     assert cfg.message_format == expected
     if expected == "plain":
         assert "rows are rendered plain" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "config, template",
+    [
+        ("llama2/7B_lora", "llama2_chat"),  # not given: llama2_tokenizer's Llama2ChatTemplate
+        ("llama2/7B_lora tokenizer.prompt_template=null", ""),
+        ("mistral/7B_lora", "mistral_chat"),
+        (
+            "mistral/7B_lora tokenizer.prompt_template=torchtune.models.llama2.Llama2ChatTemplate",
+            "llama2_chat",
+        ),
+        ("gemma/2B_lora", ""),
+        ("phi3/mini_lora tokenizer.prompt_template=torchtune.data.SummarizeTemplate", "summarize"),
+    ],
+)
+def test_a_missing_prompt_template_is_the_tokenizers_default_and_null_is_none(tmp_path, config, template):
+    model = model_folder(tmp_path / "model", PHI3_TOKENS)
+    config, *more = config.split()
+    argv = ["run", "lora_finetune_distributed", "--config", config, f"checkpointer.checkpoint_dir={model}"]
+    cfg, _ = tune.translate(tune.parse_command([*argv, *more]), 1)
+    assert cfg.prompt_template == template
+
+
+def test_mistrals_template_with_a_system_prompt_is_refused_as_torchtune_fails_on_it(tmp_path):
+    model = model_folder(tmp_path / "model", ("<s>", "</s>"))
+    argv = ["run", "lora_finetune_distributed", "--config", "mistral/7B_lora",
+            f"checkpointer.checkpoint_dir={model}", "dataset=torchtune.datasets.instruct_dataset",
+            "dataset.source=json", "dataset.new_system_prompt=Hi"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"MistralChatTemplate .* takes no system message"):
+        tune.translate(tune.parse_command(argv), 1)
+    argv.append("tokenizer.prompt_template=null")
+    assert tune.translate(tune.parse_command(argv), 1)[0].system_prompt == "Hi"
+
+
+# ---------------------------------------------------------------- every family, against torchtune itself
+
+FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+CASES = json.loads((FIXTURES / "expected.json").read_text())
+
+
+@functools.cache
+def folder_tokenizer(name: str):
+    return AutoTokenizer.from_pretrained(str(FIXTURES / name))  # as the trainer loads a model folder
+
+
+def case_id(case: dict) -> str:
+    family = case["component"].rsplit(".", 1)[-1].removesuffix("_tokenizer")
+    return f"{family}-{case['case']}-{str(case['prompt_template']).rsplit('.', 1)[-1]}"
+
+
+def case_config(case: dict) -> TrainConfig:
+    """The settings tune run makes of the case's tokenizer and dataset keys."""
+    tt = {"tokenizer._component_": case["component"]}
+    if case["prompt_template"] != "missing":  # not given: the tokenizer's default
+        tt["tokenizer.prompt_template"] = case["prompt_template"]
+    system = case["new_system_prompt"] or ""
+    dpo = case["format"] == "preference"
+    tokenizer = tune.tokenizer_settings(tt, str(FIXTURES / case["tokenizer"]), dpo, {"system_prompt": system})
+    return TrainConfig(
+        **tokenizer,
+        train_on_prompt=case["train_on_input"],
+        system_prompt=system,
+        max_seq_length=case["max_seq_len"] or 1024,
+        alpaca_preamble=True,
+        objective="dpo" if dpo else "sft",
+    ).validate()
+
+
+def rendered(case: dict):
+    tokenizer, cfg = folder_tokenizer(case["tokenizer"]), case_config(case)
+    if case["format"] == "preference":
+        [record], _, _ = preference.tokenize_pairs(datasets.Dataset.from_list([case["row"]]), tokenizer, cfg)
+        return record
+    [(ids, labels)] = data.tokenize_rows([case["row"]], case["format"], tokenizer, cfg)
+    return ids, labels
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_rows_render_as_torchtune_0_6_1_renders_them(case):
+    """scripts/gen_format_fixtures.py ran torchtune's dataset transform and tokenize_messages on each row,
+    with the tokenizer files of the model folder the trainer reads here."""
+    if "error" in case:  # MistralChatTemplate and a system message: tune run refuses, or the row does
+        with pytest.raises(
+            (ConfigError, TrainerError), match=r"MistralChatTemplate.* takes no system message"
+        ):
+            rendered(case)
+        return
+    if case["format"] != "preference":
+        ids, labels = rendered(case)
+        assert ids == case["tokens"]
+        assert labels[1:] == case["labels"][1:]  # the first token is never a target here (packing)
+        return
+    record = rendered(case)
+    for key in ("chosen", "rejected"):
+        tokens, labels = case[key]["tokens"], case[key]["labels"]
+        trained = [k for k, label in enumerate(labels) if label != loss.IGNORE_INDEX]
+        # the prompt: the tokens before the first target; the response: up to the last target (the tokens
+        # after it are no target and predict none)
+        assert record["prompt_ids"] == tokens[: trained[0]]
+        assert record[f"{key}_ids"] == tokens[trained[0] : trained[-1] + 1]
+
+
+def test_a_tokenizer_json_that_always_writes_sentencepieces_leading_space_renders_the_same():
+    """Hub folders converted before transformers' Metaspace (a Prepend("▁") normalizer, as Llama-2's): loaded
+    as a plain PreTrainedTokenizerFast they keep it, and the ids are sentencepiece's all the same."""
+    legacy = Tokenizer.from_file(str(FIXTURES / "spm" / "tokenizer.json"))
+    legacy.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    legacy.pre_tokenizer = pre_tokenizers.Sequence([])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=legacy, bos_token="<s>", eos_token="</s>")
+    for case in CASES:
+        if case["tokenizer"] == "spm" and case["format"] == "messages" and "error" not in case:
+            [(ids, _)] = data.tokenize_rows([case["row"]], "messages", tokenizer, case_config(case))
+            assert ids == case["tokens"]

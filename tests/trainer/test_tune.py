@@ -457,3 +457,27 @@ def test_readme_configmap_config_file_from_the_sdk(tmp_path, capsys):
         "/workspace/output",
         "/workspace/dataset",
     )
+
+
+def test_a_llama2_config_trains_on_rows_in_llama2s_own_format(tmp_path, tiny_model, alpaca_data, monkeypatch):
+    """tune run's settings for llama2/7B_lora (llama2_tokenizer, alpaca_dataset), trained in this process: the
+    samples are torchtune's Llama2Tokenizer rendering (BOS, [INST] ... [/INST], the response, EOS)."""
+    from pkg.trainer import data_cache
+    from pkg.trainer.__main__ import main
+    from pkg.trainer.model import load_tokenizer
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    argv = ["run", "lora_finetune_distributed", "--config", "llama2/7B_lora", f"output_dir={tmp_path}",
+            f"checkpointer.checkpoint_dir={tiny_model}", "checkpointer.checkpoint_files=[model.safetensors]",
+            f"dataset.data_dir={alpaca_data}", "epochs=1", "max_steps_per_epoch=2", "batch_size=4",
+            "tokenizer.max_seq_len=256"]  # fmt: skip
+    cfg, _ = tune.translate(tune.parse_command(argv), 1)
+    assert (cfg.message_format, cfg.prompt_template) == ("llama2", "llama2_chat")
+    assert main(tune.trainer_args(cfg)) == 0
+    [cache] = (tmp_path / "cache").glob("tokenized-*")
+    record = data_cache.read_cache(cache)["train"][0]
+    text = load_tokenizer(str(tiny_model)).decode(record["input_ids"])
+    # each piece encoded apart, without its trailing spaces (this byte-level vocabulary has no dummy prefix)
+    assert text.startswith("<s>[INST]Below is an instruction") and text.endswith("</s>")
+    assert "### Response:\n [/INST]" in text
