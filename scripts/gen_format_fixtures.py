@@ -9,13 +9,16 @@ tests/trainer/fixtures/formats/:
 - tiny tokenizers trained here, each a model folder as the trainer reads it (tokenizer.json and
   tokenizer_config.json, converted by transformers the way Hub folders were) plus the files torchtune reads:
   `spm` (a Llama-style SentencePiece model: byte fallback, a dummy prefix), `gemma` (no dummy prefix),
-  `phi3` (spm with Phi-3's special tokens), `bpe` (byte-level BPE: vocab.json and merges.txt, Phi-4's tokens);
+  `phi3` (spm with Phi-3's special tokens), `bpe` (byte-level BPE: vocab.json and merges.txt, Phi-4's tokens),
+  `qwen` and `llama3` (the same BPE with Qwen's and Llama 3's tokens and word patterns; Llama 3's also as
+  a tiktoken file);
 - expected.json: per case, the family, the row, the settings, and what torchtune's dataset transform and
   tokenize_messages made of them (tokens and labels, or the error torchtune raised).
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torchtune.data import (
     AlpacaToMessages,
     ChosenRejectedToMessages,
@@ -32,9 +35,14 @@ from torchtune.data import (
 )
 from torchtune.models.gemma import gemma_tokenizer
 from torchtune.models.llama2 import llama2_tokenizer
+from torchtune.models.llama3 import llama3_tokenizer
+from torchtune.models.llama3._tokenizer import CL100K_PATTERN
 from torchtune.models.mistral import mistral_tokenizer
 from torchtune.models.phi3 import phi3_mini_tokenizer
 from torchtune.models.phi4 import phi4_tokenizer
+from torchtune.models.qwen2._tokenizer import PRETOKENIZE_REGEX as QWEN_PATTERN
+from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+from torchtune.modules.transforms.tokenizers._gpt2 import bytes_to_unicode
 from transformers import AutoTokenizer, GemmaTokenizer, LlamaTokenizer
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "trainer" / "fixtures" / "formats"
@@ -49,6 +57,10 @@ CORPUS = [
 ]  # fmt: skip
 PHI3_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 PHI4_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|dummy_85|>"]
+QWEN_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+LLAMA3_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                 "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>", "<|finetune_right_pad_id|>",
+                 "<|step_id|>"]  # fmt: skip
 
 
 def train_spm(dummy_prefix: bool, ids: dict[str, int], pieces: dict[str, str]) -> bytes:
@@ -96,6 +108,37 @@ def bpe_folder() -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 64}')
     return folder
+
+
+def bpe_variant(name: str, specials: list[str], pattern: str, config: dict) -> Path:
+    """The byte-level BPE of bpe_folder with another family's special tokens and word pattern (as its Hub
+    folders split words: a Split on the pattern, then bytes), e.g. Qwen's or Llama 3's."""
+    folder = OUT / name
+    folder.mkdir(parents=True)
+    for file in ("vocab.json", "merges.txt"):
+        shutil.copy(OUT / "bpe" / file, folder / file)
+    tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                         ignore_merges=name == "llama3"))  # fmt: skip
+    split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([split, to_bytes])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 64}')
+    return folder
+
+
+def tiktoken_file(folder: Path) -> Path:
+    """Llama 3's tokenizer.model: every vocabulary entry's bytes (base64) and rank (its id, the order the
+    BPE learned it in)."""
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    vocab = json.loads((folder / "vocab.json").read_text())
+    lines = [f"{base64.b64encode(bytes(byte_of[c] for c in token)).decode()} {rank}"
+             for token, rank in sorted(vocab.items(), key=lambda kv: kv[1])]  # fmt: skip
+    (folder / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    return folder / "tokenizer.model"
 
 
 # ---------------------------------------------------------------- cases
@@ -153,9 +196,21 @@ def main() -> None:
     gemma_dir = spm_folder("gemma", train_spm(False, gemma_ids, gemma_pieces), GemmaTokenizer)
     phi3_dir = spm_folder("phi3", (spm_dir / "tokenizer.model").read_bytes(), LlamaTokenizer, PHI3_TOKENS)
     bpe_dir = bpe_folder()
-    for folder in (spm_dir, gemma_dir, phi3_dir, bpe_dir):
+    qwen_dir = bpe_variant("qwen", QWEN_TOKENS, QWEN_PATTERN,
+                           {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>"})  # fmt: skip
+    llama3_dir = bpe_variant("llama3", LLAMA3_TOKENS, CL100K_PATTERN,
+                             {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+                              "eos_token": "<|eot_id|>"})  # fmt: skip
+    tiktoken_file(llama3_dir)
+    for folder in (spm_dir, gemma_dir, phi3_dir, bpe_dir, qwen_dir, llama3_dir):
         AutoTokenizer.from_pretrained(str(folder))  # loads as the trainer loads it
     families = {  # tokenizer._component_: the model folder, the builder on the files torchtune reads
+        llama3_tokenizer: (llama3_dir, lambda **kw: llama3_tokenizer(
+            str(llama3_dir / "tokenizer.model"), special_tokens_path=str(llama3_dir / "tokenizer.json"),
+            **kw)),
+        qwen2_5_tokenizer: (qwen_dir, lambda **kw: qwen2_5_tokenizer(
+            str(qwen_dir / "vocab.json"), str(qwen_dir / "merges.txt"),
+            special_tokens_path=str(qwen_dir / "tokenizer.json"), **kw)),
         llama2_tokenizer: (spm_dir, lambda **kw: llama2_tokenizer(str(spm_dir / "tokenizer.model"), **kw)),
         mistral_tokenizer: (spm_dir, lambda **kw: mistral_tokenizer(str(spm_dir / "tokenizer.model"), **kw)),
         gemma_tokenizer: (gemma_dir, lambda **kw: gemma_tokenizer(str(gemma_dir / "tokenizer.model"), **kw)),

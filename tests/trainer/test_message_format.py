@@ -261,7 +261,7 @@ def case_id(case: dict) -> str:
 
 def case_config(case: dict) -> TrainConfig:
     """The settings tune run makes of the case's tokenizer and dataset keys."""
-    tt = {"tokenizer._component_": case["component"]}
+    tt = {"tokenizer._component_": case["component"], "tokenizer.max_seq_len": case["max_seq_len"]}
     if case["prompt_template"] != "missing":  # not given: the tokenizer's default
         tt["tokenizer.prompt_template"] = case["prompt_template"]
     system = case["new_system_prompt"] or ""
@@ -295,6 +295,9 @@ def test_rows_render_as_torchtune_0_6_1_renders_them(case):
             (ConfigError, TrainerError), match=r"MistralChatTemplate.* takes no system message"
         ):
             rendered(case)
+        return
+    if case["max_seq_len"] and "qwen" in case["component"]:  # Qwen's EOS then never trained: not rendered
+        assert case_config(case).message_format == "plain"
         return
     if case["format"] != "preference":
         ids, labels = rendered(case)
