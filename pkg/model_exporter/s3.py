@@ -1,19 +1,30 @@
-"""S3 destination: parallel multipart uploads with bounded memory, verified, resumable, a manifest last.
+"""S3 destination: parallel uploads with bounded memory, verified, resumable, a manifest last.
 
-- Credentials, region, endpoint, STS role, redaction and the mapping of botocore errors to retries or
-  one-line messages are the initializers' (`S3Source`): one S3 client setup for both directions.
-- Every file at or under the part size is one PutObject; a larger one is a multipart upload whose parts go to
-  the worker threads with every other file's. A part streams from the file (`FileSlice`), so memory does not
-  grow with the part size or the number of workers (botocore reads the body in blocks).
-- Each request carries the MD5 of what it sends (Content-MD5: the server refuses a body that does not match),
-  each answer's ETag is compared with it, and the completed object's ETag with the MD5 of the part MD5s
-  (or, on stores that give a multipart object its plain MD5, with that).
+- Credentials, region, endpoint, STS role, redaction, the HTTP pool and the SigV4 signer are the
+  initializers' (`S3Source`): one S3 setup for both directions. Object bodies (PutObject, UploadPart) go
+  through that pool, signed by that signer; on a plain connection they leave the page cache with sendfile,
+  never copied through Python. The multipart calls (create, list, complete, abort) and the manifest go
+  through botocore.
+- Every file at or under the part size is one PutObject; a larger one is a multipart upload whose parts go
+  to the worker threads with every other file's. Memory does not grow with the part size or the workers.
+- A body is read once before it is sent, for every checksum it needs at once: its CRC32
+  (x-amz-checksum-crc32), its SHA-256 when SigV4 signs it (plain HTTP; over TLS the body is left out of
+  the signature, as botocore does), and its MD5 when the store does not verify checksums itself.
+- Which check guards the bytes is decided per export by a probe, a tiny object sent with a wrong CRC32
+  (`_probe`): a store that refuses it (AWS S3, MinIO, ...) verifies every request's CRC32 and refuses a
+  body that does not match, and a multipart object's composite CRC32 is compared with ours at completion.
+  A store that takes it (moto, rclone serve s3, ...) checks nothing: then each answer's ETag, the MD5 of
+  what the store received, is compared with the MD5 of what was sent (a mismatch is sent again), and a
+  completed object's ETag with the MD5 of its parts' MD5s (or, on stores that give a multipart object its
+  plain MD5, with that); an ETag there that is no MD5 (an encrypted object) cannot be checked, and the
+  export is refused. A store that refuses the header whatever its value gets none, and the MD5 check.
 - Resume: objects already at the destination with the same size and MD5 (single or multipart form) are
   skipped; for a large file, an unfinished multipart upload of its key (ListMultipartUploads) is continued:
-  the parts it holds whose size and ETag match the file's are kept, the others sent again.
-- The manifest (`.model-exporter/manifest.json` under the prefix: every file with its size and MD5, and the
-  run's summary) is removed before anything is written and put back last, so a reader that waits for it
-  never takes a half-export for a complete one.
+  the parts it holds whose size and checksum (ETag or CRC32) match the file's are kept, the others sent
+  again.
+- The manifest (`.model-exporter/manifest.json` under the prefix: every file with its size and ETag, and
+  the run's summary) is removed before anything is written and put back last, so a reader that waits for
+  it never takes a half-export for a complete one.
 """
 
 from __future__ import annotations
@@ -21,22 +32,25 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import io
 import json
 import os
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import botocore.exceptions
 
-from pkg.initializers.errors import InitializerError, TransientError
+from pkg.initializers.errors import InitializerError, TransientError, parse_retry_after, tls_answer
 from pkg.initializers.progress import Progress, human_bytes, log
 from pkg.initializers.sources.base import RemoteFile
+from pkg.initializers.sources.http import TRANSIENT_CODES, USER_AGENT, FileRange, error_code, open_reply
 from pkg.initializers.sources.s3 import S3Source
+from pkg.initializers.sources.sigv4 import UNSIGNED_PAYLOAD
 from pkg.initializers.transfer import retry
 from pkg.initializers.uri import S3Uri
 
@@ -45,69 +59,65 @@ from .outputs import LocalFile, Selection, md5_of
 
 T = TypeVar("T")
 MANIFEST = ".model-exporter/manifest.json"
+PROBE = ".model-exporter/checksum-probe"
 MAX_PARTS = 10_000  # S3's limit per multipart upload
-# Half the downloads' 16 MiB: a part is sent once its MD5 is known, and smaller parts keep more of them in
-# flight (bench/bench_exporter.py: 16 MiB parts were 0.55-0.75x `aws s3 sync`, 8 MiB about even).
+# Half the downloads' 16 MiB, as aws-cli: a part is sent once its checksums are known, and smaller parts
+# keep more of them in flight (bench/bench_exporter.py: 16 MiB parts were 0.55-0.75x `aws s3 sync`).
 UPLOAD_PART_SIZE = 8 * 1024 * 1024
+READ_BLOCK = 1024 * 1024  # per worker, while a body's checksums are computed
 _WRITE_DENIED = {"AccessDenied", "Forbidden", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+# What stores answer a body whose checksum (CRC32, Content-MD5, SigV4 SHA-256) does not match it.
+_MISMATCH = {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"}
 
 
-class FileSlice(io.RawIOBase):
-    """Bytes [start, start + length) of a file as a seekable stream: a part is read from disk as botocore
-    sends it (and as it hashes it for the signature), never held whole."""
+@dataclass(frozen=True)
+class Digests:
+    """The checksums of one body, from one read of it."""
 
-    def __init__(self, path: Path, start: int, length: int):
-        super().__init__()
-        self._fd = os.open(path, os.O_RDONLY)
-        self._start, self._length, self._pos = start, length, 0
+    crc32: int
+    md5: bytes | None  # when the store does not verify checksums
+    sha256: str | None  # hex, when SigV4 signs the body (plain HTTP)
 
-    def readable(self) -> bool:
-        return True
+    @property
+    def crc32_b64(self) -> str:
+        return _b64_crc(self.crc32)
 
-    def seekable(self) -> bool:
-        return True
 
-    def __len__(self) -> int:
-        return self._length
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = min(max(base + offset, 0), self._length)
-        return self._pos
-
-    def read(self, size: int = -1) -> bytes:
-        left = self._length - self._pos
-        size = left if size is None or size < 0 else min(size, left)
-        if size <= 0:
-            return b""
-        data = os.pread(self._fd, size, self._start + self._pos)
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-        super().close()
+def digests_of(path: Path, start: int, length: int, md5: bool, sha256: bool) -> Digests:
+    """The CRC32 (and MD5, SHA-256 if asked) of `length` bytes of `path` from `start`, read once."""
+    crc = 0
+    md5_hash = hashlib.md5(usedforsecurity=False) if md5 else None
+    sha_hash = hashlib.sha256() if sha256 else None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset, end = start, start + length
+        while offset < end:
+            block = os.pread(fd, min(READ_BLOCK, end - offset), offset)
+            if not block:
+                raise InitializerError(
+                    f"{path} shrank while it was being exported; rerun once it is complete"
+                )
+            crc = zlib.crc32(block, crc)
+            if md5_hash:
+                md5_hash.update(block)
+            if sha_hash:
+                sha_hash.update(block)
+            offset += len(block)
+    finally:
+        os.close(fd)
+    return Digests(crc, md5_hash.digest() if md5_hash else None, sha_hash.hexdigest() if sha_hash else None)
 
 
 @dataclass
 class _Upload:
-    """One file's multipart upload: its id, and the ETag of each part once it is on the server."""
+    """One file's multipart upload: its id, and each part's ETag and checksums once it is on the server."""
 
     file: LocalFile
     key: str
     part_size: int
     upload_id: str = ""
     etags: dict[int, str] = field(default_factory=dict)
-    md5s: dict[int, bytes] = field(default_factory=dict)
+    digests: dict[int, Digests] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -131,15 +141,19 @@ class S3Export:
         assert isinstance(uri, S3Uri)
         self.uri = uri
         self.tuning = config.shared.tuning
-        # Content-MD5 is each request's checksum; botocore's default CRC32 on top would be a third hash of
-        # every byte (with the SigV4 payload hash), for nothing the MD5 does not already check.
+        # botocore sends no object bodies here (the manifest carries its Content-MD5): its default CRC32 of
+        # every request body would be a hash for nothing.
         os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
-        self.source = S3Source(uri, config.shared)  # credentials, region, endpoint, listing, errors
+        self.source = S3Source(uri, config.shared)  # credentials, region, endpoint, signing, pool, errors
         prefix = uri.prefix
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.bucket = uri.bucket
         self.progress: Progress | None = None
         self._cancel = threading.Event()
+        # What `_probe` finds the store checks, and so what each body carries:
+        self.crc_header = True  # x-amz-checksum-crc32 (unless the store refuses it)
+        self.store_verifies = False  # the store refuses a body whose CRC32 does not match (else: MD5s)
+        self.sign_payload = True  # its SHA-256 in the signature (plain HTTP, where the store checks it)
 
     @property
     def client(self) -> Any:
@@ -192,6 +206,8 @@ class S3Export:
         if skipped:
             log(f"resuming: {skipped} files already at {self.location()} with the same size and checksum")
         total = sum(f.size for f in todo)
+        if todo:
+            self._probe()
         log(f"uploading {len(todo)} files ({human_bytes(total)}) to {self.location()}")
         self.progress = Progress(len(todo), total, self.tuning.progress_interval).start()
         try:
@@ -226,6 +242,53 @@ class S3Export:
             f"removing the previous manifest {self.location(MANIFEST)}",
         )
 
+    def _probe(self) -> None:
+        """Find out once what the store checks, with a tiny object sent with one wrong value at a time:
+        - a wrong x-amz-checksum-crc32 is refused by a store that verifies it (then that is the check of
+          every body) and taken by one that does not (then our MD5s check the ETags it answers); a store
+          that refuses even the right one gets none;
+        - over plain HTTP, a wrong signed SHA-256 of the body is refused by a store that verifies it (then
+          every body is signed, as botocore does, against tampering on the way) and taken by one that does
+          not: hashing every body for a signature nobody checks would cost more than the upload itself, so
+          bodies go unsigned there (if the store takes UNSIGNED-PAYLOAD), the MD5 check still in place."""
+        key, data = self.prefix + PROBE, b"checksum probe\n"
+        url, what = self._url(key), f"writing {self.location(PROBE)}"
+        plain = url.startswith("http:")
+        crc, sha = zlib.crc32(data), hashlib.sha256(data).hexdigest()
+
+        def taken(crc32: int | None, payload: str) -> bool:
+            headers = {"Content-Length": str(len(data))}
+            if crc32 is not None:
+                headers["x-amz-checksum-crc32"] = _b64_crc(crc32)
+            status, answer, headers = self._put_once(url, headers, payload, data, what)
+            code = error_code(answer)
+            if status < 300:
+                return True
+            if status == 400 or code in _MISMATCH or (payload != sha and code == "SignatureDoesNotMatch"):
+                return False
+            raise self._refused(status, code, answer, url, what, headers.get("Retry-After"))
+
+        def ask(crc32: int | None, payload: str) -> bool:
+            return self._call(lambda: taken(crc32, payload), what)
+
+        payload = sha if plain else UNSIGNED_PAYLOAD
+        ignored = ask(crc ^ 0xFFFFFFFF, payload)
+        self.store_verifies = not ignored and ask(crc, payload)
+        self.crc_header = ignored or self.store_verifies
+        header = crc if self.crc_header else None
+        self.sign_payload = plain and not (ask(header, "0" * 64) and ask(header, UNSIGNED_PAYLOAD))
+        self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=key), f"removing {key}")
+        if self.store_verifies:
+            checks = "it verifies x-amz-checksum-crc32: every body carries its CRC32"
+        else:
+            checks = (
+                "it verifies no checksum: every ETag it answers is checked against the MD5 of what was sent"
+            )
+        if plain:
+            signed = "signed" if self.sign_payload else "unsigned (the store does not check their signature)"
+            checks += f"; bodies over plain HTTP go {signed}"
+        log(f"S3 at {self.source._where()}: {checks}")
+
     def _same(self, f: LocalFile, found: RemoteFile, part_size: int) -> str | None:
         """The object's ETag when it holds `f` already (same size and MD5, in the form the store gave)."""
         if found.size != f.size:
@@ -247,19 +310,21 @@ class S3Export:
         small = [f for f in files if f.size <= part_size]
         with ThreadPoolExecutor(self.tuning.concurrency, thread_name_prefix="upload") as pool:
             # Starting (or finding) the multipart uploads is quick; their parts then share the workers with
-            # the small files. Tasks are submitted as the workers take them, so memory stays flat.
+            # the small files, one file's parts after the other's, and the worker that sends a file's last
+            # part completes it: the store assembles one object while the next one's parts arrive (and on
+            # stores that give a multipart object its plain MD5, the check reads the file meanwhile). Tasks
+            # are submitted as the workers take them, so memory stays flat.
             tasks: list[Callable[[], None]] = []
             for upload in uploads:
                 self._start(upload)
-                for number in range(1, upload.count + 1):
-                    if number not in upload.etags:
-                        tasks.append(lambda u=upload, n=number: self._send_part(u, n))
+                missing = [n for n in range(1, upload.count + 1) if n not in upload.etags]
+                for number in missing:
+                    tasks.append(lambda u=upload, n=number: self._send_part(u, n, results))
+                if not missing:
+                    tasks.append(lambda u=upload: results.__setitem__(u.file.path, self._complete(u)))
             for f in small:
                 tasks.append(lambda f=f: results.__setitem__(f.path, self._put(f)))
             self._run(pool, tasks)
-            # In parallel: on stores that give a multipart object its plain MD5, checking it reads the file.
-            for upload, entry in zip(uploads, pool.map(self._complete, uploads), strict=True):
-                results[upload.file.path] = entry
         return results
 
     def _run(self, pool: ThreadPoolExecutor, tasks: list[Callable[[], None]]) -> None:
@@ -287,25 +352,93 @@ class S3Export:
             task()
 
     def _put(self, f: LocalFile) -> dict[str, Any]:
-        digest = md5_of(f.source).digest()
-        what = f"uploading {self.location(f.path)}"
-
-        def put() -> Any:
-            with FileSlice(f.source, 0, f.size) as body:
-                return self.client.put_object(
-                    Bucket=self.bucket,
-                    Key=self.prefix + f.path,
-                    Body=body,
-                    ContentMD5=base64.b64encode(digest).decode(),
-                )
-
-        etag = _etag(self._call(put, what))
-        if _is_md5(etag) and etag != digest.hex():
-            raise InitializerError(f"{what}: the store answered ETag {etag!r}, not the file's MD5; rerun")
+        etag, _ = self._send(self.prefix + f.path, "", f.source, 0, f.size)
         assert self.progress is not None
         self.progress.add_bytes(f.size)
         self.progress.file_done()
-        return {"path": f.path, "size": f.size, "etag": digest.hex()}
+        return {"path": f.path, "size": f.size, "etag": etag}
+
+    def _url(self, key: str) -> str:
+        return f"{self.source.base_url}/{quote(key, safe='/~')}"
+
+    def _put_once(
+        self, url: str, headers: dict[str, str], payload: str, body: FileRange | bytes, what: str
+    ) -> tuple[int, bytes, Any]:
+        """One signed PUT (`payload`: the body's SHA-256, or UNSIGNED_PAYLOAD): the status, the start of the
+        answer's body and its headers. 429 and 5xx raise TransientError."""
+        sent = {**self.source.sign(url, headers, "PUT", payload), "User-Agent": USER_AGENT}
+        reply = open_reply(self.source.http, url, sent, what, put=body)
+        complete = False
+        try:
+            answer = reply.read(64 * 1024)
+            complete = True
+        finally:
+            reply.finish(complete)
+        return reply.status, answer, reply.headers
+
+    def _send(self, key: str, query: str, path: Path, start: int, length: int) -> tuple[str, Digests]:
+        """PUT bytes [start, start + length) of `path` at `key` (`query`: a part's), checked as `_probe`
+        decided; returns the answer's ETag and the body's checksums."""
+        url = self._url(key) + query
+        what = f"uploading {self.location(key.removeprefix(self.prefix))}"
+        if query:
+            what += f" part {query.split('=')[1].split('&')[0]}"
+        digests = digests_of(path, start, length, md5=not self.store_verifies, sha256=self.sign_payload)
+        headers = {"Content-Length": str(length)}
+        if self.crc_header:
+            headers["x-amz-checksum-crc32"] = digests.crc32_b64
+
+        damaged = False  # the store holds a damaged copy: some stores (rclone) cannot take a part again
+
+        def once() -> str:
+            nonlocal damaged
+            with FileRange(path, start, length) as body:
+                status, answer, got = self._put_once(
+                    url, headers, digests.sha256 or UNSIGNED_PAYLOAD, body, what
+                )
+            if status == 501 and damaged and query:
+                raise InitializerError(
+                    f"{what}: the store received something else and cannot take the part again (HTTP 501); "
+                    "rerun: the file's upload starts over"
+                )
+            if status >= 300:
+                raise self._refused(status, error_code(answer), answer, url, what, got.get("Retry-After"))
+            etag, echoed = str(got.get("ETag") or "").strip('"'), got.get("x-amz-checksum-crc32")
+            if self.crc_header and echoed and echoed != digests.crc32_b64:
+                raise TransientError(
+                    f"{what}: the store answered CRC32 {echoed}, not the body's; sending again"
+                )
+            if not self.store_verifies:
+                if not _is_md5(etag):
+                    raise InitializerError(
+                        f"{what}: the store verifies no checksum and its ETag {etag[:40]!r} is not an MD5 "
+                        "(an encrypted bucket?): the upload cannot be verified; use a store that checks "
+                        "x-amz-checksum-crc32 (AWS S3, MinIO) or unencrypted objects"
+                    )
+                if digests.md5 is not None and etag != digests.md5.hex():
+                    damaged = True
+                    raise TransientError(
+                        f"{what}: the store received something else (ETag {etag}); sending again"
+                    )
+            return etag
+
+        return self._call(once, what), digests
+
+    def _refused(
+        self, status: int, code: str, answer: bytes, url: str, what: str, retry_after: str | None = None
+    ) -> Exception:
+        """The error for an error answer to a PUT: retried when it may pass (a body damaged on the way, 429,
+        5xx, throttling), else one line saying what to fix."""
+        if wrong := tls_answer(status, answer, url):
+            return wrong
+        if code in TRANSIENT_CODES or code in _MISMATCH or status == 429 or (status >= 500 and status != 501):
+            return TransientError(f"{what}: {code or 'HTTP'} (HTTP {status})", parse_retry_after(retry_after))
+        if code in _WRITE_DENIED or status in (401, 403):
+            return InitializerError(
+                f"S3 denied {what} ({code or status}): check ACCESS_KEY_ID / SECRET_ACCESS_KEY / ROLE_ARN "
+                f"and that the credentials may write to {self.location()}"
+            )
+        return self.source._client_error(code or str(status), status, what, f"HTTP {status}")
 
     # -- multipart ------------------------------------------------------------------------------------------
     def _start(self, upload: _Upload) -> None:
@@ -316,12 +449,23 @@ class S3Export:
         if found:
             upload.upload_id = found
             kept = 0
-            for number, (size, etag) in self._parts(upload).items():
+            for number, (size, etag, crc) in self._parts(upload).items():
+                digests = None
                 if 1 <= number <= upload.count and size == upload.span(number)[1]:
-                    digest = md5_of(upload.file.source, *upload.span(number)).digest()
-                    if etag == digest.hex():
-                        upload.etags[number], upload.md5s[number] = etag, digest
-                        kept += size
+                    digests = digests_of(upload.file.source, *upload.span(number), md5=True, sha256=False)
+                if not digests or not (
+                    (digests.md5 and etag == digests.md5.hex()) or crc == digests.crc32_b64
+                ):
+                    # A part that is not the file's (damaged, or another file's): some stores (rclone) cannot
+                    # take a part again, so this upload is left (and aborted once a new one completes).
+                    log(f"not resuming the unfinished upload of {what}: its part {number} is not the file's")
+                    upload.etags.clear()
+                    upload.digests.clear()
+                    found, kept = None, 0
+                    break
+                upload.etags[number], upload.digests[number] = etag, digests
+                kept += size
+        if found:
             if kept:
                 done = f"{human_bytes(kept)} of {human_bytes(upload.file.size)}"
                 log(f"resuming the unfinished upload of {what}: {done} already uploaded")
@@ -329,7 +473,9 @@ class S3Export:
                 self.progress.total_bytes -= kept
             return
         answer = self._call(
-            lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=upload.key),
+            lambda: self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=upload.key, **self._algorithm
+            ),
             f"starting the upload of {what}",
         )
         upload.upload_id = answer["UploadId"]
@@ -340,6 +486,9 @@ class S3Export:
             lambda: self._list_uploads(key), f"listing unfinished uploads of s3://{self.bucket}/{key}"
         )
         uploads = [u for u in answer.get("Uploads", []) if u.get("Key") == key and u.get("UploadId")]
+        # One started with another checksum setting cannot take these parts (stores that list none: any).
+        algorithm = self._algorithm.get("ChecksumAlgorithm")
+        uploads = [u for u in uploads if u.get("ChecksumAlgorithm", algorithm) == algorithm]
         uploads.sort(key=lambda u: str(u.get("Initiated", "")))
         return uploads[-1]["UploadId"] if uploads else None
 
@@ -351,8 +500,14 @@ class S3Export:
                 return {}
             raise
 
-    def _parts(self, upload: _Upload) -> dict[int, tuple[int, str]]:
-        parts: dict[int, tuple[int, str]] = {}
+    @property
+    def _algorithm(self) -> dict[str, str]:
+        """A multipart upload's checksum setting: the parts' CRC32s, which S3 then combines at completion."""
+        return {"ChecksumAlgorithm": "CRC32"} if self.crc_header else {}
+
+    def _parts(self, upload: _Upload) -> dict[int, tuple[int, str, str | None]]:
+        """Each uploaded part's size, ETag and CRC32 (when the store lists one)."""
+        parts: dict[int, tuple[int, str, str | None]] = {}
         marker = 0
         while True:
             answer = self._call(
@@ -362,38 +517,31 @@ class S3Export:
                 f"listing the uploaded parts of s3://{self.bucket}/{upload.key}",
             )
             for p in answer.get("Parts", []):
-                parts[int(p["PartNumber"])] = (int(p["Size"]), _etag(p))
+                parts[int(p["PartNumber"])] = (int(p["Size"]), _etag(p), p.get("ChecksumCRC32"))
             if not answer.get("IsTruncated") or not answer.get("NextPartNumberMarker"):
                 return parts
             marker = int(answer["NextPartNumberMarker"])
 
-    def _send_part(self, upload: _Upload, number: int) -> None:
+    def _send_part(self, upload: _Upload, number: int, results: dict[str, dict[str, Any]]) -> None:
+        """Send one part; the last one to land completes the upload."""
         start, length = upload.span(number)
-        digest = md5_of(upload.file.source, start, length).digest()
-        what = f"uploading part {number}/{upload.count} of s3://{self.bucket}/{upload.key}"
-
-        def send() -> Any:
-            with FileSlice(upload.file.source, start, length) as body:
-                return self.client.upload_part(
-                    Bucket=self.bucket,
-                    Key=upload.key,
-                    UploadId=upload.upload_id,
-                    PartNumber=number,
-                    Body=body,
-                    ContentMD5=base64.b64encode(digest).decode(),
-                )
-
-        etag = _etag(self._call(send, what))
-        if _is_md5(etag) and etag != digest.hex():
-            raise InitializerError(f"{what}: the store answered ETag {etag!r}, not the part's MD5; rerun")
+        query = f"?partNumber={number}&uploadId={quote(upload.upload_id, safe='-_.~')}"
+        etag, digests = self._send(upload.key, query, upload.file.source, start, length)
         with upload.lock:
-            upload.etags[number], upload.md5s[number] = digest.hex(), digest
+            upload.etags[number], upload.digests[number] = etag, digests
+            last = len(upload.etags) == upload.count
         assert self.progress is not None
         self.progress.add_bytes(length)
+        if last:
+            results[upload.file.path] = self._complete(upload)
 
     def _complete(self, upload: _Upload) -> dict[str, Any]:
         what = f"s3://{self.bucket}/{upload.key}"
-        parts = [{"PartNumber": n, "ETag": f'"{upload.etags[n]}"'} for n in range(1, upload.count + 1)]
+        numbers = range(1, upload.count + 1)
+        parts = [{"PartNumber": n, "ETag": f'"{upload.etags[n]}"'} for n in numbers]
+        if self.crc_header:
+            for part in parts:
+                part["ChecksumCRC32"] = upload.digests[int(part["PartNumber"])].crc32_b64
         answer = self._call(
             lambda: self.client.complete_multipart_upload(
                 Bucket=self.bucket,
@@ -403,15 +551,29 @@ class S3Export:
             ),
             f"completing the upload of {what}",
         )
-        expected = _etag_of_parts([upload.md5s[n] for n in range(1, upload.count + 1)])
         etag = _etag(answer)
-        # Stores such as rclone serve s3 give the whole object's plain MD5 instead of S3's multipart form.
-        if etag != expected and not (_is_md5(etag) and etag == md5_of(upload.file.source).hexdigest()):
+        if (
+            self.store_verifies
+        ):  # each part was checked; the store's CRC32 of their CRC32s says it has them all
+            crcs = b"".join(upload.digests[n].crc32.to_bytes(4, "big") for n in numbers)
+            expected = f"{_b64_crc(zlib.crc32(crcs))}-{upload.count}"
+            got = answer.get("ChecksumCRC32") or expected  # "<base64>-N", or without "-N" on some stores
+            wrong = got.split("-")[0] != expected.split("-")[0]
+            what_of = "the CRC32 of its parts' CRC32s"
+        else:
+            expected = _etag_of_parts([upload.digests[n].md5 or b"" for n in numbers])
+            got = etag
+            # Stores such as rclone serve s3 give the whole object's plain MD5 instead of S3's multipart form.
+            wrong = etag != expected and not (
+                _is_md5(etag) and etag == md5_of(upload.file.source).hexdigest()
+            )
+            what_of = "the MD5 of its parts' MD5s"
+        if wrong:
             with contextlib.suppress(Exception):
                 self.client.delete_object(Bucket=self.bucket, Key=upload.key)
             raise InitializerError(
-                f"{what}: the completed object's ETag {etag!r} is not {expected!r} (the MD5 of its parts' "
-                "MD5s): the store assembled something else; it was deleted, rerun"
+                f"{what}: the completed object's checksum {got!r} is not {expected!r} ({what_of}): the store "
+                "assembled something else; it was deleted, rerun"
             )
         self._abort_others(upload)
         assert self.progress is not None
@@ -434,6 +596,11 @@ class S3Export:
 
 def md5_of_bytes(data: bytes) -> bytes:
     return hashlib.md5(data, usedforsecurity=False).digest()
+
+
+def _b64_crc(crc: int) -> str:
+    """A CRC32 as S3 writes it: the 4 bytes, big-endian, in base64."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
 
 
 def _etag_of_parts(digests: list[bytes]) -> str:

@@ -335,7 +335,7 @@ def test_object_urls_and_signatures(bucket_name: str, region: str, endpoint: str
     source = open_source(load_config("dataset", env | ({"ENDPOINT": endpoint} if endpoint else {})))
     assert isinstance(source, S3Source)
     assert source.base_url == base_url
-    headers = source._sign(f"{base_url}/p/a%20b", {"Range": "bytes=0-9", "If-Match": '"etag"'})
+    headers = source.sign(f"{base_url}/p/a%20b", {"Range": "bytes=0-9", "If-Match": '"etag"'})
     auth = headers["Authorization"]
     assert f"/{region}/s3/aws4_request" in auth and "SignedHeaders=host;if-match;range;" in auth
     assert "secret-example" not in str(headers)

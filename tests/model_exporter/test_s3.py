@@ -1,6 +1,7 @@
 """Export to S3 on two servers (moto, `rclone serve s3`), through a fault proxy: verified multipart uploads,
-the manifest last, a rerun that uploads nothing, `kill -9` mid-upload then resume, and a destination that
-fails half-way (nothing looks complete)."""
+the manifest last, a rerun that uploads nothing, `kill -9` mid-upload then resume, a destination that
+fails half-way (nothing looks complete), and bodies damaged on the way, caught by the store (the proxy
+verifying CRC32s as AWS does) or by the ETag check (the servers alone check nothing)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import signal
 import time
 import uuid
 from pathlib import Path
+
+import pytest
 
 from tests.support.fault_proxy import FaultProxy, FaultRule
 from tests.support.s3_server import S3Server
@@ -125,3 +128,36 @@ def test_destination_failing_half_way_leaves_nothing_complete(
     keys = {o["Key"] for o in listed}
     assert f"r3/{MANIFEST}" not in keys
     assert "r3/model/model.safetensors" not in keys  # its multipart upload was never completed
+
+
+@pytest.mark.parametrize("store_verifies", [True, False], ids=["store-checks-crc32", "etag-check"])
+def test_body_damaged_on_the_way_is_sent_again(
+    s3: S3Server, s3_proxy: FaultProxy, export: Exporter, tmp_path: Path, store_verifies: bool
+) -> None:
+    out = write_run(tmp_path, adapter_bytes=4 * 256 * 1024 + 1000)  # 5 parts
+    bucket = _bucket(s3)
+    s3_proxy.verify_checksums = store_verifies
+    # A part and a small file, each damaged once on the way to the store.
+    s3_proxy.add(FaultRule(corrupt=1000, skip=2, times=1, match="adapter_model", method="PUT"))
+    s3_proxy.add(FaultRule(corrupt=3, times=1, match="adapter_config", method="PUT"))
+    env = _env(s3, s3_proxy, f"s3://{bucket}/r4", out)
+    try:
+        done = export(**env)
+    finally:
+        s3_proxy.verify_checksums = False
+    log = done.stdout
+    if s3.kind == "rclone" and not store_verifies:  # rclone cannot take a part again: a rerun starts over
+        assert "cannot take the part again" in one_error_line(done.stderr)
+        done = export(**env)
+        assert "not resuming the unfinished upload" in done.stdout
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert s3_proxy.pending() == 0  # both faults were used
+    if store_verifies:
+        assert "it verifies x-amz-checksum-crc32" in log
+        assert log.count("BadDigest") == 2
+    else:
+        assert "every ETag it answers is checked against the MD5" in log
+        assert log.count("the store received something else") == 2
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        got = s3.client().get_object(Bucket=bucket, Key=f"r4/{name}")["Body"].read()
+        assert got == (out / "adapter" / name).read_bytes()

@@ -7,7 +7,8 @@ Faults are rules consumed in order: each matching request uses up one of a rule'
 - `status`: answer with that HTTP status (e.g. 500, 503, 429) and an optional Retry-After header;
 - `drop`: forward, but cut the connection after `drop` bytes of the response body;
 - `stall`: forward, send the headers and `stall_after` bytes of the body, then pause `stall` seconds;
-- `corrupt`: forward, flipping the body byte at that offset (checksum verification must catch it);
+- `corrupt`: forward, flipping the body byte at that offset (checksum verification must catch it): the
+  request's body when it has one (an upload damaged on the way), else the response's;
 - `trickle`: forward, send `stall_after` bytes of the body, then one byte every `trickle` seconds;
 - `headers`: forward, with these response headers set (replacing the server's of the same name);
 - `replace`: forward, with the body's first occurrence of `replace[0]` replaced by `replace[1]`;
@@ -15,6 +16,9 @@ Faults are rules consumed in order: each matching request uses up one of a rule'
 A rule with `skip=N` lets its first N matching requests through untouched.
 A rule matches when `match` is a substring of the unquoted URL path and the method is `method`
 (default GET; "*" for any). The Host header is passed through unchanged, so S3 signatures stay valid.
+
+With `verify_checksums` set, it refuses a request whose x-amz-checksum-crc32 is not its body's CRC32 (400
+BadDigest), as AWS does, in front of servers that do not check it (moto, rclone).
 
 With `bucket_region` set, it also acts as AWS does for a bucket in that region: a request signed for any
 other region gets 400 AuthorizationHeaderMalformed naming the right one, and every answer carries
@@ -48,6 +52,7 @@ import re
 import socket
 import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -106,6 +111,7 @@ class FaultProxy(BackgroundServer):
         self.upstream_port = parts.port or 80
         self.rules: list[FaultRule] = []
         self.bucket_region: str | None = None
+        self.verify_checksums = False
         self.region_in_listings = True
         super().__init__(type("Handler", (_Handler,), {"proxy": self}), host, port, "fault-proxy")
 
@@ -231,6 +237,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if rule is not None and rule.delay:
                 time.sleep(rule.delay)
+            if rule is not None and rule.corrupt is not None and body:
+                i = min(rule.corrupt, len(body) - 1)
+                body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1 :]
+                rule = None  # the response goes back untouched
+            crc = self.headers.get("x-amz-checksum-crc32")
+            if self.proxy.verify_checksums and crc and crc != _crc32(body):
+                self._reply(400, b"<Error><Code>BadDigest</Code><Message>CRC32</Message></Error>")
+                return
             self._forward(body, rule)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
@@ -341,6 +355,10 @@ class _Handler(BaseHTTPRequestHandler):
             return resp.status
         finally:
             conn.close()
+
+
+def _crc32(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:

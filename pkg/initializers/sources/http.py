@@ -1,4 +1,5 @@
-"""Ranged HTTP GETs shared by the Hub source (resolve URLs) and the S3 source (SigV4-signed object URLs).
+"""Ranged HTTP GETs shared by the Hub source (resolve URLs) and the S3 source (SigV4-signed object URLs),
+and the model exporter's object PUTs, whose bodies go from the file to the socket (`FileRange`).
 
 One pool per source: keep-alive `http.client` connections per origin, or urllib3 through the proxy the
 environment names; redirects followed here (Authorization dropped when the host changes); streaming reads
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
+import os
 import re
 import select
 import socket
@@ -96,7 +99,7 @@ class Pool:
     def get(self, url: str, headers: dict[str, str], follow: bool = True) -> Reply:
         """GET `url`, following redirects unless not to `follow`; the caller must `finish` the reply."""
         for _ in range(MAX_REDIRECTS + 1):
-            reply = self._get_once(url, headers)
+            reply = self.send("GET", url, headers)
             location = reply.headers.get("Location") if follow and reply.status in _REDIRECTS else None
             if not location:
                 return reply
@@ -108,10 +111,16 @@ class Pool:
             url = target
         raise InitializerError(f"more than {MAX_REDIRECTS} redirects from {url.split('?')[0]}")
 
-    def _get_once(self, url: str, headers: dict[str, str]) -> Reply:
+    def send(
+        self, method: str, url: str, headers: dict[str, str], body: FileRange | bytes | None = None
+    ) -> Reply:
+        """One request, redirects not followed; the caller must `finish` the reply. A `body` goes with the
+        headers the caller gives (Content-Length among them)."""
         proxy = self._proxy_for(url)
         if proxy:
-            presp = proxy.request("GET", url, headers=headers, preload_content=False, redirect=False)
+            presp = proxy.request(
+                method, url, body=body, headers=headers, preload_content=False, redirect=False
+            )
             self._track(presp)
 
             def release(reuse: bool) -> None:
@@ -131,7 +140,10 @@ class Pool:
         conn = self._take(origin)
         self._track(conn)
         try:
-            conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers)
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            conn.request(method, target, body=body if isinstance(body, bytes) else None, headers=headers)
+            if isinstance(body, FileRange):
+                body.send_to(conn.sock)
             resp = conn.getresponse()
         except BaseException:
             self._untrack(conn)
@@ -318,19 +330,30 @@ def error_code(body: bytes) -> str:
     return m.group(1).decode(errors="replace") if m else ""
 
 
-def open_reply(pool: Pool, url: str, headers: dict[str, str], what: str, for_botocore: bool = False) -> Reply:
-    """GET `url`, redirects followed. A broken connection, 429 or 5xx raise TransientError (with the
-    server's Retry-After), an untrusted certificate InitializerError; the caller must `finish` the reply.
-    `for_botocore`: redirects and error statuses are left to botocore, which sent the request."""
+def open_reply(
+    pool: Pool,
+    url: str,
+    headers: dict[str, str],
+    what: str,
+    for_botocore: bool = False,
+    put: FileRange | bytes | None = None,
+) -> Reply:
+    """GET `url`, redirects followed (or, with `put`, PUT that body, redirects not followed). A broken
+    connection raises TransientError, an untrusted certificate InitializerError; so do 429 or 5xx to a GET
+    (with the server's Retry-After); the caller must `finish` the reply. `for_botocore`: redirects and
+    error statuses are left to botocore, which sent the request; a PUT's error answers to the caller."""
     try:
-        reply = pool.get(url, headers, follow=not for_botocore)
+        if put is not None:
+            reply = pool.send("PUT", url, headers, put)
+        else:
+            reply = pool.get(url, headers, follow=not for_botocore)
     except BROKEN as exc:
         raise (
             tls_failure(exc, origin_of(url))
             or pool.tls_instead(url, exc)
             or TransientError(f"{what}: {type(exc).__name__}: {one_line(exc, 200)}")
         ) from None
-    if not for_botocore and (reply.status == 429 or reply.status >= 500):
+    if not for_botocore and put is None and (reply.status == 429 or reply.status >= 500):
         reply.finish(False)
         retry_after = parse_retry_after(reply.headers.get("Retry-After"))
         raise TransientError(f"{what}: HTTP {reply.status}", retry_after)
@@ -440,3 +463,66 @@ def _chunks(reply: Reply, what: str, read_timeout: float) -> Iterator[bytes]:
             yield chunk
     except BROKEN as exc:
         raise TransientError(f"{what}: {type(exc).__name__}: {one_line(exc, 200)}") from None
+
+
+class FileRange(io.RawIOBase):
+    """Bytes [start, start + length) of a file as a request body: on a plain connection the kernel sends
+    them from the page cache (sendfile), never copied through Python; over TLS or a proxy they are read in
+    1 MiB blocks. Seekable, so a retry sends them again."""
+
+    def __init__(self, path: os.PathLike[str] | str, start: int, length: int):
+        super().__init__()
+        self._path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        self._start, self._length, self._pos = start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return self._length
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(base + offset, 0), self._length)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = self._length - self._pos
+        size = left if size is None or size < 0 else min(size, left)
+        if size <= 0:
+            return b""
+        data = os.pread(self._fd, size, self._start + self._pos)
+        if not data:
+            raise InitializerError(f"{self._path} shrank while it was being sent")
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def send_to(self, sock: socket.socket) -> None:
+        self.seek(0)
+        if not self._length:
+            return
+        if isinstance(sock, ssl.SSLSocket):
+            while block := self.read(CHUNK):
+                sock.sendall(block)
+            return
+        with open(self._path, "rb", buffering=0) as f:  # each wait within the socket's timeout
+            if sock.sendfile(f, self._start, self._length) != self._length:
+                raise InitializerError(f"{self._path} shrank while it was being sent")
+        self._pos = self._length
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()

@@ -49,10 +49,10 @@ from ..listing import Listing
 from ..progress import log
 from ..retry import retry
 from ..uri import S3Uri
+from . import sigv4
 from .api import MAX_DOCUMENT, answer_deadline, read_bounded
 from .base import RemoteFile, Source
 from .http import TRANSIENT_CODES, Pool, get_range, open_reply
-from .sigv4 import sign_get
 
 _REGION_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -307,7 +307,7 @@ class S3Source(Source):
             file.size,
             headers,
             fatal=lambda status, code: self._fatal(status, code, what),
-            sign=self._sign,
+            sign=self.sign,
             etag=etag,  # checked on the answer too: some stores (rclone serve s3) ignore If-Match
             inspect=lambda headers: self._note_encryption(file, headers),
         )
@@ -330,12 +330,24 @@ class S3Source(Source):
     def verifiable(self, file: RemoteFile) -> bool:
         return file.key not in self._encrypted
 
-    def _sign(self, url: str, headers: dict[str, str]) -> dict[str, str]:
-        """SigV4 headers for a GET of `url` (the credentials refresh themselves when they are temporary)."""
+    def sign(
+        self, url: str, headers: dict[str, str], method: str = "GET", payload_hash: str = sigv4.EMPTY_SHA256
+    ) -> dict[str, str]:
+        """SigV4 headers for a request to `url` (a GET unless said; the exporter PUTs objects with it); the
+        credentials refresh themselves when they are temporary."""
         keys = self.credentials.get_frozen_credentials()
         if keys.token != self._token:  # refreshed (IRSA, container and instance credentials expire)
             self._secrets(keys)
-        return sign_get(url, headers, keys.access_key, keys.secret_key, keys.token, self.region)
+        return sigv4.sign(
+            url,
+            headers,
+            keys.access_key,
+            keys.secret_key,
+            keys.token,
+            self.region,
+            method=method,
+            payload_hash=payload_hash,
+        )
 
     def _secrets(self, keys: botocore.credentials.ReadOnlyCredentials) -> None:
         """Redact what the credential chain resolved (environment, profile, IRSA web identity, container or

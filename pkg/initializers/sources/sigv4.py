@@ -1,4 +1,5 @@
-"""AWS Signature Version 4 headers for the S3 object GETs (listing, STS and errors stay with botocore).
+"""AWS Signature Version 4 headers for the S3 object GETs and the exporter's object PUTs (listing, STS, the
+multipart calls and errors stay with botocore).
 
 botocore's signer builds a request object, a header dict copy and a datetime per call: about 0.15 ms, a
 tenth of what a small object costs us in all. This one signs from the URL and headers directly and derives
@@ -16,10 +17,11 @@ from urllib.parse import urlsplit
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # a GET has no body: its payload hash is that of b""
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"  # a body left out of the signature (over TLS, as botocore does)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def sign_get(
+def sign(
     url: str,
     headers: dict[str, str],
     access_key: str,
@@ -28,28 +30,31 @@ def sign_get(
     region: str,
     service: str = "s3",
     now: float | None = None,
+    method: str = "GET",
+    payload_hash: str = EMPTY_SHA256,
 ) -> dict[str, str]:
     """`headers` plus Host, X-Amz-Date, X-Amz-Content-SHA256, the session token and Authorization for a
-    GET of `url`, whose path must already be percent-encoded as it will be sent. Every given header is
-    signed, so a proxy cannot change the Range or If-Match."""
+    request to `url`, whose path and query must already be percent-encoded as they will be sent; the body's
+    SHA-256 (hex) is `payload_hash`, or UNSIGNED_PAYLOAD. Every given header is signed, so a proxy cannot
+    change the Range, If-Match or a checksum."""
     parts = urlsplit(url)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     out = dict(headers)
     out["Host"] = _host(parts.scheme, parts.hostname or "", parts.port)
     out["X-Amz-Date"] = stamp
-    out["X-Amz-Content-SHA256"] = EMPTY_SHA256
+    out["X-Amz-Content-SHA256"] = payload_hash
     if token:
         out["X-Amz-Security-Token"] = token
     canonical = sorted((k.lower(), " ".join(str(v).split())) for k, v in out.items())
     signed = ";".join(k for k, _ in canonical)
     request = "\n".join(
         [
-            "GET",
+            method,
             parts.path or "/",
             _canonical_query(parts.query),
             "".join(f"{k}:{v}\n" for k, v in canonical),
             signed,
-            EMPTY_SHA256,
+            payload_hash,
         ]
     )
     scope = f"{stamp[:8]}/{region}/{service}/aws4_request"
