@@ -2,14 +2,22 @@
 
 Rank 0 tokenizes into `output_dir/cache/tokenized-<key>/` (a temporary folder, then renamed), and so does
 each node's first rank where output_dir is not shared across nodes; the other ranks wait and read it.
+
+One file per split, `<split>.pt`: each column (input_ids, labels, seq_lens; a preference pair's prompt_ids,
+chosen_ids, rejected_ids) as one flat int32 tensor with the offsets of its records. torch reads it memory
+mapped, so a rank's resident memory holds the records it touches, and training needs neither `datasets` nor
+pyarrow (~80 MiB resident once imported, for the whole run).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+import torch
 
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.files import atomic_dir, dir_digest
@@ -53,22 +61,47 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
 
 
 def write_cache(splits: dict[str, list[dict[str, list[int]]]], path: Path) -> None:
-    import datasets
-
     with atomic_dir(path, keep_existing=True) as tmp:  # another node may write the same cache first
         for name, records in splits.items():
-            if not records:  # an empty split is an absent folder
+            if not records:  # an empty split is an absent file
                 continue
-            columns = {k: [r[k] for r in records] for k in records[0]}  # SFT or preference records
-            datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / name))
+            columns = {}
+            for key in records[0]:  # SFT or preference records: lists of token ids (or of lengths)
+                lengths = torch.tensor([len(r[key]) for r in records], dtype=torch.int64)
+                columns[key] = torch.tensor([v for r in records for v in r[key]], dtype=torch.int32)
+                columns[f"{key}.offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+            torch.save(columns, tmp / f"{name}.pt")
 
 
-def read_cache(path: Path) -> dict[str, Any]:
-    import datasets
-
+def read_cache(path: Path) -> dict[str, TokenizedSplit | list]:
     return {
-        name: datasets.load_from_disk(str(path / name)).with_format("python")
-        if (path / name).exists()
+        name: TokenizedSplit(torch.load(path / f"{name}.pt", mmap=True, weights_only=True))
+        if (path / f"{name}.pt").exists()
         else []
         for name in ("train", "val")
     }
+
+
+class TokenizedSplit(Sequence):
+    """The records of one split: `split[i]` is a record (a dict of int lists); `split["seq_lens"]` is a
+    column (a list with each record's list)."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]) -> None:
+        self.columns = columns
+        self.keys = [k for k in columns if not k.endswith(".offsets")]
+        self.size = len(columns[f"{self.keys[0]}.offsets"]) - 1
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            values, offsets = self.columns[index].tolist(), self.columns[f"{index}.offsets"].tolist()
+            return [values[a:b] for a, b in itertools.pairwise(offsets)]
+        if not -self.size <= index < self.size:
+            raise IndexError(f"record {index} of {self.size}")
+        return {k: self._values(k, index % self.size) for k in self.keys}
+
+    def _values(self, key: str, i: int) -> list[int]:
+        start, end = self.columns[f"{key}.offsets"][i : i + 2].tolist()
+        return self.columns[key][start:end].tolist()

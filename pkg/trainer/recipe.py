@@ -57,6 +57,7 @@ from pkg.trainer import (
     dpo,
     export,
     fingerprint,
+    host_memory,
     model,
     optim,
     output_lock,
@@ -324,7 +325,10 @@ class Recipe:
             if builder and not path.exists():
                 try:
                     log.info("tokenizing %s into %s", cfg.dataset_dir, path)
-                    data_cache.write_cache(build(cfg, self.tokenizer, datasets_cache), path)
+                    # forked: datasets, pyarrow and the tokenizing's garbage never reside in training
+                    host_memory.apart(
+                        lambda: data_cache.write_cache(build(cfg, self.tokenizer, datasets_cache), path)
+                    )
                 except TrainerError as exc:
                     error = str(exc)
             distributed.agree(error)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from pkg.trainer import batching, chat_format, data, data_files, rows
+from pkg.trainer import batching, chat_format, data, data_cache, data_files, rows
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.loss import IGNORE_INDEX
 from pkg.trainer.model import load_tokenizer
+from tests.trainer.conftest import ROOT
 from tests.trainer.tiny import make_dataset, make_tokenizer
 
 
@@ -340,3 +343,20 @@ def test_max_steps_per_epoch_ends_each_epoch_early():
     assert (capped.steps_per_epoch, full.steps_per_epoch) == (3, 10)
     # epoch 1 of the capped plan starts at step 3 with epoch 1's first batch
     assert capped.global_batch(3) == full.global_batch(10) and capped.global_batch(2) == full.global_batch(2)
+
+
+def test_the_cache_gives_back_its_records_and_columns_without_datasets(tmp_path):
+    sft = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "seq_lens": [3]}, {"input_ids": [], "labels": [],
+           "seq_lens": []}]  # fmt: skip
+    pairs = [{"prompt_ids": [1], "chosen_ids": [2, 3], "rejected_ids": [4], "seq_lens": [3, 2]}]
+    data_cache.write_cache({"train": sft, "val": []}, tmp_path / "sft")
+    data_cache.write_cache({"train": pairs, "val": pairs}, tmp_path / "pairs")
+    code = f"""
+import sys
+from pathlib import Path
+from pkg.trainer.data_cache import read_cache
+sft, pairs = read_cache(Path({str(tmp_path / "sft")!r})), read_cache(Path({str(tmp_path / "pairs")!r}))
+print([list(sft["train"]), sft["val"], sft["train"]["seq_lens"], pairs["val"][-1], "datasets" in sys.modules])
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str([sft, [], [[3], []], pairs[0], False])

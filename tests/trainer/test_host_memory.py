@@ -3,8 +3,12 @@ back to the system instead of staying resident in glibc's heaps."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+
+import pytest
 
 from tests.trainer.conftest import ROOT
 
@@ -56,3 +60,33 @@ def test_a_threshold_the_user_chose_is_kept(monkeypatch):
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert return_freed_memory() is False
+
+
+@pytest.mark.fast
+def test_a_job_apart_keeps_its_imports_and_raises_its_error_here():
+    from pkg.trainer.errors import ConfigError
+    from pkg.trainer.host_memory import apart
+
+    assert "tabnanny" not in sys.modules
+
+    def tokenize() -> None:
+        import tabnanny  # noqa: F401  (stands for datasets and pyarrow)
+
+    apart(tokenize)
+    assert "tabnanny" not in sys.modules
+
+    def bad_rows() -> None:
+        raise ConfigError("dataset_dir x: no rows")
+
+    with pytest.raises(ConfigError, match=r"^dataset_dir x: no rows$") as caught:
+        apart(bad_rows)
+    assert caught.value.exit_code == 2
+
+    with pytest.raises(ZeroDivisionError):  # a bug: the same exception (its traceback printed by the child)
+        apart(lambda: 1 / 0)
+
+    def killed() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with pytest.raises(RuntimeError, match="failed in its child process"):
+        apart(killed)
