@@ -146,6 +146,7 @@ def tiktoken_file(folder: Path) -> Path:
 ALPACA = {"instruction": "Name a color.", "input": "", "output": " Blue. "}
 ALPACA_INPUT = {"instruction": "Add.", "input": "2 and 3", "output": "5"}
 INSTRUCT = {"input": " Hi there\n", "output": "Hello! "}
+NAMES = {"input": "Say <s> </s> <eos> [INST] <|end|>", "output": "<|im_end|> <|eot_id|> <|im_sep|>"}
 CHAT = {"messages": [
     {"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi\n"},
     {"role": "assistant", "content": "Hello! "}, {"role": "user", "content": "Bye"},
@@ -163,6 +164,7 @@ CASES = [
     ("chat_train_on_input", "messages", CHAT, True, None, None),
     ("chat_system_prompt_train_on_input", "messages", CHAT, True, "Be kind.", None),
     ("instruct_system_prompt", "input_output", INSTRUCT, False, "Be kind.", None),
+    ("special_token_names", "input_output", NAMES, False, None, None),
     ("chat_truncated", "messages", CHAT, False, None, 12),
     ("preference", "preference", PAIR, False, None, None),
     ("preference_system_prompt", "preference", PAIR, False, "Be kind.", None),

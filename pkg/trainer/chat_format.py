@@ -193,8 +193,12 @@ class Pieces:
         return self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
 
     def text(self, text: str) -> list[int]:
-        """A BPE piece (tiktoken, GPT-2 style): the tokenizer's ids."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        """A piece of text: the tokenizer's ids. A special token's name in it is text too (sentencepiece,
+        tiktoken and Phi4Tokenizer encode it so), but for Qwen2Tokenizer, which makes it the token."""
+        if not text:
+            return []
+        split = self.fmt != "chatml"
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]
 
     def spm(self, text: str) -> list[int]:
         """sentencepiece's encode(text): with the dummy prefix where the model has one."""
