@@ -10,6 +10,10 @@ Ours: every rank writes its own shard (``pkg.trainer.checkpoint``).
 Models are random Llama-style configs built in memory (no download), sharded with FSDP2 as the
 trainer does; one optimizer step fills the AdamW state first.
 Times are the median of ``--reps`` repetitions; ratios are baseline / ours (higher is better for us).
+
+The cost of the file digests (pkg/trainer/checksums.py) is measured on the same checkpoints: ours saved with
+digests vs the same save with the digest step left out (``checksums.record`` patched to record nothing), and
+the load that verifies them vs the load of that checkpoint without digests; ratio = with / without.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,12 +89,14 @@ def _timed(fn) -> float:
 
 
 def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
+    from unittest import mock
+
     import torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     from pkg.trainer import checkpoint as ck
-    from pkg.trainer import checkpoint_dirs
+    from pkg.trainer import checkpoint_dirs, checksums
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -116,6 +123,10 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                     checkpoint_dirs.latest_checkpoint(run_dir), model, optimizer, fingerprint=fp
                 )
 
+            def save_no_digests(model=model, optimizer=optimizer, run_dir=run_dir):
+                with mock.patch.object(checksums, "record", lambda folder: {}):
+                    save_ours(model, optimizer, run_dir)
+
             def save_full(model=model, optimizer=optimizer, baseline_file=baseline_file):
                 msd, osd = get_state_dict(model, optimizer, options=full_opts)
                 if rank == 0:
@@ -128,7 +139,8 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                     options=load_opts,
                 )  # fmt: skip
 
-            times = {name: [] for name in ("save_ours", "load_ours", "save_full", "load_full")}
+            names = ("save_ours", "load_ours", "save_no_digests", "load_no_digests", "save_full", "load_full")
+            times: dict[str, list[float]] = {name: [] for name in names}
             # Rank 0's peak RSS growth while saving (ru_maxrss only rises: ours runs first, so the
             # baseline's figure is what it needs beyond ours, a lower bound of its own growth).
             peak = {"before": _max_rss_mb()}
@@ -136,6 +148,8 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                 times["save_ours"].append(_timed(save_ours))
                 peak.setdefault("ours", _max_rss_mb())
                 times["load_ours"].append(_timed(load_ours))
+                times["save_no_digests"].append(_timed(save_no_digests))
+                times["load_no_digests"].append(_timed(load_ours))  # the checkpoint just saved: no digests
                 times["save_full"].append(_timed(save_full))
                 peak.setdefault("full", _max_rss_mb())
                 times["load_full"].append(_timed(load_full))
@@ -153,6 +167,8 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                         "save_rss_growth_full_mb": round(peak["full"] - peak["ours"], 1),
                         "save_ratio": round(med["save_full"] / med["save_ours"], 2),
                         "load_ratio": round(med["load_full"] / med["load_ours"], 2),
+                        "digest_save_ratio": round(med["save_ours"] / med["save_no_digests"], 3),
+                        "digest_load_ratio": round(med["load_ours"] / med["load_no_digests"], 3),
                     }
                 )  # fmt: skip
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -163,22 +179,61 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def _table(rows: list[dict]) -> str:
-    """Markdown: sizes, median times and baseline/ours ratios (> 1: ours faster)."""
+def _hash_speeds(folder: Path, mib: int = 256) -> dict[str, float]:
+    """MiB/s of hashlib.file_digest over a file in the page cache, for the digests checksums.py could use."""
+    import hashlib
+
+    path = folder / "hash-speed.bin"
+    path.write_bytes(os.urandom(mib << 20))
+    speeds = {}
+    for algorithm in ("sha256", "blake2b"):
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            with path.open("rb") as f:
+                hashlib.file_digest(f, algorithm)
+            best = min(best, time.perf_counter() - start)
+        speeds[algorithm] = round(mib / best)
+    path.unlink()
+    return speeds
+
+
+def _markdown(columns: dict[str, Callable[[dict], str]], rows: list[dict]) -> str:
+    """A markdown table: a column per {header: cell of a row}; the first two left-aligned, numbers right."""
     lines = [
-        "| model | method | ranks | trainable | ours MB | full MB | save ours | save full | ratio "
-        "| load ours | load full | ratio | rank-0 RSS growth on save, ours / full |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if i < 2 else "--:" for i in range(len(columns))) + "|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['method']} | {r['world_size']} | {r['trainable_params']:,} "
-            f"| {r['ours_bytes'] / 1e6:.2f} | {r['full_bytes'] / 1e6:.2f} "
-            f"| {r['save_ours_s']:.3f} s | {r['save_full_s']:.3f} s | {r['save_ratio']:.2f}x "
-            f"| {r['load_ours_s']:.3f} s | {r['load_full_s']:.3f} s | {r['load_ratio']:.2f}x "
-            f"| {r['save_rss_growth_ours_mb']:.0f} / {r['save_rss_growth_full_mb']:.0f} MB |"
-        )
+    lines += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# Sizes, median times and baseline/ours ratios (> 1: ours faster).
+TABLE: dict[str, Callable[[dict], str]] = {
+    "model": lambda r: r["model"],
+    "method": lambda r: r["method"],
+    "ranks": lambda r: str(r["world_size"]),
+    "trainable": lambda r: f"{r['trainable_params']:,}",
+    "ours MB": lambda r: f"{r['ours_bytes'] / 1e6:.2f}",
+    "full MB": lambda r: f"{r['full_bytes'] / 1e6:.2f}",
+    "save ours": lambda r: f"{r['save_ours_s']:.3f} s",
+    "save full": lambda r: f"{r['save_full_s']:.3f} s",
+    "save ratio": lambda r: f"{r['save_ratio']:.2f}x",
+    "load ours": lambda r: f"{r['load_ours_s']:.3f} s",
+    "load full": lambda r: f"{r['load_full_s']:.3f} s",
+    "load ratio": lambda r: f"{r['load_ratio']:.2f}x",
+    "rank-0 RSS growth on save, ours / full": lambda r: (
+        f"{r['save_rss_growth_ours_mb']:.0f} / {r['save_rss_growth_full_mb']:.0f} MB"
+    ),
+}
+# Save and load with the file digests vs without (> 1: what the digests cost).
+DIGEST_TABLE: dict[str, Callable[[dict], str]] = {
+    **{k: TABLE[k] for k in ("model", "method", "ranks", "ours MB")},
+    "save with / without": lambda r: f"{r['save_ours_s']:.3f} / {r['save_no_digests_s']:.3f} s",
+    "save ratio": lambda r: f"{r['digest_save_ratio']:.2f}x",
+    "load with / without": lambda r: f"{r['load_ours_s']:.3f} / {r['load_no_digests_s']:.3f} s",
+    "load ratio": lambda r: f"{r['digest_load_ratio']:.2f}x",
+}
 
 
 def main() -> None:
@@ -204,6 +259,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        speeds = _hash_speeds(Path(tmp))
         for nproc in (int(n) for n in args.nproc.split(",")):
             result = Path(tmp) / f"rows-{nproc}.json"
             cmd = [
@@ -225,13 +281,23 @@ def main() -> None:
         "with torch.distributed.checkpoint) vs the usual full state dict gathered on rank 0 and "
         f"`torch.save`d (every rank `torch.load`s it back). Median of {args.reps}; ratio = full / ours.\n"
     )
-    print(_table(rows))
+    print(_markdown(TABLE, rows))
+    print(
+        "\nThe file digests (sha256 of every file, recorded at save, checked at load): ours with them vs "
+        f"without. Median of {args.reps}; ratio = with / without.\n"
+    )
+    print(_markdown(DIGEST_TABLE, rows))
+    print(
+        "\nhashlib.file_digest over 256 MiB in the page cache, best of 3: "
+        + ", ".join(f"{k} {v} MiB/s" for k, v in speeds.items())
+    )
     report = {
         "torch": __import__("torch").__version__,
         "cpus": os.cpu_count(),
         "reps": args.reps,
         "baseline": "full state dict gathered on rank 0 + torch.save; every rank torch.loads it",
         "rows": rows,
+        "hash_mib_per_s": speeds,
     }
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -5,7 +5,8 @@ Layout under ``output_dir/checkpoints/`` (checkpoint_dirs lists, checks and choo
     step-40/                  a complete checkpoint (only ever appears whole, by rename)
       state/                  torch.distributed.checkpoint: trainable weights + optimizer, one file per rank
       rng/rank-00000.pt       per-rank RNG states (python, numpy, torch CPU, CUDA)
-      meta.json               written last: step, data position, scheduler, fingerprint, world size
+      meta.json               written last: step, data position, scheduler, fingerprint, world size,
+                              each file's size and sha256 digest (checksums.py)
     .tmp-step-50/             being written (or left by a crash): never loaded, removed on the next start
 
 Every rank writes only its own shard (no gather of the whole model on rank 0), so saving is
@@ -46,7 +47,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from pkg.trainer import distributed
+from pkg.trainer import checksums, distributed
 from pkg.trainer.checkpoint_dirs import (
     META,
     checkpoints_dir,
@@ -148,6 +149,7 @@ def save_checkpoint(
     distributed.agree(
         _attempt(lambda: torch.save(rng_state(), rng_file), f"cannot write {rng_file}"), CheckpointError
     )
+    digests = checksums.record(tmp)  # while the files are still in the page cache
 
     def finalize() -> None:
         meta = {
@@ -161,6 +163,7 @@ def save_checkpoint(
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "save_seconds": round(time.perf_counter() - started, 3),
             "files": file_sizes(tmp),  # what resume checks the files against (a truncated shard)
+            "digests": digests,  # and their bytes (a changed byte inside a shard)
             "complete": True,
         }
         write_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -186,7 +189,8 @@ def load_checkpoint(
 ) -> Resumed:
     """Load a complete checkpoint into an already built (and sharded) model and optimizer; collective.
 
-    Refuses a checkpoint whose ``fingerprint`` differs, with a one-line reason (CheckpointError).
+    Refuses a checkpoint whose ``fingerprint`` differs, with a one-line reason (CheckpointError), and
+    one whose files differ from their recorded digests (CheckpointUnreadable, as a file that fails to load).
     The world size may differ from the saving run's: DCP reshards. Per-rank RNG states are restored
     when the world size matches (at another world size they cannot correspond rank by rank).
     """
@@ -205,6 +209,11 @@ def load_checkpoint(
             f"refusing checkpoint {path}: it was made for another run ({why}); "
             "use another output_dir or set resume: never to start over"
         )
+    if isinstance(meta.get("digests"), dict):
+        checksums.verify(path, meta["digests"])  # damaged: CheckpointUnreadable, as a failed load below
+    elif distributed.rank() == 0:
+        log.info("checkpoint %s has no file digests (saved before they were recorded): its files are checked "
+                 "by size only", path)  # fmt: skip
 
     if optimizer is None:
         model_sd = get_state_dict(model, [], options=_SAVE_OPTIONS)[0]
@@ -252,8 +261,9 @@ def load_resume(
 ) -> Resumed | None:
     """:func:`find_resume`, then ``load(path)`` (a :func:`load_checkpoint` call); collective.
 
-    When the newest checkpoint's files fail to load (bytes overwritten, an unreadable optimizer state or
-    RNG file: damage :func:`damage`'s sizes do not see), it is moved aside like a damaged one and the
+    When the newest checkpoint's files differ from their digests or fail to load (bytes overwritten, an
+    unreadable optimizer state or RNG file: damage the sizes checked by checkpoint_dirs.damage do not
+    see), it is moved aside like a damaged one and the
     previous complete checkpoint is loaded instead. A failed load may have written part of the model and
     optimizer, so the older checkpoint must overwrite it: with none left the run stops, in one line,
     rather than train from half-loaded weights (a rerun starts over). A checkpoint named in ``resume``

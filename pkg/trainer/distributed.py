@@ -122,12 +122,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_gather(obj: object) -> list:
+    """Every rank's `obj`, in rank order, on every rank; collective."""
+    if not dist.is_initialized():
+        return [obj]
+    objs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
 def agree(error: str | None, kind: type[Exception] = TrainerError) -> None:
     """Raise `kind(first error)` on every rank if any rank passes an error; collective, and a barrier."""
-    if dist.is_initialized():
-        errors: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
+    error = next((e for e in all_gather(error) if e), None)
     if error:
         raise kind(error)
 

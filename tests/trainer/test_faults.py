@@ -295,16 +295,22 @@ def test_a_second_job_on_a_busy_output_dir_stops_in_one_line_and_ctrl_c_checkpoi
 # ------------------------------------------------------------------ checkpoints and disk space
 
 
-def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
-    in_process, tmp_path, tiny_model, alpaca_data, capsys
-):
-    out = tmp_path / "out"
+@pytest.fixture
+def saved_at_2_and_4(in_process, tmp_path, tiny_model, alpaca_data):
+    """A one-process run of 4 steps with checkpoints at steps 2 and 4: (its arguments, step 4's shard)."""
     args = {"model_dir": tiny_model, "dataset_dir": alpaca_data, "save_every": 2, "max_steps": 4}
-    assert in_process({**args, "output_dir": out}) == 0
+    args["output_dir"] = out = tmp_path / "out"
+    assert in_process(args) == 0
     [shard, *_] = sorted((out / "checkpoints" / "step-4" / "state").glob("*.distcp"))
+    return args, shard
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(in_process, saved_at_2_and_4, capsys):
+    args, shard = saved_at_2_and_4
+    out = args["output_dir"]
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
     capsys.readouterr()
-    assert in_process({**args, "output_dir": out, "max_steps": 6}) == 0
+    assert in_process({**args, "max_steps": 6}) == 0
     log = capsys.readouterr().out
     assert f"checkpoint {out}/checkpoints/step-4 is damaged ({shard} has 100 bytes where" in log
     assert "resuming from step 2 of 6" in log
@@ -313,22 +319,39 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
 
 
 def overwrite(path: Path) -> None:
-    """Damage a file in place: its size stays, so only loading it can tell."""
+    """Damage a file in place: its size stays, so only its digest or loading it can tell."""
     body = path.read_bytes()
     path.write_bytes(b"\0" * 64 + body[64:])
 
 
-def test_a_checkpoint_that_fails_to_load_falls_back_to_the_previous_one(
-    in_process, tmp_path, tiny_model, alpaca_data, capsys
-):
-    out = tmp_path / "out"
-    args = {"model_dir": tiny_model, "dataset_dir": alpaca_data, "save_every": 2, "max_steps": 4}
-    assert in_process({**args, "output_dir": out}) == 0
-    [shard, *_] = sorted((out / "checkpoints" / "step-4" / "state").glob("*.distcp"))
+def flip_a_byte(shard: Path) -> None:
+    """One byte changed in the middle of the largest tensor a DCP shard holds: without its digest that
+    shard still loads, into wrong weights."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(str(shard.parent)).read_metadata().storage_data.values()
+    where = max((s for s in stored if s.relative_path == shard.name), key=lambda s: s.length)
+    body = bytearray(shard.read_bytes())
+    body[where.offset + where.length // 2] ^= 0xFF
+    shard.write_bytes(bytes(body))
+
+
+def without_digests(checkpoint: Path) -> None:
+    """The checkpoint as a trainer from before checksums.py wrote it."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    del meta["digests"]
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_that_fails_to_load_falls_back_to_the_previous_one(in_process, saved_at_2_and_4, capsys):
+    args, shard = saved_at_2_and_4
+    out = args["output_dir"]
     overwrite(shard)
+    without_digests(out / "checkpoints" / "step-4")  # older checkpoints: only loading finds the damage
     capsys.readouterr()
-    assert in_process({**args, "output_dir": out, "max_steps": 6}) == 0
+    assert in_process({**args, "max_steps": 6}) == 0
     log = capsys.readouterr().out
+    assert f"checkpoint {out}/checkpoints/step-4 has no file digests (saved before they were recorded)" in log
     assert (
         f"checkpoint {out}/checkpoints/step-4 is damaged ({out}/checkpoints/step-4/state cannot be read"
         in log
@@ -339,33 +362,43 @@ def test_a_checkpoint_that_fails_to_load_falls_back_to_the_previous_one(
     shutil.rmtree(out / "checkpoints" / "step-4")
     overwrite(out / "checkpoints" / "step-6" / "rng" / "rank-00000.pt")
     capsys.readouterr()
-    assert in_process({**args, "output_dir": out, "max_steps": 8}) == 1
+    assert in_process({**args, "max_steps": 8}) == 1
     line = one_line_error(capsys.readouterr().err)
     assert (
-        f"checkpoint {out}/checkpoints/step-6 is damaged ({out}/checkpoints/step-6/rng/rank-00000.pt" in line
+        f"checkpoint {out}/checkpoints/step-6 is damaged ({out}/checkpoints/step-6/rng/rank-00000.pt "
+        "does not match the sha256 digest recorded when it was saved)" in line
     )
     assert "no older complete checkpoint is left" in line and "rerun the job to start over" in line, line
     assert (out / "checkpoints" / "corrupt-step-6").is_dir() and not (out / "checkpoints" / "step-6").exists()
 
 
-def test_at_two_processes_one_ranks_unreadable_shard_makes_every_rank_fall_back(
+def test_at_two_processes_a_flipped_byte_or_one_ranks_unreadable_shard_makes_every_rank_fall_back(
     tmp_path, tiny_model, alpaca_data
 ):
     out = tmp_path / "out"
     args = {**BASE_ARGS, "model_dir": tiny_model, "dataset_dir": alpaca_data, "output_dir": out}
-    args.update(save_every=2, max_steps=4, method="full")
+    args.update(save_every=1, keep_last=3, max_steps=4, method="full")
     result = run_trainer(args, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    overwrite(out / "checkpoints" / "step-4" / "state" / "__1_0.distcp")  # rank 1's optimizer and weights
+    state = out / "checkpoints" / "step-{}" / "state" / "__1_0.distcp"  # rank 1's optimizer and weights
+    flip_a_byte(Path(str(state).format(4)))  # caught by its digest
+    overwrite(Path(str(state).format(3)))  # an older checkpoint, without digests: fails to load on rank 1
+    without_digests(out / "checkpoints" / "step-3")
     result = run_trainer({**args, "max_steps": 6}, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert (
-        f"checkpoint {out}/checkpoints/step-4 is damaged ({out}/checkpoints/step-4/state cannot be read"
+        f"checkpoint {out}/checkpoints/step-4 is damaged ({str(state).format(4)} does not match the sha256 "
+        "digest recorded when it was saved)" in log
+    )
+    assert (
+        f"checkpoint {out}/checkpoints/step-3 is damaged ({out}/checkpoints/step-3/state cannot be read"
         in log
     )
     assert "resuming from step 2 of 6" in log
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["corrupt-step-4", "step-4", "step-6"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "corrupt-step-3", "corrupt-step-4", "step-4", "step-5", "step-6"
+    ]  # fmt: skip
 
 
 @pytest.mark.fast
