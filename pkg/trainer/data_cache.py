@@ -27,8 +27,8 @@ CACHE_VERSION = "3"  # bumped when the same settings tokenize differently (2: sy
 
 
 def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
-    """Changes when the data files, the tokenizer or a setting that shapes the tokens changes (the files
-    by files.dir_digest's rule; the weights, which do not shape the tokens, are left out)."""
+    """Changes when the data files, the tokenizer or a setting that shapes the tokens changes (every folder
+    by files.dir_digest's rule, by content; the weights, which do not shape the tokens, are left out)."""
     h = hashlib.sha256(CACHE_VERSION.encode())
     h.update(
         f"{dir_digest(cfg.dataset_dir)}:{dir_digest(tokenizer_dir, skip_suffixes=('.safetensors',))}".encode()
@@ -47,15 +47,11 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
     if cfg.more_datasets:  # named only when set, so existing caches keep their key
         settings += ("more_datasets",)
         for entry in cfg.more_datasets:
-            root = Path(entry.get("dataset_dir", cfg.dataset_dir))
-            for p in sorted(root.rglob("*")) if root.is_dir() else [root]:
-                if p.is_file() and ".cache" not in p.parts:
-                    h.update(f"more/{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}\n".encode())
+            h.update(f"more/{dir_digest(entry.get('dataset_dir', cfg.dataset_dir))}\n".encode())
     if cfg.val_dataset_split:  # named only when set, so existing caches keep their key
         settings += ("val_dataset_dir", "val_dataset_split")
-        for p in sorted(Path(cfg.val_dataset_dir).rglob("*")) if cfg.val_dataset_dir else []:
-            if p.is_file() and ".cache" not in p.parts:
-                h.update(f"val/{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}\n".encode())
+        if cfg.val_dataset_dir:
+            h.update(f"val/{dir_digest(cfg.val_dataset_dir)}\n".encode())
     h.update(json.dumps({k: getattr(cfg, k) for k in settings}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -360,3 +361,25 @@ print([list(sft["train"]), sft["val"], sft["train"]["seq_lens"], pairs["val"][-1
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str([sft, [], [[3], []], pairs[0], False])
+
+
+@pytest.mark.fast
+def test_the_cache_key_follows_every_folder_by_content_not_times(tmp_path):
+    folders = {name: tmp_path / name for name in ("main", "more", "val", "tokenizer")}
+    for name, folder in folders.items():
+        folder.mkdir()
+        (folder / "train.jsonl").write_text(f'{{"text": "{name}"}}\n')
+    cfg = TrainConfig(
+        dataset_dir=str(folders["main"]),
+        more_datasets=[{"dataset_dir": str(folders["more"])}],
+        val_dataset_split="train",
+        val_dataset_dir=str(folders["val"]),
+    )
+    key = data_cache.cache_key(cfg, str(folders["tokenizer"]))
+    for folder in folders.values():
+        os.utime(folder / "train.jsonl", (0, 0))  # copied or fetched again: the same data
+    assert data_cache.cache_key(cfg, str(folders["tokenizer"])) == key
+    for name in ("more", "val"):
+        (folders[name] / "train.jsonl").write_text('{"text": "edited"}\n')
+        assert data_cache.cache_key(cfg, str(folders["tokenizer"])) != key, name
+        key = data_cache.cache_key(cfg, str(folders["tokenizer"]))
