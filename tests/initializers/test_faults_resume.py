@@ -12,6 +12,7 @@ import pytest
 
 from tests.initializers.conftest import HUB_TOKEN, Runner, tree
 from tests.support.fault_proxy import FaultProxy, FaultRule
+from tests.support.fixtures import wait_until
 from tests.support.hub_server import HubServer
 from tests.support.s3_server import S3Server
 
@@ -145,9 +146,7 @@ def test_sigterm_stops_cleanly(run: Runner, s3: S3Server, s3_proxy: FaultProxy, 
     out = tmp_path / "out"
     env = env_for(s3, s3_proxy, "s3://term/t", out)
     proc = run.popen("dataset", **env)
-    deadline = time.monotonic() + 60
-    while len({r["path"] for r in _journal(out) if "part" not in r}) < 4 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: len({r["path"] for r in _journal(out) if "part" not in r}) >= 4, 60)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 143, stderr
@@ -169,9 +168,7 @@ def test_concurrent_runs_wait_for_each_other(run: Runner, s3: S3Server, s3_proxy
     out = tmp_path / "out"
     env = env_for(s3, s3_proxy, "s3://twice/p", out)
     first = run.popen("dataset", **env)
-    deadline = time.monotonic() + 30
-    while not (out / ".initializer/journal.jsonl").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until((out / ".initializer/journal.jsonl").exists, 30)
     second = run("dataset", **env)
     _, first_err = first.communicate(timeout=60)
     assert first.returncode == 0, first_err

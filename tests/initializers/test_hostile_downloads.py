@@ -21,6 +21,7 @@ from pkg.initializers.errors import InitializerError
 from pkg.initializers.sources import open_source
 from tests.initializers.conftest import HUB_TOKEN, MOTO_ONLY, REPO, Runner, one_error_line, tree
 from tests.support.fault_proxy import FaultProxy, FaultRule
+from tests.support.fixtures import wait_until
 from tests.support.hub_server import HubServer
 from tests.support.s3_server import S3Server
 
@@ -53,9 +54,7 @@ def test_sigterm_during_a_stalled_read(
     hub_proxy.add(FaultRule(stall=300, stall_after=1000, times=100, match="w.safetensors"))
     out = tmp_path / "out"
     proc = run.popen("model", **hub_env(hub_proxy, "org/stalled", out, INIT_READ_TIMEOUT="60"))
-    deadline = time.monotonic() + 60
-    while hub_proxy.count("w.safetensors") < 3 and time.monotonic() < deadline:  # its 3 parts are stalled
-        time.sleep(0.05)
+    wait_until(lambda: hub_proxy.count("w.safetensors") >= 3, 60)  # its 3 parts are stalled
     time.sleep(0.3)  # the 1000 bytes before the stall have been read
     proc.send_signal(signal.SIGTERM)
     try:

@@ -1,5 +1,5 @@
-"""Fixtures for the exporter: the initializers' S3 servers (moto and `rclone serve s3`, credentials enforced,
-each behind a fault proxy), a finished run's output folder, and a runner for `python -m pkg.model_exporter`.
+"""Fixtures for the exporter: the S3 servers and the Hub server the initializers' tests use too
+(tests/support/fixtures.py), a finished run's output folder, and a runner for `python -m pkg.model_exporter`.
 
 moto is told to accept parts under S3's 5 MiB minimum (S3_UPLOAD_PART_MIN_SIZE, read by the moto server
 process), so multipart uploads run on files of a few MiB with the 256 KiB parts of the tests' INIT_PART_SIZE.
@@ -10,23 +10,22 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 os.environ["S3_UPLOAD_PART_MIN_SIZE"] = str(64 * 1024)
 
-from tests.initializers.conftest import (  # after the setting the moto process inherits
-    REPO,
-    _s3_servers,
-    base_env,
+from tests.support.fixtures import (  # after the setting the moto process inherits
+    EntryPoint,
+    hub,
     one_error_line,
     s3,
     s3_proxy,
+    s3_servers,
 )
 
-__all__ = ["_s3_servers", "one_error_line", "s3", "s3_proxy"]
+__all__ = ["hub", "one_error_line", "s3", "s3_proxy", "s3_servers"]
 
 
 def write_run(root: Path, adapter_bytes: int = 1_300_000, model: bool = False) -> Path:
@@ -51,35 +50,14 @@ def write_run(root: Path, adapter_bytes: int = 1_300_000, model: bool = False) -
     return out
 
 
-class Exporter:
+class Exporter(EntryPoint):
     """Runs `python -m pkg.model_exporter` with the environment the images get."""
 
-    def __init__(self, tmp_path: Path):
-        self.home = tmp_path / "home"
-        self.home.mkdir(exist_ok=True)
-
-    def env(self, extra: dict[str, str]) -> dict[str, str]:
-        return {**base_env(self.home), **extra}
-
     def __call__(self, timeout: float = 120, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "pkg.model_exporter"],
-            cwd=REPO,
-            env=self.env(extra),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return self.run("pkg.model_exporter", timeout, **extra)
 
     def popen(self, **extra: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pkg.model_exporter"],
-            cwd=REPO,
-            env=self.env(extra),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        return self.start("pkg.model_exporter", **extra)
 
 
 @pytest.fixture

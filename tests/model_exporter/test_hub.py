@@ -4,23 +4,12 @@ that keeps failing leaves the repo without the export; no token, no export."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.support.hub_server import HubServer, start_hub_server
+from tests.support.fixtures import HUB_TOKEN as TOKEN
+from tests.support.hub_server import HubServer
 
 from .conftest import Exporter, one_error_line, write_run
-
-TOKEN = "hf_ExporterTokenThatMustNeverBePrinted7"
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
-    server = start_hub_server(tmp_path_factory.mktemp("hub"), token=TOKEN, lfs_threshold=64 * 1024)
-    yield server
-    server.stop()
 
 
 def test_export_creates_a_private_repo_in_one_commit_with_a_card(

@@ -167,6 +167,32 @@ def run_trainer(args: dict, nproc: int = 0, timeout: int = 240, **env: str) -> s
     return finish(start(cmd + cli(args), trainer_env(**env)), timeout)
 
 
+def two_nodes(
+    target: list[str], nproc_per_node: int = 1, timeout: int = 240, **extra_env: str
+) -> list[subprocess.CompletedProcess]:
+    """Two torchrun launches on 127.0.0.1 configured only through PET_* variables, like a TrainJob's two
+    nodes; `target` is what torchrun runs (`-m pkg.trainer ...`, or a script and its arguments)."""
+    port = str(free_port())
+    procs = []
+    for node_rank in (0, 1):
+        env = trainer_env(
+            PET_NNODES="2",
+            PET_NPROC_PER_NODE=str(nproc_per_node),
+            PET_NODE_RANK=str(node_rank),
+            PET_MASTER_ADDR="127.0.0.1",
+            PET_MASTER_PORT=port,
+            **extra_env,
+        )
+        procs.append(start([PYTHON, "-m", "torch.distributed.run", *target], env))
+    return [finish(p, timeout) for p in procs]
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    """The output of a run that must have succeeded (its tail in the failure otherwise)."""
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
 def losses(output_dir: Path) -> list[float]:
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r]

@@ -5,7 +5,6 @@ kept within each node, and the layout rule."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
@@ -15,40 +14,16 @@ from pkg.trainer.distributed import Layout, resolve_layout
 from tests.trainer.conftest import (
     BASE_ARGS,
     LOSS_TOL,
-    PYTHON,
     ROOT,
     VAL_LOSS_REL,
     assert_same_adapter,
     cli,
-    finish,
-    free_port,
     losses,
+    ok,
     run_trainer,
-    start,
-    trainer_env,
+    two_nodes,
 )
 from tests.trainer.plan_check import assert_plan_matches
-
-
-def two_nodes(target: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """Two torchrun launches of 2 processes each, configured through PET_* variables like a TrainJob."""
-    port = str(free_port())
-    procs = []
-    for node_rank in (0, 1):
-        env = trainer_env(
-            PET_NNODES="2",
-            PET_NPROC_PER_NODE="2",
-            PET_NODE_RANK=str(node_rank),
-            PET_MASTER_ADDR="127.0.0.1",
-            PET_MASTER_PORT=port,
-        )
-        procs.append(start([PYTHON, "-m", "torch.distributed.run", *target], env))
-    return [finish(p, timeout) for p in procs]
-
-
-def ok(result) -> str:
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result.stdout + result.stderr
 
 
 def weights(out) -> dict[str, torch.Tensor]:
@@ -69,7 +44,7 @@ def test_four_ranks_on_two_nodes_equal_one_process_and_resume_across_layouts(
     reference = losses(one)
 
     # Steps 1-2 hybrid on 4 ranks (sharding auto: the job spans 2 nodes and fits one), 3-4 full on 2.
-    runs = two_nodes(["-m", "pkg.trainer", *cli({**args, "output_dir": hybrid_then_full})])
+    runs = two_nodes(["-m", "pkg.trainer", *cli({**args, "output_dir": hybrid_then_full})], 2, 300)
     log = "".join(ok(r) for r in runs)
     assert "sharding auto (hybrid: 2 replicas x 2 shards)" in log, log[-3000:]
     assert "vocab_parallel: VocabParallelEmbedding, VocabParallelHead" in log
@@ -80,7 +55,7 @@ def test_four_ranks_on_two_nodes_equal_one_process_and_resume_across_layouts(
     # Steps 1-2 full on 2 ranks, 3-4 hybrid on 4 (forced: sharding hybrid), the final weights exported.
     ok(run_trainer({**args, "output_dir": full_then_hybrid, "sharding": "full"}, nproc=2))
     resumed = {**args, "max_steps": 4, "output_dir": full_then_hybrid, "sharding": "hybrid"}
-    log = "".join(ok(r) for r in two_nodes(["-m", "pkg.trainer", *cli(resumed)]))
+    log = "".join(ok(r) for r in two_nodes(["-m", "pkg.trainer", *cli(resumed)], 2, 300))
     assert "resuming from step 2" in log and "sharding hybrid (hybrid: 2 replicas x 2 shards)" in log
 
     reference_val = json.loads((one / "summary.json").read_text())["final_val_loss"]
@@ -98,7 +73,7 @@ def test_four_ranks_on_two_nodes_equal_one_process_and_resume_across_layouts(
 def test_the_vocabulary_split_stays_within_each_node(tmp_path, tiny_model):
     """Every collective of the split embedding and head runs on the node's 2 ranks; only the replicas'
     gradient average crosses nodes, and after it the replicas hold the same gradient."""
-    runs = two_nodes([str(ROOT / "tests" / "trainer" / "hybrid_worker.py"), str(tiny_model)], timeout=180)
+    runs = two_nodes([str(ROOT / "tests" / "trainer" / "hybrid_worker.py"), str(tiny_model)], 2, 180)
     assert sum(ok(r).count(" OK") for r in runs) == 4
 
 

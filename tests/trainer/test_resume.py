@@ -30,6 +30,7 @@ from tests.trainer.conftest import (
     cli,
     finish,
     losses,
+    ok,
     run_trainer,
     start,
     torchrun,
@@ -47,11 +48,6 @@ def launch(cmd: list[str], timeout: int = 300, **env: str) -> tuple[subprocess.P
     """Start a launch; returns the process and a ``wait(timeout)`` that kills all of it on timeout."""
     proc = start(cmd, trainer_env(**env))
     return proc, lambda timeout=timeout: finish(proc, timeout)
-
-
-def ok(result) -> str:
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result.stdout + result.stderr
 
 
 def train_steps(output_dir: Path) -> list[int]:

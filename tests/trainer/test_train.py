@@ -4,7 +4,6 @@ exported adapter and models reproduce the trained weights."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
@@ -12,43 +11,18 @@ import torch
 from tests.trainer.conftest import (
     BASE_ARGS,
     LOSS_TOL,
-    PYTHON,
     VAL_LOSS_REL,
     assert_same_adapter,
     check_exported_adapter,
     cli,
-    finish,
-    free_port,
     losses,
+    ok,
     run_trainer,
-    start,
-    trainer_env,
+    two_nodes,
     val_loss,
 )
 from tests.trainer.plan_check import assert_plan_matches
 from tests.trainer.tiny import make_dataset
-
-
-def run_two_nodes(args: dict, **extra_env: str) -> list[subprocess.CompletedProcess]:
-    """Two `torchrun -m pkg.trainer` launches configured only through PET_* variables, like a TrainJob."""
-    port = str(free_port())
-    procs = []
-    for node_rank in (0, 1):
-        env = trainer_env(
-            PET_NNODES="2",
-            PET_NPROC_PER_NODE="1",
-            PET_NODE_RANK=str(node_rank),
-            PET_MASTER_ADDR="127.0.0.1",
-            PET_MASTER_PORT=port,
-            **extra_env,
-        )
-        cmd = [PYTHON, "-m", "torch.distributed.run", "-m", "pkg.trainer", *cli(args)]
-        procs.append(start(cmd, env))
-    return [finish(p, timeout=240) for p in procs]
-
-
-def assert_ok(result) -> None:
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
 
 def test_lora_one_process_two_processes_and_two_nodes_agree(tmp_path, tiny_model, alpaca_data):
@@ -58,11 +32,11 @@ def test_lora_one_process_two_processes_and_two_nodes_agree(tmp_path, tiny_model
 
     args = {**BASE_ARGS, "model_dir": tiny_model, "dataset_dir": alpaca_data, "merge_adapter": True}
     one, two, nodes = tmp_path / "one", tmp_path / "two", tmp_path / "nodes"
-    assert_ok(run_trainer({**args, "output_dir": one}))
+    ok(run_trainer({**args, "output_dir": one}))
     result = run_trainer({**args, "output_dir": two}, nproc=2)
-    assert_ok(result)
-    for r in run_two_nodes({**args, "output_dir": nodes}):
-        assert_ok(r)
+    ok(result)
+    for r in two_nodes(["-m", "pkg.trainer", *cli({**args, "output_dir": nodes})]):
+        ok(r)
 
     # Progress lines come from rank 0 only.
     lines = [line for line in result.stdout.splitlines() if "step 8/8 | loss=" in line]
@@ -129,7 +103,7 @@ def test_full_finetuning_packed_chat_two_processes_with_activation_checkpointing
         "activation_checkpointing": True,
     }
     result = run_trainer(args, nproc=2)
-    assert_ok(result)
+    ok(result)
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == [
         "step-3",
         "step-6",
@@ -162,7 +136,7 @@ def test_full_finetuning_with_the_vocabulary_split_or_not_equals_one_process(
     for name, nproc in runs.items():
         extra = {"vocab_parallel": name} if nproc == 2 else {}
         result = run_trainer({**args, **extra, "output_dir": tmp_path / name}, nproc=nproc)
-        assert_ok(result)
+        ok(result)
         log = result.stdout + result.stderr
         split = "vocab_parallel: VocabParallelEmbedding, VocabParallelHead" in log
         assert split == ("vocab_parallel:" in log) == (name == "always"), name  # one fp32 process: unsharded
