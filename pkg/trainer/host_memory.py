@@ -26,6 +26,8 @@ import sys
 import traceback
 from collections.abc import Callable
 
+import torch
+
 from pkg.trainer.errors import TrainerError
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -62,6 +64,9 @@ def apart(job: Callable[[], None]) -> None:
         os.close(read)
         code = 0
         try:
+            # OpenMP's thread pool does not survive a fork: a parallel torch op in the child would wait
+            # forever on the parent's workers once the parent has run one (as PyTorch's DataLoader workers do)
+            torch.set_num_threads(1)
             job()
         except BaseException as exc:
             code = 1

@@ -90,3 +90,18 @@ def test_a_job_apart_keeps_its_imports_and_raises_its_error_here():
 
     with pytest.raises(RuntimeError, match="failed in its child process"):
         apart(killed)
+
+
+def test_a_job_apart_runs_torch_after_the_parent_ran_parallel_ops():
+    # Without one thread in the child this hangs: libgomp's pool is the parent's, its threads gone.
+    script = (
+        "import torch\n"
+        "from pkg.trainer.host_memory import apart\n"
+        "torch.set_num_threads(2); a = torch.randn(1000, 1000); (a @ a).sum(); torch.randn(10**7).sum()\n"
+        "apart(lambda: torch.randn(10**7).sum())\n"
+        "print('done')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
