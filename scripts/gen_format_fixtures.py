@@ -13,7 +13,8 @@ tests/trainer/fixtures/formats/:
   `qwen` and `llama3` (the same BPE with Qwen's and Llama 3's tokens and word patterns; Llama 3's also as
   a tiktoken file);
 - expected.json: per case, the family, the row, the settings, and what torchtune's dataset transform and
-  tokenize_messages made of them (tokens and labels, or the error torchtune raised).
+  tokenize_messages made of them (tokens and labels, or the error torchtune raised); for text rows, what
+  text_completion_dataset made of them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torchtune.data import (
     InputOutputToMessages,
     OpenAIToMessages,
 )
+from torchtune.datasets import TextCompletionDataset
 from torchtune.models.gemma import gemma_tokenizer
 from torchtune.models.llama2 import llama2_tokenizer
 from torchtune.models.llama3 import llama3_tokenizer
@@ -169,6 +171,11 @@ CASES = [
     ("preference", "preference", PAIR, False, None, None),
     ("preference_system_prompt", "preference", PAIR, False, "Be kind.", None),
 ]
+TEXT = {"text": " Hello there </s> <|eot_id|> <|im_end|>\nBye. "}
+# text_completion_dataset rows: (case, row, add_eos, max_seq_len)
+TEXT_CASES = [
+    ("text", TEXT, True, None), ("text_no_eos", TEXT, False, None), ("text_truncated", TEXT, True, 6),
+]  # fmt: skip
 GRAMMAR = "torchtune.data.GrammarErrorCorrectionTemplate"
 MISSING = "missing"  # tokenizer.prompt_template not given: the builder's default
 
@@ -182,6 +189,19 @@ def messages_of(fmt: str, row: dict, train_on_input: bool, system: str | None):
     if fmt == "messages":
         return OpenAIToMessages(train_on_input=train_on_input, new_system_prompt=system)(row)["messages"]
     return ChosenRejectedToMessages(train_on_input=train_on_input, new_system_prompt=system)(row)
+
+
+def text_row(tokenizer, row: dict, add_eos: bool) -> dict:
+    """TextCompletionDataset's sample of the row (read from a file, as the builder reads its source)."""
+    path = OUT / "text_row.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    try:
+        dataset = TextCompletionDataset(tokenizer, source="json", data_files=str(path), column="text",
+                                        add_eos=add_eos, split="train")  # fmt: skip
+        sample = dataset[0]
+    finally:
+        path.unlink()
+    return {"tokens": [int(t) for t in sample["tokens"]], "labels": [int(t) for t in sample["labels"]]}
 
 
 def tokenized(tokenizer, msgs) -> dict:
@@ -246,6 +266,12 @@ def main() -> None:
                 except ValueError as exc:  # MistralChatTemplate and a system message
                     entry["error"] = str(exc)
                 expected.append(entry)
+        for case, row, add_eos, max_len in TEXT_CASES:
+            entry = {"component": component, "tokenizer": folder.name, "case": case, "format": "text",
+                     "row": row, "add_eos": add_eos, "train_on_input": False, "new_system_prompt": None,
+                     "max_seq_len": max_len, "prompt_template": MISSING}  # fmt: skip
+            entry.update(text_row(build(max_seq_len=max_len), row, add_eos))
+            expected.append(entry)
     lines = ",\n".join(json.dumps(e, ensure_ascii=False) for e in expected)  # one case a line
     (OUT / "expected.json").write_text(f"[\n{lines}\n]\n")
     print(f"wrote {len(expected)} cases to {OUT}")

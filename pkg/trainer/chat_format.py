@@ -173,9 +173,8 @@ class Pieces:
         self.tokenizer, self.fmt = tokenizer, fmt
 
     def special(self, token: str) -> int:
-        tok = self.tokenizer.convert_tokens_to_ids(token)
-        unknown = tok is None or tok == self.tokenizer.unk_token_id
-        if unknown or self.tokenizer.convert_ids_to_tokens(tok) != token:
+        tok = self.tokenizer.convert_tokens_to_ids(token)  # an unknown name: None, or the unknown token's id
+        if tok is None or self.tokenizer.convert_ids_to_tokens(tok) != token:
             raise TrainerError(
                 f"message_format={self.fmt}: the tokenizer has no {token} token; use the model family's "
                 "tokenizer or message_format=plain"
@@ -330,3 +329,25 @@ def format_messages(tokenizer, msgs: list[dict], cfg: TrainConfig) -> tuple[list
     render = FORMATS[cfg.message_format]
     ids, mask = render(Pieces(tokenizer, cfg.message_format), messages, cfg.max_seq_length)
     return ids, [IGNORE_INDEX if masked else t for t, masked in zip(ids, mask, strict=True)]
+
+
+# The BOS and EOS torchtune's encode(text, add_bos=True, add_eos) writes around a text_completion_dataset row:
+# the special tokens below, or sentencepiece's own (llama2: the tokenizer's); None: no BOS (Qwen).
+TEXT_ENDS = {"llama3": ("<|begin_of_text|>", "<|end_of_text|>"), "chatml": (None, "<|im_end|>"),
+             "phi3": ("<s>", "</s>"), "phi4": ("<|endoftext|>", "<|im_end|>")}  # fmt: skip
+
+
+def format_text(tokenizer, text: str, cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a text row as torchtune 0.6.1's text_completion_dataset makes it with the
+    tokenizer of cfg.message_format: encode(text, add_bos=True, add_eos=add_eos), cut to max_seq_length - 1
+    (its truncate, with no EOS put back); every token a target."""
+    enc = Pieces(tokenizer, cfg.message_format)
+    if cfg.message_format == "llama2":
+        bos, eos = enc.bos_eos()
+    else:
+        first, last = TEXT_ENDS[cfg.message_format]
+        bos, eos = (enc.special(first) if first else None), enc.special(last)
+    body = enc.spm(text) if cfg.message_format in ("llama2", "phi3") else enc.text(text)
+    ids = [*([bos] if bos is not None else []), *body, *([eos] if cfg.add_eos else [])]
+    ids = ids[: cfg.max_seq_length - 1]
+    return ids, list(ids)

@@ -199,11 +199,11 @@ class TrainConfig:
     )
     message_format: str = opt(
         "plain",
-        "How instruct, chat and preference rows become tokens: plain (chat rows: the model's chat template; "
-        "other rows: prompt + response + EOS) or as torchtune 0.6.1's model tokenizers do: llama3 (header "
-        "tokens, <|eot_id|>, BOS/EOS), chatml (Qwen2/2.5's <|im_start|>/<|im_end|>), llama2 (Llama 2, "
-        "Mistral, Gemma: BOS and EOS around each turn, no special tokens), phi3 (<|user|>, <|end|>) or phi4 "
-        "(<|im_start|>, <|im_sep|>); tune run sets it from tokenizer._component_.",
+        "How instruct, chat, preference and text rows become tokens: plain (chat rows: the model's chat "
+        "template; other rows: prompt + response + EOS) or as torchtune 0.6.1's model tokenizers do: llama3 "
+        "(header tokens, <|eot_id|>, BOS/EOS), chatml (Qwen2/2.5's <|im_start|>/<|im_end|>), llama2 (Llama "
+        "2, Mistral, Gemma: BOS and EOS around each turn, no special tokens), phi3 (<|user|>, <|end|>) or "
+        "phi4 (<|im_start|>, <|im_sep|>); tune run sets it from tokenizer._component_.",
         ("plain", "llama3", "chatml", "llama2", "phi3", "phi4"),
     )
     train_on_prompt: bool = opt(

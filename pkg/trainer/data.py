@@ -18,7 +18,7 @@ import time
 import torch
 
 from pkg.trainer.batching import to_records
-from pkg.trainer.chat_format import ensure_chat_template, format_messages, tokenize_messages
+from pkg.trainer.chat_format import ensure_chat_template, format_messages, format_text, tokenize_messages
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.data_files import load_rows
 from pkg.trainer.errors import TrainerError
@@ -41,6 +41,9 @@ def tokenize_non_chat_rows(
     chunk: list[dict], lo: int, fmt: str, tokenizer, cfg: TrainConfig
 ) -> list[tuple[list[int], list[int]]]:
     """Tokenize a chunk of non-chat rows (batched through the fast tokenizer)."""
+    if cfg.message_format != "plain" and fmt == "text":  # as the family's tokenizer encodes a text
+        texts = [prompt_and_completion(row, fmt, lo + j)[1] for j, row in enumerate(chunk)]
+        return [format_text(tokenizer, text, cfg) for text in texts]
     if cfg.message_format != "plain" and fmt != "text":  # a user message and the assistant's reply
         pairs = [prompt_and_completion(row, fmt, lo + j, cfg.alpaca_preamble) for j, row in enumerate(chunk)]
         talks = [

@@ -22,8 +22,9 @@ import torch
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.files import atomic_dir, dir_digest
 
-CACHE_VERSION = "3"  # bumped when the same settings tokenize differently (2: system_prompt on DPO pairs;
-# 3: system_prompt never a target, prompt_template pieces encoded apart in message formats)
+CACHE_VERSION = "4"  # bumped when the same settings tokenize differently (2: system_prompt on DPO pairs;
+# 3: system_prompt never a target, prompt_template pieces encoded apart in message formats; 4: text rows in
+# message formats, and the cache's files became torch columns)
 
 
 def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:

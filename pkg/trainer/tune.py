@@ -250,8 +250,9 @@ KEYS: list[Key] = [
     _k("tokenizer._component_", "mapped", text, "The tokenizer is the model folder's (tokenizer.json); "
        "the llama3, qwen2, qwen2_5, llama2, mistral, gemma, phi3_mini and phi4 tokenizers set "
        "message_format: SFT and DPO rows rendered as that torchtune tokenizer's tokenize_messages does "
-       "(special tokens, masks, BOS/EOS). A model tokenizer without the family's special tokens, or Qwen "
-       "with tokenizer.max_seq_len set: plain, said in one line.", "message_format"),
+       "(special tokens, masks, BOS/EOS), text rows as its encode does. A model tokenizer without the "
+       "family's special tokens, or Qwen with tokenizer.max_seq_len set: plain, said in one line.",
+       "message_format"),
     *(_k(f"tokenizer.{k}", "mapped", text, "The tokenizer is the model folder's (tokenizer.json and its "
          "chat template).") for k in ("path", "merges_file", "vocab_path", "merges_path",
                                       "special_tokens_path")),

@@ -275,6 +275,7 @@ def case_config(case: dict) -> TrainConfig:
         system_prompt=system,
         max_seq_length=case["max_seq_len"] or 1024,
         alpaca_preamble=True,
+        add_eos=case.get("add_eos", True),
         objective="dpo" if dpo else "sft",
     ).validate()
 
@@ -290,8 +291,8 @@ def rendered(case: dict):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_rows_render_as_torchtune_0_6_1_renders_them(case):
-    """scripts/gen_format_fixtures.py ran torchtune's dataset transform and tokenize_messages on each row,
-    with the tokenizer files of the model folder the trainer reads here."""
+    """scripts/gen_format_fixtures.py ran torchtune's dataset transform and tokenize_messages on each row
+    (text rows: text_completion_dataset), with the tokenizer files of the model folder the trainer reads."""
     if "error" in case:  # MistralChatTemplate and a system message: tune run refuses, or the row does
         with pytest.raises(
             (ConfigError, TrainerError), match=r"MistralChatTemplate.* takes no system message"
