@@ -68,6 +68,8 @@ READ_BLOCK = 1024 * 1024  # per worker, while a body's checksums are computed
 _WRITE_DENIED = {"AccessDenied", "Forbidden", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 # What stores answer a body whose checksum (CRC32, Content-MD5, SigV4 SHA-256) does not match it.
 _MISMATCH = {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"}
+# What a store may answer a request header it does not support (the probe's x-amz-checksum-crc32).
+_UNSUPPORTED = {"InvalidRequest", "InvalidArgument", "NotImplemented"}
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,9 @@ class S3Export:
             code = error_code(answer)
             if status < 300:
                 return True
-            if status == 400 or code in _MISMATCH or (payload != sha and code == "SignatureDoesNotMatch"):
+            if code in _MISMATCH or code in _UNSUPPORTED or status == 501 or (status == 400 and not code):
+                return False
+            if payload != sha and code == "SignatureDoesNotMatch":  # a store that hashes the body to check it
                 return False
             raise self._refused(status, code, answer, url, what, headers.get("Retry-After"))
 

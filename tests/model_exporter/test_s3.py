@@ -1,7 +1,7 @@
 """Export to S3 on two servers (moto, `rclone serve s3`), through a fault proxy: verified multipart uploads,
 the manifest last, a rerun that uploads nothing, `kill -9` mid-upload then resume, a destination that
-fails half-way (nothing looks complete), and bodies damaged on the way, caught by the store (the proxy
-verifying CRC32s as AWS does) or by the ETag check (the servers alone check nothing)."""
+fails half-way (nothing looks complete), bodies damaged on the way, caught by the store (the proxy
+verifying CRC32s as AWS does) or by the ETag check (the servers alone check nothing), and HTTPS."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.initializers.conftest import MOTO_ONLY
 from tests.support.fault_proxy import FaultProxy, FaultRule
 from tests.support.s3_server import S3Server
+from tests.support.tls import make_certificates
 
 from .conftest import Exporter, one_error_line, write_run
 
@@ -161,3 +163,43 @@ def test_body_damaged_on_the_way_is_sent_again(
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         got = s3.client().get_object(Bucket=bucket, Key=f"r4/{name}")["Body"].read()
         assert got == (out / "adapter" / name).read_bytes()
+
+
+@MOTO_ONLY  # about our TLS client (bodies sent in blocks, unsigned, CRC32 checked), not the store
+def test_export_over_https_to_a_store_that_checks_crc32(
+    s3: S3Server, export: Exporter, tmp_path: Path
+) -> None:
+    out = write_run(tmp_path, adapter_bytes=3 * 256 * 1024 + 5)
+    bucket = _bucket(s3)
+    ca, cert, key = make_certificates(tmp_path / "tls")
+    with FaultProxy(s3.endpoint).serve_tls(cert, key).start() as proxy:
+        proxy.verify_checksums = True
+        proxy.add(FaultRule(corrupt=10, skip=1, times=1, match="adapter_model", method="PUT"))
+        env = {**_env(s3, proxy, f"s3://{bucket}/r5", out), "AWS_CA_BUNDLE": str(ca)}
+        done = export(**env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert proxy.pending() == 0 and "BadDigest" in done.stdout  # damaged, refused, sent again
+        assert "it verifies x-amz-checksum-crc32" in done.stdout and "plain HTTP" not in done.stdout
+    data = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert s3.client().get_object(Bucket=bucket, Key="r5/adapter_model.safetensors")["Body"].read() == data
+
+
+@MOTO_ONLY  # about our client's route, not the store
+def test_export_through_an_http_proxy(
+    s3: S3Server, s3_proxy: FaultProxy, export: Exporter, tmp_path: Path
+) -> None:
+    """HTTP_PROXY carries the object PUTs (their bodies read in blocks) as it carries botocore's calls."""
+    out = write_run(tmp_path, adapter_bytes=2 * 256 * 1024 + 7)
+    bucket = _bucket(s3)
+    env = {
+        **s3.env(),
+        "STORAGE_URI": f"s3://{bucket}/r6",
+        "SOURCE_PATH": str(out),
+        "HTTP_PROXY": s3_proxy.endpoint,
+    }
+    done = export(**env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    parts = [r for r in s3_proxy.requests if r.method == "PUT" and "adapter_model" in r.path]
+    assert len(parts) == 3 and all(r.forward for r in s3_proxy.requests)
+    data = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert s3.client().get_object(Bucket=bucket, Key="r6/adapter_model.safetensors")["Body"].read() == data
