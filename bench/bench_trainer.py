@@ -286,7 +286,7 @@ def fsdp_worker(model: str, data: str, out: str, vocab_parallel: str = "auto") -
         t = t.to_local() if hasattr(t, "to_local") else t
         return t.numel() * t.element_size()
 
-    params = sum(local_bytes(p) for p in recipe.model.parameters())
+    params = sum(local_bytes(p) for p in recipe.model.net.parameters())
     optim = sum(
         local_bytes(v)
         for state in recipe.optimizer.state.values()
@@ -402,13 +402,18 @@ def take_turns(args, work: Path, name: str, ours_fn, trl_fn, key: str) -> tuple[
     return best(ours_runs, key=lambda r: r[key]), best(trl_runs, key=lambda r: r[key])
 
 
-def sft_section(args, work: Path, model: Path, data: Path, size: dict, results: dict) -> str:
-    ours, trl = take_turns(
-        args, work, "sft",
-        lambda out: run_ours(model, data, out, size["steps"]),
-        lambda out: run_trl(model, data, out, size["steps"]),
+def sft_turns(args, work: Path, name: str, model: Path, data: Path, steps: int) -> tuple[dict, dict]:
+    """SFT, ours against TRL's SFTTrainer on the same model and rows; each tool's best turn by tokens/s."""
+    return take_turns(
+        args, work, name,
+        lambda out: run_ours(model, data, out, steps),
+        lambda out: run_trl(model, data, out, steps),
         "tokens_per_s",
     )  # fmt: skip
+
+
+def sft_section(args, work: Path, model: Path, data: Path, size: dict, results: dict) -> str:
+    ours, trl = sft_turns(args, work, "sft", model, data, size["steps"])
     log("FSDP memory at world size 1 and 2 ...")
     mem = {world: run_fsdp(model, data, work, world) for world in (1, 2)}
     per_rank = {w: m["params_bytes"] + m["optimizer_bytes"] for w, m in mem.items()}
@@ -493,12 +498,7 @@ def dpo_section(args, work: Path, model: Path, pairs: Path, size: dict, results:
 
 def vocab_section(args, work: Path, vocab: dict, results: dict) -> str:
     model, data = prepare(work, vocab)
-    ours, trl = take_turns(
-        args, work, "vocab",
-        lambda out: run_ours(model, data, out, vocab["steps"]),
-        lambda out: run_trl(model, data, out, vocab["steps"]),
-        "tokens_per_s",
-    )  # fmt: skip
+    ours, trl = sft_turns(args, work, "vocab", model, data, vocab["steps"])
     speed, rss = ours["tokens_per_s"] / trl["tokens_per_s"], ours["peak_rss_mb"] / trl["peak_rss_mb"]
     results["vocab"] = {
         "size": {k: list(v) if isinstance(v, tuple) else v for k, v in vocab.items()},

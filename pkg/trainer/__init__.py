@@ -6,7 +6,9 @@ Modules, one job each:
     config            the TrainConfig dataclass: YAML schema, command line, validation
     errors            TrainerError / ConfigError / CheckpointError: expected failures and their exit codes
     values            the value parsers (and the YAML file reader) the config and `tune run` share
-    recipe            the training recipe: setup, train, save
+    recipe            the training recipe: setup, train, save; the model as built for the method (BuiltModel)
+    objective         the objective's interface: data, micro-batch loss, metrics, validation, reference
+    sft               the SFT objective: cross-entropy of the target tokens (and an MoE's router loss)
     data              the training data's steps in order: rows -> (input_ids, labels) -> train/val records
     data_files        finding and reading the dataset's files: one split (and slice) as one Dataset
     rows              a row as a prompt and completion or as messages: formats, system prompt, templates
@@ -18,7 +20,7 @@ Modules, one job each:
     fused_lora        one fused forward/backward per LoRA linear
     loss              token log-probs and the chunked cross-entropy, without full logits
     vocab_parallel    the output head and embedding split along the vocabulary across ranks
-    dpo               the DPO objective: sequence log-probs, losses, metrics, reference log-probs
+    dpo               the DPO objective: sequence log-probs, losses, metrics, the reference (cached on full)
     distributed       process group, all-ranks decisions (agree, any_rank), FSDP2 sharding
     optim             the optimizer (`optimizer`, `optimizer_in_backward`)
     plan              `python -m pkg.trainer.plan`: the memory planner

@@ -3,32 +3,44 @@
     torchrun --nproc-per-node 2 -m pkg.trainer --model_dir M --dataset_dir D --output_dir O --max_steps 100
     python -m pkg.trainer --config job.yaml                     # one process (a group of one)
 
+What it does, in the order of this file (`Recipe.run`):
+1. setup: the process group; output_dir checked and locked (output_lock.py); a finished run is not trained
+   again; the tokenized data (the objective's, cached); the batch plan; the model built for the method
+   (LoRA / QLoRA / full), sharded with FSDP2 (`BuiltModel`); the objective (SFT or DPO, objective.py); the
+   optimizer and the learning-rate schedule; resume from the newest checkpoint; metrics and trackers.
+2. train: one optimizer step per global batch (`train_step`): each micro-batch's loss from the objective,
+   normalised over the whole global batch, backward, gradients reduced and clipped, the step; `nan_policy`;
+   progress, validation every `eval_every` steps, a checkpoint every `save_every`; SIGTERM checkpoints at
+   the step boundary and exits 143 (resilience.py).
+3. save: the optimizer state freed, the weights checked finite, the outputs exported (adapter/ or model/,
+   export.py), summary.json and loss.png (metrics.py).
+
 Features and their flags (pkg/trainer/config.py documents every key):
 - Methods: LoRA through peft on all linear layers or `lora_target_modules` (`method: lora`, `lora_rank`,
   `lora_alpha`, `lora_dropout`; one fused forward/backward per LoRA linear, fused_lora.py), QLoRA on a
-  4-bit base (`method: qlora`; bitsandbytes on CUDA or the CPU), all weights (`method: full`).
+  4-bit base (`method: qlora`; bitsandbytes on CUDA or the CPU), all weights (`method: full`). What differs
+  between them in the loop (gradient sync, reduction) is decided when the model is built (`BuiltModel`).
 - FSDP2: `fully_shard` per decoder layer and the root; gloo on CPU, NCCL on CUDA; bf16 compute with fp32
   master weights and gradient reduction on GPU (`precision`); `activation_checkpointing`.
 - Batches: `global_batch_size` samples per optimizer step whatever the world size, `micro_batch_size` per
   forward; the samples of step k are a pure function of (seed, k) (batching.BatchPlan).
-- Loss: the token-weighted mean over the whole global batch: each rank sums its token losses and divides by
-  the all-reduced count of target tokens, so 1 and N processes give the same loss and gradients.
+- Objectives (objective.py): SFT (sft.py), the token-weighted mean cross-entropy over the global batch; DPO
+  (`objective: dpo`, dpo.py and preference.py), the mean over the global batch's pairs. Each rank sums its
+  micro-batches' losses and divides by the all-reduced count, so 1 and N processes give the same loss and
+  gradients.
 - Data: formats, prompt masking (`train_on_prompt`), `packing`, `max_seq_length`, a tokenized cache (data.py).
 - Schedule: `max_steps` or `num_epochs`, AdamW (`learning_rate`, `weight_decay`), `warmup_steps` then
   `lr_scheduler` (cosine, linear, constant), gradient clipping (`max_grad_norm`).
-- DPO (`objective: dpo`, dpo.py and preference.py): preference pairs, chosen and rejected in one forward
-  pass, the loss the mean over the pairs of the global batch; the reference is the model with its adapter
-  disabled (LoRA/QLoRA) or log-probs cached before the first update (full).
 - Validation: `val_fraction` held out (or `val_dataset_split` of `val_dataset_dir`), evaluated every
   `eval_every` steps and at the end.
 - Outputs: adapter/ or model/ (export.py), metrics.jsonl, summary.json, loss.png (metrics.py), config.yaml.
 - Checkpoints (checkpoint.py): sharded and atomic every `save_every` steps and at the end, `keep_last` kept;
   `resume: auto` continues from the newest complete one (`never`, or a path); one metrics.jsonl history.
   A finished job is not trained again; a larger `max_steps` extends it; another model, method, dataset or
-  batch shape is refused. SIGTERM (eviction): checkpoint at the step boundary, exit 143 (resilience.py).
+  batch shape is refused.
 
-State a checkpoint needs: `self.state.step` (optimizer steps done; the epoch and the data position follow from
-it through `self.plan`), `self.model`, `self.optimizer`, `self.scheduler`, `self.metrics`, `self.cfg`.
+State a checkpoint needs: `state.step` (optimizer steps done; the epoch and the data position follow from it
+through `plan`), `model.net`, `optimizer`, `scheduler`, `metrics`, `cfg`.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,7 +63,6 @@ from pkg.trainer import (
     batching,
     checkpoint,
     checkpoint_dirs,
-    data,
     data_cache,
     disk_space,
     distributed,
@@ -62,27 +74,35 @@ from pkg.trainer import (
     optim,
     output_lock,
     plan,
-    preference,
     resilience,
+    sft,
     trackers,
     vocab_parallel,
 )
 from pkg.trainer.config import TrainConfig, save_config
 from pkg.trainer.errors import TrainerError
-from pkg.trainer.files import atomic_file, dir_digest
-from pkg.trainer.loss import IGNORE_INDEX, check_head, token_logprobs
+from pkg.trainer.loss import check_head
 from pkg.trainer.metrics import Metrics
+from pkg.trainer.objective import Objective, Setup, means
 from pkg.trainer.safetensors_stream import StreamReader
 
 log = logging.getLogger("pkg.trainer")
 
+OBJECTIVES: dict[str, type[Objective]] = {"sft": sft.SFT, "dpo": dpo.DPO}  # config's `objective`
+
 
 @dataclass
 class TrainState:
-    """Where the run is: `step` optimizer steps are done; the next one trains on `plan.global_batch(step)`."""
+    """Where the run is: `step` optimizer steps are done; the next one trains on `plan.global_batch(step)`.
+
+    A checkpoint keeps `step` and `tokens_seen`; the rest starts over on resume."""
 
     step: int = 0
     tokens_seen: int = 0
+    skipped_steps: int = 0  # nan_policy skip_step: steps whose update was skipped, in all ...
+    skipped_in_a_row: int = 0  # ... and since the last finite one
+    train_time: float = 0.0  # seconds the steps took, wall and CPU (summary.json)
+    train_cpu: float = 0.0
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -161,33 +181,90 @@ def peak_memory_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass
+class BuiltModel:
+    """The model as built for training (`Recipe.build_model`), and how the loop treats its gradients."""
+
+    net: torch.nn.Module
+    param_counts: dict[str, int]  # trainable_params, total_params (summary.json)
+    sharded: bool  # FSDP2 (never a 4-bit QLoRA base)
+    hybrid: bool  # hybrid sharding: shard groups replicated over nodes (distributed.Layout)
+    aux_coef: float  # an MoE model's router load-balancing loss coefficient; 0 for a dense model
+    # LoRA under FSDP: gradients (a small adapter) accumulate locally and are reduced once, after the last
+    # micro-batch, instead of one reduce-scatter per micro-batch. Full fine-tuning keeps syncing: unsharded
+    # gradients of every weight would cost a whole model's memory per rank.
+    defer_sync: bool
+    # QLoRA: the 4-bit base is not sharded; each rank holds the whole small adapter, all-reduced here.
+    all_reduce: bool
+    world_size: int
+
+    def gradient_sync(self, last_micro_batch: bool) -> None:
+        """Before each micro-batch's backward: whether FSDP reduces the gradients in it."""
+        if self.defer_sync:
+            self.net.set_requires_gradient_sync(last_micro_batch)
+
+    def reduce_gradients(self) -> None:
+        """After a step's last backward: the gradients FSDP does not reduce itself, averaged over ranks."""
+        if self.all_reduce and self.world_size > 1:
+            for p in self.net.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world_size
+        if self.hybrid:  # the split rows' gradients, averaged over the replicas as FSDP does its own
+            vocab_parallel.reduce_replicas(self.net)
+
+
 class Recipe:
+    """setup, train, save (`run`). Every attribute is set in `__init__` or in `setup`, in this order:"""
+
+    cfg: TrainConfig
+    out: Path  # output_dir
+    lock: output_lock.OutputLock | None  # this job's hold on output_dir (rank 0)
+    metrics: Metrics | None  # metrics.jsonl, progress lines, trackers (closed on failure once opened)
+    dist: distributed.DistInfo
+    fingerprint: dict[str, str]  # what a checkpoint must match to be resumed (checkpoint.run_fingerprint)
+    tokenizer: Any
+    train_data: Any  # tokenized records (data_cache.read_cache)
+    val_data: Any
+    plan: batching.BatchPlan  # which records each rank trains on at each step
+    total_steps: int
+    bf16: bool
+    model: BuiltModel
+    objective: Objective  # SFT or DPO: the loss of a micro-batch, its metrics, validation
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    state: TrainState
+
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.lock: output_lock.OutputLock | None = None
-        self.skipped_steps = self.skipped_in_a_row = 0  # nan_policy: skip_step
-        self.dpo: dpo.DPO | None = None
-        self.reference: dict[str, torch.Tensor] = {}  # full-FT DPO: cached reference log-probs per split
-        self.tracker_ids: dict[str, str] = {}  # report_to runs to continue, from the resumed checkpoint
-        self.train_time = self.train_cpu = 0.0  # seconds the steps took, wall and CPU (summary.json)
+        self.lock = None
+        self.metrics = None
+
+    def run(self) -> dict:
+        """Train and save; the summary (summary.json), or a finished run's when there is nothing to train."""
+        try:
+            finished = self.setup()
+            if finished:
+                return finished
+            self.train()
+            return self.save()
+        except BaseException:
+            if self.metrics:
+                self.metrics.close()
+            raise
+        finally:
+            if self.lock:
+                self.lock.release()
+            distributed.shutdown()
 
     # ------------------------------------------------------------ setup
 
-    def setup(self) -> None:
+    def setup(self) -> dict | None:
+        """Everything the run needs, in order; returns instead the summary of an already finished run."""
         cfg = self.cfg
         self.dist = distributed.init(cfg.dist_timeout_minutes)
-        error = None
-        if self.dist.is_main:  # before anything is written: the output_dir, then this job's lock on it
-            try:
-                prepare_output_dir(cfg)
-                model.check_architecture(cfg.model_dir)  # a model that cannot train leaves nothing behind
-                model.check_tokenizer_files(cfg.model_dir)
-                self.lock = output_lock.OutputLock(self.out).acquire()
-                export.remove_leftovers(self.out)
-            except TrainerError as exc:
-                error = str(exc)
-        distributed.agree(error)
+        self.claim_output_dir()
         if cfg.save_every and not checkpoint_dirs.shared_by_all_ranks(self.out):
             cfg.save_every = 0
             log.warning(
@@ -195,24 +272,20 @@ class Recipe:
                 "(mount a ReadWriteMany volume there to make the run resumable)", self.out,
             )  # fmt: skip
         self.fingerprint = fingerprint.run_fingerprint(cfg)
-        self.finished = None
-        if checkpoint_dirs.resume_mode(cfg.resume) != "never":
-            length = {"max_steps": cfg.max_steps, "num_epochs": cfg.num_epochs}
-            full = cfg.method == "full"
-            outputs = [self.out / "adapter"] * (not full) + [self.out / "model"] * (full or cfg.merge_adapter)
-            self.finished = checkpoint_dirs.finished_run(self.out, self.fingerprint, length, outputs)
-        if self.finished:
+        finished = self.finished_run()
+        if finished:
             log.info(
                 "already finished: %s holds the outputs of this job (%d steps); nothing to train. "
                 "Raise max_steps to train further, or set resume: never to start over",
-                self.out, self.finished["steps"],
+                self.out, finished["steps"],
             )  # fmt: skip
-            return
+            return finished
         if self.dist.is_main:
             save_config(cfg, self.out / "config.yaml")
             log.info("config: %s", " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+        kind = OBJECTIVES[cfg.objective]
         self.tokenizer = model.load_tokenizer(cfg.model_dir)
-        self.train_data, self.val_data = self.load_data()
+        self.train_data, self.val_data = self.load_data(kind.build_splits)
         self.plan = batching.BatchPlan(
             len(self.train_data), cfg.global_batch_size, cfg.micro_batch_size,
             self.dist.world_size, self.dist.rank, cfg.seed, cfg.max_steps_per_epoch,
@@ -225,31 +298,38 @@ class Recipe:
                 "(%g) and never decays; lower warmup_steps", cfg.warmup_steps, self.total_steps,
                 cfg.learning_rate,
             )  # fmt: skip
-        self.bf16 = cfg.precision == "bf16" or (
-            cfg.precision == "auto" and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        )
-        self.model = self.build_model()
-        if cfg.objective == "dpo":
-            self.dpo = dpo.DPO(cfg, self.dist.device, dpo.shares_prompt(self.model))
-            if cfg.method == "full":  # before resume(): the freshly loaded model is the reference
-                self.reference = self.reference_cache(*self.reference_model())
         if cfg.optimizer_in_backward and self.plan.grad_accum != 1:
             raise TrainerError(
                 "optimizer_in_backward steps at the end of each backward: it needs one micro-batch per "
                 f"step, not {self.plan.grad_accum}; set micro_batch_size to global_batch_size / world size "
                 f"({cfg.global_batch_size // self.dist.world_size})"
             )
-        self.optimizer = optim.build(self.model, cfg, self.dist.device, self.sharded)
+        self.bf16 = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
+        self.model = self.build_model(cfg)
+
+        def build_other(model_dir: str) -> torch.nn.Module:  # DPO's reference_model_dir
+            return self.build_model(dataclasses.replace(cfg, model_dir=model_dir)).net
+
+        # Before resume(): DPO on full fine-tuning takes its reference from the freshly loaded model.
+        self.objective = kind.create(
+            Setup(
+                cfg=cfg, dist=self.dist, model=self.model.net, router_loss=bool(self.model.aux_coef),
+                pad_token_id=self.tokenizer.pad_token_id, plan=self.plan, train_data=self.train_data,
+                val_data=self.val_data, out=self.out, build_model=build_other,
+            )
+        )  # fmt: skip
+        self.optimizer = optim.build(self.model.net, cfg, self.dist.device, self.model.sharded)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
-        self.state = TrainState()
-        self.resume()
+        self.state, tracker_ids = self.resume()
         self.metrics = Metrics(self.out, self.total_steps, self.dist.is_main, cfg.disk_log_dir)
         self.metrics.rewind(self.state.step)  # one history: the records after the resumed step go
         error = None
         if self.dist.is_main:  # report_to trackers and the TrainJob status: rank 0 only
             try:
                 self.metrics.reporters = trackers.open_reporters(
-                    cfg, self.total_steps, self.state.step, self.plan.steps_per_epoch, self.tracker_ids
+                    cfg, self.total_steps, self.state.step, self.plan.steps_per_epoch, tracker_ids
                 )
             except TrainerError as exc:
                 error = str(exc)
@@ -259,66 +339,37 @@ class Recipe:
             self.dist.world_size, len(self.train_data), len(self.val_data), self.total_steps,
             self.plan.steps_per_epoch, self.plan.grad_accum,
         )  # fmt: skip
+        return None
 
-    def resume(self) -> None:
-        """Continue from a checkpoint (`resume`): weights, optimizer, scheduler, data position and RNG."""
-
-        def load(path: Path) -> checkpoint.Resumed:
-            step = checkpoint_dirs.read_meta(path)["step"]
-            if step > self.total_steps:
-                raise TrainerError(
-                    f"checkpoint {path} is at step {step}, past this run's {self.total_steps} steps: "
-                    "raise max_steps (or num_epochs), or set resume: never to start over"
-                )
-            return checkpoint.load_checkpoint(
-                path, self.model, self.optimizer, self.scheduler, fingerprint=self.fingerprint
-            )
-
-        # A newest checkpoint that fails to load is moved aside and the previous one loaded instead.
-        resumed = checkpoint.load_resume(self.out, self.cfg.resume, load)
-        if resumed is None:
-            return
-        self.state = TrainState(resumed.step, int(resumed.data_state.get("tokens_seen", 0)))
-        self.tracker_ids = dict(resumed.data_state.get("trackers") or {})
-        # This run's schedule applies from here on (max_steps or learning_rate may have changed).
-        before, after = rebase_schedule(self.scheduler, self.cfg.learning_rate, resumed.step)
-        log.info("resuming from step %d of %d (%s)", resumed.step, self.total_steps, resumed.path)
-        if not math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-12):
-            log.warning(
-                "learning-rate schedule: now %s over %d steps (max_steps, num_epochs or learning_rate "
-                "changed); the lr of step %d is %.3g where the checkpoint's schedule had %.3g",
-                self.cfg.lr_scheduler, self.total_steps, resumed.step + 1, after, before,
-            )  # fmt: skip
-
-    def save_checkpoint(self) -> Path:
-        self.check_lock()
-        error = None
-        if self.dist.is_main:  # a save writes the new checkpoint whole before it deletes the oldest
-            newest = checkpoint_dirs.latest_checkpoint(self.out)
-            # Without one to measure: fp32 weights and AdamW's two moments of every trained parameter.
-            needed = disk_space.size_of(newest) if newest else 12 * self.param_counts["trainable_params"]
-            keep = self.cfg.keep_last
-            error = disk_space.space_problem(
-                self.out, int(needed * 1.05) + 2**20, f"the checkpoint of step {self.state.step}",
-                f" (with keep_last: {keep}, output_dir holds {keep + 1} checkpoints while the next is saved, "
-                f"~{disk_space.gib((keep + 1) * needed)})",
-            )  # fmt: skip
+    def claim_output_dir(self) -> None:
+        """Before anything is written (rank 0): the output_dir, the model's files, then this job's lock."""
+        cfg, error = self.cfg, None
+        if self.dist.is_main:
+            try:
+                prepare_output_dir(cfg)
+                model.check_architecture(cfg.model_dir)  # a model that cannot train leaves nothing behind
+                model.check_tokenizer_files(cfg.model_dir)
+                self.lock = output_lock.OutputLock(self.out).acquire()
+                export.remove_leftovers(self.out)
+            except TrainerError as exc:
+                error = str(exc)
         distributed.agree(error)
-        state = self.state
-        return checkpoint.save_checkpoint(
-            self.out, state.step, self.model, self.optimizer, self.scheduler,
-            fingerprint=self.fingerprint, keep_last=self.cfg.keep_last,
-            data_state={"step": state.step, "tokens_seen": state.tokens_seen,
-                        "epoch": state.step // self.plan.steps_per_epoch,
-                        # rank 0's report_to run ids (rank 0 writes meta.json), continued on resume
-                        "trackers": self.metrics.reporters.ids() if self.metrics.reporters else {}},
-        )  # fmt: skip
 
-    def load_data(self):
-        """Tokenize on rank 0 (and on each node's first rank if output_dir is not shared); read everywhere."""
+    def finished_run(self) -> dict | None:
+        """The summary of this very job when output_dir holds its final outputs already (resume allowing)."""
+        cfg = self.cfg
+        if checkpoint_dirs.resume_mode(cfg.resume) == "never":
+            return None
+        length = {"max_steps": cfg.max_steps, "num_epochs": cfg.num_epochs}
+        full = cfg.method == "full"
+        outputs = [self.out / "adapter"] * (not full) + [self.out / "model"] * (full or cfg.merge_adapter)
+        return checkpoint_dirs.finished_run(self.out, self.fingerprint, length, outputs)
+
+    def load_data(self, build) -> tuple[Any, Any]:
+        """Tokenize with `build` (the objective's build_splits) on rank 0 (and on each node's first rank if
+        output_dir is not shared); read everywhere."""
         cfg = self.cfg
         path = self.out / "cache" / f"tokenized-{data_cache.cache_key(cfg, cfg.model_dir)}"
-        build = preference.build_splits if cfg.objective == "dpo" else data.build_splits
         datasets_cache = str(self.out / "cache" / "datasets")
         for builder in (self.dist.is_main, self.dist.local_rank == 0):
             error = None
@@ -335,94 +386,21 @@ class Recipe:
         splits = data_cache.read_cache(path)
         return splits["train"], splits["val"]
 
-    def reference_model(self) -> tuple[torch.nn.Module | None, str]:
-        """Full-FT DPO: (the reference model, its folder): the starting model itself, or the model of
-        reference_model_dir (built only when its log-probs are not cached yet; None otherwise)."""
-        cfg = self.cfg
-        ref_dir = cfg.reference_model_dir or cfg.model_dir
-        if ref_dir == cfg.model_dir:
-            return self.model, ref_dir
-        cached = self.reference_cache_path(ref_dir).exists()
-        (missing,) = distributed.all_reduce_sum([0.0 if cached else 1.0], self.dist.device)
-        if not missing:  # every rank reads the cache: no model needed
-            return None, ref_dir
-        log.info("DPO reference: the model of %s (reference_model_dir)", ref_dir)
-        counts = self.param_counts
-        self.cfg = dataclasses.replace(cfg, model_dir=ref_dir)
-        try:
-            ref = self.build_model()
-        finally:
-            self.cfg, self.param_counts = cfg, counts
-        if ref.config.vocab_size != self.model.config.vocab_size:
-            raise TrainerError(
-                f"reference_model_dir {ref_dir}: vocabulary of {ref.config.vocab_size} tokens, the model's "
-                f"has {self.model.config.vocab_size}; DPO compares both on the same tokens (same tokenizer)"
-            )
-        ref.eval()
-        return ref, ref_dir
-
-    def reference_cache_path(self, ref_dir: str) -> Path:
-        cfg = self.cfg
-        key = f"{data_cache.cache_key(cfg, cfg.model_dir)}-{dir_digest(ref_dir)}"
-        return self.out / "cache" / f"reference-{key}.pt"
-
-    def reference_cache(self, net: torch.nn.Module | None, ref_dir: str) -> dict[str, torch.Tensor]:
-        """Full-FT DPO: the reference log-probs of every pair, computed once and kept with the tokenized data.
-
-        Keyed by the data cache and the reference model's content digest. All ranks compute together when
-        any rank lacks the file; each node's first rank writes it (atomically), as for the tokenized data.
-        """
-        cfg = self.cfg
-        path = self.reference_cache_path(ref_dir)
-        (missing,) = distributed.all_reduce_sum([0.0 if path.exists() else 1.0], self.dist.device)
-        if not missing:
-            return torch.load(path, weights_only=True)
-        started, cpu = time.monotonic(), time.process_time()
-        splits = {}
-        for name, records in (("train", self.train_data), ("val", self.val_data)):
-            # Pairs of similar length together (less padding); -1 pads so every rank runs as many passes.
-            lengths = [sum(lens) for lens in records["seq_lens"]] if len(records) else []
-            order = sorted(range(len(records)), key=lengths.__getitem__)
-            batches = [[order[i] if i >= 0 else -1 for i in mb] for mb in self.plan.val_batches(len(records))]
-            splits[name] = dpo.reference_logps(
-                net, records, batches, self.dist.device, cfg.loss_chunk_size, self.dpo.shared_prompt
-            )
-        log.info(
-            "reference log-probs of %d pairs computed in %.1f s, %.1f s CPU (cached in %s)",
-            len(self.train_data) + len(self.val_data), time.monotonic() - started,
-            time.process_time() - cpu, path,
-        )  # fmt: skip
-        if self.dist.local_rank == 0:
-            with atomic_file(path) as tmp:
-                torch.save(splits, tmp)
-        return splits
-
-    def micro_loss(self, records: list[dict], indices: list[int], split: str, weights=None):
-        """(summed loss of a micro-batch, sums of the objective's metrics: [loss] for SFT, dpo.METRICS, the
-        router's load-balancing loss of an MoE model in training, else None)."""
-        if self.dpo is not None:
-            cached = None
-            if split in self.reference:
-                cached = self.reference[split][[max(i, 0) for i in indices]]
-            return (*self.dpo.micro(self.model, records, cached, weights), None)
-        loss, aux = self.loss_sum(batching.collate(records, self.tokenizer.pad_token_id, self.cfg.packing))
-        return loss, [loss.item()], aux
-
-    def build_model(self) -> torch.nn.Module:
-        cfg = self.cfg
+    def build_model(self, cfg: TrainConfig) -> BuiltModel:
+        """The model of cfg.model_dir for cfg.method, loaded, sharded and checked (DPO's reference_model_dir
+        is built the same way)."""
         # At world size > 1 every rank builds the model on the meta device and shards it; rank 0 then streams
         # the weights from model_dir into the shards one tensor at a time, so a node holds one copy of the
         # weights in host memory (the shards), not one per rank, and rank 0 never holds a whole model next
         # to its shards. A 4-bit QLoRA base is neither sharded nor broadcast: each rank loads it to its GPU.
         from_rank0 = self.dist.world_size > 1 and cfg.method != "qlora"
-        net, sources = self.load(from_rank0)
+        net, sources = self.load(cfg, from_rank0)
         model.check_vocabulary(net, self.tokenizer, cfg.model_dir)  # the same model on every rank
         trainable, total = model.count_parameters(net)
-        self.param_counts = {"trainable_params": trainable, "total_params": total}
         log.info("%s: %d trainable of %d parameters", cfg.method, trainable, total)
         # never a 4-bit base
-        self.sharded = sharded = cfg.method != "qlora" and distributed.uses_fsdp(self.bf16, cfg.cpu_offload)
-        self.layout = layout = self.choose_layout(net, sharded)
+        sharded = cfg.method != "qlora" and distributed.uses_fsdp(self.bf16, cfg.cpu_offload)
+        layout = self.choose_layout(cfg, net, sharded)
         # Under hybrid sharding the vocabulary is split within the shard group (a node) only. Under CPU
         # offload the embedding and head are FSDP units, offloaded like the rest.
         split = sharded and not cfg.cpu_offload and vocab_parallel.wanted(
@@ -455,17 +433,19 @@ class Recipe:
             )
         check_head(net, self.dist.device)
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per rank
-        self.aux_coef = model.router_aux_coef(net)
-        if self.aux_coef:
-            log.info(
-                "mixture-of-experts: router load-balancing loss added with coefficient %g", self.aux_coef
-            )
-        return net
+        aux_coef = model.router_aux_coef(net)
+        if aux_coef:
+            log.info("mixture-of-experts: router load-balancing loss added with coefficient %g", aux_coef)
+        return BuiltModel(
+            net, {"trainable_params": trainable, "total_params": total}, sharded, layout.hybrid, aux_coef,
+            defer_sync=cfg.method == "lora" and hasattr(net, "set_requires_gradient_sync"),
+            all_reduce=cfg.method == "qlora", world_size=self.dist.world_size,
+        )  # fmt: skip
 
-    def choose_layout(self, net: torch.nn.Module, sharded: bool) -> distributed.Layout:
+    def choose_layout(self, cfg: TrainConfig, net: torch.nn.Module, sharded: bool) -> distributed.Layout:
         """`sharding` and `shard_group_size` as a Layout (unsharded: none); logs it with the planner's
         per-rank estimate."""
-        cfg, info = self.cfg, self.dist
+        info = self.dist
         try:
             shape = plan.Shape.from_config(net.config.to_dict())
         except ValueError as exc:  # the estimate is advice: a shape it cannot read never stops training
@@ -500,14 +480,14 @@ class Recipe:
         )  # fmt: skip
         return layout
 
-    def load(self, from_rank0: bool) -> tuple[torch.nn.Module, dict | None]:
+    def load(self, cfg: TrainConfig, from_rank0: bool) -> tuple[torch.nn.Module, dict | None]:
         """(model, where rank 0 streams its tensors from, or None when rank 0 read them all already).
 
         With `from_rank0` every rank builds on the meta device and rank 0 works out the sources; when the
         checkpoint does not map one for one onto the model (model.load_model_on_meta), rank 0 reads the
         whole model with from_pretrained instead, as it would alone, and broadcasts it after sharding.
         """
-        cfg, main = self.cfg, self.dist.is_main
+        main = self.dist.is_main
         net, sources, error = None, None, None
         torch.manual_seed(cfg.seed)  # identical initial adapters on every rank and world size
         try:
@@ -533,158 +513,58 @@ class Recipe:
         distributed.agree(error)
         return net, None
 
+    def resume(self) -> tuple[TrainState, dict[str, str]]:
+        """Continue from a checkpoint (`resume`): weights, optimizer, scheduler, data position and RNG.
+        Returns where the run is and the report_to run ids to continue (a fresh state and none when it
+        starts afresh)."""
+
+        def load(path: Path) -> checkpoint.Resumed:
+            step = checkpoint_dirs.read_meta(path)["step"]
+            if step > self.total_steps:
+                raise TrainerError(
+                    f"checkpoint {path} is at step {step}, past this run's {self.total_steps} steps: "
+                    "raise max_steps (or num_epochs), or set resume: never to start over"
+                )
+            return checkpoint.load_checkpoint(
+                path, self.model.net, self.optimizer, self.scheduler, fingerprint=self.fingerprint
+            )
+
+        # A newest checkpoint that fails to load is moved aside and the previous one loaded instead.
+        resumed = checkpoint.load_resume(self.out, self.cfg.resume, load)
+        if resumed is None:
+            return TrainState(), {}
+        # This run's schedule applies from here on (max_steps or learning_rate may have changed).
+        before, after = rebase_schedule(self.scheduler, self.cfg.learning_rate, resumed.step)
+        log.info("resuming from step %d of %d (%s)", resumed.step, self.total_steps, resumed.path)
+        if not math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-12):
+            log.warning(
+                "learning-rate schedule: now %s over %d steps (max_steps, num_epochs or learning_rate "
+                "changed); the lr of step %d is %.3g where the checkpoint's schedule had %.3g",
+                self.cfg.lr_scheduler, self.total_steps, resumed.step + 1, after, before,
+            )  # fmt: skip
+        state = TrainState(resumed.step, int(resumed.data_state.get("tokens_seen", 0)))
+        return state, dict(resumed.data_state.get("trackers") or {})
+
     # ------------------------------------------------------------ train
-
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Summed cross-entropy of the target tokens in one micro-batch, in chunks (loss.py), and the router's
-        load-balancing loss when an MoE model trains (None otherwise)."""
-        batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
-        # An MoE model also returns its router load-balancing loss while training (see model.router_aux_coef).
-        moe = {"output_router_logits": True} if self.aux_coef and self.model.training else {}
-        scored = token_logprobs(self.model, batch, self.cfg.loss_chunk_size, **moe)
-        return -scored.logprobs.sum(), scored.aux_loss if moe else None
-
-    def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step on the global batch of `step`; returns the global-batch loss and counts."""
-        indices = self.plan.micro_batches(step)
-        micro = [[self.train_data[i] for i in mb] for mb in indices]
-        if self.dpo is not None:  # the loss is the mean over the pairs of the global batch
-            local_tokens = sum(preference.count_tokens(recs) for recs in micro)
-            (n_tokens,) = distributed.all_reduce_sum([local_tokens], self.dist.device)
-            n_targets = float(self.cfg.global_batch_size)
-        else:
-            local_targets = sum(batching.count_targets(recs) for recs in micro)
-            local_tokens = sum(len(r["input_ids"]) for recs in micro for r in recs)
-            n_targets, n_tokens = distributed.all_reduce_sum([local_targets, local_tokens], self.dist.device)
-        # FSDP averages gradients over ranks; scaling by the world size turns that into the global mean.
-        scale = self.dist.world_size / n_targets
-        self.model.train()
-        # LoRA under FSDP: gradients (a small adapter) accumulate locally and are reduced once, after the
-        # last micro-batch, instead of one reduce-scatter per micro-batch. Full fine-tuning keeps syncing:
-        # unsharded gradients of every weight would cost a whole model's memory per rank.
-        defer_sync = self.cfg.method == "lora" and hasattr(self.model, "set_requires_gradient_sync")
-        totals: list[float] = []
-        aux_total = 0.0
-        for i, recs in enumerate(micro):
-            if defer_sync:
-                self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            loss, stats, aux = self.micro_loss(recs, indices[i], "train")
-            objective = loss * scale
-            if aux is not None:  # a mean per micro-batch: averaged over all of them, then weighted
-                objective = objective + aux * (self.aux_coef / len(micro))
-                aux_total += aux.item()
-            objective.backward()
-            totals = [a + b for a, b in zip(totals, stats, strict=True)] if totals else stats
-        if self.cfg.method == "qlora":
-            self.all_reduce_grads()
-        if self.layout.hybrid:  # the split rows' gradients, averaged over the replicas as FSDP does its own
-            vocab_parallel.reduce_replicas(self.model)
-        if isinstance(self.optimizer, optim.InBackward):  # stepped already; the norm of what it consumed
-            grad_norm = self.optimizer.grad_norm(self.dist.device)
-        else:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-        lr = self.scheduler.get_last_lr()[0]
-        *sums, aux_global = distributed.all_reduce_sum([*totals, aux_total], self.dist.device)
-        means = dpo.metrics(sums, n_targets) if self.dpo is not None else {"loss": sums[0] / n_targets}
-        result = {**means, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
-        # The same global numbers on every rank, so every rank takes the same branch. A non-finite step
-        # never reaches the weights or the optimizer's moments (optimizer_in_backward has stepped already:
-        # config.py allows it only with nan_policy: stop).
-        result["finite"] = math.isfinite(result["loss"]) and math.isfinite(result["grad_norm"])
-        if result["finite"]:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.aux_coef and self.dpo is None:  # DPO does not add the router loss (docs: known limits)
-            result["aux_loss"] = aux_global / (len(micro) * self.dist.world_size)
-        return result
-
-    def check_finite(self, step: int, result: dict[str, float]) -> None:
-        """Apply `nan_policy` to a step whose loss or gradient norm was NaN or inf (its update skipped)."""
-        if result["finite"]:
-            self.skipped_in_a_row = 0
-            return
-        what = f"step {step}: loss={result['loss']:.4g} grad_norm={result['grad_norm']:.4g}"
-        fix = (
-            "lower learning_rate, set max_grad_norm, or look for bad rows in the data, then rerun "
-            "(it resumes from the last checkpoint; resume: never starts over)"
-        )
-        if self.cfg.nan_policy == "stop":
-            raise TrainerError(
-                f"{what}: not finite; stopped without applying it and wrote no final outputs "
-                f"(nan_policy: stop): {fix}"
-            )
-        self.skipped_in_a_row += 1
-        self.skipped_steps += 1
-        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            raise TrainerError(
-                f"{what}: not finite for {MAX_SKIPPED_IN_A_ROW} steps in a row (nan_policy: skip_step): "
-                f"the weights no longer train; stopped with no final outputs: {fix}"
-            )
-        if self.dist.is_main:
-            log.warning("%s: not finite; this step's update is skipped (nan_policy: skip_step)", what)
-
-    def all_reduce_grads(self) -> None:
-        if self.dist.world_size == 1:
-            return
-        for p in self.model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= self.dist.world_size
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Validation over the whole held-out set, shared across ranks: val_loss (and DPO's val_ metrics)."""
-        self.model.eval()
-        if self.dpo is not None:
-            return self.evaluate_pairs()
-        blank = dict(self.val_data[0], labels=[IGNORE_INDEX] * len(self.val_data[0]["labels"]))
-        loss_total, n_targets = 0.0, 0
-        for mb in self.plan.val_batches(len(self.val_data)):
-            recs = [self.val_data[i] if i >= 0 else blank for i in mb]
-            loss, _ = self.loss_sum(batching.collate(recs, self.tokenizer.pad_token_id, self.cfg.packing))
-            loss_total += loss.item()
-            n_targets += batching.count_targets(recs)
-        distributed.reshard(self.model)
-        loss_total, n_targets = distributed.all_reduce_sum([loss_total, n_targets], self.dist.device)
-        return {"val_loss": loss_total / max(n_targets, 1)}
-
-    def evaluate_pairs(self) -> dict[str, float]:
-        """DPO validation: the means of dpo.METRICS over the held-out pairs (padding pairs weigh 0)."""
-        totals = [0.0] * len(dpo.METRICS)
-        for mb in self.plan.val_batches(len(self.val_data)):
-            recs = [self.val_data[max(i, 0)] for i in mb]
-            weights = torch.tensor([float(i >= 0) for i in mb])
-            stats = self.micro_loss(recs, mb, "val", weights)[1]
-            totals = [a + b for a, b in zip(totals, stats, strict=True)]
-        return dpo.metrics(distributed.all_reduce_sum(totals, self.dist.device), len(self.val_data), "val_")
 
     def train(self) -> None:
         cfg, state = self.cfg, self.state
         started, cpu_start = time.monotonic(), time.process_time()
         stop = resilience.StopRequest().install()  # SIGTERM: checkpoint at the next step boundary, exit 143
         while state.step < self.total_steps:
-            step_start = time.monotonic()
+            step_started = time.monotonic()
             result = self.train_step(state.step)
             state.step += 1
             self.check_finite(state.step, result)
             state.tokens_seen += int(result["tokens"])
             last = state.step == self.total_steps
             if state.step % cfg.log_every == 0 or last:
-                rate = result["tokens"] / max(time.monotonic() - step_start, 1e-9)
-                extra = {k: result[k] for k in dpo.METRICS[1:] if k in result}
+                rate = result["tokens"] / max(time.monotonic() - step_started, 1e-9)
+                extra = {k: result[k] for k in self.objective.metrics[1:]}
                 self.metrics.train_step(
-                    state.step,
-                    result["loss"],
-                    result["lr"],
-                    result["grad_norm"],
-                    rate,
-                    result.get("aux_loss"),
-                    extra,
-                )
+                    state.step, result["loss"], result["lr"], result["grad_norm"], rate,
+                    result.get("aux_loss"), extra,
+                )  # fmt: skip
             if len(self.val_data) and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
                 scores = self.evaluate()
                 self.metrics.val_step(state.step, scores.pop("val_loss"), scores)
@@ -699,10 +579,116 @@ class Recipe:
                     f"stopped by {stop.describe()} after step {state.step}; {note}; rerun the job to resume"
                 )
         stop.uninstall()
-        self.train_time = time.monotonic() - started
-        self.train_cpu = time.process_time() - cpu_start  # what the steps cost, however loaded the machine
+        state.train_time = time.monotonic() - started
+        state.train_cpu = time.process_time() - cpu_start  # what the steps cost, however loaded the machine
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step on the global batch of `step`; returns the global-batch loss and counts."""
+        indices = self.plan.micro_batches(step)
+        micro = [[self.train_data[i] for i in mb] for mb in indices]
+        counts = [self.objective.count(recs) for recs in micro]
+        n_targets, n_tokens = distributed.all_reduce_sum(
+            [sum(c[0] for c in counts), sum(c[1] for c in counts)], self.dist.device
+        )
+        # FSDP averages gradients over ranks; scaling by the world size turns that into the global mean.
+        scale = self.dist.world_size / n_targets
+        net = self.model.net
+        net.train()
+        totals: list[float] = []
+        router_total, router = 0.0, False
+        for i, (recs, mb) in enumerate(zip(micro, indices, strict=True)):
+            self.model.gradient_sync(i == len(micro) - 1)
+            part = self.objective.micro_loss(net, recs, mb)
+            loss = part.loss * scale
+            if part.router_loss is not None:  # a mean per micro-batch: averaged over them, then weighted
+                loss = loss + part.router_loss * (self.model.aux_coef / len(micro))
+                router_total += part.router_loss.item()
+                router = True
+            loss.backward()
+            totals = [a + b for a, b in zip(totals, part.sums, strict=True)] if totals else part.sums
+        self.model.reduce_gradients()
+        if isinstance(self.optimizer, optim.InBackward):  # stepped already; the norm of what it consumed
+            grad_norm = self.optimizer.grad_norm(self.dist.device)
+        else:
+            params = [p for p in net.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+        lr = self.scheduler.get_last_lr()[0]
+        *sums, router_global = distributed.all_reduce_sum([*totals, router_total], self.dist.device)
+        result = means(self.objective.metrics, sums, n_targets)
+        result.update(lr=lr, grad_norm=float(grad_norm), tokens=n_tokens)
+        # The same global numbers on every rank, so every rank takes the same branch. A non-finite step
+        # never reaches the weights or the optimizer's moments (optimizer_in_backward has stepped already:
+        # config.py allows it only with nan_policy: stop).
+        result["finite"] = math.isfinite(result["loss"]) and math.isfinite(result["grad_norm"])
+        if result["finite"]:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if router:
+            result["aux_loss"] = router_global / (len(micro) * self.dist.world_size)
+        return result
+
+    def check_finite(self, step: int, result: dict[str, float]) -> None:
+        """Apply `nan_policy` to a step whose loss or gradient norm was NaN or inf (its update skipped)."""
+        if result["finite"]:
+            self.state.skipped_in_a_row = 0
+            return
+        what = f"step {step}: loss={result['loss']:.4g} grad_norm={result['grad_norm']:.4g}"
+        fix = (
+            "lower learning_rate, set max_grad_norm, or look for bad rows in the data, then rerun "
+            "(it resumes from the last checkpoint; resume: never starts over)"
+        )
+        if self.cfg.nan_policy == "stop":
+            raise TrainerError(
+                f"{what}: not finite; stopped without applying it and wrote no final outputs "
+                f"(nan_policy: stop): {fix}"
+            )
+        self.state.skipped_in_a_row += 1
+        self.state.skipped_steps += 1
+        if self.state.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise TrainerError(
+                f"{what}: not finite for {MAX_SKIPPED_IN_A_ROW} steps in a row (nan_policy: skip_step): "
+                f"the weights no longer train; stopped with no final outputs: {fix}"
+            )
+        if self.dist.is_main:
+            log.warning("%s: not finite; this step's update is skipped (nan_policy: skip_step)", what)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation over the whole held-out set, shared across ranks: val_loss and the objective's val_
+        metrics."""
+        self.model.net.eval()
+        batches = self.plan.val_batches(len(self.val_data))
+        return self.objective.evaluate(self.model.net, self.val_data, batches)
 
     # ------------------------------------------------------------ save
+
+    def save_checkpoint(self) -> Path:
+        self.check_lock()
+        error = None
+        if self.dist.is_main:  # a save writes the new checkpoint whole before it deletes the oldest
+            newest = checkpoint_dirs.latest_checkpoint(self.out)
+            # Without one to measure: fp32 weights and AdamW's two moments of every trained parameter.
+            trainable = self.model.param_counts["trainable_params"]
+            needed = disk_space.size_of(newest) if newest else 12 * trainable
+            keep = self.cfg.keep_last
+            error = disk_space.space_problem(
+                self.out, int(needed * 1.05) + 2**20, f"the checkpoint of step {self.state.step}",
+                f" (with keep_last: {keep}, output_dir holds {keep + 1} checkpoints while the next is saved, "
+                f"~{disk_space.gib((keep + 1) * needed)})",
+            )  # fmt: skip
+        distributed.agree(error)
+        state = self.state
+        return checkpoint.save_checkpoint(
+            self.out, state.step, self.model.net, self.optimizer, self.scheduler,
+            fingerprint=self.fingerprint, keep_last=self.cfg.keep_last,
+            data_state={"step": state.step, "tokens_seen": state.tokens_seen,
+                        "epoch": state.step // self.plan.steps_per_epoch,
+                        # rank 0's report_to run ids (rank 0 writes meta.json), continued on resume
+                        "trackers": self.metrics.reporters.ids() if self.metrics.reporters else {}},
+        )  # fmt: skip
 
     def save(self) -> dict:
         # Training is over: the optimizer state (twice the trainable weights) and the gradients go before the
@@ -713,7 +699,7 @@ class Recipe:
         distributed.agree(self.non_finite_weight())  # nothing final from broken weights
         self.check_lock()
         distributed.agree(self.export_space_problem() if self.dist.is_main else None)
-        written = export.export(self.model, self.cfg, self.dist.is_main)
+        written = export.export(self.model.net, self.cfg, self.dist.is_main)
         if self.cfg.torchtune_layout and self.dist.is_main and written:
             last_epoch = (self.total_steps - 1) // self.plan.steps_per_epoch
             written.append(export.torchtune_layout(Path(self.cfg.output_dir), written, last_epoch))
@@ -727,11 +713,11 @@ class Recipe:
                 "num_epochs": self.cfg.num_epochs,
                 "fingerprint": self.fingerprint,
                 "tokens_seen": self.state.tokens_seen,
-                "skipped_steps": self.skipped_steps,
-                "train_time_s": round(self.train_time, 3),
-                "train_cpu_s": round(self.train_cpu, 3),
+                "skipped_steps": self.state.skipped_steps,
+                "train_time_s": round(self.state.train_time, 3),
+                "train_cpu_s": round(self.state.train_cpu, 3),
                 "peak_memory_mb": round(peak_memory_mb(self.dist.device), 1),
-                **self.param_counts,
+                **self.model.param_counts,
                 "outputs": [str(p) for p in written],
             }
         )
@@ -743,14 +729,14 @@ class Recipe:
         """One line when output_dir's volume cannot hold the final outputs, else None (rank 0)."""
         cfg, needed = self.cfg, 0
         if cfg.method != "full":
-            needed += 4 * self.param_counts["trainable_params"]  # adapter/ in fp32
+            needed += 4 * self.model.param_counts["trainable_params"]  # adapter/ in fp32
         if cfg.method == "full" or cfg.merge_adapter:  # model/ in the checkpoint's own dtype
             needed += sum(f.stat().st_size for f in Path(cfg.model_dir).glob("*.safetensors"))
         return disk_space.space_problem(self.out, int(needed * 1.05) + 2**20, "writing the final outputs")
 
     def non_finite_weight(self) -> str | None:
         """One line naming a trained weight (this rank's shard of it) that holds NaN or inf, or None."""
-        for name, param in self.model.named_parameters():
+        for name, param in self.model.net.named_parameters():
             local = param.to_local() if hasattr(param, "to_local") else param
             if param.requires_grad and not torch.isfinite(local).all():
                 return (
@@ -762,19 +748,3 @@ class Recipe:
     def check_lock(self) -> None:
         """Stop on every rank if another job has taken over output_dir (collective)."""
         distributed.agree(self.lock.lost() if self.lock else None)
-
-    def run(self) -> dict:
-        try:
-            self.setup()
-            if self.finished:
-                return self.finished
-            self.train()
-            return self.save()
-        except BaseException:
-            if hasattr(self, "metrics"):
-                self.metrics.close()
-            raise
-        finally:
-            if self.lock:
-                self.lock.release()
-            distributed.shutdown()

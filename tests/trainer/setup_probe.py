@@ -77,7 +77,7 @@ def main() -> None:
     recipe = Recipe(load_config(argv))
     recipe.setup()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    net = recipe.model.eval()
+    net = recipe.model.net.eval()
     ids = torch.tensor([[1, 5, 17, 99, 200, 31, 7, 64, 3, 250, 11, 42]])
     with torch.no_grad():
         logits = net(input_ids=ids, use_cache=False).logits

@@ -160,16 +160,16 @@ def test_nan_stops_the_run_and_skip_step_skips_only_that_update(
     assert not (tmp_path / "skip" / "adapter").exists()
 
     # One bad batch (its loss made NaN, as a real overflow would): that update alone is skipped.
-    from pkg.trainer.recipe import Recipe
+    from pkg.trainer.sft import SFT
 
-    loss_sum, calls = Recipe.loss_sum, []
+    loss_sum, calls = SFT.loss_sum, []
 
-    def poisoned(self, batch):
+    def poisoned(self, model, batch):
         calls.append(1)
-        loss, aux = loss_sum(self, batch)
+        loss, aux = loss_sum(self, model, batch)
         return (loss * float("nan") if len(calls) == 5 else loss), aux  # the first micro-batch of step 2
 
-    monkeypatch.setattr(Recipe, "loss_sum", poisoned)
+    monkeypatch.setattr(SFT, "loss_sum", poisoned)
     out = tmp_path / "one"
     assert in_process({**args, "learning_rate": 1e-2, "output_dir": out, "nan_policy": "skip_step"}) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
