@@ -356,7 +356,7 @@ class S3Export:
             task()
 
     def _put(self, f: LocalFile) -> dict[str, Any]:
-        etag, _ = self._send(self.prefix + f.path, "", f.source, 0, f.size)
+        etag, _ = self._send(self.prefix + f.path, f.source, 0, f.size)
         assert self.progress is not None
         self.progress.add_bytes(f.size)
         self.progress.file_done()
@@ -380,13 +380,16 @@ class S3Export:
             reply.finish(complete)
         return reply.status, answer, reply.headers
 
-    def _send(self, key: str, query: str, path: Path, start: int, length: int) -> tuple[str, Digests]:
-        """PUT bytes [start, start + length) of `path` at `key` (`query`: a part's), checked as `_probe`
-        decided; returns the answer's ETag and the body's checksums."""
-        url = self._url(key) + query
+    def _send(
+        self, key: str, path: Path, start: int, length: int, upload: _Upload | None = None, part: int = 0
+    ) -> tuple[str, Digests]:
+        """PUT bytes [start, start + length) of `path` at `key`, as an object or as `part` of `upload`,
+        checked as `_probe` decided; returns the answer's ETag and the body's checksums."""
+        url = self._url(key)
         what = f"uploading {self.location(key.removeprefix(self.prefix))}"
-        if query:
-            what += f" part {query.split('=')[1].split('&')[0]}"
+        if upload:
+            url += f"?partNumber={part}&uploadId={quote(upload.upload_id, safe='-_.~')}"
+            what += f" part {part}/{upload.count}"
         digests = digests_of(path, start, length, md5=not self.store_verifies, sha256=self.sign_payload)
         headers = {"Content-Length": str(length)}
         if self.crc_header:
@@ -400,7 +403,7 @@ class S3Export:
                 status, answer, got = self._put_once(
                     url, headers, digests.sha256 or UNSIGNED_PAYLOAD, body, what
                 )
-            if status == 501 and damaged and query:
+            if status == 501 and damaged and upload:
                 raise InitializerError(
                     f"{what}: the store received something else and cannot take the part again (HTTP 501); "
                     "rerun: the file's upload starts over"
@@ -417,7 +420,7 @@ class S3Export:
                     raise InitializerError(
                         f"{what}: the store verifies no checksum and its ETag {etag[:40]!r} is not an MD5 "
                         "(an encrypted bucket?): the upload cannot be verified; use a store that checks "
-                        "x-amz-checksum-crc32 (AWS S3, MinIO) or unencrypted objects"
+                        "x-amz-checksum-crc32 (AWS S3 does) or unencrypted objects"
                     )
                 if digests.md5 is not None and etag != digests.md5.hex():
                     damaged = True
@@ -529,8 +532,7 @@ class S3Export:
     def _send_part(self, upload: _Upload, number: int, results: dict[str, dict[str, Any]]) -> None:
         """Send one part; the last one to land completes the upload."""
         start, length = upload.span(number)
-        query = f"?partNumber={number}&uploadId={quote(upload.upload_id, safe='-_.~')}"
-        etag, digests = self._send(upload.key, query, upload.file.source, start, length)
+        etag, digests = self._send(upload.key, upload.file.source, start, length, upload, number)
         with upload.lock:
             upload.etags[number], upload.digests[number] = etag, digests
             last = len(upload.etags) == upload.count
