@@ -8,7 +8,8 @@ Runs in the side venv (torchtune 0.6.1, sentencepiece); the trainer never import
 tests/trainer/fixtures/formats/:
 - tiny tokenizers trained here, each a model folder as the trainer reads it (tokenizer.json and
   tokenizer_config.json, converted by transformers the way Hub folders were) plus the files torchtune reads:
-  `spm` (a Llama-style SentencePiece model: byte fallback, a dummy prefix), `gemma` (no dummy prefix),
+  `spm` (a Llama-style SentencePiece model: byte fallback, a dummy prefix), `gemma` (no dummy prefix, the turn
+  tokens as user-defined pieces),
   `phi3` (spm with Phi-3's special tokens), `bpe` (byte-level BPE: vocab.json and merges.txt, Phi-4's tokens),
   `qwen` and `llama3` (the same BPE with Qwen's and Llama 3's tokens and word patterns; Llama 3's also as
   a tiktoken file);
@@ -33,6 +34,7 @@ from torchtune.data import (
     ChosenRejectedToMessages,
     InputOutputToMessages,
     OpenAIToMessages,
+    validate_messages,
 )
 from torchtune.datasets import TextCompletionDataset
 from torchtune.models.gemma import gemma_tokenizer
@@ -57,6 +59,7 @@ CORPUS = [
     "Correct this to standard English: Summarize this dialogue: ---", "Corrected: Summary:",
     "[INST] <<SYS>> <</SYS>> [/INST] system user assistant", "The quick brown fox jumps over the lazy dog.",
 ]  # fmt: skip
+GEMMA_TURNS = ["<start_of_turn>", "<end_of_turn>"]  # user-defined pieces of Gemma's SentencePiece model
 PHI3_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 PHI4_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|dummy_85|>"]
 QWEN_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
@@ -154,12 +157,34 @@ CHAT = {"messages": [
     {"role": "assistant", "content": "Hello! "}, {"role": "user", "content": "Bye"},
     {"role": "assistant", "content": "Bye."},
 ]}  # fmt: skip
+# validate_messages (SFTDataset) refuses these conversations.
+INVALID = {
+    "one_message": [{"role": "user", "content": "Hi"}],
+    "assistant_first": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Bye"}],
+    "two_user_messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Bye"},
+                          {"role": "assistant", "content": "Bye."}],
+    "system_not_first": [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be kind."},
+                         {"role": "assistant", "content": "Bye."}],
+}  # fmt: skip
+# Gemma's turn tokens are user-defined pieces of its SentencePiece model: sentencepiece matches them in text.
+TURNS = {"input": "<start_of_turn>user\nHi<end_of_turn>", "output": "<start_of_turn>model <bos> <eos>"}
 PAIR = {
     "chosen": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}],
     "rejected": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": " Bye "}],
 }
+# Earlier assistant turns are targets of both responses in torchtune (ChosenRejectedToMessages).
+PAIR_MULTI = {key: [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"},
+                    *PAIR[key]] for key in ("chosen", "rejected")}  # fmt: skip
 # (case, dataset format, row, train_on_input, new_system_prompt, max_seq_len)
 CASES = [
+    ("chat_empty_system_prompt", "messages", CHAT, False, "", None),
+    ("chat_max_seq_len_set", "messages", CHAT, False, None, 1000),
+    ("turn_token_names", "input_output", TURNS, False, None, None),
+    *((name, "messages", {"messages": msgs}, False, None, None) for name, msgs in INVALID.items()),
+    ("preference_empty_system_prompt", "preference", PAIR, False, "", None),
+    ("preference_multi_turn", "preference", PAIR_MULTI, False, None, None),
+    ("preference_truncated", "preference", PAIR_MULTI, False, None, 14),  # inside the earlier turn
+    ("preference_truncated_response", "preference", PAIR, False, None, 24),
     ("alpaca", "alpaca", ALPACA, False, None, None),
     ("alpaca_train_on_input", "alpaca", ALPACA_INPUT, True, None, None),
     ("chat", "messages", CHAT, False, None, None),
@@ -181,14 +206,21 @@ MISSING = "missing"  # tokenizer.prompt_template not given: the builder's defaul
 
 
 def messages_of(fmt: str, row: dict, train_on_input: bool, system: str | None):
+    """The dataset's message transform, then SFTDataset's validate_messages (preference sets run none)."""
     row = json.loads(json.dumps(row))  # the transforms write into their rows
+    if fmt != "preference":
+        msgs = sft_messages(fmt, row, train_on_input, system)
+        validate_messages(msgs)
+        return msgs
+    return ChosenRejectedToMessages(train_on_input=train_on_input, new_system_prompt=system)(row)
+
+
+def sft_messages(fmt: str, row: dict, train_on_input: bool, system: str | None):
     if fmt == "alpaca":
         return AlpacaToMessages(train_on_input=train_on_input)(row)["messages"]
     if fmt == "input_output":
         return InputOutputToMessages(train_on_input=train_on_input, new_system_prompt=system)(row)["messages"]
-    if fmt == "messages":
-        return OpenAIToMessages(train_on_input=train_on_input, new_system_prompt=system)(row)["messages"]
-    return ChosenRejectedToMessages(train_on_input=train_on_input, new_system_prompt=system)(row)
+    return OpenAIToMessages(train_on_input=train_on_input, new_system_prompt=system)(row)["messages"]
 
 
 def text_row(tokenizer, row: dict, add_eos: bool) -> dict:
@@ -213,9 +245,11 @@ def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     llama_ids = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}
     spm_dir = spm_folder("spm", train_spm(True, llama_ids, {}), LlamaTokenizer)
-    gemma_pieces = {"pad_piece": "<pad>", "eos_piece": "<eos>", "bos_piece": "<bos>", "unk_piece": "<unk>"}
+    gemma_pieces = {"pad_piece": "<pad>", "eos_piece": "<eos>", "bos_piece": "<bos>", "unk_piece": "<unk>",
+                    "user_defined_symbols": GEMMA_TURNS}  # fmt: skip
     gemma_ids = {"pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3}
-    gemma_dir = spm_folder("gemma", train_spm(False, gemma_ids, gemma_pieces), GemmaTokenizer)
+    gemma_model = train_spm(False, gemma_ids, gemma_pieces)
+    gemma_dir = spm_folder("gemma", gemma_model, GemmaTokenizer, GEMMA_TURNS)  # special, as on the Hub
     phi3_dir = spm_folder("phi3", (spm_dir / "tokenizer.model").read_bytes(), LlamaTokenizer, PHI3_TOKENS)
     bpe_dir = bpe_folder()
     qwen_dir = bpe_variant("qwen", QWEN_TOKENS, QWEN_PATTERN,
@@ -263,7 +297,7 @@ def main() -> None:
                         entry["rejected"] = tokenized(tokenizer, msgs["rejected"])
                     else:
                         entry.update(tokenized(tokenizer, msgs))
-                except ValueError as exc:  # MistralChatTemplate and a system message
+                except ValueError as exc:  # validate_messages; MistralChatTemplate and a system message
                     entry["error"] = str(exc)
                 expected.append(entry)
         for case, row, add_eos, max_len in TEXT_CASES:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
+from pathlib import Path
 
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.loss import IGNORE_INDEX
 from pkg.trainer.rows import PROMPT_TEMPLATES
+from pkg.trainer.spm_model import user_defined_pieces
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +169,26 @@ def _dummy_prefix(tokenizer) -> str:
     return "always" if pieces(" ") == SPM_SPACE * 2 else "unless_space"
 
 
+SENTENCEPIECE_FORMATS = ("llama2", "phi3")  # torchtune's tokenizers of these encode with sentencepiece
+
+
+@functools.lru_cache(maxsize=8)
+def _user_defined(tokenizer) -> tuple[str, ...]:
+    """The user-defined pieces of the model folder's tokenizer.model that the tokenizer has (longest
+    first): sentencepiece makes each the token wherever a text names it (Gemma's <start_of_turn>)."""
+    path = Path(tokenizer.name_or_path or "/nonexistent") / "tokenizer.model"
+    if not path.is_file():
+        log.warning(
+            "%s has no tokenizer.model: a special token's name inside a row is encoded as text, where "
+            "sentencepiece makes its user-defined pieces (as Gemma's <start_of_turn>) the token",
+            tokenizer.name_or_path or "the tokenizer",
+        )  # fmt: skip
+        return ()
+    known = [p for p in user_defined_pieces(path) if tokenizer.convert_ids_to_tokens(
+        tokenizer.convert_tokens_to_ids(p)) == p]  # fmt: skip
+    return tuple(sorted(known, key=len, reverse=True))
+
+
 class Pieces:
     """Special tokens and text pieces as torchtune's tokenizers encode them, in the model folder's ids."""
 
@@ -193,9 +216,25 @@ class Pieces:
 
     def text(self, text: str) -> list[int]:
         """A piece of text: the tokenizer's ids. A special token's name in it is text too (sentencepiece,
-        tiktoken and Phi4Tokenizer encode it so), but for Qwen2Tokenizer, which makes it the token."""
+        tiktoken and Phi4Tokenizer encode it so), but for Qwen2Tokenizer, which makes it the token, and
+        sentencepiece's user-defined pieces, which it makes the token (the text after one has no dummy
+        prefix: sentencepiece writes that once, before the whole text)."""
         if not text:
             return []
+        pieces = _user_defined(self.tokenizer) if self.fmt in SENTENCEPIECE_FORMATS else ()
+        if not pieces:
+            return self._encode(text)
+        ids: list[int] = []
+        for k, part in enumerate(re.split(f"({'|'.join(map(re.escape, pieces))})", text)):
+            if part in pieces:
+                ids.append(self.tokenizer.convert_tokens_to_ids(part))
+            elif part and (k == 0 or _dummy_prefix(self.tokenizer) == "none"):
+                ids += self._encode(part)
+            elif part:  # encoded after a newline whose tokens are cut off: no dummy prefix
+                ids += self._encode("\n" + part)[len(self._encode("\n")) :]
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
         split = self.fmt != "chatml"
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]
 
@@ -224,9 +263,10 @@ def _truncate(ids: list[int], mask: list[bool], max_len: int, eos: int | None, l
 
 
 # ------------------------------------------ tokenize_messages per family: (ids, mask), True = no target
+# max_len: tokenizer.max_seq_len, None where null (torchtune then neither stops early nor truncates).
 
 
-def _llama3(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], list[bool]]:
+def _llama3(enc: Pieces, msgs: list[Message], max_len: int | None) -> tuple[list[int], list[bool]]:
     """Llama3Tokenizer: BOS; per message a header (role, "\\n\\n"), every piece stripped, <|eot_id|>;
     EOS. BOS and EOS are never targets."""
     bos, eos = enc.special("<|begin_of_text|>"), enc.special("<|end_of_text|>")
@@ -236,13 +276,13 @@ def _llama3(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], 
         body = [start, *enc.text(m.role.strip()), end, *enc.text("\n\n")]
         body += [t for p in m.pieces for t in enc.text(p.strip())] + [eot]
         ids, mask = ids + body, mask + [m.masked] * len(body)
-        if len(ids) >= max_len:
+        if max_len and len(ids) >= max_len:
             break
     ids, mask = [*ids, eos], [*mask, True]
-    return _truncate(ids, mask, max_len, eos, True) if len(ids) > max_len else (ids, mask)
+    return _truncate(ids, mask, max_len, eos, True) if max_len else (ids, mask)
 
 
-def _chatml(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], list[bool]]:
+def _chatml(enc: Pieces, msgs: list[Message], max_len: int | None) -> tuple[list[int], list[bool]]:
     """Qwen2Tokenizer / Qwen2_5Tokenizer: no BOS; per message <|im_start|>, "role\\n", the pieces as they
     are, then <|im_end|> "\\n" except after the last assistant message; the EOS (<|im_end|>) takes the mask
     of the token before it."""
@@ -254,13 +294,13 @@ def _chatml(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], 
         if m.role != "assistant" or k != len(msgs) - 1:
             body += [im_end, *enc.text("\n")]
         ids, mask = ids + body, mask + [m.masked] * len(body)
-        if len(ids) >= max_len:
+        if max_len and len(ids) >= max_len:
             break
     ids, mask = [*ids, im_end], [*mask, mask[-1]]
-    return _truncate(ids, mask, max_len, im_end, True) if len(ids) > max_len else (ids, mask)
+    return _truncate(ids, mask, max_len, im_end, True) if max_len and len(ids) > max_len else (ids, mask)
 
 
-def _llama2(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], list[bool]]:
+def _llama2(enc: Pieces, msgs: list[Message], max_len: int | None) -> tuple[list[int], list[bool]]:
     """Llama2Tokenizer, MistralTokenizer and GemmaTokenizer (tokenize_messages_no_special_tokens): no
     special tokens but a BOS before each turn and an EOS after each assistant message, with that message's
     mask; every piece without its trailing spaces; a message that continues a turn is encoded without a
@@ -278,12 +318,12 @@ def _llama2(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], 
         turn_starts = m.role == "assistant"
         body += [eos] if turn_starts else []
         ids, mask = ids + body, mask + [m.masked] * len(body)
-        if len(ids) >= max_len:
+        if max_len and len(ids) >= max_len:
             break
-    return _truncate(ids, mask, max_len, eos, m.masked)
+    return _truncate(ids, mask, max_len, eos, m.masked) if max_len else (ids, mask)
 
 
-def _phi3(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], list[bool]]:
+def _phi3(enc: Pieces, msgs: list[Message], max_len: int | None) -> tuple[list[int], list[bool]]:
     """Phi3MiniTokenizer: BOS (with the first message's mask); per message its role token, "\\n", the
     pieces without trailing spaces nor a leading one, <|end|>, "\\n"; no EOS (the dataset calls
     tokenize_messages with add_eos False)."""
@@ -299,12 +339,12 @@ def _phi3(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], li
         body = [roles[m.role], *newline, *(t for p in m.pieces for t in enc.spm_trimmed(p.rstrip(" ")))]
         body += [end, *newline]
         ids, mask = ids + body, mask + [m.masked] * len(body)
-        if len(ids) >= max_len:
+        if max_len and len(ids) >= max_len:
             break
     return ids[:max_len], mask[:max_len]
 
 
-def _phi4(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], list[bool]]:
+def _phi4(enc: Pieces, msgs: list[Message], max_len: int | None) -> tuple[list[int], list[bool]]:
     """Phi4Tokenizer: no BOS nor EOS; per message <|im_start|>, the role, <|im_sep|>, the pieces without
     trailing spaces, and <|im_end|> except after an assistant message."""
     im_start, im_sep, im_end = (enc.special(t) for t in ("<|im_start|>", "<|im_sep|>", "<|im_end|>"))
@@ -314,7 +354,7 @@ def _phi4(enc: Pieces, msgs: list[Message], max_len: int) -> tuple[list[int], li
         body = [im_start, *enc.text(m.role), im_sep, *(t for p in m.pieces for t in enc.text(p.rstrip(" ")))]
         body += [] if m.role == "assistant" else [im_end]
         ids, mask = ids + body, mask + [m.masked] * len(body)
-        if len(ids) >= max_len:
+        if max_len and len(ids) >= max_len:
             break
     return ids[:max_len], mask[:max_len]
 
@@ -327,7 +367,10 @@ def format_messages(tokenizer, msgs: list[dict], cfg: TrainConfig) -> tuple[list
     cfg.prompt_template, renders it (tokenize_messages)."""
     messages = TEMPLATES[cfg.prompt_template](torchtune_messages(msgs, cfg.train_on_prompt))
     render = FORMATS[cfg.message_format]
-    ids, mask = render(Pieces(tokenizer, cfg.message_format), messages, cfg.max_seq_length)
+    max_len = None if cfg.truncation == "none" else cfg.max_seq_length
+    ids, mask = render(Pieces(tokenizer, cfg.message_format), messages, max_len)
+    if cfg.message_format == "chatml" and cfg.truncation == "torchtune":
+        mask[-1] = True  # Qwen2Tokenizer's truncate() runs with any max_seq_len: the EOS is never a target
     return ids, [IGNORE_INDEX if masked else t for t, masked in zip(ids, mask, strict=True)]
 
 
@@ -349,5 +392,6 @@ def format_text(tokenizer, text: str, cfg: TrainConfig) -> tuple[list[int], list
         bos, eos = (enc.special(first) if first else None), enc.special(last)
     body = enc.spm(text) if cfg.message_format in ("llama2", "phi3") else enc.text(text)
     ids = [*([bos] if bos is not None else []), *body, *([eos] if cfg.add_eos else [])]
-    ids = ids[: cfg.max_seq_length - 1]
+    if cfg.truncation != "none":
+        ids = ids[: cfg.max_seq_length - 1]
     return ids, list(ids)

@@ -177,7 +177,26 @@ class TrainConfig:
         "without a chat template get it as a first paragraph. Never trained, even with train_on_prompt "
         "(torchtune's new_system_prompt).",
     )
+    empty_system_prompt: bool = opt(
+        False,
+        "With system_prompt '': still put an empty system message first in chat formats (torchtune's "
+        "new_system_prompt: ''). tune run sets it.",
+    )
+    validate_messages: bool = opt(
+        False,
+        "Refuse a conversation (naming its row) unless it is an optional first system message, then user "
+        "and assistant turns alternating, at least two messages (torchtune's validate_messages, which its "
+        "SFT datasets apply). tune run sets it.",
+    )
     max_seq_length: int = opt(1024, "Tokens per sequence; longer samples are truncated.")
+    truncation: str = opt(
+        "cut",
+        "Samples longer than max_seq_length: cut there; torchtune (cut as torchtune 0.6.1's tokenizers do "
+        "with a tokenizer.max_seq_len, which also leaves Qwen's final <|im_end|> untrained, even in rows "
+        "that fit); none (torchtune's null tokenizer.max_seq_len: a longer sample stops the run, naming "
+        "it). tune run sets torchtune or none.",
+        ("cut", "torchtune", "none"),
+    )
     packing: bool = opt(False, "Pack several samples into each sequence (they never attend to each other).")
     add_eos: bool = opt(
         True,
@@ -452,6 +471,11 @@ class TrainConfig:
                 "prompt/chosen/rejected rows (leave dataset_format: auto)"
             )
 
+    def system_message(self) -> str | None:
+        """The system message every chat sample starts with: system_prompt, '' with empty_system_prompt,
+        else None (none)."""
+        return self.system_prompt if self.system_prompt or self.empty_system_prompt else None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -470,7 +494,8 @@ def _unknown(key: str) -> ConfigError:
 
 # The keys of one entry of more_datasets.
 DATASET_KEYS = ("dataset_dir", "dataset_split", "dataset_source", "dataset_format", "column_map",
-                "system_prompt", "train_on_prompt", "add_eos", "alpaca_preamble")  # fmt: skip
+                "system_prompt", "empty_system_prompt", "train_on_prompt", "add_eos",
+                "alpaca_preamble")  # fmt: skip
 
 
 def dataset_list(key: str, value: Any) -> list[dict[str, Any]]:

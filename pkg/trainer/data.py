@@ -52,7 +52,7 @@ def tokenize_non_chat_rows(
                     {"role": "user", "content": p},  # format_messages applies prompt_template
                     {"role": "assistant", "content": c},
                 ],
-                cfg.system_prompt,
+                cfg.system_message(),
             )
             for p, c in pairs
         ]
@@ -91,14 +91,15 @@ def tokenize_rows(ds, fmt: str, tokenizer, cfg: TrainConfig) -> list[tuple[list[
     while chunk := list(itertools.islice(rows, 1000)):
         if fmt in CHAT_FORMATS:
             talks = [
-                conversation(row, fmt, done + j, cfg.system_prompt, plain_template)
+                conversation(row, fmt, done + j, cfg.system_message(), plain_template, cfg.validate_messages)
                 for j, row in enumerate(chunk)
             ]
             render = tokenize_messages if cfg.message_format == "plain" else format_messages
             pairs = [render(tokenizer, msgs, cfg) for msgs in talks]
         else:
             pairs = tokenize_non_chat_rows(chunk, done, fmt, tokenizer, cfg)
-        for ids, labels in pairs:
+        for k, (ids, labels) in enumerate(pairs):
+            check_length(len(ids), done + k, cfg)
             ids, labels = ids[: cfg.max_seq_length], labels[: cfg.max_seq_length]
             labels[0] = IGNORE_INDEX  # nothing predicts the first token; keeps packed samples apart
             out.append((ids, labels))
@@ -113,12 +114,26 @@ def tokenize_rows(ds, fmt: str, tokenizer, cfg: TrainConfig) -> list[tuple[list[
     return out
 
 
+def check_length(n: int, i: int, cfg: TrainConfig) -> None:
+    """Without truncation (torchtune's tokenizer.max_seq_len null), a sample longer than max_seq_length
+    (then the model's context) stops the run: torchtune's model fails on positions past its own."""
+    if cfg.truncation == "none" and n > cfg.max_seq_length:
+        raise TrainerError(
+            f"row {i} is {n} tokens, more than the model's {cfg.max_seq_length} positions, and "
+            "tokenizer.max_seq_len is null (no truncation): set tokenizer.max_seq_len to truncate, or drop "
+            "the row"
+        )
+
+
 def tokenized_samples(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: str, split: str):
     """The (input_ids, labels) of every row of one split that keeps a target token; and the format."""
     ds = load_rows(dataset_dir, cache_dir, split, cfg.dataset_source)
     ds = rename_columns(ds, cfg.column_map)
     fmt = detect_format(list(ds.column_names), cfg.dataset_format)
-    samples = tokenize_rows(ds, fmt, tokenizer, cfg)
+    try:
+        samples = tokenize_rows(ds, fmt, tokenizer, cfg)
+    except TrainerError as exc:  # a row's problem: say which data it is in
+        raise TrainerError(f"{dataset_dir} ({split}): {exc}") from None
     kept = [s for s in samples if any(t != IGNORE_INDEX for t in s[1])]
     if not kept:
         raise TrainerError(

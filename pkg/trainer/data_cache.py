@@ -22,9 +22,10 @@ import torch
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.files import atomic_dir, dir_digest
 
-CACHE_VERSION = "4"  # bumped when the same settings tokenize differently (2: system_prompt on DPO pairs;
+CACHE_VERSION = "5"  # bumped when the same settings tokenize differently (2: system_prompt on DPO pairs;
 # 3: system_prompt never a target, prompt_template pieces encoded apart in message formats; 4: text rows in
-# message formats, and the cache's files became torch columns)
+# message formats, and the cache's files became torch columns; 5: prompt_targets of DPO pairs, Qwen's EOS
+# with a max_seq_len, Gemma's user-defined tokens in text)
 
 
 def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
@@ -45,6 +46,14 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
         settings += ("prompt_template",)
     if cfg.message_format != "plain":  # named only when set, so existing caches keep their key
         settings += ("message_format",)
+    if cfg.objective == "dpo" and cfg.dpo_loss != "sigmoid":  # named only when set (prompt_targets)
+        settings += ("dpo_loss",)
+    if cfg.truncation != "cut":  # named only when set, so existing caches keep their key
+        settings += ("truncation",)
+    if cfg.empty_system_prompt:  # named only when set, so existing caches keep their key
+        settings += ("empty_system_prompt",)
+    if cfg.validate_messages:  # named only when set, so existing caches keep their key
+        settings += ("validate_messages",)
     if cfg.more_datasets:  # named only when set, so existing caches keep their key
         settings += ("more_datasets",)
         for entry in cfg.more_datasets:

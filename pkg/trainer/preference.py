@@ -11,10 +11,14 @@
 - `system_prompt`, as in SFT: the system message of a conversational prompt (replacing its own), the first
   paragraph of a string prompt.
 - A record keeps the prompt once: `prompt_ids`, `chosen_ids`, `rejected_ids` (the response tokens, end marks
-  included) and `seq_lens` (the lengths of the chosen and rejected sequences, for the batch plan).
-- Truncation: when prompt + the longer response exceed `max_seq_length`, the prompt loses its beginning (the
-  responses, which the loss is about, stay whole); a pair whose response alone does not fit is dropped, and
-  both counts are logged.
+  included), `prompt_targets` (the indices of prompt tokens that are targets of both responses: earlier
+  assistant turns in the family formats, as torchtune trains them) and `seq_lens` (the lengths of the chosen
+  and rejected sequences, for the batch plan).
+- Truncation: the family formats cut each conversation at its end (torchtune's tokenize_messages with
+  tokenizer.max_seq_len); rows rendered plain, when prompt + the longer response exceed `max_seq_length`,
+  lose the beginning of the prompt (the responses, which the loss is about, stay whole). A pair with no
+  response token left is dropped; both counts are logged. Without truncation (tune run's null
+  tokenizer.max_seq_len) a pair longer than max_seq_length stops the run, naming its row.
 - Batches: `collate_pairs` puts the chosen sequences then the rejected ones into one padded batch, so a
   micro-batch needs one forward pass; labels are -100 but on response tokens.
 """
@@ -123,7 +127,7 @@ def _plain_pairs(rows: list[dict], lo: int, chat: bool, tokenizer, cfg: TrainCon
     for j, row in enumerate(rows):
         if chat:
             prompt, chosen, rejected = chat_turns(row, lo + j)
-            prompt = with_system(prompt, cfg.system_prompt)
+            prompt = with_system(prompt, cfg.system_message())
             head, c = render_chat(tokenizer, prompt, chosen, lo + j)
             head_r, r = render_chat(tokenizer, prompt, rejected, lo + j)
             if head_r != head:
@@ -134,21 +138,21 @@ def _plain_pairs(rows: list[dict], lo: int, chat: bool, tokenizer, cfg: TrainCon
             texts.append((head, c, r))
         else:
             text = [_string(row, k, lo + j) for k in ("prompt", "chosen", "rejected")]
-            texts.append((with_system_text(text[0], cfg.system_prompt), text[1], text[2]))
+            texts.append((with_system_text(text[0], cfg.system_message()), text[1], text[2]))
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and not chat else []
     prompts = tokenizer([t[0] for t in texts], add_special_tokens=not chat)["input_ids"]
     chosen = tokenizer([t[1] for t in texts], add_special_tokens=False)["input_ids"]
     rejected = tokenizer([t[2] for t in texts], add_special_tokens=False)["input_ids"]
-    return [(p, c + eos, r + eos) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+    return [(p, c + eos, r + eos, []) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
 
 
 def _family_pair(row: dict, i: int, chat: bool, tokenizer, cfg: TrainConfig) -> tuple[list[int], ...]:
-    """(prompt, chosen, rejected) ids as torchtune's preference dataset makes them: each response's whole
-    conversation through the family's tokenize_messages, prompt turns no target (ChosenRejectedToMessages;
-    string rows: a user and an assistant message). The response is the last run of targets; the prompt,
-    everything before it (an earlier assistant turn, a target of both in torchtune, adds the same to the
-    chosen and the rejected log-probabilities, so leaving it out changes no loss); tokens after the last
-    target predict none."""
+    """(prompt, chosen, rejected, prompt targets) as torchtune's preference dataset makes them: each
+    response's whole conversation through the family's tokenize_messages (cut at its end to max_seq_length,
+    the tokenizer's truncation), prompt turns no target (ChosenRejectedToMessages; string rows: a user and an
+    assistant message). The response is the last run of targets; the prompt, everything before it; its
+    targets (earlier assistant turns) are the indices of the prompt tokens that are targets of both
+    responses, as in torchtune; tokens after the last target predict none."""
     if chat:
         prompt, chosen, rejected = chat_turns(row, i)
     else:
@@ -158,7 +162,7 @@ def _family_pair(row: dict, i: int, chat: bool, tokenizer, cfg: TrainConfig) -> 
             [{"role": "assistant", "content": text[1]}],
             [{"role": "assistant", "content": text[2]}],
         )
-    prompt = with_system(prompt, cfg.system_prompt)
+    prompt = with_system(prompt, cfg.system_message())
     out = []
     for response in (chosen, rejected):
         ids, labels = format_messages(tokenizer, prompt + response, cfg)
@@ -166,14 +170,17 @@ def _family_pair(row: dict, i: int, chat: bool, tokenizer, cfg: TrainConfig) -> 
         first = last
         while first > 0 and labels[first - 1] != IGNORE_INDEX:
             first -= 1
-        out.append((ids[: max(first, 0)], ids[first : last + 1] if last >= 0 else []))
-    (head, c), (head_r, r) = out
-    if head != head_r:
+        first = max(first, 0)
+        # token 0 predicts nothing (as torchtune's shifted labels)
+        targets = [k for k in range(1, first) if labels[k] != IGNORE_INDEX]
+        out.append((ids[:first], ids[first : last + 1] if last >= 0 else [], targets))
+    (head, c, targets), (head_r, r, targets_r) = out
+    if head != head_r or targets != targets_r:
         raise TrainerError(
             f"row {i}: chosen and rejected differ before their last assistant turn; a pair shares every turn "
             "but the last one"
         )
-    return head, c, r
+    return head, c, r, targets
 
 
 def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, int]:
@@ -200,21 +207,26 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
             if is_chat(row) != chat:
                 raise TrainerError(f"row {lo + j}: mixes string and message-list rows; use one form")
         if family:
-            triples = [_family_pair(row, lo + j, chat, tokenizer, cfg) for j, row in enumerate(rows)]
+            pairs = [_family_pair(row, lo + j, chat, tokenizer, cfg) for j, row in enumerate(rows)]
         else:
-            triples = _plain_pairs(rows, lo, chat, tokenizer, cfg)
-        for p, c, r in triples:
+            pairs = _plain_pairs(rows, lo, chat, tokenizer, cfg)
+        for j, (p, c, r, targets) in enumerate(pairs):
+            data.check_length(len(p) + max(len(c), len(r)), lo + j, cfg)
             budget = cfg.max_seq_length - max(len(c), len(r))
             if budget < 1 or not c or not r:  # nothing predicts a response's first token without a prompt
                 dropped += 1
                 continue
-            if len(p) > budget:
-                p, truncated = p[-budget:], truncated + 1
+            if len(p) > budget:  # rows rendered plain (a family's are cut at their end when rendered)
+                cut = len(p) - budget
+                p, truncated = p[cut:], truncated + 1
+                targets = [k - cut for k in targets if k > cut]
             records.append(
                 {
                     "prompt_ids": p,
                     "chosen_ids": c,
                     "rejected_ids": r,
+                    # IPO's per-token means would change with them (its loss; DPO's sums cancel them)
+                    "prompt_targets": targets if cfg.dpo_loss == "sigmoid" else [],
                     "seq_lens": [len(p) + len(c), len(p) + len(r)],
                 }
             )
@@ -269,10 +281,13 @@ def collate_pairs(records: list[dict], shared_prompt: bool = True) -> dict[str, 
     prompt and a mask that hides the chosen tokens from them. The prompt runs through the model once instead
     of twice: on pairs whose prompt is as long as the responses, a third fewer tokens.
     Otherwise: two rows per pair (prompt + chosen, prompt + rejected), right-padded, plain causal attention.
+    A record's `prompt_targets` (earlier assistant turns) count for both responses, as in torchtune: the
+    same log-probabilities on both sides, so DPO's loss is the same with or without them, not the rewards.
 
     Returns input_ids [N, L] (plus position_ids and a boolean attention_mask [N, 1, L, L] when shared);
     `rows`, `positions`, `targets`: for output row r (the B chosen responses, then the B rejected ones),
-    response token j is `targets[r, j]`, predicted at `positions[r, j]` of input row `rows[r]` (-100 pads).
+    target j (the prompt's, then the response's tokens) is `targets[r, j]`, predicted at `positions[r, j]`
+    of input row `rows[r]` (-100 pads).
     Padding tokens repeat the row's last token; they are never targets nor seen by a real token.
     """
     b = len(records)
@@ -291,18 +306,22 @@ def collate_pairs(records: list[dict], shared_prompt: bool = True) -> dict[str, 
         for key in ("chosen_ids", "rejected_ids"):
             seqs += [r["prompt_ids"] + r[key] for r in records]
         starts = [(i, len(r["prompt_ids"]), len(r["prompt_ids"])) for i, r in enumerate(records * 2)]
+    shared = [r["prompt_targets"] for r in records] * 2  # indices into the prompt
     responses = [r["chosen_ids"] for r in records] + [r["rejected_ids"] for r in records]
     width = max(len(x) for x in seqs)
-    longest = max(len(x) for x in responses)
+    longest = max(len(k) + len(x) for k, x in zip(shared, responses, strict=True))
     ids = torch.tensor([x + [x[-1]] * (width - len(x)) for x in seqs], dtype=torch.long)
     positions = torch.zeros((2 * b, longest), dtype=torch.long)
     targets = torch.full((2 * b, longest), IGNORE_INDEX, dtype=torch.long)
-    for out, ((_, prompt_len, at), response) in enumerate(zip(starts, responses, strict=True)):
-        n = len(response)
-        targets[out, :n] = torch.tensor(response)
+    for out, ((_, prompt_len, at), own, response) in enumerate(zip(starts, shared, responses, strict=True)):
+        m, n = len(own), len(response)
+        if m:  # prompt token k follows token k - 1
+            targets[out, :m] = torch.tensor([records[out % b]["prompt_ids"][k] for k in own])
+            positions[out, :m] = torch.tensor(own) - 1
+        targets[out, m : m + n] = torch.tensor(response)
         # Token 0 follows the last prompt token; token j > 0 follows token j - 1 (at `at + j - 1`).
-        positions[out, 0] = prompt_len - 1
-        positions[out, 1:n] = torch.arange(at, at + n - 1)
+        positions[out, m] = prompt_len - 1
+        positions[out, m + 1 : m + n] = torch.arange(at, at + n - 1)
     batch = {"input_ids": ids, "rows": torch.tensor([row for row, _, _ in starts]), "positions": positions}
     batch["targets"] = targets
     if shared_prompt:

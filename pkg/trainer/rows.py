@@ -94,18 +94,18 @@ def prompt_and_completion(row: dict, fmt: str, i: int, preamble: bool = False) -
     return "", _text(row, "text", i, fmt)
 
 
-def with_system(msgs: list[dict], system_prompt: str) -> list[dict]:
-    """The conversation with `system_prompt` as its system message (replacing its own), if one is set;
-    marked `masked`: never a target, as torchtune's new_system_prompt."""
-    if not system_prompt:
+def with_system(msgs: list[dict], system: str | None) -> list[dict]:
+    """The conversation with `system` as its system message (replacing its own) unless it is None (an
+    empty one too, as torchtune's new_system_prompt: ''); marked `masked`: never a target."""
+    if system is None:
         return msgs
-    added = {"role": "system", "content": system_prompt, "masked": True}
+    added = {"role": "system", "content": system, "masked": True}
     return [added, *(m for m in msgs if m["role"] != "system")]
 
 
-def with_system_text(prompt: str, system_prompt: str) -> str:
-    """A plain-text prompt with `system_prompt` as its first paragraph, if one is set."""
-    return f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
+def with_system_text(prompt: str, system: str | None) -> str:
+    """A plain-text prompt with `system` as its first paragraph, if it has words."""
+    return f"{system}\n\n{prompt}" if system else prompt
 
 
 def wrapped(text: str, template: str) -> str:
@@ -114,8 +114,11 @@ def wrapped(text: str, template: str) -> str:
     return f"{prefix}{text}{suffix}"
 
 
-def conversation(row: dict, fmt: str, i: int, system_prompt: str = "", template: str = "") -> list[dict]:
-    """A chat-format row as messages: `messages` as it is, input_output as a user and an assistant turn."""
+def conversation(
+    row: dict, fmt: str, i: int, system: str | None = None, template: str = "", validate: bool = False
+) -> list[dict]:
+    """A chat-format row as messages: `messages` as it is, input_output as a user and an assistant turn;
+    `validate`: torchtune's validate_messages on the result."""
     if fmt == "input_output":
         msgs = [
             {"role": "user", "content": _text(row, "input", i, fmt)},
@@ -125,7 +128,34 @@ def conversation(row: dict, fmt: str, i: int, system_prompt: str = "", template:
         msgs = _messages(row, i)
     if template:
         msgs = [{**m, "content": wrapped(m["content"], template)} if m["role"] == "user" else m for m in msgs]
-    return with_system(msgs, system_prompt)
+    msgs = with_system(msgs, system)
+    if validate:
+        check_turns(msgs, i)
+    return msgs
+
+
+def check_turns(msgs: list[dict], i: int) -> None:
+    """torchtune 0.6.1's validate_messages, which its SFT datasets run on every conversation: at least two
+    messages, a system message only first, no assistant message but right after a user one, no two user
+    messages in a row."""
+    problem = ""
+    if len(msgs) < 2:
+        problem = f"{len(msgs)} message, a conversation needs a user and an assistant message"
+    last = "assistant"
+    for k, m in enumerate(msgs):
+        if problem:
+            break
+        if m["role"] == "assistant" and last != "user":
+            problem = f"message {k} is an assistant message that does not follow a user message"
+        elif m["role"] == "user" and last == "user":
+            problem = f"messages {k - 1} and {k} are both user messages"
+        elif m["role"] == "system" and k > 0:
+            problem = f"message {k} is a system message, which only the first message may be"
+        last = m["role"]
+    if problem:
+        raise TrainerError(
+            f"row {i}: {problem} (torchtune's validate_messages, which tune run applies); fix or drop the row"
+        )
 
 
 def _messages(row: dict, i: int) -> list[dict]:

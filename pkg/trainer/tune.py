@@ -19,7 +19,8 @@ variables.
 torchtune semantics kept: `batch_size` is per device, so the global batch is batch_size x world size x
 gradient_accumulation_steps; the recipe, `model._component_` (a qlora_ builder) and `model.quantize_base`
 choose lora / qlora / full; a null `clip_grad_norm` does not clip; a null `tokenizer.max_seq_len` does not
-truncate (the model's context length is the limit).
+truncate (a row longer than the model's context stops the run, naming it); SFT conversations are checked by
+torchtune's validate_messages rules.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ CE_LOSSES = (
     "torch.nn.CrossEntropyLoss",
 )
 DPO_LOSS = "torchtune.rlhf.loss.DPOLoss"
-NULL = {"null", "none", "~", ""}
+NULL = {"null", "none", "~"}  # and a bare `key=` (None); a quoted "" or a YAML "" is an empty string
 DELETE = object()  # `~key` on the command line: remove the key (and its group) from the config
 PROMPT_TEMPLATES = {"torchtune.data.GrammarErrorCorrectionTemplate": "grammar",
                     "torchtune.data.SummarizeTemplate": "summarize",
@@ -245,13 +246,14 @@ KEYS: list[Key] = [
     *(_k(f"ref_checkpointer.{k}", "mapped", text, f"As checkpointer.{k}.")
       for k in ("_component_", "model_type", "output_dir")),
     _k("ref_checkpointer.recipe_checkpoint", "honoured", _optional(text), "Only null.", accept=(None,)),
-    _k("tokenizer.max_seq_len", "honoured", _optional(integer), "Tokens per sequence; null: no truncation "
-       "(the model's max_position_embeddings).", "max_seq_length"),
+    _k("tokenizer.max_seq_len", "honoured", _optional(integer), "Tokens per sequence; null: no truncation, "
+       "and a row longer than the model's max_position_embeddings stops the run naming it.",
+       "max_seq_length"),
     _k("tokenizer._component_", "mapped", text, "The tokenizer is the model folder's (tokenizer.json); "
        "the llama3, qwen2, qwen2_5, llama2, mistral, gemma, phi3_mini and phi4 tokenizers set "
        "message_format: SFT and DPO rows rendered as that torchtune tokenizer's tokenize_messages does "
        "(special tokens, masks, BOS/EOS), text rows as its encode does. A model tokenizer without the "
-       "family's special tokens, or Qwen with tokenizer.max_seq_len set: plain, said in one line.",
+       "family's special tokens: plain, said in one line.",
        "message_format"),
     *(_k(f"tokenizer.{k}", "mapped", text, "The tokenizer is the model folder's (tokenizer.json and its "
          "chat template).") for k in ("path", "merges_file", "vocab_path", "merges_path",
@@ -276,8 +278,8 @@ KEYS: list[Key] = [
        "dataset_split"),
     _k("dataset.column_map", "honoured", mapping, "The dataset's names for the builder's columns.",
        "column_map"),
-    _k("dataset.new_system_prompt", "honoured", _optional(text), "A system message before every sample, "
-       "never trained (also with train_on_input).", "system_prompt"),
+    _k("dataset.new_system_prompt", "honoured", _optional(text), "A system message before every sample "
+       "(\"\": an empty one), never trained (also with train_on_input).", "system_prompt"),
     _k("dataset.train_on_input", "honoured", boolean, "Also train on the prompt tokens (alpaca builders: "
        "True unless given).", "train_on_prompt"),
     _k("dataset.packed", "honoured", boolean, "Pack samples into sequences of tokenizer.max_seq_len.",
@@ -587,7 +589,7 @@ def parse_command(argv: list[str]) -> Command:
         key, eq, value = arg.partition("=")
         if not eq or not key or key.startswith(("-", "~")):
             raise ConfigError(f"unexpected argument {arg!r}: torchtune overrides are key=value (or ~key)")
-        overrides[key] = unquote(value)
+        overrides[key] = unquote(value) if value else None  # OmegaConf: `key=` is null, `key=""` empty
         j += 1
     if config is None:
         raise ConfigError(f"tune run {recipe}: --config CONFIG is missing (e.g. llama3_2/1B_lora)")
@@ -995,8 +997,10 @@ def dataset_settings(tt: dict[str, Any], dpo: bool) -> dict[str, Any]:
         values["alpaca_preamble"] = True  # AlpacaToMessages' fixed prompt, word for word
     if "dataset.add_eos" in tt:
         values["add_eos"] = tt["dataset.add_eos"]
-    if tt.get("dataset.new_system_prompt"):
+    if tt.get("dataset.new_system_prompt") is not None:  # "" too: torchtune adds an empty system message
         values["system_prompt"] = tt["dataset.new_system_prompt"]
+        if not values["system_prompt"]:
+            values["empty_system_prompt"] = True
     if "dataset.packed" in tt:
         values["packing"] = tt["dataset.packed"]
     if "dataset.split" in tt:
@@ -1124,14 +1128,7 @@ def tokenizer_settings(
     needed = GEMMA_TOKENS if tokenizer.endswith("gemma_tokenizer") else MESSAGE_TOKENS.get(fmt, ())
     missing = [t for t in needed if t not in tokenizer_tokens(model_dir)]
     kind = "instruct/chat/preference" if dpo else "instruct/chat"
-    if fmt == "chatml" and tt.get("tokenizer.max_seq_len") is not None:
-        # Qwen2Tokenizer with a max_seq_len also masks the final EOS (truncate() on the mask): not rendered.
-        log.info(
-            "tokenizer._component_=%s with tokenizer.max_seq_len set: %s rows are rendered plain (set "
-            "tokenizer.max_seq_len=null for torchtune's ChatML rendering)", tokenizer, kind,
-        )  # fmt: skip
-        fmt = "plain"
-    elif missing:
+    if missing:
         log.info(
             "tokenizer._component_=%s: the tokenizer in %s has no %s token; %s rows are rendered plain (the "
             "model's chat template, or prompt + response + EOS)", tokenizer, model_dir, missing[0], kind,
@@ -1160,10 +1157,8 @@ def tokenizer_settings(
             "renders them (a tokenizer._component_ whose special tokens the model's tokenizer has); set it "
             "to null"
         )
-    systems = [
-        values.get("system_prompt"),
-        *(d.get("system_prompt") for d in values.get("more_datasets", [])),
-    ]
+    each = [values, *values.get("more_datasets", [])]
+    systems = [d.get("system_prompt") or d.get("empty_system_prompt") for d in each]
     if name == "mistral_chat" and any(systems):
         raise ConfigError(
             "dataset.new_system_prompt: MistralChatTemplate (mistral_tokenizer's default prompt_template) "
@@ -1241,6 +1236,8 @@ def to_train_config(tt: dict[str, Any], recipe: str, world: int) -> dict[str, An
             "max_position_embeddings: give tokenizer.max_seq_len"
         )
     values["max_seq_length"] = seq
+    values["truncation"] = "none" if tt.get("tokenizer.max_seq_len") is None else "torchtune"
+    values["validate_messages"] = not dpo  # torchtune's SFTDataset validates; its PreferenceDataset does not
     micro = tt.get("batch_size", 1)
     accum = tt.get("gradient_accumulation_steps", 1)
     for key, n in (("batch_size", micro), ("gradient_accumulation_steps", accum)):

@@ -114,6 +114,44 @@ def test_loss_and_gradient_equal_the_formula_on_plain_transformers_log_probs(tin
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-prompt", "two-rows-per-pair"])
+def test_prompt_targets_add_one_term_to_both_rewards_and_leave_the_loss(tiny_model, shared):
+    """A record's prompt_targets (earlier assistant turns, targets of both responses in torchtune): each
+    reward gains beta x the prompt tokens' log-ratio, the same for chosen and rejected, so the loss stays."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = TrainConfig(
+        model_dir=str(tiny_model), objective="dpo", dpo_beta=0.5, lora_rank=4, lora_dropout=0.0
+    ).validate()
+    records = records_for(AutoTokenizer.from_pretrained(tiny_model), cfg)
+    net = model.load_model(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+        step = dpo.DPO(cfg, torch.device("cpu"), shared)
+        loss, stats = step.micro(net, records)
+        targeted = [{**r, "prompt_targets": list(range(1, len(r["prompt_ids"])))} for r in records]
+        loss_t, stats_t = step.micro(net, targeted)
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        policy = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+            LoraConfig(r=4, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear"),
+        )
+        policy.load_state_dict(net.state_dict())
+        shift = sum(
+            cfg.dpo_beta * (direct_logp(policy, r["prompt_ids"][:1], r["prompt_ids"][1:])
+                            - direct_logp(plain, r["prompt_ids"][:1], r["prompt_ids"][1:]))
+            for r in records
+        ).item()  # fmt: skip
+    assert loss_t.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert abs(shift) > 1e-3
+    assert stats_t[1] - stats[1] == pytest.approx(shift, rel=1e-3)  # chosen rewards
+    assert stats_t[2] - stats[2] == pytest.approx(shift, rel=1e-3)  # rejected rewards
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompt", "two-rows-per-pair"])
 def test_several_loss_chunks_give_the_loss_and_gradients_of_one(tiny_model, shared, monkeypatch):
     """loss_chunk_size reaches DPO's head (policy and reference): 3 target tokens per chunk, recomputed in
     the backward, against one chunk holding every target."""

@@ -8,6 +8,7 @@ byte, so every token's text is visible), in the side venv; torchtune is not impo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -180,12 +181,11 @@ def model_folder(path, specials: tuple[str, ...]) -> str:
         ("lora_finetune_distributed", "phi3/mini_lora", PHI3_TOKENS, "phi3"),
         ("lora_finetune_distributed", "phi4/14B_lora", ("<|im_start|>", "<|im_sep|>", "<|im_end|>"), "phi4"),
         ("lora_finetune_distributed", "phi4/14B_lora", SPECIALS["chatml"], "plain"),  # no <|im_sep|>
-        # Qwen2Tokenizer with a max_seq_len also masks the final EOS: not done
         (
             "full_finetune_distributed",
             "qwen2_5/0.5B_full tokenizer.max_seq_len=32",
             SPECIALS["chatml"],
-            "plain",
+            "chatml",
         ),
         (
             "lora_finetune_distributed",
@@ -266,14 +266,17 @@ def case_config(case: dict) -> TrainConfig:
     tt = {"tokenizer._component_": case["component"], "tokenizer.max_seq_len": case["max_seq_len"]}
     if case["prompt_template"] != "missing":  # not given: the tokenizer's default
         tt["tokenizer.prompt_template"] = case["prompt_template"]
-    system = case["new_system_prompt"] or ""
+    system = case["new_system_prompt"]
     dpo = case["format"] == "preference"
-    tokenizer = tune.tokenizer_settings(tt, str(FIXTURES / case["tokenizer"]), dpo, {"system_prompt": system})
+    given = {"system_prompt": system, "empty_system_prompt": system == ""} if system is not None else {}
+    tokenizer = tune.tokenizer_settings(tt, str(FIXTURES / case["tokenizer"]), dpo, given)
     return TrainConfig(
         **tokenizer,
+        **given,
         train_on_prompt=case["train_on_input"],
-        system_prompt=system,
         max_seq_length=case["max_seq_len"] or 1024,
+        truncation="none" if case["max_seq_len"] is None else "torchtune",
+        validate_messages=not dpo,
         alpaca_preamble=True,
         add_eos=case.get("add_eos", True),
         objective="dpo" if dpo else "sft",
@@ -294,13 +297,13 @@ def test_rows_render_as_torchtune_0_6_1_renders_them(case):
     """scripts/gen_format_fixtures.py ran torchtune's dataset transform and tokenize_messages on each row
     (text rows: text_completion_dataset), with the tokenizer files of the model folder the trainer reads."""
     if "error" in case:  # MistralChatTemplate and a system message: tune run refuses, or the row does
-        with pytest.raises(
-            (ConfigError, TrainerError), match=r"MistralChatTemplate.* takes no system message"
-        ):
+        problem = (
+            r"MistralChatTemplate.* takes no system message"
+            if "MistralChatTemplate" in case["error"]
+            else r"^row 0: "  # validate_messages: our words, the same rules
+        )
+        with pytest.raises((ConfigError, TrainerError), match=problem):
             rendered(case)
-        return
-    if case["max_seq_len"] and "qwen" in case["component"]:  # Qwen's EOS then never trained: not rendered
-        assert case_config(case).message_format == "plain"
         return
     if case["format"] != "preference":
         ids, labels = rendered(case)
@@ -311,10 +314,13 @@ def test_rows_render_as_torchtune_0_6_1_renders_them(case):
     for key in ("chosen", "rejected"):
         tokens, labels = case[key]["tokens"], case[key]["labels"]
         trained = [k for k, label in enumerate(labels) if label != loss.IGNORE_INDEX]
-        # the prompt: the tokens before the first target; the response: up to the last target (the tokens
-        # after it are no target and predict none)
-        assert record["prompt_ids"] == tokens[: trained[0]]
-        assert record[f"{key}_ids"] == tokens[trained[0] : trained[-1] + 1]
+        start = trained[-1]  # the response: the last run of targets (the tokens after it predict none)
+        while start - 1 in trained:
+            start -= 1
+        assert record["prompt_ids"] == tokens[:start]
+        assert record[f"{key}_ids"] == tokens[start : trained[-1] + 1]
+        # the prompt's targets (earlier assistant turns): the first token predicts nothing
+        assert record["prompt_targets"] == [k for k in trained if 0 < k < start]
 
 
 def test_a_tokenizer_json_that_always_writes_sentencepieces_leading_space_renders_the_same():
@@ -328,3 +334,24 @@ def test_a_tokenizer_json_that_always_writes_sentencepieces_leading_space_render
         if case["tokenizer"] == "spm" and case["format"] == "messages" and "error" not in case:
             [(ids, _)] = data.tokenize_rows([case["row"]], "messages", tokenizer, case_config(case))
             assert ids == case["tokens"]
+
+
+def test_tune_run_keeps_torchtunes_row_rules(tmp_path):
+    """tokenizer.max_seq_len null: no truncation; set: torchtune's; new_system_prompt '': an empty system
+    message; SFT conversations validated (DPO's are not, as in torchtune)."""
+    model = model_folder(tmp_path / "model", SPECIALS["llama3"])
+    argv = ["run", "lora_finetune_distributed", "--config", "llama3_2/1B_lora",
+            f"checkpointer.checkpoint_dir={model}", "dataset=torchtune.datasets.instruct_dataset",
+            "dataset.source=json", 'dataset.new_system_prompt=""']  # fmt: skip
+    cfg, _ = tune.translate(tune.parse_command([*argv, "tokenizer.max_seq_len=null"]), 1)
+    assert (cfg.truncation, cfg.max_seq_length, cfg.validate_messages) == ("none", 64, True)
+    assert cfg.system_message() == ""
+    cfg, _ = tune.translate(tune.parse_command([*argv, "tokenizer.max_seq_len=32"]), 1)
+    assert (cfg.truncation, cfg.max_seq_length) == ("torchtune", 32)
+
+
+def test_without_truncation_a_row_longer_than_the_model_stops_the_run_naming_it():
+    case = next(c for c in CASES if c["case"] == "chat" and "error" not in c)
+    cfg = dataclasses.replace(case_config(case), max_seq_length=10)
+    with pytest.raises(TrainerError, match=r"^row 0 is \d+ tokens, more than the model's 10 positions, and "):
+        data.tokenize_rows([case["row"]], "messages", folder_tokenizer(case["tokenizer"]), cfg)

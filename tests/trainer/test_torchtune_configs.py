@@ -431,7 +431,8 @@ epochs: 1
     assert cfg.more_datasets == [{
         "dataset_dir": str(qa), "dataset_split": "train", "dataset_source": "auto",
         "dataset_format": "input_output", "column_map": {"input": "q", "output": "a"},
-        "system_prompt": "Be brief.", "train_on_prompt": False, "add_eos": True, "alpaca_preamble": False,
+        "system_prompt": "Be brief.", "empty_system_prompt": False, "train_on_prompt": False, "add_eos": True,
+        "alpaca_preamble": False,
     }]  # fmt: skip
     # The trainer's own command line reads the list back (tune passes it as JSON).
     from pkg.trainer.config import load_config
@@ -546,5 +547,5 @@ def test_tokenizer_prompt_template_wraps_user_messages(model_dir, template, user
             f"tokenizer.prompt_template=torchtune.data.{template}"]  # fmt: skip
     cfg, _ = tune.translate(tune.parse_command(argv), 1)
     row = {"input": "He go home.", "output": "He goes home."}
-    msgs = rows.conversation(row, "input_output", 0, cfg.system_prompt, cfg.prompt_template)
+    msgs = rows.conversation(row, "input_output", 0, cfg.system_message(), cfg.prompt_template)
     assert msgs == [{"role": "user", "content": user}, {"role": "assistant", "content": "He goes home."}]
