@@ -247,13 +247,18 @@ def uses_fsdp(bf16: bool, cpu_offload: bool = False) -> bool:
     return dist.get_world_size() > 1 or bf16 or cpu_offload
 
 
-def shard(
-    model: nn.Module,
-    device: torch.device,
-    bf16: bool,
-    vocab_parallel: bool = False,
-    layout: Layout = Layout(),
-) -> nn.Module:
+@dataclass(frozen=True)
+class Sharding:
+    """How a model is sharded (shard, shard_from_rank0, shard_streamed): on `device`, in bf16 mixed
+    precision or not, its embedding and head split by vocabulary rows or not, over `layout`'s mesh."""
+
+    device: torch.device
+    bf16: bool
+    vocab_parallel: bool = False
+    layout: Layout = Layout()
+
+
+def shard(model: nn.Module, how: Sharding) -> nn.Module:
     """FSDP2: one `fully_shard` unit per decoder layer, then the root (norm, and what else is left), over
     the layout's mesh (full or hybrid).
 
@@ -265,6 +270,7 @@ def shard(
 
     from pkg.trainer import vocab_parallel as vp
 
+    device, bf16, layout = how.device, how.bf16, how.layout
     if not uses_fsdp(bf16, layout.cpu_offload):
         return model
 
@@ -277,7 +283,7 @@ def shard(
         fully_shard(layer, **kwargs)
     ignored = (
         vp.convert(model, mesh, device, torch.bfloat16 if bf16 else torch.float32)
-        if vocab_parallel
+        if how.vocab_parallel
         else set()
     )
     # Otherwise, with a large vocabulary, the two hold most of the weights (Qwen2.5's 151,936 x 896 twice in
@@ -317,13 +323,7 @@ def materialize(model: nn.Module, device: torch.device, layout: Layout) -> None:
                 module._buffers[key] = buffer.to(device)
 
 
-def shard_from_rank0(
-    model: nn.Module,
-    device: torch.device,
-    bf16: bool,
-    vocab_parallel: bool = False,
-    layout: Layout = Layout(),
-) -> nn.Module:
+def shard_from_rank0(model: nn.Module, how: Sharding) -> nn.Module:
     """Shard a model whose weights only rank 0 read whole; the other ranks built it on the meta device.
 
     The fallback of shard_streamed, for checkpoints that transformers converts on load (load_model_on_meta).
@@ -336,9 +336,10 @@ def shard_from_rank0(
 
     on_rank0 = dist.get_rank() == 0
     full = model.state_dict() if on_rank0 else {}  # references to rank 0's tensors, not a copy
-    shard(model, device, bf16, vocab_parallel, layout)
+    shard(model, how)
     if not on_rank0:
-        materialize(model, device, layout)  # storage for this rank's shards and buffers; values follow
+        # storage for this rank's shards and buffers; the values follow
+        materialize(model, how.device, how.layout)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full, options=options)
     del full
@@ -347,12 +348,7 @@ def shard_from_rank0(
 
 
 def shard_streamed(
-    model: nn.Module,
-    device: torch.device,
-    bf16: bool,
-    read: Callable[[str, slice | None], torch.Tensor] | None,
-    vocab_parallel: bool = False,
-    layout: Layout = Layout(),
+    model: nn.Module, how: Sharding, read: Callable[[str, slice | None], torch.Tensor] | None
 ) -> nn.Module:
     """Shard a model built on the meta device on every rank, then fill the shards from rank 0's `read`.
 
@@ -364,9 +360,10 @@ def shard_streamed(
     at most one tensor. Buffers outside the state dict (rotary `inv_freq`) keep the values computed when
     the model was built, rank 0's for all.
     """
-    shard(model, device, bf16, vocab_parallel, layout)
+    shard(model, how)
+    device = how.device
     built = {name: b for name, b in model.named_buffers() if not b.is_meta}  # to_empty replaces them
-    materialize(model, device, layout)  # storage for this rank's shards and buffers
+    materialize(model, device, how.layout)  # storage for this rank's shards and buffers
     with torch.no_grad():
         for name, b in model.named_buffers():
             if name in built:

@@ -409,6 +409,7 @@ class Recipe:
         )  # fmt: skip
         if cfg.cpu_offload and cfg.vocab_parallel == "always":
             log.warning("vocab_parallel: always is not applied under cpu_offload (the two are FSDP units)")
+        how = distributed.Sharding(self.dist.device, self.bf16, split, layout)
         if sources is not None:
             log.info("rank 0 streams the weights into the shards of %d ranks", self.dist.world_size)
             reader = StreamReader(Path(cfg.model_dir)) if self.dist.is_main else None
@@ -420,12 +421,12 @@ class Recipe:
                 return source if rows is None else source[rows]
 
             fetch = read if reader else None
-            net = distributed.shard_streamed(net, self.dist.device, self.bf16, fetch, split, layout)
+            net = distributed.shard_streamed(net, how, fetch)
         elif from_rank0:
             log.info("rank 0 read the weights; %d ranks receive them by broadcast", self.dist.world_size - 1)
-            net = distributed.shard_from_rank0(net, self.dist.device, self.bf16, split, layout)
+            net = distributed.shard_from_rank0(net, how)
         elif cfg.method != "qlora":  # a 4-bit base is not sharded; its small adapter is all-reduced instead
-            net = distributed.shard(net, self.dist.device, self.bf16, split, layout)
+            net = distributed.shard(net, how)
         if split:
             names = [type(m).__name__ for m in net.modules() if isinstance(m, vocab_parallel.SPLIT)]
             log.info(

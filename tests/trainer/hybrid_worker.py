@@ -14,7 +14,7 @@ from torch.distributed.tensor import Replicate, Shard
 from transformers import AutoModelForCausalLM
 
 from pkg.trainer import vocab_parallel as vp
-from pkg.trainer.distributed import Layout, exit_process, shard
+from pkg.trainer.distributed import Layout, Sharding, exit_process, shard
 from pkg.trainer.loss import token_logprobs
 
 CALLS: list[tuple[str, str, tuple[int, ...]]] = []  # (calling function, collective, ranks of its group)
@@ -38,9 +38,7 @@ def main(model_dir: str) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    shard(
-        model, torch.device("cpu"), bf16=False, vocab_parallel=True, layout=Layout(replicas=2, group_size=2)
-    )
+    shard(model, Sharding(torch.device("cpu"), bf16=False, vocab_parallel=True, layout=Layout(2, 2)))
     node = (0, 1) if rank < 2 else (2, 3)
     replicas = (rank % 2, rank % 2 + 2)
 

@@ -111,9 +111,8 @@ def check(info, case: str) -> dict:
     method = "full" if name.startswith("full-") else "lora"
     name = name.removeprefix("full-")
     reference = build(name, lora=method == "lora")
-    sharded = distributed.shard(
-        copy.deepcopy(reference), info.device, bf16=False, vocab_parallel=vocab_parallel
-    )
+    how = distributed.Sharding(info.device, bf16=False, vocab_parallel=vocab_parallel)
+    sharded = distributed.shard(copy.deepcopy(reference), how)
     check_head(sharded, info.device)
     with torch.no_grad():  # the model's own forward: whole logits, through a vocabulary-sharded head too
         ids = batch(1 + info.rank)["input_ids"][:, : 8 + info.rank]
