@@ -282,7 +282,8 @@ KEYS: list[Key] = [
        "(\"\": an empty one), never trained (also with train_on_input).", "system_prompt"),
     _k("dataset.train_on_input", "honoured", boolean, "Also train on the prompt tokens (alpaca builders: "
        "True unless given).", "train_on_prompt"),
-    _k("dataset.packed", "honoured", boolean, "Pack samples into sequences of tokenizer.max_seq_len.",
+    _k("dataset.packed", "honoured", boolean, "Pack samples into sequences of tokenizer.max_seq_len "
+       "(which must be set, as torchtune's PackedDataset needs).",
        "packing"),
     _k("dataset.conversation_column", "honoured", text, "chat_dataset: the column of the conversations.",
        "column_map"),
@@ -1237,6 +1238,11 @@ def to_train_config(tt: dict[str, Any], recipe: str, world: int) -> dict[str, An
         )
     values["max_seq_length"] = seq
     values["truncation"] = "none" if tt.get("tokenizer.max_seq_len") is None else "torchtune"
+    if values["truncation"] == "none" and values.get("packing"):
+        raise ConfigError(
+            "dataset.packed=True with tokenizer.max_seq_len null: packs need a length (torchtune's "
+            "PackedDataset refuses this too); set tokenizer.max_seq_len"
+        )
     values["validate_messages"] = not dpo  # torchtune's SFTDataset validates; its PreferenceDataset does not
     micro = tt.get("batch_size", 1)
     accum = tt.get("gradient_accumulation_steps", 1)

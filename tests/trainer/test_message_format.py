@@ -348,6 +348,8 @@ def test_tune_run_keeps_torchtunes_row_rules(tmp_path):
     assert cfg.system_message() == ""
     cfg, _ = tune.translate(tune.parse_command([*argv, "tokenizer.max_seq_len=32"]), 1)
     assert (cfg.truncation, cfg.max_seq_length) == ("torchtune", 32)
+    with pytest.raises(ConfigError, match=r"dataset.packed=True with tokenizer.max_seq_len null: packs need"):
+        tune.translate(tune.parse_command([*argv, "tokenizer.max_seq_len=null", "dataset.packed=True"]), 1)
 
 
 def test_without_truncation_a_row_longer_than_the_model_stops_the_run_naming_it():
