@@ -15,8 +15,9 @@
   assistant turns in the family formats, as torchtune trains them) and `seq_lens` (the lengths of the chosen
   and rejected sequences, for the batch plan).
 - Truncation: the family formats cut each conversation at its end (torchtune's tokenize_messages with
-  tokenizer.max_seq_len); rows rendered plain, when prompt + the longer response exceed `max_seq_length`,
-  lose the beginning of the prompt (the responses, which the loss is about, stay whole). A pair with no
+  tokenizer.max_seq_len), and so does `truncation: torchtune` (tune run) for rows rendered plain; otherwise,
+  when prompt + the longer response exceed `max_seq_length`, the prompt loses its beginning (the responses,
+  which the loss is about, stay whole). A pair with no
   response token left is dropped; both counts are logged. Without truncation (tune run's null
   tokenizer.max_seq_len) a pair longer than max_seq_length stops the run, naming its row.
 - Batches: `collate_pairs` puts the chosen sequences then the rejected ones into one padded batch, so a
@@ -212,6 +213,10 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
             pairs = _plain_pairs(rows, lo, chat, tokenizer, cfg)
         for j, (p, c, r, targets) in enumerate(pairs):
             data.check_length(len(p) + max(len(c), len(r)), lo + j, cfg)
+            if cfg.truncation == "torchtune":  # each sequence cut at its end (rendered plain; a family's are)
+                room = max(cfg.max_seq_length - len(p), 0)
+                truncated += len(c) > room or len(r) > room
+                c, r = c[:room], r[:room]
             budget = cfg.max_seq_length - max(len(c), len(r))
             if budget < 1 or not c or not r:  # nothing predicts a response's first token without a prompt
                 dropped += 1
@@ -239,10 +244,14 @@ def tokenized_pairs(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: st
     ds = rename_columns(ds, cfg.column_map)
     records, truncated, dropped = tokenize_pairs(ds, tokenizer, cfg)
     if truncated:
+        how = "at their end" if cfg.truncation == "torchtune" else "(the prompt; the responses kept whole)"
         log.warning(
-            "truncated the prompt of %d of %d pairs to fit max_seq_length=%d (the responses are kept whole)",
-            truncated, len(ds), cfg.max_seq_length,
-        )  # fmt: skip
+            "truncated %d of %d pairs %s to fit max_seq_length=%d",
+            truncated,
+            len(ds),
+            how,
+            cfg.max_seq_length,
+        )
     if not records:
         raise TrainerError(
             f"no preference pair fits max_seq_length={cfg.max_seq_length} (a response alone is longer): "

@@ -104,6 +104,17 @@ def test_max_seq_length_truncates_the_prompt_first_and_drops_pairs_whose_respons
 
 
 @pytest.mark.fast
+def test_truncation_torchtune_cuts_each_sequence_at_its_end_as_tune_run_does(tokenizer):
+    rows = preference_rows("strings", 1)
+    rows[0]["rejected"] = "lemon " * 200
+    [whole], _, _ = pairs(rows, tokenizer)
+    [rec], truncated, dropped = pairs(rows, tokenizer, max_seq_length=24, truncation="torchtune")
+    assert (truncated, dropped, rec["prompt_ids"]) == (1, 0, whole["prompt_ids"])  # the prompt stays whole
+    assert rec["chosen_ids"] == whole["chosen_ids"]
+    assert rec["rejected_ids"] == whole["rejected_ids"][: 24 - len(rec["prompt_ids"])]
+
+
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
