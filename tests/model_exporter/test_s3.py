@@ -203,3 +203,22 @@ def test_export_through_an_http_proxy(
     assert len(parts) == 3 and all(r.forward for r in s3_proxy.requests)
     data = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     assert s3.client().get_object(Bucket=bucket, Key="r6/adapter_model.safetensors")["Body"].read() == data
+
+
+@MOTO_ONLY  # about our client's fallback, not the store
+def test_store_refusing_checksum_headers_gets_none(
+    s3: S3Server, s3_proxy: FaultProxy, export: Exporter, tmp_path: Path
+) -> None:
+    """A store that refuses x-amz-checksum-* whatever its value gets none; the ETags are checked instead."""
+    out = write_run(tmp_path, adapter_bytes=2 * 256 * 1024 + 9)
+    bucket = _bucket(s3)
+    s3_proxy.refuse_checksums = True
+    s3_proxy.add(FaultRule(corrupt=5, times=1, match="adapter_model", method="PUT"))
+    try:
+        done = export(**_env(s3, s3_proxy, f"s3://{bucket}/r7", out))
+    finally:
+        s3_proxy.refuse_checksums = False
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "it verifies no checksum" in done.stdout and "the store received something else" in done.stdout
+    data = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert s3.client().get_object(Bucket=bucket, Key="r7/adapter_model.safetensors")["Body"].read() == data

@@ -18,7 +18,8 @@ A rule matches when `match` is a substring of the unquoted URL path and the meth
 (default GET; "*" for any). The Host header is passed through unchanged, so S3 signatures stay valid.
 
 With `verify_checksums` set, it refuses a request whose x-amz-checksum-crc32 is not its body's CRC32 (400
-BadDigest), as AWS does, in front of servers that do not check it (moto, rclone).
+BadDigest), as AWS does, in front of servers that do not check it (moto, rclone); with `refuse_checksums`,
+any request with an x-amz-checksum-* header (400 InvalidArgument), as a store without them may.
 
 With `bucket_region` set, it also acts as AWS does for a bucket in that region: a request signed for any
 other region gets 400 AuthorizationHeaderMalformed naming the right one, and every answer carries
@@ -112,6 +113,7 @@ class FaultProxy(BackgroundServer):
         self.rules: list[FaultRule] = []
         self.bucket_region: str | None = None
         self.verify_checksums = False
+        self.refuse_checksums = False
         self.region_in_listings = True
         super().__init__(type("Handler", (_Handler,), {"proxy": self}), host, port, "fault-proxy")
 
@@ -242,6 +244,11 @@ class _Handler(BaseHTTPRequestHandler):
                 body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1 :]
                 rule = None  # the response goes back untouched
             crc = self.headers.get("x-amz-checksum-crc32")
+            if self.proxy.refuse_checksums and any(
+                k.lower().startswith("x-amz-checksum") for k in self.headers
+            ):
+                self._reply(400, b"<Error><Code>InvalidArgument</Code><Message>checksum</Message></Error>")
+                return
             if self.proxy.verify_checksums and crc and crc != _crc32(body):
                 self._reply(400, b"<Error><Code>BadDigest</Code><Message>CRC32</Message></Error>")
                 return
