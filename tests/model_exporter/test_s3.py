@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.initializers.conftest import MOTO_ONLY
 from tests.support.fault_proxy import FaultProxy, FaultRule
+from tests.support.fixtures import MOTO_ONLY
 from tests.support.s3_server import S3Server
 from tests.support.tls import make_certificates
 
