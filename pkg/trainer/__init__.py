@@ -13,6 +13,7 @@ Modules, one job each:
     data_files        finding and reading the dataset's files: one split (and slice) as one Dataset
     rows              a row as a prompt and completion or as messages: formats, system prompt, templates
     chat_format       messages -> (input_ids, labels): the chat template or a family's special tokens
+    spm_model         a SentencePiece model file's user-defined pieces (which sentencepiece matches in text)
     data_cache        the tokenized records on disk: their key, writing and reading them
     batching          packing, padding into tensors, target counts; the batch plan of every step
     preference        DPO's data: prompt/chosen/rejected pairs, tokenized and collated
