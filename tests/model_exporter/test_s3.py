@@ -42,6 +42,14 @@ def _objects(s3: S3Server, bucket: str, prefix: str) -> dict[str, bytes]:
     }
 
 
+def _same_bytes(
+    s3: S3Server, bucket: str, prefix: str, out: Path, name: str = "adapter_model.safetensors"
+) -> bool:
+    """Whether the object `prefix/name` holds the run's adapter file `name`."""
+    got = s3.client().get_object(Bucket=bucket, Key=f"{prefix}/{name}")["Body"].read()
+    return got == (out / "adapter" / name).read_bytes()
+
+
 def _part_puts(proxy: FaultProxy, key: str) -> int:
     return sum(1 for r in proxy.requests if r.method == "PUT" and r.path.endswith(key) and r.status == 200)
 
@@ -161,8 +169,7 @@ def test_body_damaged_on_the_way_is_sent_again(
         assert "every ETag it answers is checked against the MD5" in log
         assert log.count("the store received something else") == 2
     for name in ("adapter_model.safetensors", "adapter_config.json"):
-        got = s3.client().get_object(Bucket=bucket, Key=f"r4/{name}")["Body"].read()
-        assert got == (out / "adapter" / name).read_bytes()
+        assert _same_bytes(s3, bucket, "r4", out, name)
 
 
 @MOTO_ONLY  # about our TLS client (bodies sent in blocks, unsigned, CRC32 checked), not the store
@@ -180,8 +187,7 @@ def test_export_over_https_to_a_store_that_checks_crc32(
         assert done.returncode == 0, done.stdout + done.stderr
         assert proxy.pending() == 0 and "BadDigest" in done.stdout  # damaged, refused, sent again
         assert "it verifies x-amz-checksum-crc32" in done.stdout and "plain HTTP" not in done.stdout
-    data = (out / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert s3.client().get_object(Bucket=bucket, Key="r5/adapter_model.safetensors")["Body"].read() == data
+    assert _same_bytes(s3, bucket, "r5", out)
 
 
 @MOTO_ONLY  # about our client's route, not the store
@@ -191,18 +197,12 @@ def test_export_through_an_http_proxy(
     """HTTP_PROXY carries the object PUTs (their bodies read in blocks) as it carries botocore's calls."""
     out = write_run(tmp_path, adapter_bytes=2 * 256 * 1024 + 7)
     bucket = _bucket(s3)
-    env = {
-        **s3.env(),
-        "STORAGE_URI": f"s3://{bucket}/r6",
-        "SOURCE_PATH": str(out),
-        "HTTP_PROXY": s3_proxy.endpoint,
-    }
-    done = export(**env)
+    env = _env(s3, s3_proxy, f"s3://{bucket}/r6", out, HTTP_PROXY=s3_proxy.endpoint)
+    done = export(**{**env, "ENDPOINT": s3.endpoint})  # the server itself, reached through the proxy
     assert done.returncode == 0, done.stdout + done.stderr
     parts = [r for r in s3_proxy.requests if r.method == "PUT" and "adapter_model" in r.path]
     assert len(parts) == 3 and all(r.forward for r in s3_proxy.requests)
-    data = (out / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert s3.client().get_object(Bucket=bucket, Key="r6/adapter_model.safetensors")["Body"].read() == data
+    assert _same_bytes(s3, bucket, "r6", out)
 
 
 @MOTO_ONLY  # about our client's fallback, not the store
@@ -220,5 +220,4 @@ def test_store_refusing_checksum_headers_gets_none(
         s3_proxy.refuse_checksums = False
     assert done.returncode == 0, done.stdout + done.stderr
     assert "it verifies no checksum" in done.stdout and "the store received something else" in done.stdout
-    data = (out / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert s3.client().get_object(Bucket=bucket, Key="r7/adapter_model.safetensors")["Body"].read() == data
+    assert _same_bytes(s3, bucket, "r7", out)
