@@ -10,11 +10,13 @@ accumulation), max length 256, AdamW lr 1e-3 without weight decay, constant lear
 each tool's own export at the end. Run with and without optimizer-in-backward (ours: `optimizer_in_backward`,
 torchtune: `optimizer_in_bwd`).
 
-Reports each whole process's peak RSS (os.wait4's ru_maxrss), tokens/s over the training loop (non-padding
-tokens / the loop's time; torchtune's loop time is the sum of its per-step times), the whole process's wall
-time, and the losses of the first and last steps as a sanity check (same data, same initial weights).
+Reports each whole process's peak RSS (os.wait4's ru_maxrss: the process and the children it waited for, so
+the llm-trainer's forked tokenizing child counts too; it peaks far below training), tokens/s over the
+training loop (non-padding tokens / the loop's time; torchtune's loop time is the sum of its per-step
+times), the whole process's wall time, and the losses of the first and last steps as a sanity check (same
+data, same initial weights).
 torchtune runs from its own venv (--tune); its tokenizer is bench/torchtune_peer.py over the model's
-tokenizer.json. Markdown on stdout, JSON with --out.
+tokenizer.json. Markdown on stdout, JSON with --out. Where each phase's memory goes: bench/memory_phases.py.
 """
 
 from __future__ import annotations

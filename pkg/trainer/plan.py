@@ -39,10 +39,11 @@ GiB = 1 << 30
 ADAM_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # --device cpu: the resident memory of a trainer process besides the model (Python, torch, transformers,
-# datasets, tokenizers, the tokenized data, gloo, allocator slack): ~500 MiB measured on the tiny test model;
-# bf16 on a CPU adds ~150 MiB whatever the model (oneDNN's bf16 kernels and their scratch). Calibrated on
-# this project's machine with bench/bench_plan.py and the tests (tests/trainer/plan_check.py).
-CPU_BASE = 520 * 2**20
+# tokenizers, gloo, allocator slack; `datasets` and the tokenizing stay in a forked child): ~95 MiB less
+# than when they did not, on every case of bench/bench_plan.py; bf16 on a CPU adds ~150 MiB whatever the
+# model (oneDNN's bf16 kernels and their scratch). Calibrated on this project's machine with
+# bench/bench_plan.py and the tests (tests/trainer/plan_check.py).
+CPU_BASE = 425 * 2**20
 CPU_BF16 = 140 * 2**20
 # What the backward keeps per token of a decoder layer, in values of the compute dtype (SDPA attention: no
 # sequence-squared term): the norms' outputs, q/k/v, the attention output, the MLP's four intermediates.
