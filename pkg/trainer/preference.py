@@ -259,8 +259,8 @@ def tokenized_pairs(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: st
         )
     if dropped:
         log.warning(
-            "dropped %d of %d pairs whose chosen or rejected response alone does not fit max_seq_length=%d",
-            dropped, len(ds), cfg.max_seq_length,
+            "dropped %d of %d pairs with no chosen or rejected token within max_seq_length=%d (torchtune "
+            "keeps such a pair: a loss of ln 2 with no gradient)", dropped, len(ds), cfg.max_seq_length,
         )  # fmt: skip
     return records
 
