@@ -11,6 +11,7 @@ pyarrow (~80 MiB resident once imported, for the whole run).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -28,6 +29,19 @@ CACHE_VERSION = "5"  # bumped when the same settings tokenize differently (2: sy
 # with a max_seq_len, Gemma's user-defined tokens in text)
 
 
+# Settings that shape the tokens, added after the first caches and checkpoints: the cache key and the run
+# fingerprint name each only where it differs from its default, so caches and checkpoints made before it keep
+# their key and fingerprint.
+LATER_TOKEN_SETTINGS = ("add_eos", "alpaca_preamble", "prompt_template", "message_format", "truncation",
+                        "empty_system_prompt", "validate_messages")  # fmt: skip
+
+
+def set_later_settings(cfg: TrainConfig) -> dict[str, object]:
+    """{name: value} of the LATER_TOKEN_SETTINGS that differ from TrainConfig's defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {name: getattr(cfg, name) for name in LATER_TOKEN_SETTINGS if getattr(cfg, name) != defaults[name]}
+
+
 def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
     """Changes when the data files, the tokenizer or a setting that shapes the tokens changes (every folder
     by files.dir_digest's rule, by content; the weights, which do not shape the tokens, are left out)."""
@@ -37,23 +51,9 @@ def cache_key(cfg: TrainConfig, tokenizer_dir: str) -> str:
     )
     settings = ("dataset_format", "max_seq_length", "packing", "train_on_prompt", "val_fraction", "seed")
     settings += ("dataset_split", "dataset_source", "column_map", "system_prompt")
-    settings += ("objective",)
-    if not cfg.add_eos:  # named only when set, so existing caches keep their key
-        settings += ("add_eos",)
-    if cfg.alpaca_preamble:  # named only when set, so existing caches keep their key
-        settings += ("alpaca_preamble",)
-    if cfg.prompt_template:  # named only when set, so existing caches keep their key
-        settings += ("prompt_template",)
-    if cfg.message_format != "plain":  # named only when set, so existing caches keep their key
-        settings += ("message_format",)
+    settings += ("objective", *set_later_settings(cfg))
     if cfg.objective == "dpo" and cfg.dpo_loss != "sigmoid":  # named only when set (prompt_targets)
         settings += ("dpo_loss",)
-    if cfg.truncation != "cut":  # named only when set, so existing caches keep their key
-        settings += ("truncation",)
-    if cfg.empty_system_prompt:  # named only when set, so existing caches keep their key
-        settings += ("empty_system_prompt",)
-    if cfg.validate_messages:  # named only when set, so existing caches keep their key
-        settings += ("validate_messages",)
     if cfg.more_datasets:  # named only when set, so existing caches keep their key
         settings += ("more_datasets",)
         for entry in cfg.more_datasets:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pkg.trainer.data_cache import set_later_settings
 from pkg.trainer.files import dir_digest
 
 
@@ -29,9 +30,10 @@ def run_fingerprint(cfg: Any) -> dict[str, str]:
         f", {name}={getattr(cfg, name)}"
         for name, default in (("dataset_split", "train"), ("dataset_source", "auto"), ("column_map", {}),
                               ("system_prompt", ""), ("max_steps_per_epoch", 0), ("shuffle", True),
-                              ("more_datasets", []), ("add_eos", True))
+                              ("more_datasets", []))
         if getattr(cfg, name) != default
     )  # fmt: skip
+    data_extra += "".join(f", {name}={value}" for name, value in set_later_settings(cfg).items())
     fingerprint = {
         "model": f"{Path(cfg.model_dir).name} (content digest {dir_digest(cfg.model_dir)})",
         "method": method,

@@ -92,7 +92,10 @@ def test_fingerprint_covers_what_shapes_the_targets(tmp_path):
     assert fingerprint_mismatch(run_fingerprint(cfg), run_fingerprint(longer)) is None
     # Later settings appear only when set, so checkpoints written before them still match.
     assert "dataset_split" not in run_fingerprint(cfg)["dataset"]
-    for change in ({"dataset_split": "train[:10%]"}, {"column_map": {"input": "q"}}, {"system_prompt": "Hi"}):
+    changes = [{"dataset_split": "train[:10%]"}, {"column_map": {"input": "q"}}, {"system_prompt": "Hi"}]
+    changes += [{"message_format": "llama3"}, {"prompt_template": "grammar"}, {"truncation": "none"}]
+    changes += [{"add_eos": False}, {"empty_system_prompt": True}, {"alpaca_preamble": True}]
+    for change in changes:
         other = TrainConfig(**{**cfg.to_dict(), **change})
         assert fingerprint_mismatch(run_fingerprint(cfg), run_fingerprint(other)).startswith("dataset")
     dora = TrainConfig(**{**cfg.to_dict(), "use_dora": True})
