@@ -30,7 +30,7 @@ Modules, one job each:
     checkpoint        saving and loading sharded checkpoints (DCP); resuming past a damaged one
     checkpoint_dirs   where checkpoints live: listed, checked, moved aside, chosen to resume; a finished run
     fingerprint       the run fingerprint a checkpoint must match to be resumed
-    checksums         sha256 digests of a checkpoint's files: recorded at save, checked at load
+    checksums         XXH3-128 digests of a checkpoint's files: recorded at save, checked at load
     rng               the random generators' state a checkpoint keeps
     disk_space        free space on the output volume: sizes, the check before writing, the full-disk hint
     resilience        SIGTERM / SIGINT: checkpoint at the next step boundary, then exit 143

@@ -6,7 +6,7 @@ Layout under ``output_dir/checkpoints/`` (checkpoint_dirs lists, checks and choo
       state/                  torch.distributed.checkpoint: trainable weights + optimizer, one file per rank
       rng/rank-00000.pt       per-rank RNG states (python, numpy, torch CPU, CUDA)
       meta.json               written last: step, data position, scheduler, fingerprint, world size,
-                              each file's size and sha256 digest (checksums.py)
+                              each file's size and XXH3-128 digest (checksums.py)
     .tmp-step-50/             being written (or left by a crash): never loaded, removed on the next start
 
 Every rank writes only its own shard (no gather of the whole model on rank 0), so saving is

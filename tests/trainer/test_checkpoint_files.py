@@ -124,3 +124,33 @@ def test_stop_request_on_sigterm():
         stop.uninstall()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert EXIT_PREEMPTED == 143
+
+
+def test_file_digests_name_their_algorithm_catch_one_flipped_bit_and_check_older_sha256_ones(tmp_path):
+    from pkg.trainer import checksums
+
+    shard = tmp_path / "state" / "__0_0.distcp"
+    shard.parent.mkdir()
+    shard.write_bytes(bytes(range(256)) * 40_000)  # over two read chunks: the chunks are joined right
+    recorded = checksums.file_digest(shard)
+    assert recorded.startswith("xxh3-128:") and len(recorded) == len("xxh3-128:") + 32
+    (tmp_path / "empty").write_bytes(b"")
+    assert (
+        checksums.file_digest(tmp_path / "empty") == "xxh3-128:99aa06d3014798d86001c324468d497f"
+    )  # XXH3-128("")
+    older = checksums.file_digest(shard, "sha256")  # what trainers before XXH3 recorded
+    assert older == "sha256:" + __import__("hashlib").sha256(shard.read_bytes()).hexdigest()
+    checksums.verify(tmp_path, {"state/__0_0.distcp": recorded})
+    checksums.verify(tmp_path, {"state/__0_0.distcp": older})
+    body = bytearray(shard.read_bytes())
+    body[6_000_000] ^= 0x01  # one bit, in the second chunk
+    shard.write_bytes(bytes(body))
+    for digest, algorithm in ((recorded, "xxh3-128"), (older, "sha256")):
+        with pytest.raises(
+            errors.CheckpointUnreadable, match=f"__0_0.distcp does not match the {algorithm} digest"
+        ):
+            checksums.verify(tmp_path, {"state/__0_0.distcp": digest})
+    with pytest.raises(
+        errors.CheckpointError, match=r"unknown kind \(md5\).*the trainer version that saved it"
+    ):
+        checksums.verify(tmp_path, {"state/__0_0.distcp": "md5:00"})

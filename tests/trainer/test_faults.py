@@ -366,7 +366,7 @@ def test_a_checkpoint_that_fails_to_load_falls_back_to_the_previous_one(in_proce
     line = one_line_error(capsys.readouterr().err)
     assert (
         f"checkpoint {out}/checkpoints/step-6 is damaged ({out}/checkpoints/step-6/rng/rank-00000.pt "
-        "does not match the sha256 digest recorded when it was saved)" in line
+        "does not match the xxh3-128 digest recorded when it was saved)" in line
     )
     assert "no older complete checkpoint is left" in line and "rerun the job to start over" in line, line
     assert (out / "checkpoints" / "corrupt-step-6").is_dir() and not (out / "checkpoints" / "step-6").exists()
@@ -388,7 +388,7 @@ def test_at_two_processes_a_flipped_byte_or_one_ranks_unreadable_shard_makes_eve
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert (
-        f"checkpoint {out}/checkpoints/step-4 is damaged ({str(state).format(4)} does not match the sha256 "
+        f"checkpoint {out}/checkpoints/step-4 is damaged ({str(state).format(4)} does not match the xxh3-128 "
         "digest recorded when it was saved)" in log
     )
     assert (
