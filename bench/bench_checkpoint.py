@@ -13,7 +13,10 @@ Times are the median of ``--reps`` repetitions; ratios are baseline / ours (high
 
 The cost of the file digests (pkg/trainer/checksums.py) is measured on the same checkpoints: ours saved with
 digests vs the same save with the digest step left out (``checksums.record`` patched to record nothing), and
-the load that verifies them vs the load of that checkpoint without digests; ratio = with / without.
+the load that verifies them vs the load of that checkpoint without digests; ratio = with / without. On a
+shared machine those two medians can differ by more than the digests cost, so the time spent in the digest
+step itself (``checksums.record`` at save, ``checksums.verify`` at load, on rank 0, waiting for the other
+ranks included) is measured too, with its share of the save and of the load.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 MODELS = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
     "tiny": (64, 2, 4, 2, 128, 320),
@@ -72,6 +76,19 @@ def _build(model_name: str, method: str):
     optimizer.zero_grad()
     trainable = sum(p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel() for p in params)
     return model, optimizer, trainable
+
+
+def _clocked(fn: Callable, into: list[float]) -> Callable:
+    """`fn`, adding the seconds each call takes to `into`."""
+
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - start)
+
+    return run
 
 
 def _max_rss_mb() -> float:
@@ -141,9 +158,16 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
 
             names = ("save_ours", "load_ours", "save_no_digests", "load_no_digests", "save_full", "load_full")
             times: dict[str, list[float]] = {name: [] for name in names}
+            spent: dict[str, list[float]] = {"record": [], "verify": []}  # inside the digest steps
+            clocked = [
+                mock.patch.object(checksums, step, _clocked(getattr(checksums, step), spent[step]))
+                for step in spent
+            ]
             # Rank 0's peak RSS growth while saving (ru_maxrss only rises: ours runs first, so the
             # baseline's figure is what it needs beyond ours, a lower bound of its own growth).
             peak = {"before": _max_rss_mb()}
+            for patch in clocked:
+                patch.start()
             for rep in range(reps):
                 times["save_ours"].append(_timed(save_ours))
                 peak.setdefault("ours", _max_rss_mb())
@@ -154,6 +178,8 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                 peak.setdefault("full", _max_rss_mb())
                 times["load_full"].append(_timed(load_full))
                 del rep
+            for patch in clocked:
+                patch.stop()
             if rank == 0:
                 med = {k: statistics.median(v) for k, v in times.items()}
                 rows.append(
@@ -169,6 +195,8 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                         "load_ratio": round(med["load_full"] / med["load_ours"], 2),
                         "digest_save_ratio": round(med["save_ours"] / med["save_no_digests"], 3),
                         "digest_load_ratio": round(med["load_ours"] / med["load_no_digests"], 3),
+                        "digest_record_s": round(statistics.median(spent["record"]), 4),
+                        "digest_verify_s": round(statistics.median(spent["verify"]), 4),
                     }
                 )  # fmt: skip
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -243,6 +271,12 @@ DIGEST_TABLE: dict[str, Callable[[dict], str]] = {
     "save ratio": lambda r: f"{r['digest_save_ratio']:.2f}x",
     "load with / without": lambda r: f"{r['load_ours_s']:.3f} / {r['load_no_digests_s']:.3f} s",
     "load ratio": lambda r: f"{r['digest_load_ratio']:.2f}x",
+    "digest step at save (share)": lambda r: (
+        f"{r['digest_record_s']:.3f} s ({r['digest_record_s'] / r['save_ours_s']:.0%})"
+    ),
+    "digest step at load (share)": lambda r: (
+        f"{r['digest_verify_s']:.3f} s ({r['digest_verify_s'] / r['load_ours_s']:.0%})"
+    ),
 }
 
 
