@@ -98,6 +98,7 @@ def _max_rss_mb() -> float:
 def _timed(fn) -> float:
     import torch.distributed as dist
 
+    os.sync()  # the previous step's dirty pages are written now, not while this step is timed
     dist.barrier()
     start = time.perf_counter()
     fn()
@@ -169,15 +170,19 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
             for patch in clocked:
                 patch.start()
             for rep in range(reps):
-                times["save_ours"].append(_timed(save_ours))
-                peak.setdefault("ours", _max_rss_mb())
-                times["load_ours"].append(_timed(load_ours))
-                times["save_no_digests"].append(_timed(save_no_digests))
-                times["load_no_digests"].append(_timed(load_ours))  # the checkpoint just saved: no digests
+                # Whichever pair runs first after the baseline's is slower (measured: up to 1.5x, either way
+                # round), so the two swap places every repetition.
+                for digests in (True, False) if rep % 2 == 0 else (False, True):
+                    if digests:
+                        times["save_ours"].append(_timed(save_ours))
+                        peak.setdefault("ours", _max_rss_mb())
+                        times["load_ours"].append(_timed(load_ours))
+                    else:
+                        times["save_no_digests"].append(_timed(save_no_digests))
+                        times["load_no_digests"].append(_timed(load_ours))  # just saved: no digests
                 times["save_full"].append(_timed(save_full))
                 peak.setdefault("full", _max_rss_mb())
                 times["load_full"].append(_timed(load_full))
-                del rep
             for patch in clocked:
                 patch.stop()
             if rank == 0:
