@@ -9,8 +9,9 @@ tests/trainer/fixtures/formats/:
 - tiny tokenizers trained here, each a model folder as the trainer reads it (tokenizer.json and
   tokenizer_config.json, converted by transformers the way Hub folders were) plus the files torchtune reads:
   `spm` (a Llama-style SentencePiece model: byte fallback, a dummy prefix), `gemma` (no dummy prefix, the turn
-  tokens as user-defined pieces),
-  `phi3` (spm with Phi-3's special tokens), `bpe` (byte-level BPE: vocab.json and merges.txt, Phi-4's tokens),
+  tokens as user-defined pieces), `phi3` (spm with Phi-3's special tokens), `bpe` (byte-level BPE: vocab.json
+  and merges.txt, Phi-4's tokens; its merges join letters, digits and '_', which Phi4Tokenizer's word split
+  keeps together),
   `qwen` and `llama3` (the same BPE with Qwen's and Llama 3's tokens and word patterns; Llama 3's also as
   a tiktoken file);
 - expected.json: per case, the family, the row, the settings, and what torchtune's dataset transform and
@@ -59,6 +60,7 @@ CORPUS = [
     "Correct this to standard English: Summarize this dialogue: ---", "Corrected: Summary:",
     "[INST] <<SYS>> <</SYS>> [/INST] system user assistant", "The quick brown fox jumps over the lazy dog.",
 ]  # fmt: skip
+CODE = ["x_1 = abc123 + x_2; def __init__(self): return snake_case_2 * 99 # it's 4567"]  # the BPE's only
 GEMMA_TURNS = ["<start_of_turn>", "<end_of_turn>"]  # user-defined pieces of Gemma's SentencePiece model
 PHI3_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 PHI4_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|dummy_85|>"]
@@ -102,10 +104,16 @@ def bpe_folder() -> Path:
     folder = OUT / "bpe"
     folder.mkdir(parents=True)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # trained on words split at spaces only, so the vocabulary merges letters with digits and '_' (as
+    # Phi-4's, learnt on cl100k's words, merges '_' with letters): where the word splits of torchtune's
+    # Phi4Tokenizer and of the folder's GPT-2 pattern differ, the ids do
+    by_space = pre_tokenizers.Split(Regex(r" ?\S+|\s+"), behavior="isolated")
+    to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([by_space, to_bytes])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.train_from_iterator((CORPUS + CODE) * 3, trainer)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's pattern, as Phi-4's folder
     tok.model.save(str(folder))
     tok.add_special_tokens(PHI4_TOKENS)
     tok.save(str(folder / "tokenizer.json"))
@@ -168,6 +176,11 @@ INVALID = {
 }  # fmt: skip
 # Gemma's turn tokens are user-defined pieces of its SentencePiece model: sentencepiece matches them in text.
 TURNS = {"input": "<start_of_turn>user\nHi<end_of_turn>", "output": "<start_of_turn>model <bos> <eos>"}
+# Words as torchtune's Phi4Tokenizer splits them (\w+: letters, digits and '_' together), digits, unicode
+# (a combining accent, superscripts, CJK), whitespace runs and punctuation.
+WORDS = {"input": "x_1 = abc123 + 4567;  it's IT'S __init__()\n\n\tna\u00efve caf\u00e9 "
+                  "\u65e5\u672c \u00b2\u00b3 e\u0301",
+         "output": "snake_case_2 = x_1*99!!!   done.\n"}  # fmt: skip
 PAIR = {
     "chosen": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}],
     "rejected": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": " Bye "}],
@@ -180,6 +193,7 @@ CASES = [
     ("chat_empty_system_prompt", "messages", CHAT, False, "", None),
     ("chat_max_seq_len_set", "messages", CHAT, False, None, 1000),
     ("turn_token_names", "input_output", TURNS, False, None, None),
+    ("word_splitting", "input_output", WORDS, False, None, None),
     *((name, "messages", {"messages": msgs}, False, None, None) for name, msgs in INVALID.items()),
     ("preference_empty_system_prompt", "preference", PAIR, False, "", None),
     ("preference_multi_turn", "preference", PAIR_MULTI, False, None, None),
@@ -200,6 +214,7 @@ TEXT = {"text": " Hello there </s> <|eot_id|> <|im_end|>\nBye. "}
 # text_completion_dataset rows: (case, row, add_eos, max_seq_len)
 TEXT_CASES = [
     ("text", TEXT, True, None), ("text_no_eos", TEXT, False, None), ("text_truncated", TEXT, True, 6),
+    ("text_word_splitting", {"text": WORDS["input"] + WORDS["output"]}, True, None),
 ]  # fmt: skip
 GRAMMAR = "torchtune.data.GrammarErrorCorrectionTemplate"
 MISSING = "missing"  # tokenizer.prompt_template not given: the builder's default

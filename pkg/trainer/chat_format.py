@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import re
 from pathlib import Path
@@ -189,6 +190,55 @@ def _user_defined(tokenizer) -> tuple[str, ...]:
     return tuple(sorted(known, key=len, reverse=True))
 
 
+# torchtune 0.6.1's GPT2BaseTokenizer (Phi4Tokenizer's) splits a text into words with this pattern of Python's
+# re, whose \w keeps letters, digits and '_' together (transformers' GPT2Tokenizer splits "x_1" and "abc123"
+# apart), then encodes each word's UTF-8 bytes, written as GPT-2's printable characters, with the BPE.
+PHI4_WORDS = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[\w]+| ?\d+| ?[^\s\w\d]+|\s+(?!\S)|\s+""")
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character table, as a list indexed by byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+class WordBPE:
+    """Phi4Tokenizer's encode of a text: torchtune's word split, then the model folder's BPE (its vocabulary
+    and merges, applied as GPT-2's BPE applies them: no whole-word shortcut) on each word."""
+
+    def __init__(self, tokenizer) -> None:
+        from tokenizers.models import BPE
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        state = json.loads(backend.to_str())["model"] if backend is not None else {}
+        if state.get("type") != "BPE":
+            raise TrainerError(
+                "message_format=phi4: the model's tokenizer is not a byte-level BPE (tokenizer.json) as "
+                "Phi-4's is; use the model family's tokenizer or message_format=plain"
+            )
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+        self.bpe = BPE(vocab=state["vocab"], merges=merges)
+        self.chars = _byte_chars()
+        self.words: dict[str, list[int]] = {}  # as torchtune caches them: rows repeat their words
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for word in PHI4_WORDS.findall(text):
+            if word not in self.words:
+                if len(self.words) >= 1 << 17:  # a bound on a corpus of ever new words
+                    self.words.clear()
+                chars = "".join(self.chars[b] for b in word.encode())
+                self.words[word] = [t.id for t in self.bpe.tokenize(chars)]
+            ids += self.words[word]
+        return ids
+
+
+@functools.lru_cache(maxsize=8)
+def _word_bpe(tokenizer) -> WordBPE:
+    return WordBPE(tokenizer)
+
+
 class Pieces:
     """Special tokens and text pieces as torchtune's tokenizers encode them, in the model folder's ids."""
 
@@ -235,6 +285,8 @@ class Pieces:
         return ids
 
     def _encode(self, text: str) -> list[int]:
+        if self.fmt == "phi4":
+            return _word_bpe(self.tokenizer).encode(text)
         split = self.fmt != "chatml"
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]
 

@@ -1140,12 +1140,6 @@ def tokenizer_settings(
             "tokenizer._component_=%s: %s rows are rendered plain (the model's chat template, or prompt + "
             "response + EOS), not as that torchtune tokenizer renders them", tokenizer, kind,
         )  # fmt: skip
-    if fmt == "phi4":
-        log.info(
-            "tokenizer._component_=%s: words are split as the model's tokenizer (transformers' "
-            "GPT2Tokenizer) splits them; torchtune 0.6.1's Phi4Tokenizer keeps letters, digits and '_' "
-            "together (\\w+), so text like 'x_1' or 'abc123' can get other ids there", tokenizer,
-        )  # fmt: skip
     out: dict[str, Any] = {"message_format": fmt} if fmt != "plain" else {}
     if template is None:
         return out
