@@ -9,6 +9,9 @@ over their tokens (prompt tokens never count):
                     (IPO on sums grows with the response length; the mean is what the IPO authors use)
     rewards:        beta (log pi - log ref) of each response; margin = chosen - rejected;
                     accuracy = the fraction of pairs with chosen > rejected
+    a side without response tokens (its prompt fills max_seq_length): log-probability 0, as torchtune's masked
+    sum; a pair with neither has h = 0: loss ln 2 (IPO 1 / (4 beta^2)), rewards 0, not accurate, no
+    gradient, and counts in the mean over the pairs as in torchtune's loss.mean()
 
 The reference:
 - LoRA / QLoRA: the same model with its adapter disabled (peft's `disable_adapter`), run under no_grad on
@@ -86,7 +89,7 @@ def preference_loss(
     ratios = policy - reference
     chosen, rejected = ratios.chunk(2)
     if cfg.dpo_loss == "ipo":
-        n_chosen, n_rejected = counts.chunk(2)
+        n_chosen, n_rejected = counts.clamp(min=1).chunk(2)  # a side without tokens: a mean of 0
         h = chosen / n_chosen - rejected / n_rejected
         losses = (h - 1 / (2 * cfg.dpo_beta)) ** 2
     else:

@@ -17,9 +17,11 @@
 - Truncation: the family formats cut each conversation at its end (torchtune's tokenize_messages with
   tokenizer.max_seq_len), and so does `truncation: torchtune` (tune run) for rows rendered plain; otherwise,
   when prompt + the longer response exceed `max_seq_length`, the prompt loses its beginning (the responses,
-  which the loss is about, stay whole). A pair with no
-  response token left is dropped; both counts are logged. Without truncation (tune run's null
-  tokenizer.max_seq_len) a pair longer than max_seq_length stops the run, naming its row.
+  which the loss is about, stay whole; one longer than max_seq_length - 1 loses its end). Every row stays a
+  pair, as in torchtune's preference dataset: one whose prompt fills max_seq_length has no response token
+  and scores log-probability 0 on both sides (dpo.py: loss ln 2, no gradient), so the pairs, steps and
+  batches are the rows', whatever max_seq_length. Both counts are logged. Without truncation (tune run's
+  null tokenizer.max_seq_len) a pair longer than max_seq_length stops the run, naming its row.
 - Batches: `collate_pairs` puts the chosen sequences then the rejected ones into one padded batch, so a
   micro-batch needs one forward pass; labels are -100 but on response tokens.
 """
@@ -168,13 +170,15 @@ def _family_pair(row: dict, i: int, chat: bool, tokenizer, cfg: TrainConfig) -> 
     for response in (chosen, rejected):
         ids, labels = format_messages(tokenizer, prompt + response, cfg)
         last = max((k for k, t in enumerate(labels) if t != IGNORE_INDEX), default=-1)
+        if last < 0:  # the prompt fills max_seq_length: no target (the pair is kept, as torchtune keeps it)
+            out.append((ids, [], []))
+            continue
         first = last
         while first > 0 and labels[first - 1] != IGNORE_INDEX:
             first -= 1
-        first = max(first, 0)
         # token 0 predicts nothing (as torchtune's shifted labels)
         targets = [k for k in range(1, first) if labels[k] != IGNORE_INDEX]
-        out.append((ids[:first], ids[first : last + 1] if last >= 0 else [], targets))
+        out.append((ids[:first], ids[first : last + 1], targets))
     (head, c, targets), (head_r, r, targets_r) = out
     if head != head_r or targets != targets_r:
         raise TrainerError(
@@ -185,7 +189,8 @@ def _family_pair(row: dict, i: int, chat: bool, tokenizer, cfg: TrainConfig) -> 
 
 
 def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, int]:
-    """Records of every row (see the module doc); returns (records, truncated prompts, dropped rows)."""
+    """Records of every row (see the module doc); returns (records, truncated pairs, pairs with a side
+    without response tokens)."""
     check_columns(list(ds.column_names))
     chat = is_chat(ds[0])
     family = cfg.message_format != "plain"
@@ -200,7 +205,7 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
             f"objective dpo: chosen/rejected are strings, so a 'prompt' column is needed "
             f"(columns: {', '.join(ds.column_names)})"
         )
-    records, truncated, dropped = [], 0, 0
+    records, truncated, empty = [], 0, 0
     for lo in range(0, len(ds), 1000):
         chunk = ds[lo : lo + 1000]
         rows = [{k: chunk[k][j] for k in chunk} for j in range(len(chunk["chosen"]))]
@@ -213,18 +218,29 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
             pairs = _plain_pairs(rows, lo, chat, tokenizer, cfg)
         for j, (p, c, r, targets) in enumerate(pairs):
             data.check_length(len(p) + max(len(c), len(r)), lo + j, cfg)
+            longest = max(len(c), len(r))
             if cfg.truncation == "torchtune":  # each sequence cut at its end (rendered plain; a family's are)
                 room = max(cfg.max_seq_length - len(p), 0)
-                truncated += len(c) > room or len(r) > room
-                c, r = c[:room], r[:room]
+                shortened = longest > room
+            else:  # the responses whole, unless one leaves no room for the prompt's last token
+                room = cfg.max_seq_length - 1
+                shortened = longest > room or len(p) + longest > cfg.max_seq_length
+            c, r = c[:room], r[:room]
+            if not c or not r:  # kept, as torchtune keeps it: log-probability 0 on a side without tokens
+                empty += 1
+                if not (c or r or targets):  # nothing to score: one token runs through the model
+                    p = p[-1:]
+            if not p:
+                raise TrainerError(
+                    f"row {lo + j}: the prompt is empty and the tokenizer adds no BOS token, so nothing "
+                    "predicts the responses' first token: give every pair a prompt"
+                )
             budget = cfg.max_seq_length - max(len(c), len(r))
-            if budget < 1 or not c or not r:  # nothing predicts a response's first token without a prompt
-                dropped += 1
-                continue
-            if len(p) > budget:  # rows rendered plain (a family's are cut at their end when rendered)
+            if len(p) > budget:  # the prompt loses its beginning (a family's fits: cut when rendered)
                 cut = len(p) - budget
-                p, truncated = p[cut:], truncated + 1
+                p = p[cut:]
                 targets = [k - cut for k in targets if k > cut]
+            truncated += shortened
             records.append(
                 {
                     "prompt_ids": p,
@@ -235,16 +251,21 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
                     "seq_lens": [len(p) + len(c), len(p) + len(r)],
                 }
             )
-    return records, truncated, dropped
+    if all(not (r["chosen_ids"] or r["rejected_ids"] or r["prompt_targets"]) for r in records):
+        raise TrainerError(
+            f"no preference pair has a response token within max_seq_length={cfg.max_seq_length} (the "
+            "prompts fill it): raise max_seq_length"
+        )
+    return records, truncated, empty
 
 
 def tokenized_pairs(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: str, split: str) -> list[dict]:
-    """The tokenized pairs of one split that fit max_seq_length."""
+    """The tokenized pairs of one split, one per row."""
     ds = load_rows(dataset_dir, cache_dir, split, cfg.dataset_source)
     ds = rename_columns(ds, cfg.column_map)
-    records, truncated, dropped = tokenize_pairs(ds, tokenizer, cfg)
+    records, truncated, empty = tokenize_pairs(ds, tokenizer, cfg)
     if truncated:
-        how = "at their end" if cfg.truncation == "torchtune" else "(the prompt; the responses kept whole)"
+        how = "at their end" if cfg.truncation == "torchtune" else "(prompts first, at their beginning)"
         log.warning(
             "truncated %d of %d pairs %s to fit max_seq_length=%d",
             truncated,
@@ -252,15 +273,11 @@ def tokenized_pairs(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: st
             how,
             cfg.max_seq_length,
         )
-    if not records:
-        raise TrainerError(
-            f"no preference pair fits max_seq_length={cfg.max_seq_length} (a response alone is longer): "
-            "raise max_seq_length"
-        )
-    if dropped:
+    if empty:
         log.warning(
-            "dropped %d of %d pairs with no chosen or rejected token within max_seq_length=%d (torchtune "
-            "keeps such a pair: a loss of ln 2 with no gradient)", dropped, len(ds), cfg.max_seq_length,
+            "%d of %d pairs have no chosen or rejected token within max_seq_length=%d; kept, as torchtune "
+            "keeps them: a side without tokens has log-probability 0 (a pair with neither: loss ln 2, no "
+            "gradient)", empty, len(ds), cfg.max_seq_length,
         )  # fmt: skip
     return records
 
@@ -327,10 +344,10 @@ def collate_pairs(records: list[dict], shared_prompt: bool = True) -> dict[str, 
         if m:  # prompt token k follows token k - 1
             targets[out, :m] = torch.tensor([records[out % b]["prompt_ids"][k] for k in own])
             positions[out, :m] = torch.tensor(own) - 1
-        targets[out, m : m + n] = torch.tensor(response)
-        # Token 0 follows the last prompt token; token j > 0 follows token j - 1 (at `at + j - 1`).
-        positions[out, m] = prompt_len - 1
-        positions[out, m + 1 : m + n] = torch.arange(at, at + n - 1)
+        if n:  # token 0 follows the last prompt token; token j > 0 follows token j - 1 (at `at + j - 1`)
+            targets[out, m : m + n] = torch.tensor(response)
+            positions[out, m] = prompt_len - 1
+            positions[out, m + 1 : m + n] = torch.arange(at, at + n - 1)
     batch = {"input_ids": ids, "rows": torch.tensor([row for row, _, _ in starts]), "positions": positions}
     batch["targets"] = targets
     if shared_prompt:

@@ -3,6 +3,7 @@ torchrun runs: learning, 1 vs 2 processes, resume at another world size, the ful
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -23,7 +24,13 @@ def records_for(tokenizer, cfg: TrainConfig) -> list[dict]:
     rows = preference_rows("strings", 3)
     rows[1]["rejected"] = "no"  # responses and prompts of different lengths: padding must not count
     rows[2]["prompt"] = "Please, " + rows[2]["prompt"]
-    return preference.tokenize_pairs(datasets.Dataset.from_list(rows), tokenizer, cfg)[0]
+    records = preference.tokenize_pairs(datasets.Dataset.from_list(rows), tokenizer, cfg)[0]
+    # A pair whose prompt fills max_seq_length (tune run's truncation): kept, with no response token.
+    long = [{**rows[0], "prompt": "river stone " * 40}, rows[0]]
+    cut = dataclasses.replace(cfg, truncation="torchtune", max_seq_length=16)
+    empty = preference.tokenize_pairs(datasets.Dataset.from_list(long), tokenizer, cut)[0][0]
+    assert (empty["chosen_ids"], empty["rejected_ids"]) == ([], [])
+    return [*records[:2], empty, records[2]]
 
 
 def direct_logp(net, prompt: list[int], response: list[int]) -> torch.Tensor:
@@ -34,7 +41,8 @@ def direct_logp(net, prompt: list[int], response: list[int]) -> torch.Tensor:
 
 
 def direct_loss(policy, reference, records: list[dict], cfg: TrainConfig) -> torch.Tensor:
-    """The DPO / IPO formula, pair by pair, averaged."""
+    """The DPO / IPO formula, pair by pair, averaged (over every pair: one without response tokens too, as
+    torchtune's loss.mean())."""
     beta, e, out = cfg.dpo_beta, cfg.dpo_label_smoothing, []
     for r in records:
         p, c, rj = r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]
@@ -43,7 +51,9 @@ def direct_loss(policy, reference, records: list[dict], cfg: TrainConfig) -> tor
         log_ratio_c = direct_logp(policy, p, c) - ref_c
         log_ratio_r = direct_logp(policy, p, rj) - ref_r
         if cfg.dpo_loss == "ipo":
-            out.append((log_ratio_c / len(c) - log_ratio_r / len(rj) - 1 / (2 * beta)) ** 2)
+            # A side without tokens: a mean of 0 (dpo.py's convention; torchtune has no IPO)
+            h = log_ratio_c / max(len(c), 1) - log_ratio_r / max(len(rj), 1)
+            out.append((h - 1 / (2 * beta)) ** 2)
         else:
             h = beta * (log_ratio_c - log_ratio_r)
             out.append(-(1 - e) * F.logsigmoid(h) - e * F.logsigmoid(-h))
@@ -81,7 +91,7 @@ def test_loss_and_gradient_equal_the_formula_on_plain_transformers_log_probs(tin
         policy = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
         policy.load_state_dict(net.state_dict())
         cached = dpo.reference_logps(
-            plain, records, [[0, 1, 2]], torch.device("cpu"), cfg.loss_chunk_size, shared
+            plain, records, [list(range(len(records)))], torch.device("cpu"), cfg.loss_chunk_size, shared
         )
     else:
         policy = get_peft_model(
@@ -231,7 +241,7 @@ def test_first_lora_loss_is_exactly_ln2(tiny_model):
     loss_sum, stats = dpo.DPO(cfg, torch.device("cpu")).micro(net, records)
     # LoRA starts with B = 0: the policy's log-probs are the reference's bit for bit, so h = 0.
     assert stats[1:4] == [0.0, 0.0, 0.0]
-    assert loss_sum.item() == pytest.approx(3 * math.log(2), rel=1e-7)
+    assert loss_sum.item() == pytest.approx(len(records) * math.log(2), rel=1e-7)
 
 
 # ---------------------------------------------------------------- real runs
@@ -332,15 +342,40 @@ def test_full_finetuning_caches_the_reference_log_probs_once(tmp_path, setup):
 
 def test_full_finetuning_against_another_reference_model(tmp_path, setup):
     """reference_model_dir (torchtune's ref_checkpointer): the reference log-probs are that model's, the same
-    as when it is the starting model itself, and the first loss is no longer ln 2."""
-    model_dir, pairs = setup
+    as when it is the starting model itself, and the first loss is no longer ln 2. A quarter of the pairs
+    have prompts that fill max_seq_length (tune run's truncation): kept, as torchtune keeps them, so the
+    first loss is the formula's mean over all 16 pairs, theirs ln 2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, _ = setup
+    rows = preference_rows("strings", 16)
+    for row in rows[::4]:
+        row["prompt"] = "river stone " * 100 + row["prompt"]
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     reference = make_tiny_model(tmp_path / "reference", init_std=0.1, seed=1)
     args = {**ARGS, "dataset_dir": pairs, "method": "full", "max_steps": 1, "save_every": 0}
+    args.update(val_fraction=0.0, truncation="torchtune")  # the global batch of 16: every pair
     result = run_trainer({**args, "model_dir": model_dir, "reference_model_dir": reference,
                           "output_dir": tmp_path / "other"})  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert f"DPO reference: the model of {reference}" in result.stdout
-    assert abs(losses(tmp_path / "other")[0] - math.log(2)) > 1e-3
+    assert "4 of 16 pairs have no chosen or rejected token within max_seq_length=128; kept" in result.stdout
+    assert "format preference: 16 train, 0 val pairs" in result.stdout
+    cfg = TrainConfig(model_dir=str(model_dir), objective="dpo", truncation="torchtune", max_seq_length=128)
+    records = preference.tokenize_pairs(
+        datasets.Dataset.from_list(rows), AutoTokenizer.from_pretrained(model_dir), cfg
+    )[0]
+    assert sum(not r["chosen_ids"] for r in records) == 4
+    with torch.no_grad():
+        policy, ref = (
+            AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32) for m in (model_dir, reference)
+        )
+        expected = direct_loss(policy, ref, records, cfg).item()
+    assert abs(expected - math.log(2)) > 1e-3
+    # Measured 3.5e-7 apart (metrics.jsonl rounds to 6 decimals; the reference pass pads differently).
+    assert losses(tmp_path / "other")[0] == pytest.approx(expected, abs=1e-5)
     result = run_trainer({**args, "model_dir": reference, "output_dir": tmp_path / "itself"})
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     [other] = (tmp_path / "other" / "cache").glob("reference-*.pt")

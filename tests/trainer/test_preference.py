@@ -89,18 +89,23 @@ def test_system_prompt_leads_the_prompt_of_string_and_chat_pairs_as_in_sft(token
 
 
 @pytest.mark.fast
-def test_max_seq_length_truncates_the_prompt_first_and_drops_pairs_whose_response_cannot_fit(tokenizer):
+def test_max_seq_length_truncates_the_prompt_first_and_keeps_every_pair(tokenizer):
     rows = preference_rows("strings", 3)
     rows[1]["prompt"] = "apple river stone cloud tiger " * 20 + rows[1]["prompt"]
     rows[2]["rejected"] = "lemon " * 200
-    records, truncated, dropped = pairs(rows, tokenizer, max_seq_length=24)
-    assert (len(records), truncated, dropped) == (2, 1, 1)
+    records, truncated, empty = pairs(rows, tokenizer, max_seq_length=24)
+    assert (len(records), truncated, empty) == (3, 2, 0)
     long = records[1]
     assert max(long["seq_lens"]) == 24
     assert tokenizer.decode(long["chosen_ids"]) == "river river river</s>"  # the response stays whole
     assert tokenizer.decode(long["prompt_ids"]).endswith(
         "Repeat the word river three times. "
     )  # the end stays
+    # A response longer than max_seq_length - 1 loses its end; the prompt keeps its last token.
+    assert len(records[2]["prompt_ids"]) == 1 and max(records[2]["seq_lens"]) == 24
+    [whole], _, _ = pairs(rows[2:], tokenizer)
+    assert records[2]["chosen_ids"] == whole["chosen_ids"]
+    assert records[2]["rejected_ids"] == whole["rejected_ids"][:23]
 
 
 @pytest.mark.fast
@@ -108,10 +113,30 @@ def test_truncation_torchtune_cuts_each_sequence_at_its_end_as_tune_run_does(tok
     rows = preference_rows("strings", 1)
     rows[0]["rejected"] = "lemon " * 200
     [whole], _, _ = pairs(rows, tokenizer)
-    [rec], truncated, dropped = pairs(rows, tokenizer, max_seq_length=24, truncation="torchtune")
-    assert (truncated, dropped, rec["prompt_ids"]) == (1, 0, whole["prompt_ids"])  # the prompt stays whole
+    [rec], truncated, empty = pairs(rows, tokenizer, max_seq_length=24, truncation="torchtune")
+    assert (truncated, empty, rec["prompt_ids"]) == (1, 0, whole["prompt_ids"])  # the prompt stays whole
     assert rec["chosen_ids"] == whole["chosen_ids"]
     assert rec["rejected_ids"] == whole["rejected_ids"][: 24 - len(rec["prompt_ids"])]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("truncation", ["torchtune", "cut"])
+def test_a_prompt_that_fills_max_seq_length_leaves_a_pair_without_response_tokens_kept(tokenizer, truncation):
+    """torchtune's preference dataset keeps every row; its masked sums over no token are 0 (dpo.py)."""
+    rows = preference_rows("strings", 3)
+    rows[1]["prompt"] = "apple river stone cloud tiger " * 20
+    records, _, empty = pairs(rows, tokenizer, max_seq_length=24, truncation=truncation)
+    assert (len(records), empty) == (3, int(truncation == "torchtune"))
+    if truncation == "torchtune":  # nothing to score: one prompt token goes through the model
+        kept = records[1]
+        assert (len(kept["prompt_ids"]), kept["chosen_ids"], kept["rejected_ids"]) == (1, [], [])
+        assert (kept["prompt_targets"], kept["seq_lens"]) == ([], [1, 1])
+        batch = preference.collate_pairs(records)
+        assert (batch["targets"][[1, 4]] == IGNORE_INDEX).all()
+    with pytest.raises(
+        TrainerError, match="no preference pair has a response token within max_seq_length=24"
+    ):
+        pairs(rows[1:2], tokenizer, max_seq_length=24, truncation="torchtune")
 
 
 @pytest.mark.fast
