@@ -15,7 +15,8 @@ from pkg.initializers.safety import target_path
 from pkg.initializers.uri import LocalUri
 
 from .config import ExportConfig
-from .outputs import HASH_CHUNK, Selection, md5_of
+from .digests import blocks, md5_of
+from .outputs import Selection
 
 MANIFEST = ".model-exporter/manifest.json"
 
@@ -64,8 +65,8 @@ def export_local(config: ExportConfig, selection: Selection, manifest: dict[str,
 
 def _copy(source: Path, target: Path, digest: str) -> None:
     tmp = target.with_name(f".{target.name}.partial")
-    with open(source, "rb") as src, open(tmp, "wb") as out:
-        while block := src.read(HASH_CHUNK):
+    with open(tmp, "wb") as out:
+        for block in blocks(source):
             out.write(block)
         out.flush()
         os.fsync(out.fileno())

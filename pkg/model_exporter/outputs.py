@@ -10,7 +10,6 @@ summary.json) is exported whole: an exporter pointed at a plain model folder wor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from pkg.initializers.safety import safe_relative
 
 from .config import Export
 
-HASH_CHUNK = 1024 * 1024  # per worker thread: 16 workers hold 16 MiB
 SKIPPED_IN_ALL = ("checkpoints",)  # training state: large, and useless away from this run
 
 
@@ -99,15 +97,3 @@ def _walk(root: Path, top: Path, skip: tuple[str, ...] = ()) -> tuple[LocalFile,
     if not files:
         raise InitializerError(f"{top} holds no files to export")
     return tuple(files)
-
-
-def md5_of(path: Path, start: int = 0, length: int | None = None) -> hashlib._Hash:
-    """MD5 of `length` bytes of `path` from `start` (to the end when None)."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as src:
-        src.seek(start)
-        left = os.fstat(src.fileno()).st_size - start if length is None else length
-        while left > 0 and (block := src.read(min(left, HASH_CHUNK))):
-            digest.update(block)
-            left -= len(block)
-    return digest

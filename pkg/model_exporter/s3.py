@@ -55,7 +55,8 @@ from pkg.initializers.transfer import retry
 from pkg.initializers.uri import S3Uri
 
 from .config import ExportConfig
-from .outputs import LocalFile, Selection, md5_of
+from .digests import blocks, md5_of
+from .outputs import LocalFile, Selection
 
 T = TypeVar("T")
 MANIFEST = ".model-exporter/manifest.json"
@@ -64,7 +65,6 @@ MAX_PARTS = 10_000  # S3's limit per multipart upload
 # Half the downloads' 16 MiB, as aws-cli: a part is sent once its checksums are known, and smaller parts
 # keep more of them in flight (bench/bench_exporter.py: 16 MiB parts were 0.55-0.75x `aws s3 sync`).
 UPLOAD_PART_SIZE = 8 * 1024 * 1024
-READ_BLOCK = 1024 * 1024  # per worker, while a body's checksums are computed
 _WRITE_DENIED = {"AccessDenied", "Forbidden", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 # What stores answer a body whose checksum (CRC32, Content-MD5, SigV4 SHA-256) does not match it.
 _MISMATCH = {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"}
@@ -90,23 +90,12 @@ def digests_of(path: Path, start: int, length: int, md5: bool, sha256: bool) -> 
     crc = 0
     md5_hash = hashlib.md5(usedforsecurity=False) if md5 else None
     sha_hash = hashlib.sha256() if sha256 else None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        offset, end = start, start + length
-        while offset < end:
-            block = os.pread(fd, min(READ_BLOCK, end - offset), offset)
-            if not block:
-                raise InitializerError(
-                    f"{path} shrank while it was being exported; rerun once it is complete"
-                )
-            crc = zlib.crc32(block, crc)
-            if md5_hash:
-                md5_hash.update(block)
-            if sha_hash:
-                sha_hash.update(block)
-            offset += len(block)
-    finally:
-        os.close(fd)
+    for block in blocks(path, start, length):
+        crc = zlib.crc32(block, crc)
+        if md5_hash:
+            md5_hash.update(block)
+        if sha_hash:
+            sha_hash.update(block)
     return Digests(crc, md5_hash.digest() if md5_hash else None, sha_hash.hexdigest() if sha_hash else None)
 
 
