@@ -18,6 +18,10 @@
   completed object's ETag with the MD5 of its parts' MD5s (or, on stores that give a multipart object its
   plain MD5, with that); an ETag there that is no MD5 (an encrypted object) cannot be checked, and the
   export is refused. A store that refuses the header whatever its value gets none, and the MD5 check.
+- A damaged part is sent again under its number, which replaces it (S3's rule). A store that cannot replace
+  a part it has taken (rclone serve s3: parts are streamed on in order, and part numbers must have no gaps,
+  so no spare number can take the retry either) gets the file's upload started over in a new multipart
+  upload; the old one is aborted once the file is complete.
 - Resume: objects already at the destination with the same size and MD5 (single or multipart form) are
   skipped; for a large file, an unfinished multipart upload of its key (ListMultipartUploads) is continued:
   the parts it holds whose size and checksum (ETag or CRC32) match the file's are kept, the others sent
@@ -72,6 +76,10 @@ _MISMATCH = {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "XAmzC
 _UNSUPPORTED = {"InvalidRequest", "InvalidArgument", "NotImplemented"}
 
 
+class _Irreplaceable(InitializerError):
+    """The store keeps a damaged copy of a part and refuses to take the part again."""
+
+
 @dataclass(frozen=True)
 class Digests:
     """The checksums of one body, from one read of it."""
@@ -110,6 +118,7 @@ class _Upload:
     etags: dict[int, str] = field(default_factory=dict)
     digests: dict[int, Digests] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    restarts: int = 0  # new multipart uploads after a part the store could not take again
 
     @property
     def count(self) -> int:
@@ -370,21 +379,29 @@ class S3Export:
         return reply.status, answer, reply.headers
 
     def _send(
-        self, key: str, path: Path, start: int, length: int, upload: _Upload | None = None, part: int = 0
+        self,
+        key: str,
+        path: Path,
+        start: int,
+        length: int,
+        upload: _Upload | None = None,
+        part: int = 0,
+        upload_id: str = "",
     ) -> tuple[str, Digests]:
-        """PUT bytes [start, start + length) of `path` at `key`, as an object or as `part` of `upload`,
-        checked as `_probe` decided; returns the answer's ETag and the body's checksums."""
+        """PUT bytes [start, start + length) of `path` at `key`, as an object or as `part` of `upload` (in
+        its multipart upload `upload_id`), checked as `_probe` decided; returns the answer's ETag and the
+        body's checksums."""
         url = self._url(key)
         what = f"uploading {self.location(key.removeprefix(self.prefix))}"
         if upload:
-            url += f"?partNumber={part}&uploadId={quote(upload.upload_id, safe='-_.~')}"
+            url += f"?partNumber={part}&uploadId={quote(upload_id, safe='-_.~')}"
             what += f" part {part}/{upload.count}"
         digests = digests_of(path, start, length, md5=not self.store_verifies, sha256=self.sign_payload)
         headers = {"Content-Length": str(length)}
         if self.crc_header:
             headers["x-amz-checksum-crc32"] = digests.crc32_b64
 
-        damaged = False  # the store holds a damaged copy: some stores (rclone) cannot take a part again
+        damaged = False  # the store holds a damaged copy, which some stores (rclone) cannot replace
 
         def once() -> str:
             nonlocal damaged
@@ -393,10 +410,7 @@ class S3Export:
                     url, headers, digests.sha256 or UNSIGNED_PAYLOAD, body, what
                 )
             if status == 501 and damaged and upload:
-                raise InitializerError(
-                    f"{what}: the store received something else and cannot take the part again (HTTP 501); "
-                    "rerun: the file's upload starts over"
-                )
+                raise _Irreplaceable(f"{what}: the store cannot take the damaged part again (HTTP 501)")
             if status >= 300:
                 raise self._refused(status, error_code(answer), answer, url, what, got.get("Retry-After"))
             etag, echoed = str(got.get("ETag") or "").strip('"'), got.get("x-amz-checksum-crc32")
@@ -468,13 +482,17 @@ class S3Export:
                 assert self.progress is not None
                 self.progress.total_bytes -= kept
             return
+        upload.upload_id = self._create(upload)
+
+    def _create(self, upload: _Upload) -> str:
+        """A new multipart upload of the file's key: its id."""
         answer = self._call(
             lambda: self.client.create_multipart_upload(
                 Bucket=self.bucket, Key=upload.key, **self._algorithm
             ),
-            f"starting the upload of {what}",
+            f"starting the upload of s3://{self.bucket}/{upload.key}",
         )
-        upload.upload_id = answer["UploadId"]
+        return answer["UploadId"]
 
     def _unfinished(self, key: str) -> str | None:
         """The id of the newest unfinished multipart upload of exactly `key`, if the store lists any."""
@@ -519,16 +537,57 @@ class S3Export:
             marker = int(answer["NextPartNumberMarker"])
 
     def _send_part(self, upload: _Upload, number: int, results: dict[str, dict[str, Any]]) -> None:
-        """Send one part; the last one to land completes the upload."""
-        start, length = upload.span(number)
-        etag, digests = self._send(upload.key, upload.file.source, start, length, upload, number)
-        with upload.lock:
-            upload.etags[number], upload.digests[number] = etag, digests
-            last = len(upload.etags) == upload.count
+        """Send one part (and, when the upload starts over, the parts it held); the last one to land
+        completes the upload."""
         assert self.progress is not None
-        self.progress.add_bytes(length)
-        if last:
-            results[upload.file.path] = self._complete(upload)
+        todo = [number]
+        while todo:
+            number = todo.pop(0)
+            start, length = upload.span(number)
+            upload_id = upload.upload_id
+            try:
+                etag, digests = self._send(
+                    upload.key, upload.file.source, start, length, upload, number, upload_id
+                )
+            except _Irreplaceable:
+                todo = [*self._restart(upload, upload_id), number, *todo]
+                continue
+            with upload.lock:
+                current = upload.upload_id == upload_id
+                if current:
+                    upload.etags[number], upload.digests[number] = etag, digests
+                    last = len(upload.etags) == upload.count
+            if not current:  # sent to the upload that was left: into the new one, again
+                todo.insert(0, number)
+                continue
+            self.progress.add_bytes(length)
+            if last:
+                results[upload.file.path] = self._complete(upload)
+
+    def _restart(self, upload: _Upload, refused_id: str) -> list[int]:
+        """Start the file's upload over, the store holding a damaged part of `refused_id` that it cannot
+        replace (unless another worker did already). Returns the parts sent so far, which the caller sends
+        again; the ones in flight send themselves again (`_send_part`)."""
+        with upload.lock:  # the other workers of this file wait for the new id
+            if upload.upload_id != refused_id:
+                return []
+            if upload.restarts >= self.tuning.max_attempts:
+                raise InitializerError(
+                    f"s3://{self.bucket}/{upload.key}: the store received damaged parts and cannot take them "
+                    f"again, {upload.restarts + 1} uploads in a row; check the network on the way, then rerun"
+                )
+            upload.restarts += 1
+            upload.upload_id = self._create(upload)
+            sent = sorted(upload.etags)
+            upload.etags.clear()
+            upload.digests.clear()
+        assert self.progress is not None
+        self.progress.total_bytes += sum(upload.span(n)[1] for n in sent)  # their bytes go again
+        log(
+            f"s3://{self.bucket}/{upload.key}: the store cannot take a damaged part again: the file's upload "
+            f"starts over ({len(sent)} parts sent again)"
+        )
+        return sent
 
     def _complete(self, upload: _Upload) -> dict[str, Any]:
         what = f"s3://{self.bucket}/{upload.key}"
