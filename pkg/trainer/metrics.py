@@ -7,9 +7,12 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pkg.trainer.files import atomic_file, write_atomic
+
+if TYPE_CHECKING:
+    from pkg.trainer.trackers import Reporters
 
 log = logging.getLogger("pkg.trainer")
 
@@ -26,9 +29,17 @@ def hms(seconds: float) -> str:
 
 
 class Metrics:
-    """Appends one JSON record per logged step (and per validation) to output_dir/metrics.jsonl."""
+    """Appends one JSON record per logged step (and per validation) to output_dir/metrics.jsonl, and hands
+    each to `reporters` (rank 0's report_to trackers and TrainJob status, from trackers.open_reporters)."""
 
-    def __init__(self, output_dir: Path, total_steps: int, enabled: bool, disk_log_dir: str = "") -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        total_steps: int,
+        enabled: bool,
+        disk_log_dir: str = "",
+        reporters: Reporters | None = None,
+    ) -> None:
         self.path = output_dir / "metrics.jsonl"
         self.disk_log: Path | None = None  # torchtune's DiskLogger file, one per run as torchtune opens it
         if enabled and disk_log_dir:
@@ -42,7 +53,7 @@ class Metrics:
         self.start = time.monotonic()
         self.start_step = 0
         self.records: list[dict[str, Any]] = []
-        self.reporters: Any = None  # trackers.Reporters on rank 0: report_to and the TrainJob status
+        self.reporters = reporters
         if enabled and self.path.exists():
             self.records = read_records(self.path)
 

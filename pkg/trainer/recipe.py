@@ -222,6 +222,7 @@ class Recipe:
     lock: output_lock.OutputLock | None  # this job's hold on output_dir (rank 0)
     metrics: Metrics | None  # metrics.jsonl, progress lines, trackers (closed on failure once opened)
     dist: distributed.DistInfo
+    checkpointing: bool  # save_every, and output_dir one volume every rank sees (cfg stays as given)
     fingerprint: dict[str, str]  # what a checkpoint must match to be resumed (checkpoint.run_fingerprint)
     tokenizer: Any
     train_data: Any  # tokenized records (data_cache.read_cache)
@@ -265,11 +266,12 @@ class Recipe:
         cfg = self.cfg
         self.dist = distributed.init(cfg.dist_timeout_minutes)
         self.claim_output_dir()
-        if cfg.save_every and not checkpoint_dirs.shared_by_all_ranks(self.out):
-            cfg.save_every = 0
+        self.checkpointing = bool(cfg.save_every) and checkpoint_dirs.shared_by_all_ranks(self.out)
+        if cfg.save_every and not self.checkpointing and self.dist.is_main:
             log.warning(
-                "output_dir %s is not one volume shared by every node: checkpoints are off "
-                "(mount a ReadWriteMany volume there to make the run resumable)", self.out,
+                "output_dir %s is not one volume shared by every node: checkpoints are off, save_every %d "
+                "ignored (mount a ReadWriteMany volume there to make the run resumable)",
+                self.out, cfg.save_every,
             )  # fmt: skip
         self.fingerprint = fingerprint.run_fingerprint(cfg)
         finished = self.finished_run()
@@ -323,16 +325,16 @@ class Recipe:
         self.optimizer = optim.build(self.model.net, cfg, self.dist.device, self.model.sharded)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.state, tracker_ids = self.resume()
-        self.metrics = Metrics(self.out, self.total_steps, self.dist.is_main, cfg.disk_log_dir)
-        self.metrics.rewind(self.state.step)  # one history: the records after the resumed step go
-        error = None
+        reporters, error = None, None
         if self.dist.is_main:  # report_to trackers and the TrainJob status: rank 0 only
             try:
-                self.metrics.reporters = trackers.open_reporters(
+                reporters = trackers.open_reporters(
                     cfg, self.total_steps, self.state.step, self.plan.steps_per_epoch, tracker_ids
                 )
             except TrainerError as exc:
                 error = str(exc)
+        self.metrics = Metrics(self.out, self.total_steps, self.dist.is_main, cfg.disk_log_dir, reporters)
+        self.metrics.rewind(self.state.step)  # one history: the records after the resumed step go
         distributed.agree(error)
         log.info(
             "world size %d, %d train / %d val sequences, %d steps (%d per epoch), gradient accumulation %d",
@@ -569,13 +571,15 @@ class Recipe:
             if len(self.val_data) and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
                 scores = self.evaluate()
                 self.metrics.val_step(state.step, scores.pop("val_loss"), scores)
-            saved = bool(cfg.save_every) and (state.step % cfg.save_every == 0 or last)
+            saved = self.checkpointing and (state.step % cfg.save_every == 0 or last)
             if saved:
                 self.save_checkpoint()
             if stop.should_stop():
-                if cfg.save_every and not saved:
+                if self.checkpointing and not saved:
                     self.save_checkpoint()
-                note = f"checkpoint saved in {self.out}/checkpoints" if cfg.save_every else "save_every: 0"
+                note = "no checkpoint"
+                if self.checkpointing:
+                    note = f"checkpoint saved in {self.out}/checkpoints"
                 raise resilience.Preempted(
                     f"stopped by {stop.describe()} after step {state.step}; {note}; rerun the job to resume"
                 )

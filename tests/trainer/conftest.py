@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -168,13 +169,18 @@ def run_trainer(args: dict, nproc: int = 0, timeout: int = 240, **env: str) -> s
 
 
 def two_nodes(
-    target: list[str], nproc_per_node: int = 1, timeout: int = 240, **extra_env: str
+    target: list[str] | Callable[[int], list[str]],
+    nproc_per_node: int = 1,
+    timeout: int = 240,
+    **extra_env: str,
 ) -> list[subprocess.CompletedProcess]:
     """Two torchrun launches on 127.0.0.1 configured only through PET_* variables, like a TrainJob's two
-    nodes; `target` is what torchrun runs (`-m pkg.trainer ...`, or a script and its arguments)."""
+    nodes; `target` is what torchrun runs (`-m pkg.trainer ...`, or a script and its arguments), or what
+    the node of each rank runs."""
     port = str(free_port())
     procs = []
     for node_rank in (0, 1):
+        node_target = target(node_rank) if callable(target) else target
         env = trainer_env(
             PET_NNODES="2",
             PET_NPROC_PER_NODE=str(nproc_per_node),
@@ -183,7 +189,7 @@ def two_nodes(
             PET_MASTER_PORT=port,
             **extra_env,
         )
-        procs.append(start([PYTHON, "-m", "torch.distributed.run", *target], env))
+        procs.append(start([PYTHON, "-m", "torch.distributed.run", *node_target], env))
     return [finish(p, timeout) for p in procs]
 
 

@@ -35,6 +35,7 @@ from tests.trainer.conftest import (
     start,
     torchrun,
     trainer_env,
+    two_nodes,
 )
 
 # Constant learning rate: the losses of steps 1..k do not depend on max_steps, so runs of different
@@ -142,3 +143,16 @@ def test_finished_rerun_mismatch_and_extension(reference, tmp_path):
     records = (out / "metrics.jsonl").read_bytes()
     assert records.startswith(before[0]) and train_steps(out) == list(range(1, 9))
     assert json.loads((out / "summary.json").read_text())["steps"] == 8
+
+
+def test_node_local_output_dirs_train_without_checkpoints_and_keep_the_config(
+    tmp_path, tiny_model, alpaca_data
+):
+    """Each node with its own output_dir (no shared volume): checkpoints are off, said once, while the
+    config stays as given (config.yaml keeps save_every)."""
+    args = {**ARGS, "model_dir": tiny_model, "dataset_dir": alpaca_data, "max_steps": 2, "save_every": 1}
+    runs = two_nodes(lambda node: ["-m", "pkg.trainer", *cli({**args, "output_dir": tmp_path / f"n{node}"})])
+    log = "".join(ok(r) for r in runs)
+    assert log.count("is not one volume shared by every node: checkpoints are off, save_every 1") == 1, log
+    assert "save_every: 1" in (tmp_path / "n0" / "config.yaml").read_text()
+    assert not (tmp_path / "n0" / "checkpoints").exists() and train_steps(tmp_path / "n0") == [1, 2]
