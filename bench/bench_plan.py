@@ -8,8 +8,13 @@ memory above the interpreter), prompt/completion rows, 2 steps. Each case runs t
 (`python -m pkg.trainer`, `torchrun --nproc-per-node 2`, or two `torchrun --nnodes 2 --nproc-per-node 2`
 launches on 127.0.0.1), and compares the planner's per-rank total
 with rank 0's peak RSS (summary.json: the rank that loads, tokenizes and exports).
-Reports predicted / measured; tests/trainer/test_plan.py asserts the same on the small test model. The last
-case is the 4-rank hybrid job fully sharded instead: its peak beside hybrid's is the memory price of hybrid.
+Reports predicted / measured; tests/trainer/test_plan.py asserts the same on the small test model. The
+4-rank hybrid job is also run fully sharded: its peak beside hybrid's is the memory price of hybrid.
+The `floor` cases are bench/bench_full_floor.py's own job, run by its own code (151,936 x 512, 4 layers,
+fp32 full fine-tuning, one micro-batch of 4 a step, with and without optimizer_in_backward): prompt-heavy
+rows (the prompts masked, ~18% of the tokens targets) where the loss block follows the target tokens and
+the step's gradients replace, rather than join, the backward's activations and logits.
+The planner is told what the trainer tells it at start: the most target tokens a micro-batch holds.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_trainer import env, free_port, prepare  # noqa: E402
+from bench import bench_full_floor  # noqa: E402
+from bench.bench_trainer import VOCAB, env, free_port, prepare  # noqa: E402
 
 SIZE = {"rows": 48, "hidden": 256, "layers": 2, "vocab": 151_936, "prompt_words": (20, 160)}
 SETTINGS = {
@@ -48,6 +54,7 @@ CASES = {
     "2x2-bf16-lora": (2, 2, "bf16", "lora", "auto"),
     "2x2-fp32-full-sharded": (2, 2, "fp32", "full", "full"),  # the same job fully sharded over 4 ranks
 }
+FLOOR = {"1-fp32-full-floor": False, "1-fp32-full-floor-in-backward": True}  # name -> optimizer_in_backward
 
 
 def log(msg: str) -> None:
@@ -80,9 +87,7 @@ def launch(nodes: int, per_node: int, args: dict) -> None:
 
 def predict(model: Path, out: Path, nodes: int, per_node: int) -> dict:
     """The planner's estimate for the run in `out` (its saved config.yaml), as `--device cpu` makes it, told
-    the largest number of target tokens of a training sequence (from the run's tokenized data)."""
-    from dataclasses import replace
-
+    the most target tokens a micro-batch holds (from the run's tokenized data), as the trainer is."""
     from pkg.trainer import batching, data_cache, plan
     from pkg.trainer.config import load_config
 
@@ -90,18 +95,32 @@ def predict(model: Path, out: Path, nodes: int, per_node: int) -> dict:
     shape = plan.Shape.from_config(json.loads((model / "config.json").read_text()))
     cluster = plan.Cluster(nodes, per_node, plan.host_memory() // per_node, "cpu")
     [cache] = (out / "cache").glob("tokenized-*")
-    targets = max(batching.count_targets([r]) for r in data_cache.read_cache(cache)["train"])
-    job = replace(plan.job_from_config(cfg, cfg.precision == "bf16"), targets_per_sequence=targets)
+    targets = batching.most_targets(data_cache.read_cache(cache)["train"], cfg.micro_batch_size)
+    job = plan.job_from_config(cfg, cfg.precision == "bf16", targets)
     return plan.estimate(shape, job, cluster)
 
 
-def run_case(name: str, work: Path, model: Path, data: Path) -> dict:
-    nodes, per_node, precision, method, sharding = CASES[name]
+def prepared(work: Path, size: dict) -> tuple[Path, Path]:
+    """The model and rows in `work`, made once (--work keeps them)."""
+    if (work / "model" / "config.json").exists():
+        return work / "model", work / "data"
+    return prepare(work, size)
+
+
+def run_case(name: str, work: Path) -> dict:
     out = work / name
-    args = {**SETTINGS, "model_dir": model, "dataset_dir": data, "output_dir": out}
-    args.update(precision=precision, method=method, sharding=sharding)
-    if not (out / "summary.json").exists():  # --work: a kept run is predicted again, not rerun
-        launch(nodes, per_node, args)
+    if name in FLOOR:
+        nodes, per_node = 1, 1
+        model, data = prepared(work / "floor", VOCAB)
+        if not (out / "summary.json").exists():
+            bench_full_floor.run_ours(model, data, out, FLOOR[name])
+    else:
+        nodes, per_node, precision, method, sharding = CASES[name]
+        model, data = prepared(work, SIZE)
+        args = {**SETTINGS, "model_dir": model, "dataset_dir": data, "output_dir": out}
+        args.update(precision=precision, method=method, sharding=sharding)
+        if not (out / "summary.json").exists():  # --work: a kept run is predicted again, not rerun
+            launch(nodes, per_node, args)
     measured = json.loads((out / "summary.json").read_text())["peak_memory_mb"]
     predicted = predict(model, out, nodes, per_node)
     total = predicted["per_rank"]["total"] / 2**20
@@ -116,20 +135,16 @@ def run_case(name: str, work: Path, model: Path, data: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join([*CASES, *FLOOR]))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--work", type=Path, help="keep the runs here (a rerun only predicts them again)")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        if (work / "model" / "config.json").exists():
-            model, data = work / "model", work / "data"
-        else:
-            model, data = prepare(work, SIZE)
         for name in args.cases.split(","):
             log(f"{name} ...")
-            rows.append(run_case(name, work, model, data))
+            rows.append(run_case(name, work))
             log(json.dumps(rows[-1]))
     print(
         "| case (nodes x procs, precision, method) | predicted MiB | rank 0 peak MiB | predicted / measured |"

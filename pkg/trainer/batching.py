@@ -71,6 +71,35 @@ def count_targets(records: list[dict[str, list[int]]]) -> int:
     return sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in records)
 
 
+def most_targets(records, micro_batch_size: int) -> int:
+    """The most target tokens a micro-batch of these records can hold: the sum of the micro_batch_size
+    largest per-record counts (what sizes the loss's block of logits); 0 when the records have no labels
+    (preference pairs). `records`: a list of records, or a TokenizedSplit, counted column-wise in blocks
+    (a million records in well under a second, without a Python loop over tokens)."""
+    columns = getattr(records, "columns", None)
+    if columns is None:
+        if not records or "labels" not in records[0]:
+            return 0
+        counts = torch.tensor([count_targets([r]) for r in records])
+    elif "labels" not in columns:
+        return 0
+    else:
+        labels, offsets = columns["labels"], columns["labels.offsets"]
+        counts = torch.zeros(len(offsets) - 1, dtype=torch.int64)
+        first, block = 0, 1 << 24  # tokens per block: bounded temporaries whatever the dataset's size
+        while first < len(counts):
+            last = max(first + 1, int(torch.searchsorted(offsets, offsets[first] + block)) - 1)
+            last = min(last, len(counts))
+            base = int(offsets[first])
+            starts, ends = offsets[first:last] - base, offsets[first + 1 : last + 1] - base
+            kept = (labels[base : base + int(ends[-1])] != IGNORE_INDEX).to(torch.int64)
+            kept[starts[starts < len(kept)]] = 0  # a record's first label is never used (count_targets)
+            running = torch.cat([kept.new_zeros(1), kept.cumsum(0)])
+            counts[first:last] = running[ends] - running[starts]
+            first = last
+    return int(counts.topk(min(micro_batch_size, len(counts))).values.sum())
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """Which records each rank uses at each optimizer step: a pure function of (seed, step)."""

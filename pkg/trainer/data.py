@@ -125,9 +125,14 @@ def check_length(n: int, i: int, cfg: TrainConfig) -> None:
         )
 
 
-def tokenized_samples(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: str, split: str):
-    """The (input_ids, labels) of every row of one split that keeps a target token; and the format."""
+def tokenized_samples(
+    cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: str, split: str, limit: int = 0
+):
+    """The (input_ids, labels) of every row (or of the first `limit`) of one split that keeps a target
+    token; and the format."""
     ds = load_rows(dataset_dir, cache_dir, split, cfg.dataset_source)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
     ds = rename_columns(ds, cfg.column_map)
     fmt = detect_format(list(ds.column_names), cfg.dataset_format)
     try:

@@ -2,6 +2,7 @@
 
     python -m pkg.trainer.plan --config job.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB
     python -m pkg.trainer.plan --config job.yaml --nodes 1 --gpus-per-node 2 --device cpu --json
+    python -m pkg.trainer.plan --config job.yaml --sample-rows 2000     # the loss targets of the data's rows
 
 The model's shape comes from `model_dir/config.json` (or `--model-config FILE`); the job's settings from the
 trainer's own config (the same YAML, the same `--key value` overrides). Per rank it estimates the sharded
@@ -21,7 +22,13 @@ The model of memory (bytes, per rank, g = ranks that share one copy of the weigh
   fine-tuning one layer's unsharded fp32 gradient before its reduce-scatter;
 - activations: per token and layer, what the backward keeps of a decoder layer (~ 8 hidden + 4 intermediate
   values, SDPA attention); with activation checkpointing only each layer's input plus one layer's whole set;
-- loss chunk: `loss_chunk_size` tokens x the vocabulary in fp32, twice (a block and its gradient);
+- loss chunk: one block of logits, `loss_chunk_size` (or fewer: the micro-batch's target tokens) x the
+  vocabulary in fp32 (and a bf16 copy under mixed precision), for a trained head a temporary of its size;
+  every token is a target unless told otherwise (the trainer tells it the most target tokens a micro-batch
+  of its tokenized data holds; the command line: `--sample-rows N` measures them on the dataset's first
+  rows, `--target-fraction F` takes them as a share of the tokens);
+- timing: a step's gradients appear in its backward as the activations and logits go, so with one
+  micro-batch a step the peak holds the larger of the two, accumulating it holds both;
 - cpu_offload moves weights, gradients and optimizer state to host memory (the step runs there).
 """
 
@@ -29,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -141,7 +150,8 @@ class Job:
     vocab_parallel: str = "auto"
     sharding: str = "auto"
     shard_group_size: int = 0
-    targets_per_sequence: int = 0  # tokens of a sequence that count in the loss; 0: all of them (worst case)
+    global_batch_size: int = 0  # 0: unknown (gradients assumed to accumulate over micro-batches)
+    targets_per_micro_batch: int = 0  # the most loss targets a micro-batch holds; 0: every token (worst case)
 
 
 @dataclass(frozen=True)
@@ -181,7 +191,7 @@ def estimate(shape: Shape, job: Job, cluster: Cluster, group: int | None = None)
     fsdp = not qlora and (world > 1 or job.bf16 or job.cpu_offload)
     shards = group if fsdp else 1
     tokens = job.micro_batch_size * job.max_seq_length
-    targets = job.micro_batch_size * (job.targets_per_sequence or job.max_seq_length)
+    targets = job.targets_per_micro_batch or tokens
     split = (  # the recipe's rule (vocab_parallel.wanted over the shard group)
         fsdp and not job.cpu_offload and job.vocab_parallel != "never"
         and (job.vocab_parallel == "always" or group * tokens <= 2 * shape.vocab)
@@ -225,7 +235,14 @@ def estimate(shape: Shape, job: Job, cluster: Cluster, group: int | None = None)
         "vocab_split": vocab_split,
         "host_offload": host,
     }
-    peak = weights + grads + optimizer + gathered + act + loss_chunk
+    # A step's gradients appear in its backward as its activations and logits go. One micro-batch a step
+    # (the optimizer's zero_grad frees them between steps): the larger of the two is the peak. Accumulating,
+    # the earlier micro-batches' gradients sit under the next one's activations (in-backward: one layer's).
+    accumulates = job.global_batch_size == 0 or job.global_batch_size > job.micro_batch_size * world
+    transient = act + loss_chunk
+    if accumulates or (job.optimizer_in_backward and full):
+        transient += grads
+    peak = weights + optimizer + gathered + max(grads, transient)
     loading = 0
     if cluster.device == "cpu":  # host memory is the device: offloaded state and the interpreter count
         base = CPU_BASE + (CPU_BF16 if job.bf16 else 0)
@@ -238,6 +255,7 @@ def estimate(shape: Shape, job: Job, cluster: Cluster, group: int | None = None)
     steps_bytes = traffic(shape, job, cluster, group, trainable, cb, split, tokens)
     return {
         "per_rank": parts,
+        "loss_targets": targets,  # the target tokens of a micro-batch the loss chunk was sized for
         "group_size": group,
         "replicas": replicas,
         "vocab_parallel": split,
@@ -284,13 +302,14 @@ def suggest(shape: Shape, job: Job, cluster: Cluster) -> str | None:
     return None
 
 
-def job_from_config(cfg, bf16: bool) -> Job:
+def job_from_config(cfg, bf16: bool, targets_per_micro_batch: int = 0) -> Job:
     return Job(
         method=cfg.method, lora_rank=cfg.lora_rank, lora_targets=tuple(cfg.lora_target_modules), bf16=bf16,
         optimizer=cfg.optimizer, optimizer_in_backward=cfg.optimizer_in_backward, cpu_offload=cfg.cpu_offload,
         activation_checkpointing=cfg.activation_checkpointing, micro_batch_size=cfg.micro_batch_size,
         max_seq_length=cfg.max_seq_length, loss_chunk_size=cfg.loss_chunk_size,
         vocab_parallel=cfg.vocab_parallel, sharding=cfg.sharding, shard_group_size=cfg.shard_group_size,
+        global_batch_size=cfg.global_batch_size, targets_per_micro_batch=targets_per_micro_batch,
     )  # fmt: skip
 
 
@@ -319,10 +338,11 @@ def summary(result: dict) -> str:
     shown = ("weights", "gradients", "optimizer_state", "gathered_layer", "activations", "loss_chunk")
     body = ", ".join(f"{k} {mib(parts[k])}" for k in shown if parts[k])
     verdict = "fits" if result["fits"] else "does NOT fit"
-    return f"{mib(parts['total'])} per rank ({body}) of {mib(result['memory'])}: {verdict}"
+    targets = f"loss targets {result['loss_targets']:,} a micro-batch"
+    return f"{mib(parts['total'])} per rank ({body}; {targets}) of {mib(result['memory'])}: {verdict}"
 
 
-def report(shape: Shape, job: Job, cluster: Cluster) -> str:
+def report(shape: Shape, job: Job, cluster: Cluster, targets_from: str) -> str:
     result = estimate(shape, job, cluster)
     parts = result["per_rank"]
     layout = (
@@ -338,6 +358,7 @@ def report(shape: Shape, job: Job, cluster: Cluster) -> str:
     ]
     lines += [f"  {k:<30} {mib(v):>12}" for k, v in parts.items() if k != "total"]
     lines.append(f"  {'total':<30} {mib(parts['total']):>12}   of {mib(cluster.memory)}")
+    lines.append(f"loss targets per micro-batch: {result['loss_targets']:,}, {targets_from}")
     traffic_ = result["traffic_per_step"]
     lines.append(
         f"per micro-batch and rank: {mib(traffic_['within_node'])} within the node, "
@@ -383,6 +404,41 @@ def scaling_table(gpus: int = 8, memory: int = 80 * GiB) -> str:
     return "\n".join(lines)
 
 
+def sampled_targets(cfg, rows: int) -> int:
+    """The most target tokens a micro-batch holds among the first `rows` rows of dataset_dir, tokenized (and
+    packed) as the trainer does. `datasets` reads the split's files whole; only the sample is tokenized."""
+    from pkg.trainer import batching, data, model
+    from pkg.trainer.errors import TrainerError
+
+    if cfg.objective != "sft":
+        raise TrainerError(
+            f"--sample-rows measures SFT rows, not {cfg.objective} pairs: use --target-fraction"
+        )
+    tokenizer = model.load_tokenizer(cfg.model_dir)
+    with tempfile.TemporaryDirectory() as cache:
+        samples, _ = data.tokenized_samples(cfg, tokenizer, cache, cfg.dataset_dir, cfg.dataset_split, rows)
+    records = batching.to_records(samples, cfg.packing, cfg.max_seq_length)
+    return batching.most_targets(records, cfg.micro_batch_size)
+
+
+def loss_targets(cfg, sample_rows: int, fraction: float | None) -> tuple[int, str]:
+    """(target tokens of a micro-batch for the estimate, 0 for all of them; where that figure comes from)."""
+    from pkg.trainer.errors import TrainerError
+
+    tokens = f"micro_batch_size x max_seq_length = {cfg.micro_batch_size * cfg.max_seq_length:,} tokens"
+    if sample_rows and fraction is not None:
+        raise TrainerError("--sample-rows and --target-fraction both set the loss targets: give one of them")
+    if sample_rows < 0 or (fraction is not None and not 0 < fraction <= 1):
+        raise TrainerError("--sample-rows must be >= 1 and --target-fraction in (0, 1]")
+    if sample_rows:
+        where = f"measured: the most in a micro-batch of the first {sample_rows:,} rows of {cfg.dataset_dir}"
+        return sampled_targets(cfg, sample_rows), where
+    if fraction is not None:
+        targets = max(1, math.ceil(fraction * cfg.micro_batch_size * cfg.max_seq_length))
+        return targets, f"--target-fraction {fraction:g} of {tokens}"
+    return 0, f"every token of {tokens} (the worst case; --sample-rows N or --target-fraction F for fewer)"
+
+
 SIZE = re.compile(r"^\s*([\d.]+)\s*(GiB|GB|MiB|MB|G|M)?\s*$", re.IGNORECASE)
 
 
@@ -407,6 +463,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-config", help="a config.json instead of model_dir/config.json")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--table", action="store_true", help="docs/scaling.md's table (1B/8B/70B, 8 x 80GiB)")
+    parser.add_argument(
+        "--sample-rows", type=int, default=0, metavar="N",
+        help="measure the loss targets on dataset_dir's first N rows, tokenized as the trainer does",
+    )  # fmt: skip
+    parser.add_argument(
+        "--target-fraction", type=float, metavar="F",
+        help="the share of a micro-batch's tokens that are loss targets (default: all, the worst case)",
+    )  # fmt: skip
     args, rest = parser.parse_known_args(argv)
     if args.table:
         print(scaling_table())
@@ -427,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             memory = parse_size(args.gpu_memory)
             bf16 = cfg.precision != "fp32"
         cluster = Cluster(args.nodes, args.gpus_per_node, memory, args.device)
-        job = job_from_config(cfg, bf16)
+        targets, targets_from = loss_targets(cfg, args.sample_rows, args.target_fraction)
+        job = job_from_config(cfg, bf16, targets)
         if (cluster.world % (job.shard_group_size or cluster.per_node)) != 0:
             raise TrainerError("shard_group_size must divide nodes x gpus-per-node")
     except (TrainerError, ValueError) as exc:
@@ -436,9 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         result = estimate(shape, job, cluster)
         result.update(shape=asdict(shape), job=asdict(job), suggestion=suggest(shape, job, cluster))
-        print(json.dumps(result))
+        print(json.dumps({**result, "loss_targets_from": targets_from}))
     else:
-        print(report(shape, job, cluster))
+        print(report(shape, job, cluster, targets_from))
     return 0
 
 

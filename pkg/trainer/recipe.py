@@ -459,7 +459,8 @@ class Recipe:
             plan.device_memory(info.device) // (1 if info.device.type == "cuda" else info.local_world_size),
             info.device.type,
         )  # fmt: skip
-        job = plan.job_from_config(cfg, self.bf16)
+        targets = batching.most_targets(self.train_data, cfg.micro_batch_size)  # they size the loss block
+        job = plan.job_from_config(cfg, self.bf16, targets)
 
         def fits(group: int) -> bool:
             return shape is not None and plan.estimate(shape, job, cluster, group)["fits"]

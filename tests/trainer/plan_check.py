@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from pkg.trainer import batching, data_cache, plan
@@ -14,13 +13,13 @@ TOLERANCE = 0.15  # the issue's bar: within 15% of the measured peak
 
 def predicted_mb(output_dir: Path, nodes: int = 1, per_node: int = 1) -> float:
     """What `python -m pkg.trainer.plan --device cpu` predicts for this run's config.yaml and model, told
-    the largest number of target tokens of a training sequence (from the run's tokenized data)."""
+    the most target tokens a micro-batch holds (from the run's tokenized data), as the trainer is."""
     cfg = load_config(["--config", str(output_dir / "config.yaml")])
     shape = plan.Shape.from_config(json.loads((Path(cfg.model_dir) / "config.json").read_text()))
     cluster = plan.Cluster(nodes, per_node, plan.host_memory() // per_node, "cpu")
     [cache] = (output_dir / "cache").glob("tokenized-*")
-    targets = max(batching.count_targets([r]) for r in data_cache.read_cache(cache)["train"])
-    job = replace(plan.job_from_config(cfg, cfg.precision == "bf16"), targets_per_sequence=targets)
+    targets = batching.most_targets(data_cache.read_cache(cache)["train"], cfg.micro_batch_size)
+    job = plan.job_from_config(cfg, cfg.precision == "bf16", targets)
     return plan.estimate(shape, job, cluster)["per_rank"]["total"] / 2**20
 
 
