@@ -21,8 +21,15 @@ FORMAT_CORPUS = [
 ]
 
 
-def make_tokenizer(path: str | Path, corpus: Sequence[str], vocab: int = 320, chat_template: bool = True):
-    """Train a byte-level BPE tokenizer on `corpus`, with <s>, </s>, <pad> and optionally a chat template."""
+def make_tokenizer(
+    path: str | Path,
+    corpus: Sequence[str],
+    vocab: int = 320,
+    chat_template: bool = True,
+    special_tokens: Sequence[str] = (),
+):
+    """Train a byte-level BPE tokenizer on `corpus`, with <s>, </s>, <pad>, `special_tokens` (a model
+    family's, e.g. Llama 3's header tokens) and optionally a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -31,7 +38,7 @@ def make_tokenizer(path: str | Path, corpus: Sequence[str], vocab: int = 320, ch
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
-        special_tokens=["<s>", "</s>", "<pad>"],
+        special_tokens=["<s>", "</s>", "<pad>", *special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -58,6 +65,7 @@ def make_tiny_model(
     seed: int = 0,
     chat_template: bool = True,
     init_std: float = 0.02,
+    special_tokens: Sequence[str] = (),
 ) -> Path:
     """Write a random Llama-style causal LM (safetensors) and its tokenizer into `path`.
 
@@ -69,7 +77,7 @@ def make_tiny_model(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(path, corpus, vocab, chat_template)
+    tokenizer = make_tokenizer(path, corpus, vocab, chat_template, special_tokens)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

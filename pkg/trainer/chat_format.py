@@ -174,20 +174,26 @@ SENTENCEPIECE_FORMATS = ("llama2", "phi3")  # torchtune's tokenizers of these en
 
 
 @functools.lru_cache(maxsize=8)
-def _user_defined(tokenizer) -> tuple[str, ...]:
+def _user_defined(tokenizer) -> tuple[str, ...] | None:
     """The user-defined pieces of the model folder's tokenizer.model that the tokenizer has (longest
-    first): sentencepiece makes each the token wherever a text names it (Gemma's <start_of_turn>)."""
+    first): sentencepiece makes each the token wherever a text names it (Gemma's <start_of_turn>). None
+    without tokenizer.model."""
     path = Path(tokenizer.name_or_path or "/nonexistent") / "tokenizer.model"
     if not path.is_file():
-        log.warning(
-            "%s has no tokenizer.model: a special token's name inside a row is encoded as text, where "
-            "sentencepiece makes its user-defined pieces (as Gemma's <start_of_turn>) the token",
-            tokenizer.name_or_path or "the tokenizer",
-        )  # fmt: skip
-        return ()
+        return None
     known = [p for p in user_defined_pieces(path) if tokenizer.convert_ids_to_tokens(
         tokenizer.convert_tokens_to_ids(p)) == p]  # fmt: skip
     return tuple(sorted(known, key=len, reverse=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _unsure_pieces(tokenizer) -> re.Pattern | None:
+    """Without tokenizer.model, the tokenizer's added tokens but its BOS, EOS, PAD and UNK (sentencepiece's
+    control and unknown pieces): each may be a user-defined piece, which sentencepiece makes the token in a
+    text, or a control piece, which it leaves text; tokenizer.json marks both special (Gemma's folders)."""
+    known = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token}
+    names = sorted({str(t) for t in tokenizer.added_tokens_decoder.values()} - known, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, names))) if names else None
 
 
 # torchtune 0.6.1's GPT2BaseTokenizer (Phi4Tokenizer's) splits a text into words with this pattern of Python's
@@ -272,6 +278,8 @@ class Pieces:
         if not text:
             return []
         pieces = _user_defined(self.tokenizer) if self.fmt in SENTENCEPIECE_FORMATS else ()
+        if pieces is None:
+            self._refuse_unsure_pieces(text)
         if not pieces:
             return self._encode(text)
         ids: list[int] = []
@@ -283,6 +291,17 @@ class Pieces:
             elif part:  # encoded after a newline whose tokens are cut off: no dummy prefix
                 ids += self._encode("\n" + part)[len(self._encode("\n")) :]
         return ids
+
+    def _refuse_unsure_pieces(self, text: str) -> None:
+        unsure = _unsure_pieces(self.tokenizer)
+        found = unsure.search(text) if unsure else None
+        if found:
+            raise TrainerError(
+                f"message_format={self.fmt}: a row (or its prompt template) holds {found[0]}, which "
+                "sentencepiece makes one token if it is a user-defined piece of the model (as Gemma's "
+                f"<start_of_turn>) and text if not, and {self.tokenizer.name_or_path} has no tokenizer.model "
+                f"to tell: add the model's tokenizer.model to the folder, or leave {found[0]} out of the rows"
+            )
 
     def _encode(self, text: str) -> list[int]:
         if self.fmt == "phi4":

@@ -99,8 +99,8 @@ DEFAULT_TEMPLATES = {
     "torchtune.models.llama2.llama2_tokenizer": "torchtune.models.llama2.Llama2ChatTemplate",
     "torchtune.models.mistral.mistral_tokenizer": "torchtune.models.mistral.MistralChatTemplate",
 }
-# The special tokens each format writes: a model folder whose tokenizer lacks one is rendered plain (Gemma's
-# BOS and EOS have names of their own).
+# The special tokens each format writes (Gemma's BOS and EOS have names of their own): torchtune writes them
+# whatever the model folder holds, so a folder whose tokenizer lacks one is refused.
 MESSAGE_TOKENS = {"llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                              "<|end_of_text|>"),
                   "chatml": ("<|im_start|>", "<|im_end|>"),
@@ -252,8 +252,9 @@ KEYS: list[Key] = [
     _k("tokenizer._component_", "mapped", text, "The tokenizer is the model folder's (tokenizer.json); "
        "the llama3, qwen2, qwen2_5, llama2, mistral, gemma, phi3_mini and phi4 tokenizers set "
        "message_format: SFT and DPO rows rendered as that torchtune tokenizer's tokenize_messages does "
-       "(special tokens, masks, BOS/EOS), text rows as its encode does. A model tokenizer without the "
-       "family's special tokens: plain, said in one line.",
+       "(special tokens, masks, BOS/EOS), text rows as its encode does. A model tokenizer without one of "
+       "the family's special tokens, or another component, is refused; without the key "
+       "(~tokenizer._component_), rows are rendered plain (the model's chat template).",
        "message_format"),
     *(_k(f"tokenizer.{k}", "mapped", text, "The tokenizer is the model folder's (tokenizer.json and its "
          "chat template).") for k in ("path", "merges_file", "vocab_path", "merges_path",
@@ -713,12 +714,13 @@ def model_config(model_dir: str | None) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def tokenizer_tokens(model_dir: str | None) -> set[str]:
-    """The added (special) tokens of the model folder's tokenizer.json; none when it is absent."""
+def tokenizer_tokens(model_dir: str | None) -> set[str] | None:
+    """The added (special) tokens of the model folder's tokenizer.json; None when there is none to read (the
+    folder not there yet, as for `tune validate`: the trainer then checks the tokens as it renders rows)."""
     try:
         added = json.loads((Path(model_dir or "") / "tokenizer.json").read_text()).get("added_tokens") or []
     except (OSError, ValueError, AttributeError):
-        return set()
+        return None
     return {t.get("content") for t in added if isinstance(t, dict)}
 
 
@@ -1120,37 +1122,37 @@ def tokenizer_settings(
     tt: dict[str, Any], model_dir: str, dpo: bool, values: dict[str, Any]
 ) -> dict[str, Any]:
     """tokenizer._component_ and tokenizer.prompt_template onto message_format and prompt_template: the
-    family's tokenize_messages where the model folder's tokenizer has its special tokens, else plain (said
-    in one line); prompt_template not given is the tokenizer's default, null none."""
+    family's tokenize_messages, refused where the model folder's tokenizer lacks one of its special tokens or
+    the component is none of the families'; without tokenizer._component_ plain (the model's chat template).
+    prompt_template not given is the tokenizer's default, null none."""
     tokenizer = str(tt.get("tokenizer._component_", ""))
+    fix = ("give the tokenizer._component_ of the model's family, or remove the key (~tokenizer._component_) "
+           "to render rows with the model's own chat template")  # fmt: skip
+    if tokenizer and tokenizer not in MESSAGE_FORMATS:
+        names = ", ".join(c.rsplit(".", 1)[-1] for c in MESSAGE_FORMATS)
+        raise ConfigError(
+            f"tokenizer._component_={tokenizer}: rows are rendered as torchtune {VERSION}'s text tokenizers "
+            f"render them ({names}), and this is none of them; {fix}"
+        )
     fmt = MESSAGE_FORMATS.get(tokenizer, "plain")
+    needed = GEMMA_TOKENS if tokenizer.endswith("gemma_tokenizer") else MESSAGE_TOKENS.get(fmt, ())
+    have = tokenizer_tokens(model_dir)
+    missing = [t for t in needed if have is not None and t not in have]
+    if missing:
+        raise ConfigError(
+            f"tokenizer._component_={tokenizer}: the tokenizer in {model_dir} has no {missing[0]} token, "
+            f"which torchtune's {tokenizer.rsplit('.', 1)[-1]} writes into every row; {fix}"
+        )
     given = "tokenizer.prompt_template" in tt
     template = tt["tokenizer.prompt_template"] if given else DEFAULT_TEMPLATES.get(tokenizer)
-    needed = GEMMA_TOKENS if tokenizer.endswith("gemma_tokenizer") else MESSAGE_TOKENS.get(fmt, ())
-    missing = [t for t in needed if t not in tokenizer_tokens(model_dir)]
-    kind = "instruct/chat/preference" if dpo else "instruct/chat"
-    if missing:
-        log.info(
-            "tokenizer._component_=%s: the tokenizer in %s has no %s token; %s rows are rendered plain (the "
-            "model's chat template, or prompt + response + EOS)", tokenizer, model_dir, missing[0], kind,
-        )  # fmt: skip
-        fmt = "plain"
-    elif tokenizer and fmt == "plain":
-        log.info(
-            "tokenizer._component_=%s: %s rows are rendered plain (the model's chat template, or prompt + "
-            "response + EOS), not as that torchtune tokenizer renders them", tokenizer, kind,
-        )  # fmt: skip
     out: dict[str, Any] = {"message_format": fmt} if fmt != "plain" else {}
     if template is None:
         return out
     name = PROMPT_TEMPLATES[template]
     if fmt == "plain" and (dpo or name in ("llama2_chat", "mistral_chat")):
-        if not given:  # the tokenizer's default, which the line above says is not rendered
-            return out
         raise ConfigError(
             f"tokenizer.prompt_template={template}: applies only to rows rendered as a torchtune tokenizer "
-            "renders them (a tokenizer._component_ whose special tokens the model's tokenizer has); set it "
-            "to null"
+            "renders them; give tokenizer._component_ or set tokenizer.prompt_template=null"
         )
     each = [values, *values.get("more_datasets", [])]
     systems = [d.get("system_prompt") or d.get("empty_system_prompt") for d in each]

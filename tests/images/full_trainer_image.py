@@ -28,7 +28,7 @@ from tests.images.containers import (
     torch_version,
 )
 from tests.trainer.test_tune import controller_command, sdk, sdk_args
-from tests.trainer.tiny import make_dataset, make_tiny_model
+from tests.trainer.tiny import LLAMA3_TOKENS, make_dataset, make_tiny_model
 
 # The first test builds the image (fixture): from cold about 8 min on two idle cores (CPU torch base, then
 # the pinned trainer requirements, with vfs copying whole root filesystems), and much longer when the
@@ -61,8 +61,9 @@ def free_port() -> int:
 
 
 def workspace_with_inputs(path: Path) -> Path:
-    """/workspace as the initializers leave it: model/ and dataset/, owned by uid 1000."""
-    make_tiny_model(path / "model")
+    """/workspace as the initializers leave it: model/ (with Llama 3's special tokens, which `tune run` of the
+    SDK's llama3 configs renders rows with) and dataset/, owned by uid 1000."""
+    make_tiny_model(path / "model", special_tokens=LLAMA3_TOKENS)
     make_dataset(path / "dataset", "alpaca", "jsonl")
     for entry in [path, *path.rglob("*")]:
         os.chown(entry, 1000, 1000)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pkg.trainer import batching, data_cache
-from tests.trainer.tiny import make_dataset, make_tiny_model
+from tests.trainer.tiny import LLAMA3_TOKENS, make_dataset, make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -67,6 +67,12 @@ def assert_same_adapter(got: dict, want: dict) -> None:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_model(tmp_path_factory) -> Path:
+    """The tiny model with Llama 3's special tokens, which `tune run` of a llama3 config needs in a folder."""
+    return make_tiny_model(tmp_path_factory.mktemp("llama3_model"), special_tokens=LLAMA3_TOKENS)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
+import shutil
 from pathlib import Path
 
 import datasets
@@ -172,15 +174,18 @@ def model_folder(path, specials: tuple[str, ...]) -> str:
     [
         ("lora_finetune_distributed", "llama3_2/1B_lora", SPECIALS["llama3"], "llama3"),
         ("full_finetune_distributed", "qwen2_5/0.5B_full", SPECIALS["chatml"], "chatml"),
-        ("lora_finetune_distributed", "llama3_2/1B_lora", SPECIALS["chatml"], "plain"),  # not its tokens
+        ("lora_finetune_distributed", "llama3_2/1B_lora", SPECIALS["chatml"], "<|begin_of_text|>"),
         ("lora_dpo_distributed", "llama3_1/8B_lora_dpo", SPECIALS["llama3"], "llama3"),
         ("lora_finetune_distributed", "llama2/7B_lora", ("<s>", "</s>"), "llama2"),
         ("lora_finetune_distributed", "mistral/7B_lora", ("<s>", "</s>"), "llama2"),
         ("lora_finetune_distributed", "gemma/2B_lora", ("<bos>", "<eos>"), "llama2"),
-        ("lora_finetune_distributed", "gemma/2B_lora", ("<s>", "</s>"), "plain"),  # not Gemma's
+        ("lora_finetune_distributed", "gemma/2B_lora", ("<s>", "</s>"), "<bos>"),  # not Gemma's
         ("lora_finetune_distributed", "phi3/mini_lora", PHI3_TOKENS, "phi3"),
         ("lora_finetune_distributed", "phi4/14B_lora", ("<|im_start|>", "<|im_sep|>", "<|im_end|>"), "phi4"),
-        ("lora_finetune_distributed", "phi4/14B_lora", SPECIALS["chatml"], "plain"),  # no <|im_sep|>
+        ("lora_finetune_distributed", "phi4/14B_lora", SPECIALS["chatml"], "<|im_sep|>"),
+        ("lora_dpo_distributed", "llama3_1/8B_lora_dpo", ("<s>", "</s>"), "<|begin_of_text|>"),
+        ("lora_finetune_distributed", "llama3_2/1B_lora ~tokenizer._component_", ("<s>", "</s>"), "plain"),
+        ("lora_dpo_distributed", "llama3_1/8B_lora_dpo ~tokenizer._component_", ("<s>", "</s>"), "plain"),
         (
             "full_finetune_distributed",
             "qwen2_5/0.5B_full tokenizer.max_seq_len=32",
@@ -195,19 +200,41 @@ def model_folder(path, specials: tuple[str, ...]) -> str:
         ),
     ],
 )
-def test_tune_run_sets_the_format_from_tokenizer_component(
-    tmp_path, caplog, recipe, config, specials, expected
-):
+def test_tune_run_sets_the_format_from_tokenizer_component(tmp_path, recipe, config, specials, expected):
+    """A model folder whose tokenizer lacks a token the family's torchtune tokenizer writes is refused, naming
+    it (torchtune writes its own ids whatever the folder holds); without tokenizer._component_: plain."""
     model = model_folder(tmp_path / "model", specials)
     config, *more = config.split()
     cmd = tune.parse_command(
         ["run", recipe, "--config", config, f"checkpointer.checkpoint_dir={model}", *more]
     )
-    with caplog.at_level("INFO", logger="pkg.trainer.tune"):
-        cfg, _ = tune.translate(cmd, 1)
+    if expected.startswith("<"):
+        component = tune.CONFIGS[config]["tokenizer._component_"]
+        problem = f"tokenizer._component_={component}: the tokenizer in {model} has no {expected} token, "
+        with pytest.raises(ConfigError, match=f"^{re.escape(problem)}.*~tokenizer._component_"):
+            tune.translate(cmd, 1)
+        return
+    cfg, _ = tune.translate(cmd, 1)
     assert cfg.message_format == expected
-    if expected == "plain":
-        assert "rows are rendered plain" in caplog.text
+
+
+def test_other_tokenizer_components_are_refused_and_a_folder_not_there_is_checked_as_rows_render(tmp_path):
+    """torchtune 0.6.1's other tokenizers (t5, clip, llama3_2_vision's transform) render no text rows here;
+    a folder without tokenizer.json (`tune validate` before the model is there) keeps the family's format,
+    whose tokens the trainer checks as it renders rows."""
+    model = tmp_path / "not_there_yet"
+    argv = ["run", "lora_finetune_distributed", "--config", "llama3_2/1B_lora",
+            f"checkpointer.checkpoint_dir={model}"]  # fmt: skip
+    assert tune.translate(tune.parse_command(argv), 1)[0].message_format == "llama3"
+    t5 = "torchtune.models.t5.t5_tokenizer"
+    problem = rf"^tokenizer._component_={t5}: rows are rendered as torchtune 0.6.1"
+    with pytest.raises(ConfigError, match=problem):
+        tune.translate(tune.parse_command([*argv, f"tokenizer={t5}"]), 1)
+    dpo = ["run", "lora_dpo_distributed", "--config", "llama3_1/8B_lora_dpo", "~tokenizer._component_",
+           f"checkpointer.checkpoint_dir={model}",
+           "tokenizer.prompt_template=torchtune.data.SummarizeTemplate"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"SummarizeTemplate: applies only to rows rendered as a torchtune"):
+        tune.translate(tune.parse_command(dpo), 1)
 
 
 @pytest.mark.parametrize(
@@ -225,7 +252,7 @@ def test_tune_run_sets_the_format_from_tokenizer_component(
     ],
 )
 def test_a_missing_prompt_template_is_the_tokenizers_default_and_null_is_none(tmp_path, config, template):
-    model = model_folder(tmp_path / "model", PHI3_TOKENS)
+    model = model_folder(tmp_path / "model", (*PHI3_TOKENS, "<bos>", "<eos>"))  # every family's here
     config, *more = config.split()
     argv = ["run", "lora_finetune_distributed", "--config", config, f"checkpointer.checkpoint_dir={model}"]
     cfg, _ = tune.translate(tune.parse_command([*argv, *more]), 1)
@@ -332,6 +359,21 @@ def test_a_tokenizer_json_that_always_writes_sentencepieces_leading_space_render
         if case["tokenizer"] == "spm" and case["format"] == "messages" and "error" not in case:
             [(ids, _)] = data.tokenize_rows([case["row"]], "messages", tokenizer, case_config(case))
             assert ids == case["tokens"]
+
+
+def test_gemma_without_tokenizer_model_refuses_only_the_rows_naming_a_piece_it_cannot_tell(tmp_path):
+    """Without tokenizer.model nothing tells whether <start_of_turn> is a user-defined piece (sentencepiece
+    makes it the token) or a control one (text): tokenizer.json marks both special. A row naming it is
+    refused in one line; the others render as torchtune's."""
+    folder = tmp_path / "gemma"
+    shutil.copytree(FIXTURES / "gemma", folder, ignore=shutil.ignore_patterns("tokenizer.model"))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    gemma = {c["case"]: c for c in CASES if c["tokenizer"] == "gemma" and c["prompt_template"] == "missing"}
+    turns, chat = gemma["turn_token_names"], gemma["chat"]
+    with pytest.raises(TrainerError, match=r"holds <start_of_turn>, .* has no tokenizer.model to tell: add"):
+        data.tokenize_rows([turns["row"]], "input_output", tokenizer, case_config(turns))
+    [(ids, _)] = data.tokenize_rows([chat["row"]], "messages", tokenizer, case_config(chat))
+    assert ids == chat["tokens"]
 
 
 def test_tune_run_keeps_torchtunes_row_rules(tmp_path):

@@ -457,7 +457,9 @@ def test_text_without_eos(tiny_model):
     assert with_eos == [*without, tokenizer.eos_token_id] and len(labels) == len(without)
 
 
-def test_named_builders_read_their_own_columns_from_the_dataset_folder(tmp_path, tiny_model, model_dir):
+def test_named_builders_read_their_own_columns_from_the_dataset_folder(
+    tmp_path, tiny_llama3_model, model_dir
+):
     """samsum_dataset's dialogue/summary as a user and an assistant turn; wikitext_dataset's page column, from
     the subset's own folder of the Hub repository (the other subset's files are not read)."""
     from pkg.trainer import data, model
@@ -471,7 +473,7 @@ def test_named_builders_read_their_own_columns_from_the_dataset_folder(tmp_path,
     wiki = tmp_path / "wiki"
     rows(wiki / "wikitext-103-v1", [{"page": "One long page."}] * 3)
     rows(wiki / "wikitext-2-v1", [{"page": "Another page."}] * 5)
-    tokenizer = model.load_tokenizer(str(tiny_model))
+    tokenizer = model.load_tokenizer(str(tiny_llama3_model))  # llama3_2/1B_full's rows
     for builder, folder, count, fmt in (("samsum_dataset", samsum, 1, "input_output"),
                                         ("wikitext_dataset", wiki, 3, "text")):  # fmt: skip
         args = [f"checkpointer.checkpoint_dir={model_dir}", "dataset.packed=False",

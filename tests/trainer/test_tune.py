@@ -314,14 +314,14 @@ def run_tune(argv: list[str], timeout: int = 300, **pet: str) -> subprocess.Comp
     return finish(start([PYTHON, "-m", "pkg.trainer.tune", *argv], env), timeout)
 
 
-def test_sdk_lora_runs_on_two_processes_through_pet_only(tmp_path, tiny_model):
+def test_sdk_lora_runs_on_two_processes_through_pet_only(tmp_path, tiny_llama3_model):
     """The LORA TorchTuneConfig, launched with PET_NPROC_PER_NODE=2 and no launcher flag."""
     data = qa_dataset(tmp_path / "dataset")
     args = [*sdk_args(LORA), "gradient_accumulation_steps=2"]  # TrainerArgs: a smaller global batch
     args = [a.replace("/workspace/dataset", str(data)) for a in args]
     out = tmp_path / "out"
     argv = controller_command(
-        "lora_finetune_distributed", "llama3_2/1B_lora", args, str(out), str(tiny_model)
+        "lora_finetune_distributed", "llama3_2/1B_lora", args, str(out), str(tiny_llama3_model)
     )
     result = run_tune(argv, nproc_per_node="2", nnodes="1", node_rank="0")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -350,13 +350,18 @@ def test_sdk_lora_runs_on_two_processes_through_pet_only(tmp_path, tiny_model):
     (cache,) = (out / "cache").glob("tokenized-*")
     train = read_cache(cache)["train"]
     assert len(train) == 16  # the split's slice
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama3_model)
     record = train[0]
     text = tokenizer.decode(record["input_ids"])
-    # The system prompt and the mapped question are the prompt (not trained on); the answer is the target.
-    assert text.startswith(f"<s><|system|>\n{SYSTEM_PROMPT}</s>\n<|user|>\nRepeat the word "), text
+    # As torchtune's Llama3Tokenizer renders them: the system prompt and the mapped question are the prompt
+    # (not trained on); the answer's header, the answer and <|eot_id|> are the target.
+    h, e = "<|start_header_id|>", "<|end_header_id|>\n\n"
+    assert text.startswith(
+        f"<|begin_of_text|>{h}system{e}{SYSTEM_PROMPT}<|eot_id|>{h}user{e}Repeat the word "
+    ), text
     target = tokenizer.decode([t for t in record["labels"] if t != IGNORE_INDEX])
-    assert SYSTEM_PROMPT not in target and "Repeat" not in target and target.strip().endswith("</s>")
+    assert target.startswith(f"{h}assistant{e}") and target.endswith("<|eot_id|>"), target
+    assert SYSTEM_PROMPT not in target and "Repeat" not in target
     # Katib's StdOut collector reads name=value pairs from the progress lines.
     assert any("step 4/4 | loss=" in line and "grad_norm=" in line for line in result.stdout.splitlines())
     # llama3_2/1B_lora's DiskLogger (log_dir ${output_dir}/logs): torchtune's file, one line per step.
@@ -365,7 +370,7 @@ def test_sdk_lora_runs_on_two_processes_through_pet_only(tmp_path, tiny_model):
     assert lines[-1].startswith("Step 4 | loss:") and " lr:" in lines[-1], lines
 
 
-def test_two_nodes_full_fp32(tmp_path, tiny_model):
+def test_two_nodes_full_fp32(tmp_path, tiny_llama3_model):
     """Two `tune run --rdzv_endpoint=127.0.0.1:PORT` launches, PET_NNODES=2 and node ranks 0 and 1."""
     data = qa_dataset(tmp_path / "dataset", n=32)
     out = tmp_path / "out"
@@ -379,7 +384,7 @@ def test_two_nodes_full_fp32(tmp_path, tiny_model):
              "run_val_every_n_steps=1"]  # fmt: skip
     endpoint = f"127.0.0.1:{free_port()}"
     argv = controller_command("full_finetune_distributed", "llama3_2/1B_full", args, str(out),
-                              str(tiny_model), endpoint=endpoint)  # fmt: skip
+                              str(tiny_llama3_model), endpoint=endpoint)  # fmt: skip
     nodes = []
     for rank in (0, 1):
         env = trainer_env(PET_NNODES="2", PET_NPROC_PER_NODE="1", PET_NODE_RANK=str(rank))

@@ -18,6 +18,12 @@ WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket"
 CORPUS = [f"Repeat the word {w} three times: {w} {w} {w}." for w in WORDS]
 
 
+# The special tokens torchtune's Llama3Tokenizer writes: `tune run` with a llama3 config renders rows with
+# them, so the model folder of such a run has them (as Llama 3's own folders do).
+LLAMA3_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                 "<|eot_id|>")  # fmt: skip
+
+
 def make_tiny_model(path: str | Path, **kwargs) -> Path:
     """The demo's tiny random Llama-style model (demo/tiny_model.py), with a tokenizer for these rows."""
     return tiny_model.make_tiny_model(path, CORPUS, **kwargs)
