@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from .blocks import blocks, md5_of
 from .config import DEFAULT_PART_SIZE, MAX_AUTO_PART_SIZE, MiB, Tuning
 from .errors import InitializerError, RangeIgnored, TransientError
 from .manifest import Journal, start_writeback, state_dir
@@ -33,7 +34,6 @@ from .retry import Cancelled, retry
 from .safety import target_path
 from .sources.base import RemoteFile, Source
 
-HASH_CHUNK = 4 * 1024 * 1024
 QUEUE_PER_WORKER = 2  # tasks waiting per worker: enough to keep them busy, few enough to cost no memory
 STOP_GRACE = 10.0  # seconds a stop waits for the workers (their reads are aborted, so they return at once)
 
@@ -81,17 +81,14 @@ def _hasher(f: RemoteFile) -> tuple[str, hashlib._Hash, str] | None:
 
 
 def _md5_of_parts(path: Path, sizes: list[int]) -> str:
-    """MD5 of the concatenated MD5 digests of consecutive slices of `path` of these sizes."""
-    digests = []
-    with open(path, "rb") as src:
-        for size in sizes:
-            part = hashlib.md5(usedforsecurity=False)
-            while size > 0 and (block := src.read(min(size, HASH_CHUNK))):
-                part.update(block)
-                size -= len(block)
-            digests.append(part.digest())
-        if src.read(1):
-            return ""  # the sizes do not cover the file
+    """MD5 of the concatenated MD5 digests of consecutive slices of `path` of these sizes ("" when the sizes
+    do not cover the file)."""
+    if sum(sizes) != path.stat().st_size:
+        return ""
+    digests, start = [], 0
+    for size in sizes:
+        digests.append(md5_of(path, start, size).digest())
+        start += size
     return hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
 
 
@@ -344,9 +341,8 @@ class Engine:
     def _finish_multipart(self, f: RemoteFile, tmp: Path) -> None:
         check = _hasher(f) if self.source.verifiable(f) else None
         if check:
-            with open(tmp, "rb") as src:
-                while block := src.read(HASH_CHUNK):
-                    check[1].update(block)
+            for block in blocks(tmp):
+                check[1].update(block)
             if check[1].hexdigest() != check[2]:
                 tmp.unlink(missing_ok=True)
                 raise InitializerError(

@@ -3,11 +3,11 @@ a mounted volume, and optionally Kubeflow Model Registry (docs/exporter.md).
 
 It reuses the initializers' shared code rather than copying it: STORAGE_URI parsing, the S3 credential chain,
 region handling and error mapping (`pkg.initializers.sources.s3.S3Source`), retries with backoff
-(`transfer.retry`), secret redaction and one-line errors (`errors`), progress lines (`progress`). The image
-ships `pkg/initializers` and this package; the initializer images do not ship this one.
+(`transfer.retry`), local files read in blocks for their checksums (`blocks`), secret redaction and one-line
+errors (`errors`), progress lines (`progress`). The image ships `pkg/initializers` and this package; the
+initializer images do not ship this one.
 
     outputs     what to export from SOURCE_PATH (EXPORT = adapter | model | all)
-    digests     one block reader for every local file's checksums (MD5; S3's CRC32 and SHA-256) and copy
     s3          multipart, resumable, verified upload; a manifest object written last
     local       file:// destination: verified copies renamed into place; a manifest written last
     hub         one Hub commit with huggingface_hub (LFS for large files) and a model card

@@ -9,13 +9,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pkg.initializers.blocks import blocks, md5_of
 from pkg.initializers.errors import InitializerError
 from pkg.initializers.progress import Progress, human_bytes, log
 from pkg.initializers.safety import target_path
 from pkg.initializers.uri import LocalUri
 
 from .config import ExportConfig
-from .digests import blocks, md5_of
 from .outputs import Selection
 
 MANIFEST = ".model-exporter/manifest.json"

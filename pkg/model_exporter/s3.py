@@ -49,6 +49,7 @@ from urllib.parse import quote
 
 import botocore.exceptions
 
+from pkg.initializers.blocks import blocks, md5_of
 from pkg.initializers.errors import InitializerError, TransientError, parse_retry_after, tls_answer
 from pkg.initializers.progress import Progress, human_bytes, log
 from pkg.initializers.sources.base import RemoteFile
@@ -59,7 +60,6 @@ from pkg.initializers.transfer import retry
 from pkg.initializers.uri import S3Uri
 
 from .config import ExportConfig
-from .digests import blocks, md5_of
 from .outputs import LocalFile, Selection
 
 T = TypeVar("T")

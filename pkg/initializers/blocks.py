@@ -1,4 +1,5 @@
-"""Reading local files for their checksums: one block reader, for every hash and copy the exporter makes."""
+"""Local files read by offset, a block at a time, and their MD5s: the one reader behind every checksum the
+initializers (a finished download) and the exporter (what it uploads or copies) compute."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from pkg.initializers.errors import InitializerError
+from .errors import InitializerError
 
-BLOCK = 1024 * 1024  # per worker thread: 16 workers hold 16 MiB
+BLOCK = 1024 * 1024  # per thread reading: 16 workers hold 16 MiB
 
 
 def blocks(path: Path, start: int = 0, length: int | None = None) -> Iterator[bytes]:
