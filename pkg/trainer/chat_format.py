@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from pkg.trainer.config import TrainConfig
-from pkg.trainer.errors import TrainerError
+from pkg.trainer.errors import MessageError, TrainerError
 from pkg.trainer.loss import IGNORE_INDEX
 from pkg.trainer.rows import PROMPT_TEMPLATES
 from pkg.trainer.spm_model import user_defined_pieces
@@ -132,7 +132,7 @@ def _mistral_chat(msgs: list[Message]) -> list[Message]:
     """MistralChatTemplate: "[INST] " and " [/INST] " around every user message, an empty piece before and
     after every assistant message (which ends it in no space); a system message is an error."""
     if any(m.role == "system" for m in msgs):
-        raise TrainerError(
+        raise MessageError(
             "prompt_template mistral_chat (torchtune's MistralChatTemplate, mistral_tokenizer's default) "
             "takes no system message, and a row has one: drop it, or set tokenizer.prompt_template=null"
         )
@@ -404,7 +404,7 @@ def _phi3(enc: Pieces, msgs: list[Message], max_len: int | None) -> tuple[list[i
     ids, mask = [bos], [msgs[0].masked]
     for m in msgs:
         if m.role not in roles:
-            raise TrainerError(
+            raise MessageError(
                 f"message_format=phi3: a message's role is {m.role!r}, not one of {list(roles)}"
             )
         body = [roles[m.role], *newline, *(t for p in m.pieces for t in enc.spm_trimmed(p.rstrip(" ")))]

@@ -20,8 +20,8 @@ import torch
 from pkg.trainer.batching import to_records
 from pkg.trainer.chat_format import ensure_chat_template, format_messages, format_text, tokenize_messages
 from pkg.trainer.config import TrainConfig
-from pkg.trainer.data_files import load_rows
-from pkg.trainer.errors import TrainerError
+from pkg.trainer.data_files import load_split
+from pkg.trainer.errors import RowError, TrainerError, at_row
 from pkg.trainer.loss import IGNORE_INDEX
 from pkg.trainer.rows import (
     CHAT_FORMATS,
@@ -56,7 +56,7 @@ def tokenize_non_chat_rows(
             )
             for p, c in pairs
         ]
-        return [format_messages(tokenizer, msgs, cfg) for msgs in talks]
+        return [at_row(lo + j, format_messages, tokenizer, msgs, cfg) for j, msgs in enumerate(talks)]
     with_eos = tokenizer.eos_token_id is not None and (fmt != "text" or cfg.add_eos)
     eos = [tokenizer.eos_token_id] if with_eos else []
     pairs = [prompt_and_completion(row, fmt, lo + j, cfg.alpaca_preamble) for j, row in enumerate(chunk)]
@@ -95,7 +95,7 @@ def tokenize_rows(ds, fmt: str, tokenizer, cfg: TrainConfig) -> list[tuple[list[
                 for j, row in enumerate(chunk)
             ]
             render = tokenize_messages if cfg.message_format == "plain" else format_messages
-            pairs = [render(tokenizer, msgs, cfg) for msgs in talks]
+            pairs = [at_row(done + j, render, tokenizer, msgs, cfg) for j, msgs in enumerate(talks)]
         else:
             pairs = tokenize_non_chat_rows(chunk, done, fmt, tokenizer, cfg)
         for k, (ids, labels) in enumerate(pairs):
@@ -118,10 +118,11 @@ def check_length(n: int, i: int, cfg: TrainConfig) -> None:
     """Without truncation (torchtune's tokenizer.max_seq_len null), a sample longer than max_seq_length
     (then the model's context) stops the run: torchtune's model fails on positions past its own."""
     if cfg.truncation == "none" and n > cfg.max_seq_length:
-        raise TrainerError(
-            f"row {i} is {n} tokens, more than the model's {cfg.max_seq_length} positions, and "
+        raise RowError(
+            i,
+            f" is {n} tokens, more than the model's {cfg.max_seq_length} positions, and "
             "tokenizer.max_seq_len is null (no truncation): set tokenizer.max_seq_len to truncate, or drop "
-            "the row"
+            "the row",
         )
 
 
@@ -130,14 +131,16 @@ def tokenized_samples(
 ):
     """The (input_ids, labels) of every row (or of the first `limit`) of one split that keeps a target
     token; and the format."""
-    ds = load_rows(dataset_dir, cache_dir, split, cfg.dataset_source)
+    ds, origins = load_split(dataset_dir, cache_dir, split, cfg.dataset_source)
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
     ds = rename_columns(ds, cfg.column_map)
     fmt = detect_format(list(ds.column_names), cfg.dataset_format)
     try:
         samples = tokenize_rows(ds, fmt, tokenizer, cfg)
-    except TrainerError as exc:  # a row's problem: say which data it is in
+    except RowError as exc:  # named by its file and line
+        raise origins.error(exc) from None
+    except TrainerError as exc:  # say which data it is about
         raise TrainerError(f"{dataset_dir} ({split}): {exc}") from None
     kept = [s for s in samples if any(t != IGNORE_INDEX for t in s[1])]
     if not kept:

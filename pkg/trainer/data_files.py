@@ -1,5 +1,6 @@
 """Finding and reading the dataset's files: which files hold a split, their problems named by file and
-line, and the split's rows (with its slice) as one `datasets.Dataset`.
+line, the split's rows (with its slice) as one `datasets.Dataset`, and where each row comes from
+(RowOrigins: a bad row's error names its file and line, not its index in the split).
 
 json, jsonl, parquet, csv, arrow, a `save_to_disk` folder, a Hub snapshot (`data/train-*.parquet`; the split
 comes from the file or folder name) or one data file; `dataset_source` names the type when the extensions do
@@ -9,13 +10,15 @@ not (text, xml). `dataset_split` picks the split (`train`) and slices it (`train
 from __future__ import annotations
 
 import codecs
+import csv
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from pkg.trainer.config import split_spec
-from pkg.trainer.errors import TrainerError, first_line
+from pkg.trainer.errors import RowError, TrainerError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +141,8 @@ def _load_file(builder: str, path: Path, name: str, cache_dir: str):
 
 
 def _load_files(root: Path, name: str, source: str, cache_dir: str):
-    """Every data file of split `name` in `root`, in order, as one Dataset; rows per file in the log."""
+    """Every data file of split `name` in `root`, in order, as one Dataset, and their RowOrigins; rows per
+    file in the log."""
     import datasets
 
     parts, counts = [], []
@@ -146,13 +150,13 @@ def _load_files(root: Path, name: str, source: str, cache_dir: str):
         ds = _load_file(builder, path, name, cache_dir)
         counts.append(f"{path.relative_to(root)} {len(ds) if ds is not None else 0}")
         if ds is not None and len(ds):
-            parts.append((path, ds))
+            parts.append((path, ds, builder))
     log.info("dataset %s, split %s, rows per file: %s", root, name, _some(counts))
     if not parts:
         raise TrainerError(f"the dataset in {root} has no rows (its files are empty)")
-    first, ds0 = parts[0]
+    first, ds0, _ = parts[0]
     same = [ds0]
-    for path, ds in parts[1:]:
+    for path, ds, _ in parts[1:]:
         if set(ds.column_names) != set(ds0.column_names):
             raise TrainerError(
                 f"{path} has columns {', '.join(ds.column_names)} but {first} has "
@@ -168,11 +172,13 @@ def _load_files(root: Path, name: str, source: str, cache_dir: str):
                     f"({dict(ds0.features)}): {first_line(exc)}"
                 ) from None
         same.append(ds)
-    return datasets.concatenate_datasets(same)
+    origins = RowOrigins(tuple((path, builder, len(ds)) for path, ds, builder in parts))
+    return datasets.concatenate_datasets(same), origins
 
 
 def _load(root: Path, name: str, source: str, cache_dir: str):
-    """The whole split `name` of a save_to_disk folder, a folder of data files or one data file."""
+    """The whole split `name` of a save_to_disk folder, a folder of data files or one data file, and its
+    RowOrigins."""
     import datasets
 
     if root.is_file():
@@ -182,31 +188,33 @@ def _load(root: Path, name: str, source: str, cache_dir: str):
         ds = _load_file(builder, root, name, cache_dir)
         if ds is None:
             raise TrainerError(f"the dataset in {root} has no rows (the file is empty)")
-        return ds
+        return ds, RowOrigins(((root, builder, len(ds)),))
     if (root / "dataset_dict.json").exists():
         loaded = datasets.load_from_disk(str(root))
         if name not in loaded:
             raise TrainerError(f"{root} has splits {list(loaded)} but no {name!r}")
-        return loaded[name]
+        return loaded[name], RowOrigins(folder=f"{root} (split {name})")
     if (root / "state.json").exists():
-        return datasets.load_from_disk(str(root))
+        return datasets.load_from_disk(str(root)), RowOrigins(folder=str(root))
     return _load_files(root, name, source, cache_dir)
 
 
 def select_slice(ds, name: str, bounds: str | None, spec: str):
-    """Rows of `ds` (split `name`) inside a Hugging Face slice such as `[:10%]` or `[100:200]`."""
+    """Rows of `ds` (split `name`) inside a Hugging Face slice such as `[:10%]` or `[100:200]`, and the
+    index of the first."""
     import datasets
 
     if bounds is None:
-        return ds
+        return ds, 0
     (part,) = datasets.ReadInstruction.from_spec(name + bounds).to_absolute({name: len(ds)})
     if part.to - part.from_ <= 0:
         raise TrainerError(f"dataset_split {spec} selects no rows of the {len(ds)} in split {name}")
-    return ds.select(range(part.from_, part.to))
+    return ds.select(range(part.from_, part.to)), part.from_
 
 
-def load_rows(dataset_dir: str, cache_dir: str, split: str = "train", source: str = "auto"):
-    """The training rows as a `datasets.Dataset`: split `split` (with its slice) of `dataset_dir`."""
+def load_split(dataset_dir: str, cache_dir: str, split: str = "train", source: str = "auto"):
+    """The training rows as a `datasets.Dataset`: split `split` (with its slice) of `dataset_dir`; and the
+    RowOrigins that name the file and line of each."""
     import datasets
 
     root = Path(dataset_dir)
@@ -215,11 +223,86 @@ def load_rows(dataset_dir: str, cache_dir: str, split: str = "train", source: st
     name, bounds = split_spec(split)
     datasets.disable_progress_bars()
     try:
-        ds = select_slice(_load(root, name, source, cache_dir), name, bounds, split)
+        whole, origins = _load(root, name, source, cache_dir)
+        ds, start = select_slice(whole, name, bounds, split)
     except TrainerError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable files
         raise TrainerError(f"cannot read the dataset in {root}: {type(exc).__name__}: {exc}") from None
     if len(ds) == 0:
         raise TrainerError(f"the dataset in {root} has no rows")
-    return ds
+    return ds, RowOrigins(origins.files, origins.folder, start)
+
+
+def load_rows(dataset_dir: str, cache_dir: str, split: str = "train", source: str = "auto"):
+    """load_split's rows alone."""
+    return load_split(dataset_dir, cache_dir, split, source)[0]
+
+
+# ---------------------------------------------------------------- where a row comes from
+
+
+@dataclass(frozen=True)
+class RowOrigins:
+    """Where the rows of a loaded split come from: its data files in order with their row counts (a prefix
+    sum maps a row of the split to its file), or the save_to_disk folder; `start`, the slice's first row.
+    The line of a row in its file is read only when an error names it."""
+
+    files: tuple[tuple[Path, str, int], ...] = ()  # (file, `datasets` builder, rows)
+    folder: str = ""
+    start: int = 0
+
+    def name(self, i: int) -> str:
+        """Row i of the split as its file and line ("/data/train.jsonl line 12"), or folder and row."""
+        k = self.start + i
+        for path, builder, rows in self.files:
+            if k < rows:
+                try:
+                    return f"{path} {position(path, builder, k)}"
+                except (OSError, ValueError, IndexError):  # changed since it was read: its row number
+                    return f"{path} row {k} (from 0)"
+            k -= rows
+        return f"{self.folder or 'the dataset'} row {k}"
+
+    def error(self, exc: RowError) -> TrainerError:
+        """A row's problem with the row named by its file and line."""
+        return TrainerError(f"{self.name(exc.row)}{exc.rest}")
+
+
+def position(path: Path, builder: str, k: int) -> str:
+    """Where record k (from 0) of a data file is: the line it starts on in JSON Lines, a JSON array and
+    CSV (blank lines skipped, as the readers skip them; the header is line 1), else its row number."""
+    if builder == "json":
+        text = path.read_text(encoding="utf-8")
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, list):
+            return f"line {_array_item_line(text, k)}"
+        if doc is None or "\n" not in text.strip():  # JSON Lines (or one record on one line)
+            lines = [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            return f"line {lines[k]}"
+    if builder == "csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader, end = csv.reader(f), 0
+            records = []
+            for record in reader:  # a record may span lines (quoted newlines): it starts after the last
+                if record:
+                    records.append(end + 1)
+                end = reader.line_num
+            return f"line {records[k + 1]}"  # records[0]: the header
+    if builder == "text":
+        return f"line {k + 1}"
+    return f"row {k} (from 0)"  # parquet, arrow: the index pandas and pyarrow show
+
+
+def _array_item_line(text: str, k: int) -> int:
+    """The line on which item k of the JSON array `text` starts."""
+    decoder, at = json.JSONDecoder(), text.index("[") + 1
+    for _ in range(k + 1):
+        while text[at] in " \t\r\n,":
+            at += 1
+        start = at
+        _, at = decoder.raw_decode(text, at)
+    return text.count("\n", 0, start) + 1

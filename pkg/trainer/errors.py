@@ -21,6 +21,29 @@ class CheckpointUnreadable(CheckpointError):
     """A complete checkpoint whose files fail to load (damaged in place); the message names the file."""
 
 
+class RowError(TrainerError):
+    """A problem of one dataset row, raised with its index in the split: `row {row}{rest}` ("row 3 has no
+    'output'", "row 3: ..."). Where the split's files are known, data_files.RowOrigins names the file and
+    line instead of the index."""
+
+    def __init__(self, row: int, rest: str) -> None:
+        super().__init__(f"row {row}{rest}")
+        self.row, self.rest = row, rest
+
+
+class MessageError(TrainerError):
+    """A problem of one conversation's messages, raised where its row is not known (chat_format); the caller
+    that knows the row raises it as a RowError."""
+
+
+def at_row(i: int, render, *args):
+    """render(*args); a MessageError it raises becomes row i's RowError."""
+    try:
+        return render(*args)
+    except MessageError as exc:
+        raise RowError(i, f": {exc}") from None
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name when it has none."""
     text = str(e).strip()

@@ -35,8 +35,8 @@ import torch
 from pkg.trainer import data
 from pkg.trainer.chat_format import format_messages
 from pkg.trainer.config import TrainConfig
-from pkg.trainer.data_files import load_rows
-from pkg.trainer.errors import TrainerError
+from pkg.trainer.data_files import load_split
+from pkg.trainer.errors import RowError, TrainerError, at_row
 from pkg.trainer.loss import IGNORE_INDEX
 from pkg.trainer.rows import plain_messages, rename_columns, with_system, with_system_text
 
@@ -67,25 +67,23 @@ def is_chat(row: dict) -> bool:
 def _string(row: dict, key: str, i: int) -> str:
     value = row.get(key)
     if value is None:
-        raise TrainerError(f"row {i} has no '{key}' (preference rows need {EXPECTED})")
+        raise RowError(i, f" has no '{key}' (preference rows need {EXPECTED})")
     if not isinstance(value, str):
-        raise TrainerError(
-            f"row {i}: '{key}' must be a string like the other rows', got {type(value).__name__}"
-        )
+        raise RowError(i, f": '{key}' must be a string like the other rows', got {type(value).__name__}")
     if key in RESPONSES and not value.strip():
-        raise TrainerError(f"row {i}: the '{key}' response is empty")
+        raise RowError(i, f": the '{key}' response is empty")
     return value
 
 
 def _message_list(row: dict, key: str, i: int) -> list[dict]:
     msgs = row.get(key)
     if msgs is None:
-        raise TrainerError(f"row {i} has no '{key}' (preference rows need {EXPECTED})")
+        raise RowError(i, f" has no '{key}' (preference rows need {EXPECTED})")
     if isinstance(msgs, str) and key == "prompt":  # a plain-text prompt before conversational responses
         return [{"role": "user", "content": msgs}]
     if not isinstance(msgs, list):
-        raise TrainerError(f"row {i}: '{key}' must be a list of messages like the other rows'")
-    return plain_messages(msgs, f"row {i}: every message of '{key}'")
+        raise RowError(i, f": '{key}' must be a list of messages like the other rows'")
+    return plain_messages(msgs, i, f"every message of '{key}'")
 
 
 def chat_turns(row: dict, i: int) -> tuple[list[dict], list[dict], list[dict]]:
@@ -101,10 +99,10 @@ def chat_turns(row: dict, i: int) -> tuple[list[dict], list[dict], list[dict]]:
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     if not prompt:
-        raise TrainerError(f"row {i}: chosen and rejected share no prompt turn (and there is no 'prompt')")
+        raise RowError(i, ": chosen and rejected share no prompt turn (and there is no 'prompt')")
     for key, turns in (("chosen", chosen), ("rejected", rejected)):
         if not turns or not any(m["content"].strip() for m in turns):
-            raise TrainerError(f"row {i}: the '{key}' response is empty")
+            raise RowError(i, f": the '{key}' response is empty")
     return prompt, chosen, rejected
 
 
@@ -115,9 +113,10 @@ def render_chat(tokenizer, prompt: list[dict], response: list[dict], i: int) -> 
         head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=generation_prompt)
         if full.startswith(head) and len(full) > len(head):
             return head, full[len(head) :]
-    raise TrainerError(
-        f"row {i}: the model's chat template renders the prompt turns differently once a response follows, "
-        "so the response tokens cannot be told apart; give prompt/chosen/rejected as strings"
+    raise RowError(
+        i,
+        ": the model's chat template renders the prompt turns differently once a response follows, "
+        "so the response tokens cannot be told apart; give prompt/chosen/rejected as strings",
     )
 
 
@@ -134,9 +133,10 @@ def _plain_pairs(rows: list[dict], lo: int, chat: bool, tokenizer, cfg: TrainCon
             head, c = render_chat(tokenizer, prompt, chosen, lo + j)
             head_r, r = render_chat(tokenizer, prompt, rejected, lo + j)
             if head_r != head:
-                raise TrainerError(
-                    f"row {lo + j}: the chat template renders the prompt of chosen and of rejected "
-                    "differently; give prompt/chosen/rejected as strings"
+                raise RowError(
+                    lo + j,
+                    ": the chat template renders the prompt of chosen and of rejected "
+                    "differently; give prompt/chosen/rejected as strings",
                 )
             texts.append((head, c, r))
         else:
@@ -168,7 +168,7 @@ def _family_pair(row: dict, i: int, chat: bool, tokenizer, cfg: TrainConfig) -> 
     prompt = with_system(prompt, cfg.system_message())
     out = []
     for response in (chosen, rejected):
-        ids, labels = format_messages(tokenizer, prompt + response, cfg)
+        ids, labels = at_row(i, format_messages, tokenizer, prompt + response, cfg)
         last = max((k for k, t in enumerate(labels) if t != IGNORE_INDEX), default=-1)
         if last < 0:  # the prompt fills max_seq_length: no target (the pair is kept, as torchtune keeps it)
             out.append((ids, [], []))
@@ -181,9 +181,10 @@ def _family_pair(row: dict, i: int, chat: bool, tokenizer, cfg: TrainConfig) -> 
         out.append((ids[:first], ids[first : last + 1], targets))
     (head, c, targets), (head_r, r, targets_r) = out
     if head != head_r or targets != targets_r:
-        raise TrainerError(
-            f"row {i}: chosen and rejected differ before their last assistant turn; a pair shares every turn "
-            "but the last one"
+        raise RowError(
+            i,
+            ": chosen and rejected differ before their last assistant turn; a pair shares every turn "
+            "but the last one",
         )
     return head, c, r, targets
 
@@ -211,7 +212,7 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
         rows = [{k: chunk[k][j] for k in chunk} for j in range(len(chunk["chosen"]))]
         for j, row in enumerate(rows):
             if is_chat(row) != chat:
-                raise TrainerError(f"row {lo + j}: mixes string and message-list rows; use one form")
+                raise RowError(lo + j, ": mixes string and message-list rows; use one form")
         if family:
             pairs = [_family_pair(row, lo + j, chat, tokenizer, cfg) for j, row in enumerate(rows)]
         else:
@@ -231,9 +232,10 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
                 if not (c or r or targets):  # nothing to score: one token runs through the model
                     p = p[-1:]
             if not p:
-                raise TrainerError(
-                    f"row {lo + j}: the prompt is empty and the tokenizer adds no BOS token, so nothing "
-                    "predicts the responses' first token: give every pair a prompt"
+                raise RowError(
+                    lo + j,
+                    ": the prompt is empty and the tokenizer adds no BOS token, so nothing "
+                    "predicts the responses' first token: give every pair a prompt",
                 )
             budget = cfg.max_seq_length - max(len(c), len(r))
             if len(p) > budget:  # the prompt loses its beginning (a family's fits: cut when rendered)
@@ -261,9 +263,12 @@ def tokenize_pairs(ds, tokenizer, cfg: TrainConfig) -> tuple[list[dict], int, in
 
 def tokenized_pairs(cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: str, split: str) -> list[dict]:
     """The tokenized pairs of one split, one per row."""
-    ds = load_rows(dataset_dir, cache_dir, split, cfg.dataset_source)
+    ds, origins = load_split(dataset_dir, cache_dir, split, cfg.dataset_source)
     ds = rename_columns(ds, cfg.column_map)
-    records, truncated, empty = tokenize_pairs(ds, tokenizer, cfg)
+    try:
+        records, truncated, empty = tokenize_pairs(ds, tokenizer, cfg)
+    except RowError as exc:  # named by its file and line
+        raise origins.error(exc) from None
     if truncated:
         how = "at their end" if cfg.truncation == "torchtune" else "(prompts first, at their beginning)"
         log.warning(

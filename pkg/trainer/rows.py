@@ -8,7 +8,7 @@ message of chat formats and the first paragraph of the others; `prompt_template`
 
 from __future__ import annotations
 
-from pkg.trainer.errors import TrainerError
+from pkg.trainer.errors import RowError, TrainerError
 
 FORMAT_FIELDS = {
     "alpaca": ("instruction", "output"),
@@ -73,11 +73,11 @@ def _text(row: dict, key: str, i: int, fmt: str, required: bool = True) -> str:
     if value is None or (required and isinstance(value, str) and not value.strip()):
         if not required:
             return ""
-        raise TrainerError(f"row {i} has no '{key}' (format {fmt} needs {', '.join(FORMAT_FIELDS[fmt])})")
+        raise RowError(i, f" has no '{key}' (format {fmt} needs {', '.join(FORMAT_FIELDS[fmt])})")
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)  # CSV and parquet columns of numbers
     if not isinstance(value, str):
-        raise TrainerError(f"row {i}: '{key}' must be a string, got {type(value).__name__}")
+        raise RowError(i, f": '{key}' must be a string, got {type(value).__name__}")
     return value
 
 
@@ -153,28 +153,29 @@ def check_turns(msgs: list[dict], i: int) -> None:
             problem = f"message {k} is a system message, which only the first message may be"
         last = m["role"]
     if problem:
-        raise TrainerError(
-            f"row {i}: {problem} (torchtune's validate_messages, which tune run applies); fix or drop the row"
+        raise RowError(
+            i, f": {problem} (torchtune's validate_messages, which tune run applies); fix or drop the row"
         )
 
 
 def _messages(row: dict, i: int) -> list[dict]:
     msgs = row.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise TrainerError(f"row {i} has no 'messages' list")
-    msgs = plain_messages(msgs, f"row {i}: every message")
+        raise RowError(i, " has no 'messages' list")
+    msgs = plain_messages(msgs, i)
     if not any(m["role"] == "assistant" for m in msgs):
-        raise TrainerError(f"row {i}: no 'assistant' message to train on")
+        raise RowError(i, ": no 'assistant' message to train on")
     return msgs
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 
 
-def plain_messages(msgs: list, which: str) -> list[dict]:
-    """`msgs` as {role, content} dicts (extra keys dropped); `which` names them in the error, which says
-    what is wrong with them ("row 3: every message of 'chosen'"). ShareGPT's {from: human|gpt|system,
-    value} messages (torchtune's chat_dataset with conversation_style sharegpt) become the same."""
+def plain_messages(msgs: list, i: int, which: str = "every message") -> list[dict]:
+    """`msgs` (of row `i`) as {role, content} dicts (extra keys dropped); `which` names them in the error,
+    which says what is wrong with them ("row 3: every message of 'chosen'"). ShareGPT's {from:
+    human|gpt|system, value} messages (torchtune's chat_dataset with conversation_style sharegpt) become the
+    same."""
     msgs = [
         {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
         if isinstance(m, dict) and "from" in m and "role" not in m
@@ -187,5 +188,5 @@ def plain_messages(msgs: list, which: str) -> list[dict]:
             or not isinstance(m.get("role"), str)
             or not isinstance(m.get("content"), str)
         ):
-            raise TrainerError(f"{which} needs a string 'role' and 'content'")
+            raise RowError(i, f": {which} needs a string 'role' and 'content'")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]

@@ -44,7 +44,59 @@ def test_empty_dataset_and_missing_fields(in_process, tmp_path, tiny_model, caps
         json.dumps({"instruction": "hi", "output": "yo"}) + "\n" + json.dumps({"instruction": "x"}) + "\n"
     )
     assert in_process({"model_dir": tiny_model, "dataset_dir": data, "output_dir": tmp_path / "o2"}) == 1
-    assert "row 1 has no 'output'" in one_line_error(capsys.readouterr().err)
+    assert f"{data / 'train.jsonl'} line 2 has no 'output'" in one_line_error(capsys.readouterr().err)
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+    return folder / name
+
+
+ALPACA_OK = {"instruction": "Say hi.", "output": "Hi."}
+MISSING_OUTPUT = "has no 'output' (format alpaca needs instruction, output)"
+
+
+def test_a_bad_row_is_named_by_its_file_and_line(in_process, tmp_path, tiny_model, capsys):
+    """The line a user opens the file at, in every file type: blank lines and a quoted newline counted,
+    a pretty-printed JSON array's item where it starts, the second of several files, a slice's offset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ok = json.dumps(ALPACA_OK)
+    cases = []
+    jsonl = _write(tmp_path / "jsonl", "train.jsonl", f"{ok}\n\n{ok}\n" + json.dumps({"instruction": "x"}))
+    cases.append(({"dataset_dir": jsonl.parent}, f"{jsonl} line 4 {MISSING_OUTPUT}"))
+    array = '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c",\n   "output": "d"},\n'
+    array = _write(tmp_path / "json", "train.json", array + '  {"instruction": "x"}\n]\n')
+    cases.append(({"dataset_dir": array.parent}, f"{array} line 5 {MISSING_OUTPUT}"))
+    table = _write(tmp_path / "csv", "train.csv", 'instruction,output\na,b\n"two\nlines",d\nx,\n')
+    cases.append(({"dataset_dir": table.parent}, f"{table} line 5 {MISSING_OUTPUT}"))
+    parquet = tmp_path / "parquet" / "data"
+    parquet.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([ALPACA_OK] * 3), parquet / "train-00000-of-00002.parquet")
+    second = parquet / "train-00001-of-00002.parquet"
+    pq.write_table(pa.Table.from_pylist([ALPACA_OK, {"instruction": "x", "output": None}]), second)
+    cases.append(({"dataset_dir": parquet.parent}, f"{second} row 1 (from 0) {MISSING_OUTPUT}"))
+    pairs = [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 2 + [
+        {"prompt": None, "chosen": "a", "rejected": "b"}
+    ]
+    dpo = _write(tmp_path / "dpo", "train.jsonl", "".join(json.dumps(r) + "\n" for r in pairs))
+    cases.append(
+        ({"dataset_dir": dpo.parent, "objective": "dpo", "dataset_split": "train[1:]"},
+         f"{dpo} line 3 has no 'prompt' (preference rows need prompt/chosen/rejected strings, "),
+    )  # fmt: skip
+    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    chats = [{"messages": talk}, {"messages": talk[::-1]}]
+    chat = _write(tmp_path / "chat", "train.jsonl", "".join(json.dumps(r) + "\n" for r in chats))
+    cases.append(
+        ({"dataset_dir": chat.parent, "validate_messages": True},
+         f"{chat} line 2: message 0 is an assistant message that does not follow a user message"),
+    )  # fmt: skip
+    for k, (args, message) in enumerate(cases):
+        code = in_process({"model_dir": tiny_model, "output_dir": tmp_path / f"out{k}", **args})
+        assert code == 1
+        assert one_line_error(capsys.readouterr().err).startswith(f"error: {message}")
 
 
 def test_errors_under_torchrun_are_printed_once_and_no_rank_hangs(tmp_path, tiny_model):

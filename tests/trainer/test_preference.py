@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import datasets
 import pytest
@@ -219,3 +220,21 @@ def test_an_sft_dataset_under_objective_dpo_exits_with_one_line(tmp_path, tiny_m
         "(columns: prompt, completion); expected prompt/chosen/rejected strings, or chosen/rejected message "
         "lists (with an optional prompt message list)"
     ]
+
+
+@pytest.mark.fast
+def test_a_family_format_pair_whose_prompt_fills_max_seq_len_is_kept_without_response_tokens():
+    """tune run's llama3_tokenizer cuts each conversation at max_seq_len and ends it in an untrained EOS: a
+    prompt that long leaves both responses without a target, and the pair stays (loss ln 2 in dpo.py)."""
+    from transformers import AutoTokenizer
+
+    llama3 = AutoTokenizer.from_pretrained(str(Path(__file__).parent / "fixtures" / "formats" / "llama3"))
+    rows = preference_rows("chat", 2)
+    for key in ("chosen", "rejected"):
+        rows[0][key][0] = {"role": "user", "content": "Hello there! How are you? " * 20}
+    records, truncated, empty = pairs(
+        rows, llama3, message_format="llama3", truncation="torchtune", max_seq_length=64
+    )
+    assert (len(records), truncated, empty) == (2, 0, 1)
+    assert (records[0]["chosen_ids"], records[0]["rejected_ids"], records[0]["seq_lens"]) == ([], [], [1, 1])
+    assert records[1]["chosen_ids"] and records[1]["rejected_ids"]

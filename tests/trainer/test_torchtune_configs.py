@@ -393,7 +393,7 @@ def test_trainer_settings_torchtune_needs():
         {"from": "human", "value": "Q"},
         {"from": "gpt", "value": "A"},
     ]
-    roles = [(m["role"], m["content"]) for m in rows.plain_messages(sharegpt, "row 0")]
+    roles = [(m["role"], m["content"]) for m in rows.plain_messages(sharegpt, 0)]
     assert roles == [("system", "S"), ("user", "Q"), ("assistant", "A")]
 
 
