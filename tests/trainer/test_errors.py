@@ -59,7 +59,8 @@ MISSING_OUTPUT = "has no 'output' (format alpaca needs instruction, output)"
 
 def test_a_bad_row_is_named_by_its_file_and_line(in_process, tmp_path, tiny_model, capsys):
     """The line a user opens the file at, in every file type: blank lines and a quoted newline counted,
-    a pretty-printed JSON array's item where it starts, the second of several files, a slice's offset."""
+    a pretty-printed JSON array's item where it starts, the second of several files, a slice's offset; a
+    missing field, invalid messages, a field of the wrong type."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -93,6 +94,9 @@ def test_a_bad_row_is_named_by_its_file_and_line(in_process, tmp_path, tiny_mode
         ({"dataset_dir": chat.parent, "validate_messages": True},
          f"{chat} line 2: message 0 is an assistant message that does not follow a user message"),
     )  # fmt: skip
+    typed = [{"prompt": "a", "completion": "b"}, {"prompt": "x", "completion": [3]}]
+    typed = _write(tmp_path / "typed", "train.jsonl", "".join(json.dumps(r) + "\n" for r in typed))
+    cases.append(({"dataset_dir": typed.parent}, f"{typed} line 2: 'completion' must be a string, got list"))
     for k, (args, message) in enumerate(cases):
         code = in_process({"model_dir": tiny_model, "output_dir": tmp_path / f"out{k}", **args})
         assert code == 1
