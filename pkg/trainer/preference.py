@@ -19,8 +19,8 @@
   when prompt + the longer response exceed `max_seq_length`, the prompt loses its beginning (the responses,
   which the loss is about, stay whole; one longer than max_seq_length - 1 loses its end). Every row stays a
   pair, as in torchtune's preference dataset: one whose prompt fills max_seq_length has no response token
-  and scores log-probability 0 on both sides (dpo.py: loss ln 2, no gradient), so the pairs, steps and
-  batches are the rows', whatever max_seq_length. Both counts are logged. Without truncation (tune run's
+  and scores log-probability 0 on both sides (dpo.py: loss ln 2, no gradient), so the pairs and steps
+  are the rows', whatever max_seq_length. Both counts are logged. Without truncation (tune run's
   null tokenizer.max_seq_len) a pair longer than max_seq_length stops the run, naming its row.
 - Batches: `collate_pairs` puts the chosen sequences then the rejected ones into one padded batch, so a
   micro-batch needs one forward pass; labels are -100 but on response tokens.
