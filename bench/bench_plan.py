@@ -54,7 +54,8 @@ CASES = {
     "2x2-bf16-lora": (2, 2, "bf16", "lora", "auto"),
     "2x2-fp32-full-sharded": (2, 2, "fp32", "full", "full"),  # the same job fully sharded over 4 ranks
 }
-FLOOR = {"1-fp32-full-floor": False, "1-fp32-full-floor-in-backward": True}  # name -> optimizer_in_backward
+# name -> the floor job's optimizer_in_backward (as its command line spells it)
+FLOOR = {"1-fp32-full-floor": "false", "1-fp32-full-floor-in-backward": "true"}
 
 
 def log(msg: str) -> None:
