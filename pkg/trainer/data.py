@@ -129,8 +129,12 @@ def check_length(n: int, i: int, cfg: TrainConfig) -> None:
 def tokenized_samples(
     cfg: TrainConfig, tokenizer, cache_dir: str, dataset_dir: str, split: str, limit: int = 0
 ):
-    """The (input_ids, labels) of every row (or of the first `limit`) of one split that keeps a target
-    token; and the format."""
+    """The (input_ids, labels) of every row (or of the first `limit`) of one split, and the format.
+
+    A row with no target token left (its prompt fills max_seq_length, train_on_prompt off) stays, as
+    torchtune's SFT datasets keep it: it counts in the rows and the steps per epoch and adds nothing to
+    the loss or its token count. Unpacked, only its first token is kept, which holds its place in a batch
+    without a forward pass over the rest; packed, it fills its space in a sequence as in PackedDataset."""
     ds, origins = load_split(dataset_dir, cache_dir, split, cfg.dataset_source)
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
@@ -142,19 +146,24 @@ def tokenized_samples(
         raise origins.error(exc) from None
     except TrainerError as exc:  # say which data it is about
         raise TrainerError(f"{dataset_dir} ({split}): {exc}") from None
-    kept = [s for s in samples if any(t != IGNORE_INDEX for t in s[1])]
-    if not kept:
+    empty = [i for i, (_, labels) in enumerate(samples) if all(t == IGNORE_INDEX for t in labels)]
+    if len(empty) == len(samples):
         raise TrainerError(
             f"no row has a target token left after truncation to max_seq_length={cfg.max_seq_length} "
             f"({dataset_dir}, {split}): raise max_seq_length or check the response fields"
         )
-    if len(kept) < len(samples):
+    if empty:
         log.warning(
-            "dropped %d of %d rows with no target token within max_seq_length",
-            len(samples) - len(kept),
+            "%d of %d rows have no target token within max_seq_length=%d: kept, as torchtune keeps them "
+            "(they count in the rows and steps, and add nothing to the loss)",
+            len(empty),
             len(samples),
+            cfg.max_seq_length,
         )
-    return kept, fmt
+    if not cfg.packing:
+        for i in empty:
+            samples[i] = samples[i][0][:1], samples[i][1][:1]
+    return samples, fmt
 
 
 def each_dataset(cfg: TrainConfig) -> list[TrainConfig]:
@@ -164,19 +173,19 @@ def each_dataset(cfg: TrainConfig) -> list[TrainConfig]:
 
 def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[dict[str, list[int]]]]:
     """Tokenized (and packed) train and val records, from the raw dataset(s) (and the validation dataset)."""
-    kept, formats = [], []
+    samples, formats = [], []
     for one in each_dataset(cfg):  # several datasets: concatenated in order, as torchtune's ConcatDataset
-        samples, fmt = tokenized_samples(one, tokenizer, cache_dir, one.dataset_dir, one.dataset_split)
-        kept += samples
+        part, fmt = tokenized_samples(one, tokenizer, cache_dir, one.dataset_dir, one.dataset_split)
+        samples += part
         formats.append(fmt)
     fmt = "+".join(formats)
     if cfg.val_dataset_split:
-        train = kept
+        train = samples
         val, _ = tokenized_samples(
             cfg, tokenizer, cache_dir, cfg.val_dataset_dir or cfg.dataset_dir, cfg.val_dataset_split
         )
     else:
-        train, val = split_train_val(kept, cfg)
+        train, val = split_train_val(samples, cfg)
     log.info("format %s: %d train, %d val samples", fmt, len(train), len(val))
     return {
         "train": to_records(train, cfg.packing, cfg.max_seq_length),
@@ -185,8 +194,10 @@ def build_splits(cfg: TrainConfig, tokenizer, cache_dir: str) -> dict[str, list[
 
 
 def split_train_val(samples: list, cfg: TrainConfig) -> tuple[list, list]:
-    """A seeded shuffle, then `val_fraction` of the samples (at least one, never all) held out."""
+    """`val_fraction` of the samples (at least one, never all), picked by a seeded shuffle, held out; the
+    training samples stay in file order (shuffle: false trains in it)."""
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_val = round(cfg.val_fraction * len(samples)) if cfg.val_fraction else 0
     n_val = min(max(n_val, 1 if cfg.val_fraction else 0), len(samples) - 1)
-    return [samples[i] for i in order[n_val:]], [samples[i] for i in order[:n_val]]
+    held = set(order[:n_val])
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in order[:n_val]]

@@ -18,6 +18,7 @@ what the loss is:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,5 +75,8 @@ class Objective(Protocol):
 
 
 def means(names: Sequence[str], sums: Sequence[float], count: float, prefix: str = "") -> dict[str, float]:
-    """{prefix + name: sum / count}: the metrics of a step (count over the global batch) or a validation."""
-    return {prefix + name: value / max(count, 1) for name, value in zip(names, sums, strict=True)}
+    """{prefix + name: sum / count}: the metrics of a step (count over the global batch) or a validation;
+    NaN over a count of 0 (a batch or held-out set without a target token: no mean to report)."""
+    return {
+        prefix + name: value / count if count else math.nan for name, value in zip(names, sums, strict=True)
+    }

@@ -596,6 +596,8 @@ class Recipe:
         n_targets, n_tokens = distributed.all_reduce_sum(
             [sum(c[0] for c in counts), sum(c[1] for c in counts)], self.dist.device
         )
+        if not n_targets:  # every row of this global batch lacks a target token (data.tokenized_samples)
+            return self.no_target_step(step, n_tokens)
         # FSDP averages gradients over ranks; scaling by the world size turns that into the global mean.
         scale = self.dist.world_size / n_targets
         net = self.model.net
@@ -635,6 +637,17 @@ class Recipe:
         if router:
             result["aux_loss"] = router_global / (len(micro) * self.dist.world_size)
         return result
+
+    def no_target_step(self, step: int, n_tokens: int) -> dict[str, float]:
+        """A step whose global batch has no target token: its loss, a mean over no token, is undefined, so
+        no rank runs a pass and the weights and the optimizer's moments stay; the schedule moves on. (In
+        torchtune 0.6.1 such a step scales its zero gradients by 1 / 0: NaN weights.)"""
+        if self.dist.is_main:
+            log.warning("step %d: no row of its batch has a target token; its update is skipped", step + 1)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        result = means(self.objective.metrics, [0.0] * len(self.objective.metrics), 0)
+        return {**result, "lr": lr, "grad_norm": math.nan, "tokens": n_tokens, "finite": True}
 
     def check_finite(self, step: int, result: dict[str, float]) -> None:
         """Apply `nan_policy` to a step whose loss or gradient norm was NaN or inf (its update skipped)."""

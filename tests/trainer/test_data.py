@@ -148,8 +148,14 @@ def test_truncation_and_rows_without_targets(tmp_path, tokenizer):
     rows = [{"prompt": "word " * 100, "completion": "x"}, {"prompt": "short", "completion": "answer"}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     splits = data.build_splits(cfg(dataset_dir=str(tmp_path), max_seq_length=16), tokenizer, str(cache / "c"))
-    assert len(splits["train"]) == 1  # the long prompt left no target within 16 tokens: dropped
-    assert all(len(r["input_ids"]) <= 16 for r in splits["train"])
+    # The long prompt left no target within 16 tokens: kept (as torchtune keeps it), its first token only
+    no_target, short = splits["train"]
+    assert no_target == {"input_ids": no_target["input_ids"][:1], "labels": [-100], "seq_lens": [1]}
+    assert batching.count_targets([short]) > 0 and len(short["input_ids"]) <= 16
+    packed = data.build_splits(
+        cfg(dataset_dir=str(tmp_path), max_seq_length=16, packing=True), tokenizer, str(cache / "p")
+    )["train"]
+    assert [r["seq_lens"] for r in packed] == [[16], [len(short["input_ids"])]]  # whole, as PackedDataset
     (tmp_path / "d.jsonl").write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(TrainerError, match="no row has a target token left"):
         data.build_splits(cfg(dataset_dir=str(tmp_path), max_seq_length=16), tokenizer, str(cache / "c2"))

@@ -7,7 +7,9 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from pkg.trainer import data_cache
 from tests.trainer.conftest import (
     BASE_ARGS,
     LOSS_TOL,
@@ -160,3 +162,60 @@ def test_full_fine_tuning_at_two_processes_evaluates_a_rank_whose_batch_is_all_p
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "42 train / 6 val sequences" in log and "step 1/1 | val_loss=" in log, log[-3000:]
+
+
+def test_rows_without_a_target_are_kept_and_steps_follow_the_rows(tmp_path, tiny_model):
+    # 36 rows, 12 of them with a prompt that fills max_seq_length (no target), in file order (shuffle off),
+    # global batches of 8 over 2 ranks in micro-batches of 2. torchtune keeps such rows: 36 // 8 = 4 steps
+    # (dropping them would give 3). Step 1: rank 0 holds rows 0-3, three without a target, so one of its
+    # micro-batches has none while rank 1's have some; step 2 has no target at all: no update, no loss.
+    from transformers import AutoModelForCausalLM
+
+    from pkg.trainer.optim import BETAS
+    from tests.trainer.tiny import rows
+
+    no_target = {0, 1, 2, *range(8, 16), 20}
+    data = [
+        {"prompt": "Repeat: " + "river stone " * 40, "completion": r["completion"]} if i in no_target else r
+        for i, r in enumerate(rows("prompt_completion", 36))
+    ]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    out = tmp_path / "out"
+    args = {**BASE_ARGS, "model_dir": tiny_model, "dataset_dir": tmp_path / "data", "output_dir": out}
+    args.update(method="full", max_steps=0, num_epochs=1, shuffle=False, val_fraction=0, max_seq_length=32)
+    args.update(learning_rate=1e-3, lr_scheduler="constant", max_grad_norm=0)
+    log = ok(run_trainer(args, nproc=2))
+    assert "12 of 36 rows have no target token within max_seq_length=32: kept" in log
+    assert "step 2: no row of its batch has a target token; its update is skipped" in log
+    trained = losses(out)
+    assert len(trained) == 4 and trained[1] is None, trained
+
+    # The same steps with plain transformers: each row alone through the whole model, its full logits'
+    # cross-entropy summed over the batch's target tokens and divided by their count; AdamW as the trainer's.
+    [cache] = (out / "cache").glob("tokenized-*")
+    records = data_cache.read_cache(cache)["train"]
+    assert len(records) == 36
+    net = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    adam = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=BETAS, weight_decay=0.0, fused=True)
+    expected = []
+    for step in range(4):
+        total, count = torch.zeros(()), 0
+        for rec in [records[i] for i in range(step * 8, step * 8 + 8)]:
+            ids = torch.tensor([rec["input_ids"]], dtype=torch.long)
+            labels = torch.tensor(rec["labels"][1:], dtype=torch.long)
+            logits = net(input_ids=ids).logits[0, :-1]
+            total = total + F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+            count += int((labels != -100).sum())
+        if not count:
+            expected.append(None)
+            continue
+        loss = total / count
+        expected.append(loss.item())
+        loss.backward()
+        adam.step()
+        adam.zero_grad()
+    assert expected[1] is None
+    torch.testing.assert_close(
+        [x for x in trained if x is not None], [x for x in expected if x is not None], **LOSS_TOL
+    )
