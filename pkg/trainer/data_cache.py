@@ -23,11 +23,12 @@ import torch
 from pkg.trainer.config import TrainConfig
 from pkg.trainer.files import atomic_dir, dir_digest
 
-CACHE_VERSION = "7"  # bumped when the same settings tokenize differently (2: system_prompt on DPO pairs;
+CACHE_VERSION = "8"  # bumped when the same settings tokenize differently (2: system_prompt on DPO pairs;
 # 3: system_prompt never a target, prompt_template pieces encoded apart in message formats; 4: text rows in
 # message formats, and the cache's files became torch columns; 5: prompt_targets of DPO pairs, Qwen's EOS
 # with a max_seq_len, Gemma's user-defined tokens in text; 6: DPO pairs without a response token kept;
-# 7: SFT rows without a target token kept)
+# 7: SFT rows without a target token kept; 8: CSV cells read as text, a JSON value deep in a large file
+# no longer cast to the type of the file's first 10 MiB)
 
 
 # Settings that shape the tokens, added after the first caches and checkpoints: the cache key and the run

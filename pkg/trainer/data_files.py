@@ -119,15 +119,28 @@ def _load_file(builder: str, path: Path, name: str, cache_dir: str):
     """One data file as a Dataset; its problems named by file (and line, for JSON)."""
     import datasets
 
+    options: dict = {}
     if builder in ("json", "csv", "text"):
         check_text(path)
         if not path.read_bytes().strip():
             return None  # empty or blank lines only: no rows (counted as 0 in the log)
+    if builder == "json":
+        if (ds := _json_lines(path)) is not None:
+            return ds
+        # Values of several kinds in a column (or not JSON Lines): `datasets` decides a column's type from a
+        # file's first 10 MiB and casts the later rows to it (a list after strings became the string
+        # '[5]'); read in one piece, a column of mixed values keeps each as written (its Json type) and
+        # the row checks refuse a wrong one by its file and line, whatever the file's size.
+        options["chunksize"] = max(path.stat().st_size + 1, 10 << 20)
+    if builder == "csv":  # CSV is text: every cell as written ('007', 'NA', '5.0'), not pandas' guess
+        options.update(features=_csv_columns(path), na_filter=False)
     quiet = logging.getLogger("datasets")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # its own log of a bad file would precede our one line
     try:
-        return datasets.load_dataset(builder, data_files={name: [str(path)]}, split=name, cache_dir=cache_dir)
+        return datasets.load_dataset(
+            builder, data_files={name: [str(path)]}, split=name, cache_dir=cache_dir, **options
+        )
     except Exception as exc:  # datasets raises many types for unreadable files
         where = _json_problem(path) if builder == "json" else None
         cause = first_line(exc)
@@ -138,6 +151,29 @@ def _load_file(builder: str, path: Path, name: str, cache_dir: str):
         raise TrainerError(f"cannot read {path}: {where or cause}: fix or remove that file") from None
     finally:
         quiet.setLevel(level)
+
+
+def _json_lines(path: Path):
+    """A JSON Lines file read by pyarrow in one go, when every column holds one kind of value throughout
+    (pyarrow refuses a kind that changes, even blocks apart: a list after strings); else None."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.json as paj
+
+    try:
+        return datasets.Dataset(paj.read_json(path))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+def _csv_columns(path: Path):
+    """Every column of a CSV file as text, named as pandas names them (an empty header: 'Unnamed: i')."""
+    import datasets
+
+    with path.open(newline="", encoding="utf-8") as f:
+        header = next((record for record in csv.reader(f) if record), [])
+    names = [name or f"Unnamed: {i}" for i, name in enumerate(header)]
+    return datasets.Features({name: datasets.Value("string") for name in names})
 
 
 def _load_files(root: Path, name: str, source: str, cache_dir: str):
@@ -164,6 +200,11 @@ def _load_files(root: Path, name: str, source: str, cache_dir: str):
             )
         ds = ds.select_columns(ds0.column_names)
         if ds.features != ds0.features:  # string and large_string, int32 and int64 ... are one type here
+            if clash := _kind_clash(ds.features, ds0.features):  # a cast would change values ('[5]')
+                raise TrainerError(
+                    f"{path}: {clash.format(first=first)}: give a column one kind of value in every file "
+                    "of the split"
+                )
             try:
                 ds = ds.cast(ds0.features)
             except (TypeError, ValueError) as exc:
@@ -174,6 +215,52 @@ def _load_files(root: Path, name: str, source: str, cache_dir: str):
         same.append(ds)
     origins = RowOrigins(tuple((path, builder, len(ds)) for path, ds, builder in parts))
     return datasets.concatenate_datasets(same), origins
+
+
+def _kinds(feature) -> object:
+    """A column's type as the kinds of value it holds: number for any int or float, string for any
+    string, lists and dicts by their items."""
+    import datasets
+
+    if isinstance(feature, dict):
+        return {key: _kinds(value) for key, value in feature.items()}
+    if isinstance(feature, datasets.List | datasets.LargeList):
+        return [_kinds(feature.feature)]
+    if isinstance(feature, datasets.Value):
+        dtype = feature.dtype
+        if dtype.startswith(("int", "uint", "float")):
+            return "number"
+        return {"large_string": "string", "bool": "boolean"}.get(dtype, dtype)
+    return type(feature).__name__  # Json: values of several kinds, each as written
+
+
+def _kind_clash(features, target) -> str:
+    """The first column whose values would change kind in a cast of `features` to `target`, as "column
+    'output' holds list of number but <target's file> holds string", or "". Allowed: a column of nulls,
+    and numbers read as text (as the trainer reads a number in a text field)."""
+
+    def clash(have, want) -> bool:
+        if have == want or have == "null" or (have == "number" and want == "string"):
+            return False
+        if isinstance(have, dict) and isinstance(want, dict):
+            return any(clash(v, want[k]) for k, v in have.items() if k in want)
+        if isinstance(have, list) and isinstance(want, list):
+            return clash(have[0], want[0])
+        return True
+
+    for column, feature in features.items():
+        have, want = _kinds(feature), _kinds(target[column])
+        if clash(have, want):
+            return f"column {column!r} holds {_kind_name(have)} but {{first}} holds {_kind_name(want)}"
+    return ""
+
+
+def _kind_name(kinds) -> str:
+    if isinstance(kinds, list):
+        return f"list of {_kind_name(kinds[0])}"
+    if isinstance(kinds, dict):
+        return "{" + ", ".join(f"{k}: {_kind_name(v)}" for k, v in kinds.items()) + "}"
+    return "values of several kinds" if kinds == "Json" else kinds
 
 
 def _load(root: Path, name: str, source: str, cache_dir: str):

@@ -178,7 +178,7 @@ def plain_messages(msgs: list, i: int, which: str = "every message") -> list[dic
     same."""
     msgs = [
         {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
-        if isinstance(m, dict) and "from" in m and "role" not in m
+        if isinstance(m, dict) and "from" in m and m.get("role") is None  # role: None where rows mix styles
         else m
         for m in msgs
     ]
