@@ -78,6 +78,16 @@ def _build(model_name: str, method: str):
     return model, optimizer, trainable
 
 
+class _NoDigest:
+    """A hasher that hashes nothing: ours without digests, for their cost."""
+
+    def update(self, data: object) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
 def _clocked(fn: Callable, into: list[float]) -> Callable:
     """`fn`, adding the seconds each call takes to `into`."""
 
@@ -106,15 +116,24 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
+def worker(models: list[str], reps: int, workdir: Path, out: Path, stock: bool) -> None:
     from unittest import mock
 
     import torch
     import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     from pkg.trainer import checkpoint as ck
     from pkg.trainer import checkpoint_dirs, checksums
+
+    class StockWriter(dcp.FileSystemWriter):
+        digests: dict = {}  # noqa: RUF012  (none hashed while writing: checksums.record reads them back)
+
+    stock_storage = (  # DCP's own: a torch.save archive per tensor (checkpoint format 1)
+        mock.patch.object(ck.checkpoint_storage, "Writer", StockWriter),
+        mock.patch.object(ck.checkpoint_storage, "Reader", dcp.FileSystemReader),
+    )
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -142,8 +161,19 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                 )
 
             def save_no_digests(model=model, optimizer=optimizer, run_dir=run_dir):
-                with mock.patch.object(checksums, "record", lambda folder: {}):
+                # Neither the shards' hashing as they are written nor the digest step after.
+                with (
+                    mock.patch.dict(checksums.HASHERS, {checksums.ALGORITHM: _NoDigest}),
+                    mock.patch.object(checksums, "record", lambda folder, hashed=None: {}),
+                ):
                     save_ours(model, optimizer, run_dir)
+
+            def with_stock_storage(fn):
+                def run():
+                    with stock_storage[0], stock_storage[1]:
+                        fn()
+
+                return run
 
             def save_full(model=model, optimizer=optimizer, baseline_file=baseline_file):
                 msd, osd = get_state_dict(model, optimizer, options=full_opts)
@@ -158,31 +188,41 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                 )  # fmt: skip
 
             names = ("save_ours", "load_ours", "save_no_digests", "load_no_digests", "save_full", "load_full")
+            names += ("save_stock", "load_stock") if stock else ()
             times: dict[str, list[float]] = {name: [] for name in names}
             spent: dict[str, list[float]] = {"record": [], "verify": []}  # inside the digest steps
             clocked = [
                 mock.patch.object(checksums, step, _clocked(getattr(checksums, step), spent[step]))
                 for step in spent
             ]
-            # Rank 0's peak RSS growth while saving (ru_maxrss only rises: ours runs first, so the
-            # baseline's figure is what it needs beyond ours, a lower bound of its own growth).
+            pairs = {  # each save, then the load of what it saved
+                "ours": (("save_ours", save_ours), ("load_ours", load_ours)),
+                "no_digests": (("save_no_digests", save_no_digests), ("load_no_digests", load_ours)),
+                "full": (("save_full", save_full), ("load_full", load_full)),
+            }
+            if stock:
+                pairs["stock"] = (
+                    ("save_stock", with_stock_storage(save_ours)),
+                    ("load_stock", with_stock_storage(load_ours)),
+                )
+            # An untimed round first: a process's first DCP save pays one-off costs (~0.3 s: imports, the
+            # first collectives) that a training run pays once, not at each checkpoint. Ours goes first, so
+            # rank 0's peak RSS growth is ours after its save, the baseline's what it needs beyond ours
+            # (ru_maxrss only rises: a lower bound of its own growth).
             peak = {"before": _max_rss_mb()}
+            for name in ("ours", "full"):
+                for _, fn in pairs[name]:
+                    fn()
+                    peak.setdefault(name, _max_rss_mb())
             for patch in clocked:
                 patch.start()
+            order = list(pairs)
             for rep in range(reps):
-                # Whichever pair runs first after the baseline's is slower (measured: up to 1.5x, either way
-                # round), so the two swap places every repetition.
-                for digests in (True, False) if rep % 2 == 0 else (False, True):
-                    if digests:
-                        times["save_ours"].append(_timed(save_ours))
-                        peak.setdefault("ours", _max_rss_mb())
-                        times["load_ours"].append(_timed(load_ours))
-                    else:
-                        times["save_no_digests"].append(_timed(save_no_digests))
-                        times["load_no_digests"].append(_timed(load_ours))  # just saved: no digests
-                times["save_full"].append(_timed(save_full))
-                peak.setdefault("full", _max_rss_mb())
-                times["load_full"].append(_timed(load_full))
+                # What runs right after another save or load is slowed by it on this machine (up to 1.5x
+                # measured, either way round), so each pair takes each place in turn.
+                for name in order[rep % len(order) :] + order[: rep % len(order)]:
+                    for step, fn in pairs[name]:
+                        times[step].append(_timed(fn))
             for patch in clocked:
                 patch.stop()
             if rank == 0:
@@ -194,6 +234,7 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                         "ours_bytes": _dir_bytes(checkpoint_dirs.latest_checkpoint(run_dir)),
                         "full_bytes": baseline_file.stat().st_size,
                         **{f"{k}_s": round(v, 4) for k, v in med.items()},
+                        "times_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
                         "save_rss_growth_ours_mb": round(peak["ours"] - peak["before"], 1),
                         "save_rss_growth_full_mb": round(peak["full"] - peak["ours"], 1),
                         "save_ratio": round(med["save_full"] / med["save_ours"], 2),
@@ -201,6 +242,11 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path) -> None:
                         "digest_save_ratio": round(med["save_ours"] / med["save_no_digests"], 3),
                         "digest_load_ratio": round(med["load_ours"] / med["load_no_digests"], 3),
                         "digest_record_s": round(statistics.median(spent["record"]), 4),
+                        **(
+                            {"stock_save_ratio": round(med["save_stock"] / med["save_ours"], 2),
+                             "stock_load_ratio": round(med["load_stock"] / med["load_ours"], 2)}
+                            if stock else {}
+                        ),
                         "digest_verify_s": round(statistics.median(spent["verify"]), 4),
                     }
                 )  # fmt: skip
@@ -251,7 +297,13 @@ def _markdown(columns: dict[str, Callable[[dict], str]], rows: list[dict]) -> st
     return "\n".join(lines)
 
 
-# Sizes, median times and baseline/ours ratios (> 1: ours faster).
+def _spread(row: dict, name: str) -> str:
+    """The median time of `name` and, in brackets, the fastest and slowest repetition."""
+    times = row["times_s"][name]
+    return f"{row[name + '_s']:.3f} s ({min(times):.2f}-{max(times):.2f})"
+
+
+# Sizes, median times (range) and baseline/ours ratios of the medians (> 1: ours faster).
 TABLE: dict[str, Callable[[dict], str]] = {
     "model": lambda r: r["model"],
     "method": lambda r: r["method"],
@@ -259,11 +311,11 @@ TABLE: dict[str, Callable[[dict], str]] = {
     "trainable": lambda r: f"{r['trainable_params']:,}",
     "ours MB": lambda r: f"{r['ours_bytes'] / 1e6:.2f}",
     "full MB": lambda r: f"{r['full_bytes'] / 1e6:.2f}",
-    "save ours": lambda r: f"{r['save_ours_s']:.3f} s",
-    "save full": lambda r: f"{r['save_full_s']:.3f} s",
+    "save ours": lambda r: _spread(r, "save_ours"),
+    "save full": lambda r: _spread(r, "save_full"),
     "save ratio": lambda r: f"{r['save_ratio']:.2f}x",
-    "load ours": lambda r: f"{r['load_ours_s']:.3f} s",
-    "load full": lambda r: f"{r['load_full_s']:.3f} s",
+    "load ours": lambda r: _spread(r, "load_ours"),
+    "load full": lambda r: _spread(r, "load_full"),
     "load ratio": lambda r: f"{r['load_ratio']:.2f}x",
     "rank-0 RSS growth on save, ours / full": lambda r: (
         f"{r['save_rss_growth_ours_mb']:.0f} / {r['save_rss_growth_full_mb']:.0f} MB"
@@ -285,6 +337,18 @@ DIGEST_TABLE: dict[str, Callable[[dict], str]] = {
 }
 
 
+# Ours with DCP's stock storage vs ours (> 1: ours faster).
+STOCK_TABLE: dict[str, Callable[[dict], str]] = {
+    **{k: TABLE[k] for k in ("model", "method", "ranks")},
+    "save, DCP storage": lambda r: _spread(r, "save_stock"),
+    "save, ours": lambda r: _spread(r, "save_ours"),
+    "save ratio": lambda r: f"{r['stock_save_ratio']:.2f}x",
+    "load, DCP storage": lambda r: _spread(r, "load_stock"),
+    "load, ours": lambda r: _spread(r, "load_ours"),
+    "load ratio": lambda r: f"{r['stock_load_ratio']:.2f}x",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,60m", help=f"comma-separated, from {', '.join(MODELS)}")
@@ -293,6 +357,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--workdir", type=Path, help="where checkpoints are written (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="tiny model only, 2 ranks, 2 repetitions")
+    parser.add_argument(
+        "--stock", action="store_true",
+        help="also ours with DCP's own storage (a torch.save archive per tensor, checkpoint format 1)",
+    )  # fmt: skip
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -303,7 +371,7 @@ def main() -> None:
     if args.worker:
         from pkg.trainer.distributed import exit_process
 
-        worker(models, args.reps, args.workdir, args.worker)
+        worker(models, args.reps, args.workdir, args.worker, args.stock)
         exit_process(0)  # a normal exit can abort in gloo's threads
 
     rows = []
@@ -315,7 +383,7 @@ def main() -> None:
                 sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                 "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", __file__,
                 "--models", ",".join(models), "--reps", str(args.reps),
-                "--workdir", tmp, "--worker", str(result),
+                "--workdir", tmp, "--worker", str(result), *(["--stock"] if args.stock else []),
             ]  # fmt: skip
             env = {
                 **os.environ,
@@ -328,7 +396,8 @@ def main() -> None:
     print(
         "Checkpoint save and load on CPU: ours (`pkg.trainer.checkpoint`, every rank writes its own shard "
         "with torch.distributed.checkpoint) vs the usual full state dict gathered on rank 0 and "
-        f"`torch.save`d (every rank `torch.load`s it back). Median of {args.reps}; ratio = full / ours.\n"
+        f"`torch.save`d (every rank `torch.load`s it back). Median of {args.reps} (fastest-slowest) after an "
+        "untimed round; ratio = full / ours.\n"
     )
     print(_markdown(TABLE, rows))
     print(
@@ -336,6 +405,12 @@ def main() -> None:
         f"without. Median of {args.reps}; ratio = with / without.\n"
     )
     print(_markdown(DIGEST_TABLE, rows))
+    if args.stock:
+        print(
+            "\nOurs with DCP's own storage (FileSystemWriter/Reader: a torch.save archive per tensor, the "
+            f"checkpoint format before 2) vs ours. Median of {args.reps}; ratio = DCP's storage / ours.\n"
+        )
+        print(_markdown(STOCK_TABLE, rows))
     print(
         "\nchecksums.file_digest over 256 MiB in the page cache, best of 3: "
         + ", ".join(f"{k} {v} MiB/s" for k, v in speeds.items())

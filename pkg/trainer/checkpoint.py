@@ -3,7 +3,8 @@
 Layout under ``output_dir/checkpoints/`` (checkpoint_dirs lists, checks and chooses them)::
 
     step-40/                  a complete checkpoint (only ever appears whole, by rename)
-      state/                  torch.distributed.checkpoint: trainable weights + optimizer, one file per rank
+      state/                  torch.distributed.checkpoint: trainable weights + optimizer, one file per rank,
+                              each tensor as its bytes (checkpoint_storage.py)
       rng/rank-00000.pt       per-rank RNG states (python, numpy, torch CPU, CUDA)
       meta.json               written last: step, data position, scheduler, fingerprint, world size,
                               each file's size and XXH3-128 digest (checksums.py)
@@ -33,12 +34,14 @@ the same one-line :class:`CheckpointError` on every rank, so no rank is left wai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from pkg.trainer import checksums, distributed
+from pkg.trainer import checkpoint_storage, checksums, distributed
 from pkg.trainer.checkpoint_dirs import (
     META,
     checkpoints_dir,
@@ -66,7 +69,8 @@ from pkg.trainer.rng import rng_state, set_rng_state
 
 log = logging.getLogger("pkg.trainer")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors stored as their bytes (checkpoint_storage); 1: one torch.save archive each
+READS = (1, 2)
 # Trainable parameters only (the adapter for LoRA), sharded as they live on each rank.
 _SAVE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # DCP has already verified that every saved key was found; frozen base weights are absent on purpose.
@@ -100,6 +104,16 @@ def _check_shared_dir(tmp: Path) -> None:
             "every node mounts (ReadWriteMany), or set save_every: 0 to disable checkpoints"
         )
     distributed.agree(error, CheckpointError)
+
+
+@contextlib.contextmanager
+def _alone() -> Iterator[bool]:
+    """Whether this process saves or loads alone (world size 1): then DCP plans without its collectives,
+    which pickle the whole plan through the process group, and need not warn that it does."""
+    alone = distributed.world_size() == 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield alone
 
 
 def _parts(optimizer: Any) -> Any:
@@ -139,8 +153,11 @@ def save_checkpoint(
     _check_shared_dir(tmp)
 
     model_sd, optim_sd = get_state_dict(model, _parts(optimizer), options=_SAVE_OPTIONS)
-    try:
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")  # raises on every rank
+    writer = checkpoint_storage.Writer(tmp / "state")
+    try:  # raises on every rank
+        with _alone() as alone:
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.save(state, checkpoint_id=tmp / "state", storage_writer=writer, no_dist=alone)
     except Exception as e:  # DCP wraps each rank's OSError (a full disk) in its own exception
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -149,7 +166,8 @@ def save_checkpoint(
     distributed.agree(
         _attempt(lambda: torch.save(rng_state(), rng_file), f"cannot write {rng_file}"), CheckpointError
     )
-    digests = checksums.record(tmp)  # while the files are still in the page cache
+    # The shards were hashed as they were written; the rest while still in the page cache.
+    digests = checksums.record(tmp, {f"state/{name}": d for name, d in writer.digests.items()})
 
     def finalize() -> None:
         meta = {
@@ -200,9 +218,10 @@ def load_checkpoint(
     # Rank 0 found it complete when it chose it: a rank that cannot read it now sees a damaged one.
     distributed.agree(missing, CheckpointUnreadable)
     assert meta is not None
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READS:
         raise CheckpointError(
-            f"{path} has checkpoint format {meta.get('format_version')}, this trainer reads {FORMAT_VERSION}"
+            f"{path} has checkpoint format {meta.get('format_version')}, this trainer reads "
+            f"{' and '.join(map(str, READS))}: resume it with the trainer version that saved it"
         )
     if fingerprint is not None and (why := fingerprint_mismatch(meta.get("fingerprint", {}), fingerprint)):
         raise CheckpointError(
@@ -225,7 +244,8 @@ def load_checkpoint(
     # it together, so a caller can fall back to an older checkpoint (load_resume) without a rank waiting.
     error, what = None, path / "state"
     try:
-        dcp.load(state, checkpoint_id=what)  # raises on every rank when any rank's read failed
+        with _alone() as alone:  # raises on every rank when any rank's read failed
+            dcp.load(state, checkpoint_id=what, storage_reader=checkpoint_storage.Reader(what), no_dist=alone)
         what = f"{path / 'state'} (its tensors do not fit this model)"
         set_state_dict(
             model,

@@ -1,8 +1,9 @@
 """Digests of a checkpoint's files, so that a changed byte inside a tensor file is found before it is loaded.
 
 A flipped bit in a shard keeps its size and usually still loads: without a digest the run would resume from
-corrupt weights. At save every rank hashes the files it wrote while they are still in the page cache (its DCP
-shards ``__<rank>_<n>.distcp`` and its RNG state) and rank 0 the rest (DCP's ``.metadata``); ``meta.json``
+corrupt weights. At save every rank hashes the files it wrote (its DCP shards ``__<rank>_<n>.distcp``, as
+checkpoint_storage writes them, and its RNG state while it is still in the page cache) and rank 0 the rest
+(DCP's ``.metadata``); ``meta.json``
 keeps them as ``{relative path: "xxh3-128:<hex>"}``. At load the ranks share the files (largest first, in
 turn) and agree: a mismatch makes the checkpoint unreadable, which ``load_resume`` moves aside as
 ``corrupt-step-N`` before falling back to the previous one. The check comes before the load, not beside
@@ -50,18 +51,20 @@ def written_by(folder: Path, rank: int) -> list[Path]:
     return [*sorted((folder / "state").glob(f"__{rank}_*.distcp")), folder / "rng" / f"rank-{rank:05d}.pt"]
 
 
-def record(folder: Path) -> dict[str, str]:
+def record(folder: Path, hashed: Mapping[str, str] | None = None) -> dict[str, str]:
     """{relative path: digest} of every file under `folder` (but meta.json), complete on rank 0; collective.
 
-    Each rank hashes the files it wrote; rank 0 also hashes any file no rank claimed, so a file DCP names
-    otherwise is still covered. A file that cannot be read back fails the save on every rank.
+    Each rank hashes the files it wrote, but those in `hashed` ({relative path: digest}, hashed while they
+    were written); rank 0 also hashes any file no rank claimed, so a file DCP names otherwise is still
+    covered. A file that cannot be read back fails the save on every rank.
     """
-    mine: dict[str, str] = {}
+    mine: dict[str, str] = dict(hashed or {})
     error = None
     try:
         for path in written_by(folder, distributed.rank()):
-            if path.is_file():
-                mine[path.relative_to(folder).as_posix()] = file_digest(path)
+            name = path.relative_to(folder).as_posix()
+            if name not in mine and path.is_file():
+                mine[name] = file_digest(path)
     except OSError as e:
         error = f"cannot read back {e.filename or folder} to record its digest: {e.strerror or e}"
     gathered = distributed.all_gather(mine if error is None else error)

@@ -124,7 +124,7 @@ def barrier() -> None:
 
 def all_gather(obj: object) -> list:
     """Every rank's `obj`, in rank order, on every rank; collective."""
-    if not dist.is_initialized():
+    if world_size() == 1:  # nothing to gather: no pickling through the process group
         return [obj]
     objs: list = [None] * dist.get_world_size()
     dist.all_gather_object(objs, obj)
@@ -153,7 +153,7 @@ def any_rank(flag: bool) -> bool:
 
 def broadcast_object(obj: object) -> object:
     """Rank 0's `obj` on every rank (a decision rank 0 took alone); collective."""
-    if not dist.is_initialized():
+    if world_size() == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)

@@ -154,3 +154,44 @@ def test_file_digests_name_their_algorithm_catch_one_flipped_bit_and_check_older
         errors.CheckpointError, match=r"unknown kind \(md5\).*the trainer version that saved it"
     ):
         checksums.verify(tmp_path, {"state/__0_0.distcp": "md5:00"})
+
+
+def test_tensors_stored_as_their_bytes_hashed_as_written_and_older_torch_save_entries_still_load(tmp_path):
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from pkg.trainer import checkpoint_storage, checksums
+
+    def state() -> dict:
+        g = torch.Generator().manual_seed(0)
+        return {
+            "w": torch.randn(6, 4, generator=g).t(),  # not contiguous: stored row-major
+            "half": torch.randn(5, generator=g).to(torch.bfloat16),
+            "step": torch.tensor(7.0),  # 0-d, as AdamW's step
+            "ids": torch.arange(3),
+            "lr": 0.5,  # not a tensor: DCP pickles it
+        }
+
+    def zeroed() -> dict:
+        return {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0.0 for k, v in state().items()}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that there is no process group
+        writer = checkpoint_storage.Writer(tmp_path / "new")
+        dcp.save(state(), storage_writer=writer)
+        loaded = zeroed()
+        dcp.load(loaded, storage_reader=checkpoint_storage.Reader(tmp_path / "new"))
+        with pytest.raises(dcp.api.CheckpointException) as refused:  # stock DCP refuses, never misreads
+            dcp.load(zeroed(), storage_reader=dcp.FileSystemReader(tmp_path / "new"))
+        assert "Unknown extension name='llm-trainer-raw'" in str(refused.value.failures)
+        dcp.save(state(), storage_writer=dcp.FileSystemWriter(tmp_path / "old"))  # format 1
+        older = zeroed()
+        dcp.load(older, storage_reader=checkpoint_storage.Reader(tmp_path / "old"))
+    for got in (loaded, older):
+        for k, want in state().items():
+            assert torch.equal(got[k], want) if isinstance(want, torch.Tensor) else got[k] == want, k
+    shard = tmp_path / "new" / "__0_0.distcp"
+    assert shard.stat().st_size < (tmp_path / "old" / "__0_0.distcp").stat().st_size / 2  # no archive each
+    assert writer.digests == {"__0_0.distcp": checksums.file_digest(shard)}

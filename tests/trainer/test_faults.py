@@ -336,18 +336,49 @@ def flip_a_byte(shard: Path) -> None:
     shard.write_bytes(bytes(body))
 
 
-def without_digests(checkpoint: Path) -> None:
-    """The checkpoint as a trainer from before checksums.py wrote it."""
+def as_saved_before_digests(checkpoint: Path) -> None:
+    """The checkpoint as a trainer from before checksums.py wrote it: no digests, and format 1, where each
+    tensor is a torch.save archive of its own (DCP's stock format), so damaged bytes fail to load."""
+    import io
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from pkg.trainer import checkpoint_dirs
+
+    state = checkpoint / "state"
+    metadata = pickle.loads((state / ".metadata").read_bytes())
+    files: dict[str, bytes] = {}
+    shards: dict[str, bytearray] = {}
+    for index, info in sorted(metadata.storage_data.items(), key=lambda e: (e[1].relative_path, e[1].offset)):
+        body = files.setdefault(info.relative_path, (state / info.relative_path).read_bytes())
+        data = body[info.offset : info.offset + info.length]
+        if info.transform_descriptors:  # raw tensor bytes: as a torch.save archive
+            tensor_meta = metadata.state_dict_metadata[index.fqn]
+            chunk = next(c for c in tensor_meta.chunks if c.offsets == index.offset)
+            dtype = tensor_meta.properties.dtype
+            tensor = torch.frombuffer(bytearray(data), dtype=dtype).reshape(chunk.sizes)
+            archive = io.BytesIO()
+            torch.save(tensor.clone(), archive)
+            data = archive.getvalue()
+        shard = shards.setdefault(info.relative_path, bytearray())
+        metadata.storage_data[index] = _StorageInfo(info.relative_path, len(shard), len(data))
+        shard += data
+    for name, shard in shards.items():
+        (state / name).write_bytes(bytes(shard))
+    (state / ".metadata").write_bytes(pickle.dumps(metadata))
     meta = json.loads((checkpoint / "meta.json").read_text())
     del meta["digests"]
+    meta.update(format_version=1, files=checkpoint_dirs.file_sizes(checkpoint))
     (checkpoint / "meta.json").write_text(json.dumps(meta))
 
 
 def test_a_checkpoint_that_fails_to_load_falls_back_to_the_previous_one(in_process, saved_at_2_and_4, capsys):
     args, shard = saved_at_2_and_4
     out = args["output_dir"]
-    overwrite(shard)
-    without_digests(out / "checkpoints" / "step-4")  # older checkpoints: only loading finds the damage
+    as_saved_before_digests(out / "checkpoints" / "step-4")
+    overwrite(shard)  # older checkpoints: only loading finds the damage
     capsys.readouterr()
     assert in_process({**args, "max_steps": 6}) == 0
     log = capsys.readouterr().out
@@ -382,8 +413,8 @@ def test_at_two_processes_a_flipped_byte_or_one_ranks_unreadable_shard_makes_eve
     assert result.returncode == 0, result.stderr[-3000:]
     state = out / "checkpoints" / "step-{}" / "state" / "__1_0.distcp"  # rank 1's optimizer and weights
     flip_a_byte(Path(str(state).format(4)))  # caught by its digest
-    overwrite(Path(str(state).format(3)))  # an older checkpoint, without digests: fails to load on rank 1
-    without_digests(out / "checkpoints" / "step-3")
+    as_saved_before_digests(out / "checkpoints" / "step-3")  # an older checkpoint, without digests:
+    overwrite(Path(str(state).format(3)))  # fails to load on rank 1
     result = run_trainer({**args, "max_steps": 6}, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
