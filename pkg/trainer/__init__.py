@@ -29,7 +29,7 @@ Modules, one job each:
     host_memory       glibc's mmap threshold, so memory freed in the backward is returned
     checkpoint        saving and loading sharded checkpoints (DCP); resuming past a damaged one
     checkpoint_dirs   where checkpoints live: listed, checked, moved aside, chosen to resume; a finished run
-    checkpoint_storage how a checkpoint's tensors lie in its files: their bytes, hashed as written (DCP storage)
+    checkpoint_storage a checkpoint's tensors in its files: their bytes, hashed as written (DCP storage)
     fingerprint       the run fingerprint a checkpoint must match to be resumed
     checksums         XXH3-128 digests of a checkpoint's files: recorded at save, checked at load
     rng               the random generators' state a checkpoint keeps
