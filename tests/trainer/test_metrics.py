@@ -54,3 +54,18 @@ def test_other_ranks_write_nothing(tmp_path):
 
 def test_hms():
     assert hms(3725.2) == "1:02:05" and hms(float("inf")) == "?"
+
+
+def test_a_mean_over_no_target_is_null_in_the_records_and_the_plot(tmp_path):
+    from pkg.trainer.objective import means
+
+    assert means(("loss",), [3.0], 2) == {"loss": 1.5}
+    no_target = means(("loss",), [0.0], 0, "val_")["val_loss"]  # a held-out set or a step without targets
+    metrics = Metrics(tmp_path, total_steps=2, enabled=True)
+    metrics.train_step(1, loss=no_target, lr=1e-3, grad_norm=float("nan"), tokens_per_s=10.0)
+    metrics.train_step(2, loss=1.0, lr=1e-3, grad_norm=0.5, tokens_per_s=10.0)
+    metrics.val_step(2, no_target)
+    summary = metrics.finish({})
+    assert [r.get("loss", r.get("val_loss")) for r in metrics.records] == [None, 1.0, None]
+    assert summary["first_loss"] is None and summary["final_val_loss"] is None
+    assert (tmp_path / "loss.png").exists()
