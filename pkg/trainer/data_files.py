@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import json
 import logging
 import re
@@ -81,12 +82,14 @@ def _some(names: list[str], limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def check_text(path: Path) -> None:
-    """Refuse a text data file (json, jsonl, csv) that is not UTF-8, naming its line."""
+def check_text(path: Path) -> bool:
+    """Refuse a text data file (json, jsonl, csv) that is not UTF-8, naming its line; whether it holds more
+    than whitespace (read a block at a time: a large file is never whole in memory here)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, lines = 0, 1
+    offset, lines, blank = 0, 1, True
     with path.open("rb") as f:
         while block := f.read(1 << 24):
+            blank = blank and not block.strip()
             try:
                 decoder.decode(block)
             except UnicodeDecodeError as exc:
@@ -96,6 +99,7 @@ def check_text(path: Path) -> None:
                     "save the file as UTF-8"
                 ) from None
             offset, lines = offset + len(block), lines + block.count(b"\n")
+    return not blank
 
 
 def _json_problem(path: Path) -> str | None:
@@ -120,10 +124,8 @@ def _load_file(builder: str, path: Path, name: str, cache_dir: str):
     import datasets
 
     options: dict = {}
-    if builder in ("json", "csv", "text"):
-        check_text(path)
-        if not path.read_bytes().strip():
-            return None  # empty or blank lines only: no rows (counted as 0 in the log)
+    if builder in ("json", "csv", "text") and not check_text(path):
+        return None  # empty or blank lines only: no rows (counted as 0 in the log)
     if builder == "json":
         if (ds := _json_lines(path)) is not None:
             return ds
@@ -161,18 +163,26 @@ def _json_lines(path: Path):
     import pyarrow.json as paj
 
     try:
-        return datasets.Dataset(paj.read_json(path))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        table = paj.read_json(path)
+    except (pa.ArrowException, ValueError, TypeError):  # then `datasets`' reader says what it makes of it
         return None
+    stat = path.stat()  # named by the file: `datasets` would hash every row (~1 s per 100 MB)
+    name = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return datasets.Dataset(table, fingerprint=name)
 
 
 def _csv_columns(path: Path):
-    """Every column of a CSV file as text, named as pandas names them (an empty header: 'Unnamed: i')."""
+    """Every column of a CSV file as text, named as pandas names them (an empty header 'Unnamed: i', a
+    repeated one 'name.1')."""
     import datasets
 
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         header = next((record for record in csv.reader(f) if record), [])
-    names = [name or f"Unnamed: {i}" for i, name in enumerate(header)]
+    names, seen = [], {}
+    for i, name in enumerate(header):
+        name = name or f"Unnamed: {i}"
+        seen[name] = seen.get(name, -1) + 1
+        names.append(f"{name}.{seen[name]}" if seen[name] else name)
     return datasets.Features({name: datasets.Value("string") for name in names})
 
 

@@ -75,10 +75,11 @@ def test_a_json_array_and_csv_cells_are_read_as_written(tmp_path):
     assert data_files.load_rows(str(array.parent), str(tmp_path / ".cache"))[1]["output"] == [5]
     table = tmp_path / "c" / "train.csv"  # pandas' to_csv writes its index under an empty header
     table.parent.mkdir()
-    table.write_text(",instruction,output\n0,a,1\n1,b,007\n2,c,NA\n3,d,5.0\n4,e,\n5,f,True\n")
+    cells = "0,a,1,x\n1,b,007,x\n2,c,NA,x\n3,d,5.0,x\n4,e,,x\n5,f,True,x\n"
+    table.write_text("\ufeff,instruction,output,output\n" + cells)  # a byte order mark, a repeated name
     ds = data_files.load_rows(str(table.parent), str(tmp_path / ".cache"))
     assert ds["output"] == ["1", "007", "NA", "5.0", "", "True"]
-    assert ds.column_names == ["Unnamed: 0", "instruction", "output"]
+    assert ds.column_names == ["Unnamed: 0", "instruction", "output", "output.1"]
 
 
 @pytest.mark.fast
