@@ -7,14 +7,19 @@ One process each, CPU, fp32: the real-vocabulary model of bench_trainer.py (151,
 its prompt/completion rows, micro batch 4 = global batch 4 (torchtune's optimizer_in_bwd refuses gradient
 accumulation), max length 256, AdamW lr 1e-3 without weight decay, constant learning rate, no clipping,
 4 steps, the same rows in the same order (torchtune reads them unshuffled in the llm-trainer's order), and
-each tool's own export at the end. Run with and without optimizer-in-backward (ours: `optimizer_in_backward`,
-torchtune: `optimizer_in_bwd`).
+each tool's own export at the end. Each tool with no flag and with optimizer-in-backward set (ours:
+`optimizer_in_backward: true`, torchtune: `optimizer_in_bwd: True`); ours also with `optimizer_in_backward:
+false`, the A/B of its two ways of stepping: with no flag it steps in the backward here (auto: the same
+updates), which the row's "stepped" column checks in its log.
 
 Reports each whole process's peak RSS (os.wait4's ru_maxrss: the process and the children it waited for, so
 the llm-trainer's forked tokenizing child counts too; it peaks far below training), tokens/s over the
 training loop (non-padding tokens / the loop's time; torchtune's loop time is the sum of its per-step
-times), the whole process's wall time, and the losses of the first and last steps as a sanity check (same
-data, same initial weights).
+times), for the llm-trainer also per second of the loop's CPU time (summary.json's train_cpu_s: one thread,
+so the work done, which a busy shared machine moves far less than the wall time), and the losses of the
+first and last steps as a sanity check (same data, same initial weights). With --repeat the turns are
+interleaved; each row keeps its lowest peak and its median speeds, every turn's in brackets. The JSON also
+holds the whole process's wall time.
 torchtune runs from its own venv (--tune); its tokenizer is bench/torchtune_peer.py over the model's
 tokenizer.json. Markdown on stdout, JSON with --out. Where each phase's memory goes: bench/memory_phases.py.
 """
@@ -25,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,16 +57,20 @@ def measure(cmd: list[str], environ: dict, log_file: Path) -> tuple[float, float
     return usage.ru_maxrss / 1024, time.monotonic() - started
 
 
-def run_ours(model: Path, data: Path, out: Path, in_backward: bool) -> dict:
+def run_ours(model: Path, data: Path, out: Path, in_backward: str | None) -> dict:
+    """`in_backward`: optimizer_in_backward's value, or None to leave it unset (auto)."""
     args = {
         "model_dir": model, "dataset_dir": data, "output_dir": out, "method": "full", "precision": "fp32",
         "max_seq_length": SEQ, "micro_batch_size": BATCH, "global_batch_size": BATCH, "max_steps": STEPS,
         "learning_rate": LR, "max_grad_norm": 0, "lr_scheduler": "constant", "save_every": 0, "seed": 0,
-        "optimizer_in_backward": str(in_backward).lower(),
     }  # fmt: skip
+    if in_backward is not None:
+        args["optimizer_in_backward"] = in_backward
     cmd = [sys.executable, "-m", "pkg.trainer"] + [x for k, v in args.items() for x in (f"--{k}", str(v))]
     out.mkdir(parents=True, exist_ok=True)
-    rss, wall = measure(cmd, env(), out.parent / f"{out.name}.log")
+    log_file = out.parent / f"{out.name}.log"
+    rss, wall = measure(cmd, env(), log_file)
+    stepped = "in backward" if "stepped in the backward" in log_file.read_text() else "after backward"
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     loss = [r["loss"] for r in records if "loss" in r]
@@ -68,7 +78,8 @@ def run_ours(model: Path, data: Path, out: Path, in_backward: bool) -> dict:
         "peak_rss_mb": rss, "wall_s": wall, "tokens": summary["tokens_seen"],
         "train_time_s": summary["train_time_s"],
         "tokens_per_s": summary["tokens_seen"] / summary["train_time_s"],
-        "losses": loss, "command": " ".join(map(str, cmd[1:])),
+        "tokens_per_cpu_s": summary["tokens_seen"] / summary["train_cpu_s"],
+        "losses": loss, "stepped": stepped, "command": " ".join(map(str, cmd[1:])),
     }  # fmt: skip
 
 
@@ -139,7 +150,8 @@ def run_torchtune(tune: str, model: Path, rows: Path, out: Path, in_backward: bo
     tokens = sum(n for b in batches for n, _ in b)
     return {
         "peak_rss_mb": rss, "wall_s": wall, "tokens": tokens, "train_time_s": loop_s,
-        "tokens_per_s": tokens / loop_s, "losses": [s["loss"] for s in steps], "command": " ".join(cmd[1:]),
+        "tokens_per_s": tokens / loop_s, "losses": [s["loss"] for s in steps],
+        "stepped": "in backward" if in_backward else "after backward", "command": " ".join(cmd[1:]),
     }  # fmt: skip
 
 
@@ -164,29 +176,47 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--workdir", type=Path, help="keep the model and outputs here")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="turns per tool and setting; the lowest peak is kept"
+        "--repeat",
+        type=int,
+        default=1,
+        help="turns per row, interleaved; the lowest peak and the median tokens/s are kept",
     )
     parser.add_argument("--only", choices=("ours", "torchtune"), help="run one tool")
+    parser.add_argument("--keep-outputs", action="store_true", help="keep each run's output_dir")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-full-floor-"))
     model, data = prepare(work / "vocab", VOCAB)
-    rows = ordered_rows(data, work / "ordered.jsonl")
+    rows_file = ordered_rows(data, work / "ordered.jsonl")
     results: dict = {"settings": {"steps": STEPS, "batch": BATCH, "max_seq_length": SEQ, "lr": LR, **VOCAB}}
+    # (row, tool, its setting): no flag, optimizer-in-backward set, and ours with optimizer_in_backward: false
+    rows = [
+        ("llm-trainer", "ours", None), ("torchtune", "torchtune", False),
+        ("llm-trainer in-backward", "ours", "true"), ("torchtune in-backward", "torchtune", True),
+        ("llm-trainer false", "ours", "false"),
+    ]  # fmt: skip
     tools = {
-        "llm-trainer": lambda out, ib: run_ours(model, data, out, ib),
-        "torchtune": lambda out, ib: run_torchtune(args.tune, model, rows, out, ib),
+        "ours": lambda out, setting: run_ours(model, data, out, setting),
+        "torchtune": lambda out, setting: run_torchtune(args.tune, model, rows_file, out, setting),
     }
-    if args.only:
-        tools = {k: v for k, v in tools.items() if k.startswith(args.only.replace("ours", "llm"))}
-    for ib in (False, True):
-        for turn in range(args.repeat):
-            for name, fn in tools.items():
-                key = f"{name}{' in-backward' if ib else ''}"
-                log(f"{key} turn {turn + 1}/{args.repeat} ...")
-                r = fn(work / f"{key.replace(' ', '-')}-{turn}", ib)
-                log(f"{key}: { {k: v for k, v in r.items() if k != 'command'} }")
-                if key not in results or r["peak_rss_mb"] < results[key]["peak_rss_mb"]:
-                    results[key] = r
+    runs: dict[str, list[dict]] = {}
+    for turn in range(args.repeat):  # turns interleaved: a busy spell of the shared machine hits every row
+        for key, tool, setting in rows:
+            if args.only and tool != args.only:
+                continue
+            log(f"{key} turn {turn + 1}/{args.repeat} ...")
+            out = work / f"{key.replace(' ', '-')}-{turn}"
+            r = tools[tool](out, setting)
+            if not args.keep_outputs:  # each turn exports the 168M model (and torchtune's copy): ~1.3 GB
+                shutil.rmtree(out)
+            log(f"{key}: { {k: v for k, v in r.items() if k != 'command'} }")
+            runs.setdefault(key, []).append(r)
+    for key, turns in runs.items():  # the lowest peak; the speeds: the median, and each turn's
+        best = min(turns, key=lambda r: r["peak_rss_mb"])
+        results[key] = dict(best)
+        for speed in ("tokens_per_s", "tokens_per_cpu_s"):
+            if speed in best:
+                rates = sorted(r[speed] for r in turns)
+                results[key].update({speed: rates[(len(rates) - 1) // 2], f"{speed}_turns": rates})
     print(report(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,23 +225,39 @@ def main() -> int:
 
 
 def report(results: dict) -> str:
+    """Markdown: each row's median speed with every turn's in brackets; ours also per second of the loop's
+    CPU time (one thread: the work done, which a busy shared machine moves far less than the wall time)."""
     lines = [
-        "| | peak RSS (MiB) | tokens/s | whole process (s) | loss step 1 | loss step 4 |",
-        "|---|---|---|---|---|---|",
+        "| | stepped | peak RSS (MiB) | tokens/s (turns) | tokens per CPU s (turns) | loss step 1 "
+        "| loss step 4 |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def speed(r: dict, key: str) -> str:
+        if key not in r:
+            return ""
+        return f"{r[key]:.0f} ({'/'.join(f'{t:.0f}' for t in r[f'{key}_turns'])})"
+
     for key, r in results.items():
         if key != "settings":
             lines.append(
-                f"| {key} | {r['peak_rss_mb']:.0f} | {r['tokens_per_s']:.0f} | {r['wall_s']:.1f} "
-                f"| {r['losses'][0]:.3f} | {r['losses'][-1]:.3f} |"
+                f"| {key} | {r['stepped']} | {r['peak_rss_mb']:.0f} | {speed(r, 'tokens_per_s')} "
+                f"| {speed(r, 'tokens_per_cpu_s')} | {r['losses'][0]:.3f} | {r['losses'][-1]:.3f} |"
             )
-    for suffix in ("", " in-backward"):
-        ours, tt = results.get(f"llm-trainer{suffix}"), results.get(f"torchtune{suffix}")
-        if ours and tt:
+    pairs = [
+        ("no flag", "llm-trainer", "torchtune"),
+        ("in-backward", "llm-trainer in-backward", "torchtune in-backward"),
+        ("ours no flag / false", "llm-trainer", "llm-trainer false"),
+    ]
+    for name, a, b in pairs:
+        ours, other = results.get(a), results.get(b)
+        if ours and other:
+            cpu = ""
+            if "tokens_per_cpu_s" in other:
+                cpu = f"**{ours['tokens_per_cpu_s'] / other['tokens_per_cpu_s']:.2f}x**"
             lines.append(
-                f"| **ratio{suffix}** | **{ours['peak_rss_mb'] / tt['peak_rss_mb']:.2f}x** "
-                f"| **{ours['tokens_per_s'] / tt['tokens_per_s']:.2f}x** "
-                f"| {ours['wall_s'] / tt['wall_s']:.2f}x | | |"
+                f"| **ratio {name}** | | **{ours['peak_rss_mb'] / other['peak_rss_mb']:.2f}x** "
+                f"| **{ours['tokens_per_s'] / other['tokens_per_s']:.2f}x** | {cpu} | | |"
             )
     return "\n".join(lines) + "\n"
 

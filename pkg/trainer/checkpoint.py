@@ -239,6 +239,11 @@ def load_checkpoint(
         state: dict[str, Any] = {"model": model_sd}
     else:
         model_sd, optim_sd = get_state_dict(model, _parts(optimizer), options=_SAVE_OPTIONS)
+        # Read by parameter name: each parameter's state (moments, step count). The param groups (lr, betas,
+        # weight decay) stay as this run built them from its config: their layout differs between stepping
+        # after the backward (two groups) and in it (one per parameter), and a checkpoint of either mode
+        # resumes in the other (optimizer_in_backward: auto turns off when max_grad_norm is set on resume).
+        groups = optim_sd.pop("param_groups")
         state = {"model": model_sd, "optim": optim_sd}
     # Any failure from here on is the checkpoint's files (the fingerprint matched): every rank learns of
     # it together, so a caller can fall back to an older checkpoint (load_resume) without a rank waiting.
@@ -246,12 +251,17 @@ def load_checkpoint(
     try:
         with _alone() as alone:  # raises on every rank when any rank's read failed
             dcp.load(state, checkpoint_id=what, storage_reader=checkpoint_storage.Reader(what), no_dist=alone)
+        # A stateless optimizer (SGD without momentum) has nothing to restore: DCP would take its empty state
+        # for an already split one and hand each per-parameter optimizer every group.
+        stateful = optimizer is not None and bool(state["optim"]["state"])
+        if stateful:
+            state["optim"]["param_groups"] = groups
         what = f"{path / 'state'} (its tensors do not fit this model)"
         set_state_dict(
             model,
-            _parts(optimizer) if optimizer is not None else [],
+            _parts(optimizer) if stateful else [],
             model_state_dict=state["model"],
-            optim_state_dict=state.get("optim", {}),
+            optim_state_dict=state["optim"] if stateful else {},
             options=_LOAD_OPTIONS,
         )
         what = f"{path / META} (scheduler)"

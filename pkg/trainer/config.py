@@ -25,6 +25,11 @@ import yaml
 from pkg.trainer import values
 from pkg.trainer.errors import ConfigError
 
+AUTO_BOOL = ("auto", "true", "false")  # a switch the trainer may also decide (values.auto_boolean)
+# Optimizers whose per-parameter steps equal one step over the list, bit for bit (test_in_backward.py,
+# test_optimizers.py); bitsandbytes' 8-bit ones are not checked here (CUDA only).
+IN_BACKWARD_EXACT = ("adamw", "sgd")
+
 
 def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A config field with its documentation (and allowed values) in the metadata."""
@@ -300,11 +305,14 @@ class TrainConfig:
         "quarter of AdamW's state); sgd (no state, momentum 0).",
         ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"),
     )
-    optimizer_in_backward: bool = opt(
-        False,
+    optimizer_in_backward: str = opt(
+        "auto",
         "method full: step each weight as soon as the backward has its gradient and free that gradient, "
-        "so no whole-model gradient is ever held. Needs gradient accumulation 1 and max_grad_norm 0 (the "
-        "global norm is not known before the last weight is stepped).",
+        "so no whole-model gradient is ever held. auto: exactly where that gives the same updates as "
+        "stepping after the backward (method full, gradient accumulation 1, max_grad_norm 0, nan_policy "
+        "stop, optimizer adamw or sgd, no cpu_offload); true: always (needs the first four); false: never. "
+        "The start of the run logs which and why.",
+        AUTO_BOOL,
     )
     dist_timeout_minutes: int = opt(
         60, "How long ranks wait for each other (e.g. while rank 0 tokenizes or writes the model)."
@@ -406,17 +414,17 @@ class TrainConfig:
         return self
 
     def _validate_optimizer(self) -> None:
-        if self.optimizer_in_backward and self.nan_policy == "skip_step":
+        if self.optimizer_in_backward == "true" and self.nan_policy == "skip_step":
             raise ConfigError(
                 "nan_policy: skip_step needs the optimizer to step after the backward; optimizer_in_backward "
                 "steps during it (a NaN gradient is applied before it is seen): use nan_policy: stop"
             )
-        if self.optimizer_in_backward and self.method != "full":
+        if self.optimizer_in_backward == "true" and self.method != "full":
             raise ConfigError(
                 "optimizer_in_backward applies to method full (an adapter's gradients are small): "
                 "set it to false"
             )
-        if self.optimizer_in_backward and self.max_grad_norm:
+        if self.optimizer_in_backward == "true" and self.max_grad_norm:
             raise ConfigError(
                 "optimizer_in_backward steps each weight before the global gradient norm is known: "
                 "set max_grad_norm: 0"
@@ -480,6 +488,40 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def resolve_in_backward(cfg: TrainConfig, world_size: int) -> tuple[bool, str]:
+    """Whether the run steps the optimizer in the backward (optim.InBackward), and why, for the start-of-run
+    log line. The recipe, the planner and that line all ask here.
+
+    auto chooses it exactly where the updates are the same as stepping after the backward: every weight's
+    whole gradient is known when its hook fires (one micro-batch per step), nothing needs the global norm
+    first (no clipping) or must see a gradient before it is applied (nan_policy stop: the step is refused
+    afterwards, nothing of it is saved), and the optimizer's per-parameter steps equal its step over the
+    list. Under cpu_offload FSDP copies a gradient to the host synchronously when a hook reads it, so auto
+    keeps the overlapped copy there.
+    """
+    if cfg.optimizer_in_backward != "auto":
+        return cfg.optimizer_in_backward == "true", f"optimizer_in_backward: {cfg.optimizer_in_backward}"
+    accum = cfg.global_batch_size // max(cfg.micro_batch_size * world_size, 1)
+    blockers = [
+        why
+        for blocks, why in (
+            (cfg.method != "full", f"method {cfg.method}"),
+            (accum != 1, f"gradient accumulation {accum}"),
+            (cfg.max_grad_norm > 0, f"max_grad_norm {cfg.max_grad_norm:g}"),
+            (cfg.nan_policy != "stop", f"nan_policy {cfg.nan_policy}"),
+            (cfg.optimizer not in IN_BACKWARD_EXACT, f"optimizer {cfg.optimizer}"),
+            (cfg.cpu_offload, "cpu_offload"),
+        )
+        if blocks
+    ]
+    if blockers:
+        return False, f"optimizer_in_backward: auto, not with {', '.join(blockers)}"
+    return True, (
+        "optimizer_in_backward: auto: method full, one micro-batch per step, no clipping, nan_policy stop: "
+        "the same updates as after it"
+    )
+
+
 def field_types() -> dict[str, Any]:
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
@@ -525,6 +567,8 @@ def coerce(key: str, value: Any) -> Any:
         return dataset_list(key, value)
     if typing.get_origin(kind) is dict:
         parse = values.mapping
+    elif _choices(key) == AUTO_BOOL:
+        parse = values.auto_boolean
     elif isinstance(kind, types.GenericAlias) or typing.get_origin(kind) is list:
         parse = values.names
     else:
@@ -533,6 +577,10 @@ def coerce(key: str, value: Any) -> Any:
         return parse(value)
     except values.BadValue as why:
         raise ConfigError(f"{key}: expected {why}, got {value!r}") from None
+
+
+def _choices(key: str) -> tuple[str, ...] | None:
+    return next(f.metadata.get("choices") for f in dataclasses.fields(TrainConfig) if f.name == key)
 
 
 def _text(value: Any) -> str:
@@ -571,7 +619,8 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is None or nxt.startswith("--"):
-                if key == "config" or field_types().get(key) is not bool:
+                switch = key in field_types() and (field_types()[key] is bool or _choices(key) == AUTO_BOOL)
+                if key == "config" or not switch:
                     raise ConfigError(f"--{key} needs a value")
                 value = "true"
             else:

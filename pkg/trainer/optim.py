@@ -6,9 +6,10 @@
   steps plain CUDA tensors, so they need one CUDA GPU and unsharded parameters (one process, or QLoRA).
 - sgd: plain SGD (momentum 0): no state at all.
 
-`optimizer_in_backward` (full fine-tuning): one optimizer per parameter, stepped by a post-accumulate-grad
-hook the moment the backward has that parameter's whole (reduced, sharded) gradient, which is then freed,
-so the model's gradients never exist all at once. FSDP2 calls these hooks after its reduce-scatter. The
+`optimizer_in_backward` (full fine-tuning; by default wherever it gives the same updates, which
+config.resolve_in_backward decides): one optimizer per parameter, stepped by a post-accumulate-grad hook the
+moment the backward has that parameter's whole (reduced, sharded) gradient, which is then freed, so the
+model's gradients never exist all at once. FSDP2 calls these hooks after its reduce-scatter. The
 per-parameter optimizers share their param_group dicts with one `InBackward` front, so the learning-rate
 scheduler, checkpoints (DCP takes the list) and the recipe handle it as one optimizer.
 """
@@ -60,10 +61,14 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False)
     ]
 
 
-def build(model: nn.Module, cfg: TrainConfig, device: torch.device, sharded: bool) -> torch.optim.Optimizer:
+def build(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, sharded: bool, in_backward: bool
+) -> torch.optim.Optimizer:
+    """`cfg.optimizer` over the model's trainable weights; `in_backward` (config.resolve_in_backward): one per
+    parameter, stepped in the backward."""
     cls, extra = _factory(cfg, device, sharded)
     groups = param_groups(model, cfg.weight_decay, cfg.decay_all_parameters)
-    if cfg.optimizer_in_backward:
+    if in_backward:
         split = {id(p) for p in vocab_parallel.split_parameters(model)}
         return InBackward(groups, lambda g: cls(g, lr=cfg.learning_rate, **extra), split)
     return cls(groups, lr=cfg.learning_rate, **extra)

@@ -302,10 +302,13 @@ def suggest(shape: Shape, job: Job, cluster: Cluster) -> str | None:
     return None
 
 
-def job_from_config(cfg, bf16: bool, targets_per_micro_batch: int = 0) -> Job:
+def job_from_config(cfg, bf16: bool, targets_per_micro_batch: int = 0, *, world_size: int = 1) -> Job:
+    from pkg.trainer.config import resolve_in_backward  # the recipe's decision (optimizer_in_backward: auto)
+
+    in_backward, _ = resolve_in_backward(cfg, world_size)
     return Job(
         method=cfg.method, lora_rank=cfg.lora_rank, lora_targets=tuple(cfg.lora_target_modules), bf16=bf16,
-        optimizer=cfg.optimizer, optimizer_in_backward=cfg.optimizer_in_backward, cpu_offload=cfg.cpu_offload,
+        optimizer=cfg.optimizer, optimizer_in_backward=in_backward, cpu_offload=cfg.cpu_offload,
         activation_checkpointing=cfg.activation_checkpointing, micro_batch_size=cfg.micro_batch_size,
         max_seq_length=cfg.max_seq_length, loss_chunk_size=cfg.loss_chunk_size,
         vocab_parallel=cfg.vocab_parallel, sharding=cfg.sharding, shard_group_size=cfg.shard_group_size,
@@ -492,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             bf16 = cfg.precision != "fp32"
         cluster = Cluster(args.nodes, args.gpus_per_node, memory, args.device)
         targets, targets_from = loss_targets(cfg, args.sample_rows, args.target_fraction)
-        job = job_from_config(cfg, bf16, targets)
+        job = job_from_config(cfg, bf16, targets, world_size=cluster.world)
         if (cluster.world % (job.shard_group_size or cluster.per_node)) != 0:
             raise TrainerError("shard_group_size must divide nodes x gpus-per-node")
     except (TrainerError, ValueError) as exc:

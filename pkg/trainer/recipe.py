@@ -79,7 +79,7 @@ from pkg.trainer import (
     trackers,
     vocab_parallel,
 )
-from pkg.trainer.config import TrainConfig, save_config
+from pkg.trainer.config import TrainConfig, resolve_in_backward, save_config
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.loss import check_head
 from pkg.trainer.metrics import Metrics
@@ -300,7 +300,8 @@ class Recipe:
                 "(%g) and never decays; lower warmup_steps", cfg.warmup_steps, self.total_steps,
                 cfg.learning_rate,
             )  # fmt: skip
-        if cfg.optimizer_in_backward and self.plan.grad_accum != 1:
+        in_backward, why = resolve_in_backward(cfg, self.dist.world_size)
+        if in_backward and self.plan.grad_accum != 1:  # optimizer_in_backward: true (auto never is)
             raise TrainerError(
                 "optimizer_in_backward steps at the end of each backward: it needs one micro-batch per "
                 f"step, not {self.plan.grad_accum}; set micro_batch_size to global_batch_size / world size "
@@ -322,7 +323,11 @@ class Recipe:
                 val_data=self.val_data, out=self.out, build_model=build_other,
             )
         )  # fmt: skip
-        self.optimizer = optim.build(self.model.net, cfg, self.dist.device, self.model.sharded)
+        self.optimizer = optim.build(self.model.net, cfg, self.dist.device, self.model.sharded, in_backward)
+        log.info(
+            "optimizer %s, stepped %s (%s)", cfg.optimizer,
+            "in the backward, one weight at a time" if in_backward else "after the backward", why,
+        )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.state, tracker_ids = self.resume()
         reporters, error = None, None
@@ -460,7 +465,7 @@ class Recipe:
             info.device.type,
         )  # fmt: skip
         targets = batching.most_targets(self.train_data, cfg.micro_batch_size)  # they size the loss block
-        job = plan.job_from_config(cfg, self.bf16, targets)
+        job = plan.job_from_config(cfg, self.bf16, targets, world_size=info.world_size)
 
         def fits(group: int) -> bool:
             return shape is not None and plan.estimate(shape, job, cluster, group)["fits"]
@@ -660,9 +665,13 @@ class Recipe:
             "(it resumes from the last checkpoint; resume: never starts over)"
         )
         if self.cfg.nan_policy == "stop":
+            # Stepped in the backward, the update is in the weights already; raising here, before the loop's
+            # checkpoint and the export, keeps it out of everything written.
+            applied = "stopped without applying it"
+            if isinstance(self.optimizer, optim.InBackward):
+                applied = "stopped; its update (stepped in the backward) reached no checkpoint"
             raise TrainerError(
-                f"{what}: not finite; stopped without applying it and wrote no final outputs "
-                f"(nan_policy: stop): {fix}"
+                f"{what}: not finite; {applied} and wrote no final outputs (nan_policy: stop): {fix}"
             )
         self.state.skipped_in_a_row += 1
         self.state.skipped_steps += 1

@@ -416,7 +416,9 @@ KEYS: list[Key] = [
        "(hybrid sharding, R groups).", "sharding"),
     _k("optimizer_in_bwd", "honoured", boolean, "True: each weight stepped as the backward reaches it, its "
        "gradient freed (full recipes; needs clip_grad_norm null and gradient_accumulation_steps 1, as in "
-       "torchtune).", "optimizer_in_backward"),
+       "torchtune): optimizer_in_backward true. False: optimizer_in_backward auto, which steps in the "
+       "backward only where the weights come out bit for bit as when stepping after it: False's results, "
+       "with less memory.", "optimizer_in_backward"),
     _k("ac_mode", "honoured", _optional(text), "Only null: activation checkpointing is per layer.",
        accept=(None,)),
     _k("ac_option", "honoured", _optional(integer), "Only null.", accept=(None,)),
@@ -872,7 +874,7 @@ def scale_settings(tt: dict[str, Any], world: int) -> dict[str, Any]:
         values["cpu_offload"] = True
     if tt.get("optimizer_in_bwd"):
         need("optimizer_in_bwd", "optimizer_in_backward", "stepping the optimizer in the backward pass")
-        values["optimizer_in_backward"] = True
+        values["optimizer_in_backward"] = "true"  # False (most configs) leaves auto: the same results
     shard, replicate = tt.get("data_parallel_shard_dim", -1), tt.get("data_parallel_replicate_dim", 1)
     if replicate != 1 or shard != -1:
         key = "data_parallel_replicate_dim" if replicate != 1 else "data_parallel_shard_dim"

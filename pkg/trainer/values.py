@@ -29,6 +29,16 @@ def boolean(value: Any, true: frozenset[str] = TRUE, false: frozenset[str] = FAL
     raise BadValue("true or false")
 
 
+def auto_boolean(value: Any) -> str:
+    """`auto` (the trainer decides), or a boolean as `true` / `false`."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return "true" if boolean(value) else "false"
+    except BadValue:
+        raise BadValue("auto, true or false") from None
+
+
 def integer(value: Any) -> int:
     if isinstance(value, float) and value.is_integer():  # YAML's 2.0 (OmegaConf, torchtune configs)
         return int(value)

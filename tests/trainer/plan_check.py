@@ -19,7 +19,7 @@ def predicted_mb(output_dir: Path, nodes: int = 1, per_node: int = 1) -> float:
     cluster = plan.Cluster(nodes, per_node, plan.host_memory() // per_node, "cpu")
     [cache] = (output_dir / "cache").glob("tokenized-*")
     targets = batching.most_targets(data_cache.read_cache(cache)["train"], cfg.micro_batch_size)
-    job = plan.job_from_config(cfg, cfg.precision == "bf16", targets)
+    job = plan.job_from_config(cfg, cfg.precision == "bf16", targets, world_size=nodes * per_node)
     return plan.estimate(shape, job, cluster)["per_rank"]["total"] / 2**20
 
 

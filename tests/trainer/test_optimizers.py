@@ -31,8 +31,8 @@ WORKER = ROOT / "tests" / "trainer" / "arch_worker.py"
 ARGS = {**BASE_ARGS, "method": "full", "learning_rate": 2e-3, "lr_scheduler": "constant", "max_steps": 4}
 ARGS.update(micro_batch_size=4, save_every=2, max_grad_norm=0.0, val_fraction=0.0)
 CASES = {
-    "adamw": {},
-    "in_backward": {"optimizer_in_backward": True},  # the same updates as adamw, stepped in the backward
+    "adamw": {"optimizer_in_backward": False},
+    "in_backward": {},  # auto: in the backward here (accumulation 1, no clipping); as adamw bit for bit
     "sgd": {"optimizer": "sgd", "learning_rate": 0.3},  # 0.5 jumped above the first loss at a step or two
     "adamw_clipped": {"max_grad_norm": 1.0},
     "cpu_offload": {"cpu_offload": True, "max_grad_norm": 1.0},  # FSDP2's offload policy, clipping too
@@ -58,7 +58,13 @@ def runs(tmp_path_factory, tiny_model, alpaca_data) -> dict:
     result = finish(start([*torchrun(2), str(WORKER), str(tmp / "results.json"), str(tmp / "runs.json")],
                           trainer_env()), timeout=600)  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return {"dir": tmp, **json.loads((tmp / "results.json").read_text())}
+    return {"dir": tmp, "log": result.stdout, **json.loads((tmp / "results.json").read_text())}
+
+
+def logged(runs: dict, name: str) -> str:
+    """The log of the run `name` (each starts with its config line)."""
+    [text] = [t for t in runs["log"].split(" INFO config: ") if f"output_dir={runs['dir'] / name} " in t]
+    return text
 
 
 def model_weights(out) -> dict[str, torch.Tensor]:
@@ -77,16 +83,30 @@ def test_each_optimizer_trains_and_resumes_exactly(runs, name):
     assert_plan_matches(tmp / name, nodes=1, per_node=2)  # the planner, against rank 0's peak RSS
 
 
-@pytest.mark.parametrize(("name", "same_as"), [("in_backward", "adamw"), ("cpu_offload", "adamw_clipped")])
-def test_in_backward_and_offload_train_like_plain_adamw(runs, name, same_as):
+def grad_norms(out) -> list[float]:
+    return [json.loads(line)["grad_norm"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_auto_steps_in_the_backward_under_fsdp_bit_for_bit_as_after_it(runs):
     tmp = runs["dir"]
-    torch.testing.assert_close(losses(tmp / name), losses(tmp / same_as), **LOSS_TOL)
-    assert_same_adapter(model_weights(tmp / name), model_weights(tmp / same_as))
-    grad_norms = [
-        [json.loads(line)["grad_norm"] for line in (tmp / n / "metrics.jsonl").read_text().splitlines()]
-        for n in (name, same_as)
-    ]  # in the backward the norm is summed from the gradients as they are consumed
-    torch.testing.assert_close(grad_norms[0], grad_norms[1], rtol=1e-4, atol=1e-6)
+    assert "stepped in the backward, one weight at a time (optimizer_in_backward: auto" in logged(
+        runs, "in_backward"
+    )
+    assert "stepped after the backward (optimizer_in_backward: false)" in logged(runs, "adamw")
+    assert losses(tmp / "in_backward") == losses(tmp / "adamw")
+    got, want = model_weights(tmp / "in_backward"), model_weights(tmp / "adamw")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    # in the backward the norm is summed from the gradients as they are consumed: float32 summation order
+    torch.testing.assert_close(grad_norms(tmp / "in_backward"), grad_norms(tmp / "adamw"), rtol=1e-6, atol=0)
+
+
+def test_offload_trains_like_plain_adamw(runs):
+    tmp = runs["dir"]
+    torch.testing.assert_close(losses(tmp / "cpu_offload"), losses(tmp / "adamw_clipped"), **LOSS_TOL)
+    assert_same_adapter(model_weights(tmp / "cpu_offload"), model_weights(tmp / "adamw_clipped"))
+    torch.testing.assert_close(
+        grad_norms(tmp / "cpu_offload"), grad_norms(tmp / "adamw_clipped"), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_an_8bit_optimizer_is_refused_on_cpu_in_one_line(runs):

@@ -100,7 +100,8 @@ def expected(raw: dict, recipe: str, world: int, model_dir: str) -> dict:
         "torchtune_layout": True,  # torch.optim.AdamW(model.parameters()): biases and norms too
         "warmup_from_zero": "lr_scheduler" in raw,  # get_cosine_schedule_with_warmup: lr 0 at step 0
         "optimizer": OPTIMIZERS.get(opt["_component_"], "adamw"),
-        "optimizer_in_backward": raw.get("optimizer_in_bwd", False),
+        # False leaves it to auto: in the backward only where the weights are bit for bit the same
+        "optimizer_in_backward": "true" if raw.get("optimizer_in_bwd") else "auto",
         "cpu_offload": raw.get("fsdp_cpu_offload", False),
     }
     builder = data["_component_"].rsplit(".", 1)[-1]
