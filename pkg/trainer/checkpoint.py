@@ -239,31 +239,33 @@ def load_checkpoint(
         state: dict[str, Any] = {"model": model_sd}
     else:
         model_sd, optim_sd = get_state_dict(model, _parts(optimizer), options=_SAVE_OPTIONS)
-        # Read by parameter name: each parameter's state (moments, step count). The param groups (lr, betas,
-        # weight decay) stay as this run built them from its config: their layout differs between stepping
-        # after the backward (two groups) and in it (one per parameter), and a checkpoint of either mode
-        # resumes in the other (optimizer_in_backward: auto turns off when max_grad_norm is set on resume).
+        # Param groups are read as saved and matched to this optimizer's by parameter name: their layout
+        # differs between stepping after the backward (two groups) and in it (one per parameter), and a
+        # checkpoint of either resumes in the other (optimizer_in_backward: auto turns off when max_grad_norm
+        # is set on resume). Each parameter's state (moments, step count) is keyed by its name already.
         groups = optim_sd.pop("param_groups")
         state = {"model": model_sd, "optim": optim_sd}
     # Any failure from here on is the checkpoint's files (the fingerprint matched): every rank learns of
     # it together, so a caller can fall back to an older checkpoint (load_resume) without a rank waiting.
     error, what = None, path / "state"
     try:
+        if optimizer is not None:
+            optim_sd["param_groups"] = _saved_groups(path / "state")
         with _alone() as alone:  # raises on every rank when any rank's read failed
             dcp.load(state, checkpoint_id=what, storage_reader=checkpoint_storage.Reader(what), no_dist=alone)
-        # A stateless optimizer (SGD without momentum) has nothing to restore: DCP would take its empty state
-        # for an already split one and hand each per-parameter optimizer every group.
-        stateful = optimizer is not None and bool(state["optim"]["state"])
-        if stateful:
-            state["optim"]["param_groups"] = groups
         what = f"{path / 'state'} (its tensors do not fit this model)"
+        # A stateless optimizer (SGD without momentum) has no state to set: DCP would take its empty state
+        # for one already split per optimizer and hand each per-parameter optimizer every group.
+        stateful = optimizer is not None and bool(optim_sd["state"])
         set_state_dict(
             model,
             _parts(optimizer) if stateful else [],
             model_state_dict=state["model"],
-            optim_state_dict=state["optim"] if stateful else {},
+            optim_state_dict={"state": optim_sd["state"], "param_groups": groups} if stateful else {},
             options=_LOAD_OPTIONS,
         )
+        if optimizer is not None:
+            _set_group_options(optimizer, groups, optim_sd["param_groups"])
         what = f"{path / META} (scheduler)"
         if scheduler is not None and meta.get("scheduler") is not None:
             scheduler.load_state_dict(meta["scheduler"])
@@ -274,6 +276,32 @@ def load_checkpoint(
         error = f"{what} cannot be read: {_reason(e)}"
     distributed.agree(error, CheckpointUnreadable)
     return Resumed(step=int(meta["step"]), data_state=dict(meta.get("data_state") or {}), path=path)
+
+
+def _saved_groups(state_dir: Path) -> list[dict[str, Any]]:
+    """A DCP template of the optimizer's param groups as saved (their keys: "optim.param_groups.I.KEY")."""
+    try:
+        keys = checkpoint_storage.Reader(state_dir).read_metadata().state_dict_metadata
+    except Exception:  # unreadable: dcp.load fails on every rank alike, which this rank must reach too
+        return []
+    groups: dict[int, dict[str, Any]] = {}
+    for key in keys:
+        if key.startswith("optim.param_groups."):
+            index, option = key.removeprefix("optim.param_groups.").split(".", 1)
+            groups.setdefault(int(index), {})[option] = None
+    return [groups[i] for i in sorted(groups)]
+
+
+def _set_group_options(optimizer: Any, groups: list[dict], saved: list[dict]) -> None:
+    """Give each param group of `optimizer` (`groups`: the same by parameter name) the options (lr, betas,
+    weight decay ...) of the saved group that holds its first parameter."""
+    parts = _parts(optimizer)
+    live = [g for part in (parts if isinstance(parts, list) else [parts]) for g in part.param_groups]
+    by_name = {name: group for group in saved for name in group.get("params") or []}
+    for group, names in zip(live, groups, strict=True):
+        source = by_name.get(names["params"][0]) if names["params"] else None
+        if source is not None:
+            group.update({k: v for k, v in source.items() if k != "params"})
 
 
 def _reason(e: BaseException) -> str:

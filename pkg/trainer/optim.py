@@ -92,12 +92,16 @@ class InBackward(torch.optim.Optimizer):
             for p in group["params"]:
                 self.optimizers.append(make([{"params": [p], **options}]))
                 p.register_post_accumulate_grad_hook(self._hook(self.optimizers[-1]))
-        # Not Optimizer.__init__: the parameters already belong to the optimizers above. The scheduler
-        # sees (and sets the lr of) their own param_group dicts.
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+        # Not Optimizer.__init__: the parameters already belong to the optimizers above.
         self.defaults = self.optimizers[0].defaults if self.optimizers else {}
         self.state = {}
         self._square_sum = 0.0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The optimizers' own param_group dicts, read anew each time: the scheduler sets their lr, and
+        loading a checkpoint (Optimizer.load_state_dict) replaces them."""
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def _hook(self, optimizer: torch.optim.Optimizer):
         def step(p: torch.Tensor) -> None:

@@ -15,8 +15,15 @@ from pkg.trainer.config import load_config, resolve_in_backward
 from pkg.trainer.sft import SFT
 from tests.trainer.test_errors import one_line_error
 
-# One micro-batch per step, no clipping, nan_policy stop (the default): auto steps in the backward.
-ARGS = {"method": "full", "learning_rate": 2e-3, "lr_scheduler": "constant", "max_steps": 4}
+# One micro-batch per step, no clipping, nan_policy stop (the default): auto steps in the backward. The lr
+# changes at every step (warmup), the same in a 2-step and a 4-step run: a resumed run must follow it.
+ARGS = {
+    "method": "full",
+    "learning_rate": 2e-3,
+    "lr_scheduler": "constant",
+    "warmup_steps": 4,
+    "max_steps": 4,
+}
 ARGS.update(micro_batch_size=8, global_batch_size=8, max_grad_norm=0.0, val_fraction=0.0)
 IN_BACKWARD = "stepped in the backward, one weight at a time (optimizer_in_backward: auto: method full"
 # A clipping threshold no gradient here reaches: its factor is exactly 1 (torch clamps it), so the updates
