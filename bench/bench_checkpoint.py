@@ -130,10 +130,17 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path, stock: bool) 
     class StockWriter(dcp.FileSystemWriter):
         digests: dict = {}  # noqa: RUF012  (none hashed while writing: checksums.record reads them back)
 
-    stock_storage = (  # DCP's own: a torch.save archive per tensor (checkpoint format 1)
-        mock.patch.object(ck.checkpoint_storage, "Writer", StockWriter),
-        mock.patch.object(ck.checkpoint_storage, "Reader", dcp.FileSystemReader),
-    )
+    def with_stock_storage(fn: Callable) -> Callable:
+        """`fn` with DCP's own storage: a torch.save archive per tensor (checkpoint format 1)."""
+
+        def run() -> None:
+            with (
+                mock.patch.object(ck.checkpoint_storage, "Writer", StockWriter),
+                mock.patch.object(ck.checkpoint_storage, "Reader", dcp.FileSystemReader),
+            ):
+                fn()
+
+        return run
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -167,13 +174,6 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path, stock: bool) 
                     mock.patch.object(checksums, "record", lambda folder, hashed=None: {}),
                 ):
                     save_ours(model, optimizer, run_dir)
-
-            def with_stock_storage(fn):
-                def run():
-                    with stock_storage[0], stock_storage[1]:
-                        fn()
-
-                return run
 
             def save_full(model=model, optimizer=optimizer, baseline_file=baseline_file):
                 msd, osd = get_state_dict(model, optimizer, options=full_opts)
@@ -212,7 +212,7 @@ def worker(models: list[str], reps: int, workdir: Path, out: Path, stock: bool) 
             peak = {"before": _max_rss_mb()}
             for name in ("ours", "full"):
                 for _, fn in pairs[name]:
-                    fn()
+                    _timed(fn)  # with its barriers: the baseline's load reads what rank 0 saved
                     peak.setdefault(name, _max_rss_mb())
             for patch in clocked:
                 patch.start()
