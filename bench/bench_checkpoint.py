@@ -9,10 +9,15 @@ them; to load, every rank reads that file (``torch.load``) and keeps its own sli
 Ours: every rank writes its own shard (``pkg.trainer.checkpoint``).
 Models are random Llama-style configs built in memory (no download), sharded with FSDP2 as the
 trainer does; one optimizer step fills the AdamW state first.
-Times are the median of ``--reps`` repetitions; ratios are baseline / ours (higher is better for us).
+Times are the median of ``--reps`` repetitions after an untimed round (a process's first DCP save pays
+~0.3 s once), with the fastest and slowest; ratios are baseline / ours (higher is better for us). Each
+save/load pair takes each place in the order in turn: on a shared machine what runs right after another
+save is slowed by it. ``--stock`` adds ours with DCP's own storage (a ``torch.save`` archive per tensor,
+checkpoint format 1, what this trainer wrote before ``pkg/trainer/checkpoint_storage.py``) side by side.
 
 The cost of the file digests (pkg/trainer/checksums.py) is measured on the same checkpoints: ours saved with
-digests vs the same save with the digest step left out (``checksums.record`` patched to record nothing), and
+digests vs the same save without them (no hashing as the shards are written, ``checksums.record`` patched to
+record nothing), and
 the load that verifies them vs the load of that checkpoint without digests; ratio = with / without. On a
 shared machine those two medians can differ by more than the digests cost, so the time spent in the digest
 step itself (``checksums.record`` at save, ``checksums.verify`` at load, on rank 0, waiting for the other
