@@ -11,9 +11,10 @@ with rank 0's peak RSS (summary.json: the rank that loads, tokenizes and exports
 Reports predicted / measured; tests/trainer/test_plan.py asserts the same on the small test model. The
 4-rank hybrid job is also run fully sharded: its peak beside hybrid's is the memory price of hybrid.
 The `floor` cases are bench/bench_full_floor.py's own job, run by its own code (151,936 x 512, 4 layers,
-fp32 full fine-tuning, one micro-batch of 4 a step, with and without optimizer_in_backward): prompt-heavy
-rows (the prompts masked, ~18% of the tokens targets) where the loss block follows the target tokens and
-the step's gradients replace, rather than join, the backward's activations and logits.
+fp32 full fine-tuning, one micro-batch of 4 a step; optimizer_in_backward false, true, and unset: auto,
+which steps in the backward there): prompt-heavy rows (the prompts masked, ~18% of the tokens targets)
+where the loss block follows the target tokens and the step's gradients replace, rather than join, the
+backward's activations and logits.
 The planner is told what the trainer tells it at start: the most target tokens a micro-batch holds.
 """
 
@@ -54,8 +55,12 @@ CASES = {
     "2x2-bf16-lora": (2, 2, "bf16", "lora", "auto"),
     "2x2-fp32-full-sharded": (2, 2, "fp32", "full", "full"),  # the same job fully sharded over 4 ranks
 }
-# name -> the floor job's optimizer_in_backward (as its command line spells it)
-FLOOR = {"1-fp32-full-floor": "false", "1-fp32-full-floor-in-backward": "true"}
+# name -> the floor job's optimizer_in_backward (as its command line spells it; None: unset, auto)
+FLOOR = {
+    "1-fp32-full-floor": "false",
+    "1-fp32-full-floor-in-backward": "true",
+    "1-fp32-full-floor-auto": None,
+}
 
 
 def log(msg: str) -> None:
@@ -97,7 +102,7 @@ def predict(model: Path, out: Path, nodes: int, per_node: int) -> dict:
     cluster = plan.Cluster(nodes, per_node, plan.host_memory() // per_node, "cpu")
     [cache] = (out / "cache").glob("tokenized-*")
     targets = batching.most_targets(data_cache.read_cache(cache)["train"], cfg.micro_batch_size)
-    job = plan.job_from_config(cfg, cfg.precision == "bf16", targets)
+    job = plan.job_from_config(cfg, cfg.precision == "bf16", targets, world_size=nodes * per_node)
     return plan.estimate(shape, job, cluster)
 
 
