@@ -116,6 +116,15 @@ def _alone() -> Iterator[bool]:
         yield alone
 
 
+def _save_synced(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path` and sync it: on disk before meta.json says the checkpoint is complete (a
+    crash must not leave a complete-looking checkpoint with a torn file after the older ones were pruned)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _parts(optimizer: Any) -> Any:
     """What DCP takes: an optimizer stepped in the backward (optim.InBackward) is one per parameter."""
     return getattr(optimizer, "optimizers", optimizer)
@@ -164,7 +173,7 @@ def save_checkpoint(
         raise CheckpointError(f"cannot write checkpoint {final}: {first_line(e)}{space_hint(e)}") from None
     rng_file = tmp / "rng" / f"rank-{rank:05d}.pt"
     distributed.agree(
-        _attempt(lambda: torch.save(rng_state(), rng_file), f"cannot write {rng_file}"), CheckpointError
+        _attempt(lambda: _save_synced(rng_state(), rng_file), f"cannot write {rng_file}"), CheckpointError
     )
     # The shards were hashed as they were written; the rest while still in the page cache.
     digests = checksums.record(tmp, {f"state/{name}": d for name, d in writer.digests.items()})
