@@ -126,6 +126,7 @@ def tune_config(model: Path, rows: Path, out: Path, in_backward: bool) -> dict:
 def run_torchtune(tune: str, model: Path, rows: Path, out: Path, in_backward: bool) -> dict:
     import yaml
 
+    shutil.rmtree(out, ignore_errors=True)  # its log files are read back: none of an earlier run's
     out.mkdir(parents=True, exist_ok=True)
     config = out.parent / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(tune_config(model, rows, out, in_backward), sort_keys=False))
