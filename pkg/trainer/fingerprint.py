@@ -12,10 +12,17 @@ from typing import Any
 from pkg.trainer.data_cache import set_later_settings
 from pkg.trainer.files import dir_digest
 
+# Bumped when the same data and settings give the trainer other training samples or another order, so a
+# checkpoint saved before is refused rather than resumed onto rows it did not start with (a mid-epoch resume
+# would see some rows twice and others never). 2: SFT rows and DPO pairs without a target token kept (they
+# were dropped), the training samples in file order before the seeded shuffle (they were permuted first),
+# JSON values read as written (a value deep in a large file was cast to the type of its first 10 MiB).
+SAMPLES_VERSION = 2
+
 
 def run_fingerprint(cfg: Any) -> dict[str, str]:
-    """What a checkpoint of this run must agree on: model, method, dataset (and which tokens are targets)
-    and batch shape.
+    """What a checkpoint of this run must agree on: model, method, dataset (and which tokens are targets),
+    batch shape, and the trainer's way of choosing and ordering the rows (SAMPLES_VERSION).
 
     ``cfg`` is a TrainConfig. Settings a resumed run may change (``max_steps``, ``num_epochs``,
     learning rate, logging, ``save_every``...) are left out, so extending a run is allowed.
@@ -46,6 +53,8 @@ def run_fingerprint(cfg: Any) -> dict[str, str]:
             f"global_batch_size={cfg.global_batch_size}, max_seq_length={cfg.max_seq_length}, "
             f"packing={cfg.packing}"
         ),
+        # Absent from checkpoints saved before version 2: those are refused, naming it.
+        "samples": f"the trainer's choice and order of rows, version {SAMPLES_VERSION}",
     }
     if getattr(cfg, "objective", "sft") != "sft":  # SFT fingerprints stay as they were
         fingerprint["objective"] = (

@@ -100,6 +100,12 @@ def test_fingerprint_covers_what_shapes_the_targets(tmp_path):
         assert fingerprint_mismatch(run_fingerprint(cfg), run_fingerprint(other)).startswith("dataset")
     dora = TrainConfig(**{**cfg.to_dict(), "use_dora": True})
     assert "DoRA" in fingerprint_mismatch(run_fingerprint(cfg), run_fingerprint(dora))
+    # A checkpoint of a trainer that chose or ordered the rows otherwise (SAMPLES_VERSION 1) is refused.
+    older = {k: v for k, v in run_fingerprint(cfg).items() if k != "samples"}
+    why = fingerprint_mismatch(older, run_fingerprint(cfg))
+    assert why == (
+        'samples: checkpoint has None, this run has "the trainer\'s choice and order of rows, version 2"'
+    )
 
 
 def test_rng_state_roundtrip():

@@ -77,7 +77,8 @@ def test_reference_layout(reference):
         6,
     ]  # keep_last 2, the final step included
     meta = checkpoint_dirs.read_meta(checkpoint_dirs.latest_checkpoint(out))
-    assert meta["world_size"] == 2 and set(meta["fingerprint"]) == {"model", "method", "dataset", "batch"}
+    assert meta["world_size"] == 2
+    assert set(meta["fingerprint"]) == {"model", "method", "dataset", "batch", "samples"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fingerprint"] == meta["fingerprint"] and summary["max_steps"] == 6
 
