@@ -560,36 +560,39 @@ class Recipe:
         cfg, state = self.cfg, self.state
         started, cpu_start = time.monotonic(), time.process_time()
         stop = resilience.StopRequest().install()  # SIGTERM: checkpoint at the next step boundary, exit 143
-        while state.step < self.total_steps:
-            step_started = time.monotonic()
-            result = self.train_step(state.step)
-            state.step += 1
-            self.check_finite(state.step, result)
-            state.tokens_seen += int(result["tokens"])
-            last = state.step == self.total_steps
-            if state.step % cfg.log_every == 0 or last:
-                rate = result["tokens"] / max(time.monotonic() - step_started, 1e-9)
-                extra = {k: result[k] for k in self.objective.metrics[1:]}
-                self.metrics.train_step(
-                    state.step, result["loss"], result["lr"], result["grad_norm"], rate,
-                    result.get("aux_loss"), extra,
-                )  # fmt: skip
-            if len(self.val_data) and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
-                scores = self.evaluate()
-                self.metrics.val_step(state.step, scores.pop("val_loss"), scores)
-            saved = self.checkpointing and (state.step % cfg.save_every == 0 or last)
-            if saved:
-                self.save_checkpoint()
-            if stop.should_stop():
-                if self.checkpointing and not saved:
+        try:
+            while state.step < self.total_steps:
+                step_started = time.monotonic()
+                result = self.train_step(state.step)
+                state.step += 1
+                self.check_finite(state.step, result)
+                state.tokens_seen += int(result["tokens"])
+                last = state.step == self.total_steps
+                if state.step % cfg.log_every == 0 or last:
+                    rate = result["tokens"] / max(time.monotonic() - step_started, 1e-9)
+                    extra = {k: result[k] for k in self.objective.metrics[1:]}
+                    self.metrics.train_step(
+                        state.step, result["loss"], result["lr"], result["grad_norm"], rate,
+                        result.get("aux_loss"), extra,
+                    )  # fmt: skip
+                if len(self.val_data) and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
+                    scores = self.evaluate()
+                    self.metrics.val_step(state.step, scores.pop("val_loss"), scores)
+                saved = self.checkpointing and (state.step % cfg.save_every == 0 or last)
+                if saved:
                     self.save_checkpoint()
-                note = "no checkpoint"
-                if self.checkpointing:
-                    note = f"checkpoint saved in {self.out}/checkpoints"
-                raise resilience.Preempted(
-                    f"stopped by {stop.describe()} after step {state.step}; {note}; rerun the job to resume"
-                )
-        stop.uninstall()
+                if stop.should_stop():
+                    if self.checkpointing and not saved:
+                        self.save_checkpoint()
+                    note = "no checkpoint"
+                    if self.checkpointing:
+                        note = f"checkpoint saved in {self.out}/checkpoints"
+                    raise resilience.Preempted(
+                        f"stopped by {stop.describe()} after step {state.step}; {note}; "
+                        "rerun the job to resume"
+                    )
+        finally:  # a run that stops on an error leaves the process's own handlers (in-process callers, tests)
+            stop.uninstall()
         state.train_time = time.monotonic() - started
         state.train_cpu = time.process_time() - cpu_start  # what the steps cost, however loaded the machine
 

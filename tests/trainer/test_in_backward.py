@@ -5,6 +5,7 @@ other; a gradient that is not finite stops the run with nothing written from the
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -115,7 +116,9 @@ def test_a_non_finite_gradient_stepped_in_the_backward_stops_with_nothing_writte
     monkeypatch.setattr(SFT, "loss_sum", poisoned)
     out = tmp_path / "nan"
     run = {**ARGS, "model_dir": tiny_model, "dataset_dir": alpaca_data, "output_dir": out, "save_every": 1}
+    handler = signal.getsignal(signal.SIGTERM)
     assert in_process(run) == 1
+    assert signal.getsignal(signal.SIGTERM) is handler  # a run stopped by an error gives its handlers back
     captured = capsys.readouterr()
     assert IN_BACKWARD in captured.out
     line = one_line_error(captured.err)
