@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pkg.trainer.config import grad_accumulation
 from pkg.trainer.errors import TrainerError
 from pkg.trainer.loss import IGNORE_INDEX
 
@@ -138,7 +139,7 @@ class BatchPlan:
 
     @property
     def grad_accum(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.world_size)
+        return grad_accumulation(self.global_batch_size, self.micro_batch_size, self.world_size)
 
     def global_batch(self, step: int) -> list[int]:
         """Record indices of optimizer step `step` (0-based), identical on every rank and world size."""

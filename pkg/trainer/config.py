@@ -488,6 +488,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def grad_accumulation(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches each rank runs per optimizer step (batching.BatchPlan and the optimizer's choice)."""
+    return global_batch_size // max(micro_batch_size * world_size, 1)
+
+
 def resolve_in_backward(cfg: TrainConfig, world_size: int) -> tuple[bool, str]:
     """Whether the run steps the optimizer in the backward (optim.InBackward), and why, for the start-of-run
     log line. The recipe, the planner and that line all ask here.
@@ -501,7 +506,7 @@ def resolve_in_backward(cfg: TrainConfig, world_size: int) -> tuple[bool, str]:
     """
     if cfg.optimizer_in_backward != "auto":
         return cfg.optimizer_in_backward == "true", f"optimizer_in_backward: {cfg.optimizer_in_backward}"
-    accum = cfg.global_batch_size // max(cfg.micro_batch_size * world_size, 1)
+    accum = grad_accumulation(cfg.global_batch_size, cfg.micro_batch_size, world_size)
     blockers = [
         why
         for blocks, why in (
